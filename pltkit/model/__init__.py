@@ -1,0 +1,1 @@
+"""The PyTorch reference: config, model, checkpoint I/O and tokenizer."""
