@@ -69,13 +69,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # --- attention helpers ----------------------------------------------------------------
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """Softmax attention. q [..., H, T, Dh]; k, v [..., Hkv, S, Dh]; mask [T, S], True = visible."""
-    rep = q.shape[-3] // k.shape[-3]
-    k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-    scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1).to(v.dtype) @ v
+    """Softmax attention, scale 1/sqrt(Dh). q [..., H, T, Dh]; k, v [..., Hkv, S, Dh] (H a multiple
+    of Hkv: grouped-query); mask [T, S] with True where the key is visible."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[-3] != k.shape[-3])
 
 
 def window_mask(q_pos: Tensor, k_pos: Tensor, left: int | None) -> Tensor:

@@ -1,0 +1,1 @@
+"""Training of pltkit's embedded default model: data, tokenizer and FIM examples."""

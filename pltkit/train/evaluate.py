@@ -1,0 +1,46 @@
+"""Held-out evaluation of a checkpoint with the reference model: per-token loss and
+perplexity on the held-out standard-library files, and greedy samples."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from pltkit.model.plt import PLTForCausalLM
+from pltkit.train import data
+
+
+@torch.no_grad()
+def heldout_loss(model: PLTForCausalLM, tokenizer: Tokenizer, files, seq_len: int, batch_size: int = 8) -> dict:
+    """Mean next-token cross-entropy over every token of `files` (windows of seq_len, each
+    evaluated from an empty state)."""
+    inputs, targets = data.eval_sequences(files, tokenizer, seq_len)
+    total, count = 0.0, 0
+    for i in range(0, len(inputs), batch_size):
+        logits = model(inputs[i:i + batch_size])
+        t = targets[i:i + batch_size]
+        total += F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), ignore_index=data.IGNORE_INDEX,
+                                 reduction="sum").item()
+        count += int((t != data.IGNORE_INDEX).sum())
+    if count == 0:
+        raise ValueError("no held-out tokens to evaluate")
+    loss = total / count
+    return {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3), "tokens": count}
+
+
+@torch.no_grad()
+def greedy(model: PLTForCausalLM, ids: list[int], max_new: int, stop_ids=()) -> list[int]:
+    """Greedy continuation of `ids` with prefill + CLP decode steps."""
+    logits, state = model.prefill(torch.tensor([ids]))
+    logits, out = logits[0, -1], []
+    for _ in range(max_new):
+        nxt = int(logits.argmax())
+        if nxt in stop_ids or state.pos >= model.config.max_position_embeddings:
+            break
+        out.append(nxt)
+        step, state = model.decode_step(torch.tensor([nxt]), state)
+        logits = step[0]
+    return out
