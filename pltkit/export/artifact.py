@@ -1,0 +1,175 @@
+"""Write an artifact folder: the ONNX graphs, their weights, the tokenizer and the manifest.
+
+    ARTIFACT/
+      pltkit.json       manifest: format version, PLTConfig, source checksum, precision,
+                        opset, custom ops, graph I/O, sha256 of every file
+      prefill.onnx      chunk of S tokens, loops one after another
+      decode.onnx       one token, the L loops as L rows of one pass
+      weights.bin       the initializers of both graphs, stored once (ONNX external data)
+      tokenizer.json, tokenizer_config.json, generation_config.json
+
+Everything is written into a hidden temporary folder beside the target and renamed into
+place at the end, so a failed or interrupted export leaves no artifact behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from tqdm import tqdm
+
+import pltkit
+from pltkit.export import loop_attention as la
+from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables, state_names, state_shapes
+from pltkit.model.checkpoint import TOKENIZER_FILES, load_model, resolve_model_path, weight_map
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pltkit-artifact"
+FORMAT_VERSION = 1
+OPSET = 21
+IR_VERSION = 10
+MANIFEST = "pltkit.json"
+WEIGHTS = "weights.bin"
+ALIGN = 64
+
+
+class ExportError(Exception):
+    """Export refused before any work: bad source or destination."""
+
+
+class WeightStore:
+    """Initializers written once to weights.bin, handed to every graph that uses them."""
+
+    def __init__(self, path: Path, source):
+        self.path, self.source = path, source
+        self.file = open(path, "wb")
+        self.protos: dict[str, TensorProto] = {}
+
+    def get(self, name: str, transpose: bool = False) -> tuple[str, TensorProto]:
+        key = name + (".T" if transpose else "")
+        if key not in self.protos:
+            arr = np.ascontiguousarray(self.source(name).T if transpose else self.source(name), np.float32)
+            self.file.write(b"\0" * (-self.file.tell() % ALIGN))
+            offset = self.file.tell()
+            self.file.write(arr.tobytes())
+            proto = TensorProto(name=key, dims=arr.shape, data_type=TensorProto.FLOAT)
+            proto.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", self.path.name), ("offset", offset), ("length", arr.nbytes)):
+                proto.external_data.add(key=k, value=str(v))
+            self.protos[key] = proto
+        return key, self.protos[key]
+
+    def close(self):
+        self.file.close()
+
+
+def checkpoint_sha256(ckpt: Path) -> str:
+    """One digest over config.json and the weight files, in name order."""
+    h = hashlib.sha256()
+    for f in sorted({ckpt / "config.json", *weight_map(ckpt).values()}):
+        h.update(f.name.encode())
+        h.update(_sha256(f).encode())
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _model_proto(graph, name: str) -> onnx.ModelProto:
+    return helper.make_model(
+        graph.graph(name), producer_name="pltkit", producer_version=pltkit.__version__, ir_version=IR_VERSION,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(la.DOMAIN, la.VERSION)],
+        functions=[la.function_proto(OPSET)])
+
+
+def _io(graph) -> dict:
+    def shape(vi):
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+    return {"inputs": {vi.name: shape(vi) for vi in graph.inputs},
+            "outputs": {vi.name: shape(vi) for vi in graph.outputs}}
+
+
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
+    """Export checkpoint `ckpt` (a folder or 'default') to the artifact folder `out`."""
+    try:
+        src = resolve_model_path(ckpt)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ExportError(f"{out} exists and is not empty (use --force to replace it)")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write(src, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write(src: Path, tmp: Path) -> None:
+    stages = tqdm(total=6, desc="export", unit="stage")
+    stages.set_postfix_str("load")
+    model = load_model(src)
+    cfg = model.config
+    state = model.state_dict()
+    tables = rope_tables(cfg)
+    store = WeightStore(tmp / WEIGHTS, lambda n: tables[n] if n in tables else state[n].float().numpy())
+    stages.update()
+
+    graphs = {}
+    for name, build in (("prefill", prefill_graph), ("decode", decode_graph)):
+        stages.set_postfix_str(f"{name} graph")
+        g = build(cfg, store, OPSET)
+        onnx.save_model(_model_proto(g, f"pltkit_{name}"), tmp / f"{name}.onnx")
+        graphs[name] = {"file": f"{name}.onnx", **_io(g)}
+        stages.update()
+    store.close()
+    del model, state
+
+    stages.set_postfix_str("check")
+    for g in graphs.values():
+        onnx.checker.check_model(str(tmp / g["file"]), full_check=True)
+    stages.update()
+
+    stages.set_postfix_str("checksums")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, tmp / name)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "pltkit_version": pltkit.__version__,
+        "config": cfg.to_dict(),
+        "source": {"name": src.name, "sha256": checkpoint_sha256(src)},
+        "precision": "fp32", "quantization": None,
+        "opset": OPSET, "ir_version": IR_VERSION,
+        "custom_ops": [{"domain": la.DOMAIN, "op": la.OP, "version": la.VERSION,
+                        "plugin_namespace": la.PLUGIN_NAMESPACE, "spec": "docs/loop-attention-op.md"}],
+        "graphs": graphs,
+        "state": {"names": state_names(cfg), "shapes": state_shapes(cfg), "dtype": "float32"},
+        "max_context": cfg.max_position_embeddings,
+        "tokenizer": [n for n in TOKENIZER_FILES if (tmp / n).is_file()],
+    }
+    manifest["files"] = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    stages.update()
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    stages.set_postfix_str("done")
+    stages.update()
+    stages.close()

@@ -1,0 +1,122 @@
+"""plt.ops::LoopAttention, version 1: the attention of one PLT layer as one ONNX node.
+
+The spec is docs/loop-attention-op.md. This module writes the node and the model-local
+ONNX function of the same name whose body is the reference decomposition in standard
+ops (opset 21), so a stock ONNX Runtime runs any artifact; a runtime with a kernel for
+the op (or TensorRT, through the node's plugin attributes) replaces the body.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, helper
+
+from pltkit.export.graph import Graph
+
+DOMAIN = "plt.ops"
+OP = "LoopAttention"
+VERSION = 1
+PLUGIN_NAMESPACE = "pltkit"
+INPUTS = ["query", "key", "value", "past_key", "past_value", "ring_key", "ring_value", "gate", "pos0"]
+OUTPUTS = ["output", "present_key", "present_value", "present_ring_key", "present_ring_value"]
+ATTRIBUTES = {"first_loop": AttributeProto.INT, "window": AttributeProto.INT, "scale": AttributeProto.FLOAT,
+              "plugin_namespace": AttributeProto.STRING, "plugin_version": AttributeProto.STRING}
+
+
+def loop_attention(g: Graph, inputs: list[str], *, first_loop: int, window: int, scale: float) -> list[str]:
+    """Add one LoopAttention node; returns its five output names."""
+    return g.op(OP, *inputs, n_out=len(OUTPUTS), domain=DOMAIN, first_loop=first_loop, window=window,
+                scale=scale, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=str(VERSION))
+
+
+def _ref(g: Graph, attr: str, kind: int) -> str:
+    """A Constant whose value is the calling node's attribute `attr`."""
+    out = g._name(f"attr_{attr}")
+    node = helper.make_node("Constant", [], [out], name=out)
+    a = AttributeProto(name={AttributeProto.INT: "value_int", AttributeProto.FLOAT: "value_float"}[kind],
+                       ref_attr_name=attr, type=kind)
+    node.attribute.append(a)
+    g.nodes.append(node)
+    return out
+
+
+def _attend(g: Graph, q: str, k: str, v: str, mask: str, scale: str, q_shape: str, hkv: str) -> str:
+    """Softmax attention with grouped heads. q [..., H, S, Dh]; k, v [..., Hkv, T, Dh] broadcastable
+    over the leading dims; mask [S, T] bool. Heads are grouped as [..., Hkv, H/Hkv, S, Dh]."""
+    lead = g.op("Slice", q_shape, g.const([0]), g.const([-3]))
+    rep = g.op("Div", g.op("Slice", q_shape, g.const([-3]), g.const([-2])), hkv)
+    tail = g.op("Slice", q_shape, g.const([-2]), g.const([5]))
+    grouped = g.op("Concat", lead, hkv, rep, tail, axis=0)  # explicit sizes: R may be 0
+    q6 = g.op("Reshape", q, grouped)
+    k6, v6 = g.op("Unsqueeze", k, g.const([-3])), g.op("Unsqueeze", v, g.const([-3]))
+    scores = g.op("Mul", g.op("MatMul", q6, g.op("Transpose", k6, perm=[0, 1, 2, 3, 5, 4])), scale)
+    neg_inf = g.const(-np.inf, np.float32)
+    probs = g.op("Softmax", g.op("Where", mask, scores, neg_inf), axis=-1)
+    return g.op("Reshape", g.op("MatMul", probs, v6), q_shape)
+
+
+def function_proto(opset: int) -> onnx.FunctionProto:
+    """The reference decomposition of LoopAttention in standard ops."""
+    g = Graph(opset)
+    q, k, v, past_k, past_v, ring_k, ring_v, gate, pos0 = INPUTS
+    first, window, scale = (_ref(g, "first_loop", AttributeProto.INT), _ref(g, "window", AttributeProto.INT),
+                            _ref(g, "scale", AttributeProto.FLOAT))
+    one, zero, big = g.const([1]), g.const([0]), g.const([2**62])
+    # Row 0 is loop 0 (and writes the global cache) iff first_loop == 0: `split` rows.
+    split = g.op("Sub", one, g.op("Min", g.op("Unsqueeze", first, zero), one))
+    q_shape, k_shape = g.op("Shape", q), g.op("Shape", k)
+    hkv = g.op("Slice", k_shape, g.const([2]), g.const([3]))
+    dh = g.op("Slice", k_shape, g.const([4]), g.const([5]))
+
+    # 1. cache write: loop-0 rows' keys/values append to the global cache.
+    n_new = g.op("Mul", split, g.op("Slice", k_shape, g.const([3]), g.const([4])))
+
+    def write(x, past):
+        rows = g.op("Transpose", g.op("Slice", x, zero, split, zero), perm=[1, 2, 0, 3, 4])
+        flat = g.op("Reshape", rows, g.op("Concat", g.const([0, 0]), n_new, dh, axis=0))
+        return g.op("Concat", past, flat, axis=2)
+
+    present_k, present_v = write(k, past_k), write(v, past_v)
+
+    # 2. global branch, every row: causal over the global cache by position.
+    s = g.op("Squeeze", g.op("Slice", k_shape, g.const([3]), g.const([4])), zero)
+    q_pos = g.op("Add", g.op("Range", g.const(0), s, g.const(1)), pos0)
+    total = g.op("Squeeze", g.op("Slice", g.op("Shape", present_k), g.const([2]), g.const([3])), zero)
+    k_pos = g.op("Range", g.const(0), total, g.const(1))
+    q_col = g.op("Unsqueeze", q_pos, one)
+    causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, zero), q_col)
+    y_global = _attend(g, q, g.op("Unsqueeze", present_k, zero), g.op("Unsqueeze", present_v, zero),
+                       causal, scale, q_shape, hkv)
+
+    # 3. local branch, rows of loops >= 1: the row's ring plus its own keys, inside the window.
+    def ring_rows(x):
+        return g.op("Slice", x, split, big, zero)
+
+    loc_k = g.op("Concat", ring_k, ring_rows(k), axis=3)
+    loc_v = g.op("Concat", ring_v, ring_rows(v), axis=3)
+    w = g.op("Squeeze", g.op("Slice", g.op("Shape", ring_k), g.const([3]), g.const([4])), zero)
+    n_loc = g.op("Squeeze", g.op("Slice", g.op("Shape", loc_k), g.const([3]), g.const([4])), zero)
+    loc_pos = g.op("Add", g.op("Range", g.const(0), n_loc, g.const(1)), g.op("Sub", pos0, w))
+    loc_row = g.op("Unsqueeze", loc_pos, zero)
+    in_window = g.op("And", g.op("LessOrEqual", loc_row, q_col),
+                     g.op("GreaterOrEqual", loc_row, g.op("Sub", q_col, window)))
+    q_loc = ring_rows(q)
+    y_local = _attend(g, q_loc, loc_k, loc_v, in_window, scale, g.op("Shape", q_loc), hkv)
+
+    # 4. gate mix: g * global + (1 - g) * local for loop >= 1 rows; loop-0 rows keep global.
+    gt = g.op("Unsqueeze", gate, g.const([-1]))
+    y_g_loc = ring_rows(y_global)
+    mixed = g.op("Add", g.op("Mul", gt, y_g_loc), g.op("Mul", g.op("Sub", g.const(1.0, np.float32), gt), y_local))
+    output = g.op("Concat", g.op("Slice", y_global, zero, split, zero), mixed, axis=0)
+
+    # 5. rings keep their last `window` keys/values.
+    keep_from = g.op("Unsqueeze", g.op("Max", g.const(0), g.op("Sub", n_loc, window)), zero)
+    ring_k_out = g.op("Slice", loc_k, keep_from, big, g.const([3]))
+    ring_v_out = g.op("Slice", loc_v, keep_from, big, g.const([3]))
+
+    outs = [output, present_k, present_v, ring_k_out, ring_v_out]
+    nodes = g.nodes + [helper.make_node("Identity", [o], [name], name=f"/out/{name}")
+                       for o, name in zip(outs, OUTPUTS)]
+    return helper.make_function(DOMAIN, OP, INPUTS, OUTPUTS, nodes,
+                                [helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES))

@@ -1,0 +1,225 @@
+"""The two ONNX graphs of a PLT model, written node by node from the checkpoint.
+
+prefill: a chunk of S >= 1 tokens after P cached ones, loops one after another over the
+         chunk, the CLP shift seeded from the saved carries.
+decode:  one token per sequence, the L loops as L rows of one pass.
+
+Hidden states travel as [R, B, S, D]: R rows (loops) of B sequences of S tokens. Each
+layer's attention is one plt.ops::LoopAttention node. Both graphs read the same
+initializers, stored once as external data (see pltkit.export.artifact).
+"""
+
+from __future__ import annotations
+
+import math
+import numpy as np
+import torch
+
+from pltkit.export.graph import FLOAT, INT64, Graph
+from pltkit.export.loop_attention import loop_attention
+from pltkit.model.config import PLTConfig
+from pltkit.model.plt import rope_cos_sin
+
+
+def state_names(cfg: PLTConfig) -> list[str]:
+    """The decode state carried between calls, in graph order: inputs `past_<name>`,
+    outputs `present_<name>`."""
+    n = cfg.num_hidden_layers
+    names = [f"key.{i}" for i in range(n)] + [f"value.{i}" for i in range(n)]
+    if cfg.plt_num_loops > 1:
+        names += [f"ring_key.{i}" for i in range(n)] + [f"ring_value.{i}" for i in range(n)] + ["carry"]
+    return names
+
+
+def state_shapes(cfg: PLTConfig, present: bool = False) -> dict[str, list]:
+    """Shapes of the state tensors; strings are dynamic sizes (past length, ring length)."""
+    past, ring = ("present", "present_ring") if present else ("past", "ring")
+    kv = ["batch", cfg.num_key_value_heads, past, cfg.head_dim]
+    rings = [cfg.plt_num_loops - 1, "batch", cfg.num_key_value_heads, ring, cfg.head_dim]
+    carry = [cfg.plt_num_loops - 1, "batch", cfg.hidden_size]
+    return {n: carry if n == "carry" else rings if n.startswith("ring") else kv for n in state_names(cfg)}
+
+
+class _Builder:
+    def __init__(self, cfg: PLTConfig, store, opset: int):
+        self.cfg, self.store, self.g = cfg, store, Graph(opset)
+        self._used: set[str] = set()
+
+    def w(self, name: str, transpose: bool = False) -> str:
+        """An initializer of this graph (stored once in the artifact's weight file)."""
+        key, proto = self.store.get(name, transpose)
+        if key not in self._used:
+            self._used.add(key)
+            self.g.initializers.append(proto)
+        return key
+
+    # -- pieces ----------------------------------------------------------------------
+    def rmsnorm(self, x: str, weight_name: str) -> str:
+        g = self.g
+        ms = g.op("ReduceMean", g.op("Mul", x, x), g.const([-1]), keepdims=1)
+        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, g.const(self.cfg.rms_norm_eps, np.float32))))
+        return g.op("Mul", g.op("Mul", x, inv), self.w(weight_name))
+
+    def linear(self, x: str, prefix: str, bias: bool) -> str:
+        y = self.g.op("MatMul", x, self.w(prefix + ".weight", transpose=True))
+        return self.g.op("Add", y, self.w(prefix + ".bias")) if bias else y
+
+    def heads(self, x: str, n: int) -> str:
+        """[R, B, S, n*Dh] -> [R, B, n, S, Dh]"""
+        x = self.g.op("Reshape", x, self.g.const([0, 0, 0, n, self.cfg.head_dim]))
+        return self.g.op("Transpose", x, perm=[0, 1, 3, 2, 4])
+
+    def rope(self, x: str, cos: str, sin: str) -> str:
+        g, half = self.g, self.cfg.head_dim // 2
+        x1, x2 = g.op("Split", x, g.const([half, half]), axis=-1, n_out=2)
+        rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+    def rows_from(self, x: str, start: int) -> str:
+        return self.g.op("Slice", x, self.g.const([start]), self.g.const([2**62]), self.g.const([0]))
+
+    def gate(self, i: int, x_in: str, q: str, start: int) -> str:
+        """g [Rr, B, H, S] for the rows of loops >= 1 (rows `start`..)."""
+        g, c, p = self.g, self.cfg, f"model.layers.{i}.self_attn.plt_gate"
+        if c.plt_gate_use_hidden_states:
+            h = self.rmsnorm(self.rows_from(x_in, start), p + ".gate_norm.weight")
+            logits = g.op("Transpose", self.linear(h, p, bias=True), perm=[0, 1, 3, 2])
+        else:
+            w = g.op("Reshape", self.w(p + ".weight"), g.const([c.num_attention_heads, 1, c.head_dim]))
+            dot = g.op("ReduceSum", g.op("Mul", self.rows_from(q, start), w), g.const([-1]), keepdims=0)
+            logits = g.op("Add", dot, g.op("Unsqueeze", self.w(p + ".bias"), g.const([-1])))
+        return g.op("Sigmoid", logits)
+
+    def layer(self, i: int, x: str, first_loop: int, rope: tuple[str, str], pos0: str,
+              kv: tuple[str, str], ring: tuple[str, str] | None) -> tuple[str, list[str]]:
+        g, c = self.g, self.cfg
+        p = f"model.layers.{i}"
+        with g.scope(f"layers.{i}"):
+            h = self.rmsnorm(x, p + ".input_layernorm.weight")
+            q = self.rope(self.heads(self.linear(h, p + ".self_attn.q_proj", c.attention_bias),
+                                     c.num_attention_heads), *rope)
+            k = self.rope(self.heads(self.linear(h, p + ".self_attn.k_proj", c.attention_bias),
+                                     c.num_key_value_heads), *rope)
+            v = self.heads(self.linear(h, p + ".self_attn.v_proj", c.attention_bias), c.num_key_value_heads)
+            start = 1 if first_loop == 0 else 0  # rows with a ring and a gate
+            if ring is None:  # no loop >= 1 rows in this call: empty ring and gate
+                none = g.op("Slice", k, g.const([0]), g.const([0]), g.const([0]))
+                ring = (g.op("Slice", none, g.const([0]), g.const([0]), g.const([3])),) * 2
+                gate = g.op("ReduceSum", g.op("Slice", q, g.const([0]), g.const([0]), g.const([0])),
+                            g.const([-1]), keepdims=0)
+            else:
+                gate = self.gate(i, x, q, start)
+            out, *state = loop_attention(g, [q, k, v, *kv, *ring, gate, pos0], first_loop=first_loop,
+                                         window=c.window_left, scale=1 / math.sqrt(c.head_dim))
+            y = g.op("Reshape", g.op("Transpose", out, perm=[0, 1, 3, 2, 4]), g.const([0, 0, 0, -1]))
+            x = g.op("Add", x, self.linear(y, p + ".self_attn.o_proj", c.attention_bias))
+            h = self.rmsnorm(x, p + ".post_attention_layernorm.weight")
+            mlp = p + ".mlp"
+            gp = self.linear(h, mlp + ".gate_proj", c.mlp_bias)
+            up = g.op("Mul", g.op("Mul", gp, g.op("Sigmoid", gp)), self.linear(h, mlp + ".up_proj", c.mlp_bias))
+            x = g.op("Add", x, self.linear(up, mlp + ".down_proj", c.mlp_bias))
+        return x, state
+
+    def logits(self, x: str) -> str:
+        """x [..., D] -> logits [..., V] through model.norm and lm_head (or the tied embeddings)."""
+        g, c = self.g, self.cfg
+        h = self.rmsnorm(x, "model.norm.weight")
+        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        return g.op("MatMul", h, self.w(head, transpose=True))
+
+    def loop_output(self, x: str) -> str:
+        return self.rmsnorm(x, "model.norm.weight") if self.cfg.plt_normalize_per_loop else x
+
+    def scaled_sum(self, emb: str, prev: str) -> str:
+        g, c = self.g, self.cfg
+        return g.op("Add", g.op("Mul", emb, g.const(c.emb_scale, np.float32)),
+                    g.op("Mul", prev, g.const(c.hidden_scale, np.float32)))
+
+    def inputs(self, ids_shape: list) -> tuple[str, dict[str, str], str]:
+        g, c = self.g, self.cfg
+        ids = g.input("input_ids", INT64, ids_shape)
+        state = {n: g.input("past_" + n, FLOAT, shape) for n, shape in state_shapes(c).items()}
+        pos0 = g.op("Squeeze", g.op("Slice", g.op("Shape", state["key.0"]), g.const([2]), g.const([3])),
+                    g.const([0]))
+        return ids, state, pos0
+
+    def rope_tables(self, positions: str) -> tuple[str, str]:
+        g = self.g
+        return g.op("Gather", self.w("rope.cos"), positions), g.op("Gather", self.w("rope.sin"), positions)
+
+    def outputs(self, present: dict[str, str], logits: str, logits_shape: list):
+        self.g.output(logits, "logits", FLOAT, logits_shape)
+        for n, shape in state_shapes(self.cfg, present=True).items():
+            self.g.output(present[n], "present_" + n, FLOAT, shape)
+
+
+def prefill_graph(cfg: PLTConfig, store, opset: int) -> Graph:
+    b = _Builder(cfg, store, opset)
+    g, L, n = b.g, cfg.plt_num_loops, cfg.num_hidden_layers
+    ids, past, pos0 = b.inputs(["batch", "seq"])
+    s = g.op("Squeeze", g.op("Slice", g.op("Shape", ids), g.const([1]), g.const([2])), g.const([0]))
+    positions = g.op("Add", g.op("Range", g.const(0), s, g.const(1)), pos0)
+    rope = b.rope_tables(positions)
+    emb = g.op("Unsqueeze", g.op("Gather", b.w("model.embed_tokens.weight"), ids), g.const([0]))  # [1, B, S, D]
+    present = {}
+    x, rings, carries = emb, {}, []
+    for loop in range(L):
+        with g.scope(f"loop.{loop}"):
+            if loop > 0:
+                prev = b.loop_output(x)
+                carries.append(g.op("Squeeze", g.op("Slice", prev, g.const([-1]), g.const([2**62]), g.const([2])),
+                                    g.const([2])))
+                seed = g.op("Unsqueeze", g.op("Slice", past["carry"], g.const([loop - 1]), g.const([loop]),
+                                              g.const([0])), g.const([2]))
+                if cfg.plt_clp_shift:
+                    prev = g.op("Concat", seed, g.op("Slice", prev, g.const([0]), g.const([-1]), g.const([2])),
+                                axis=2)
+                x = b.scaled_sum(emb, prev)
+            for i in range(n):
+                kv = (present[f"key.{i}"], present[f"value.{i}"]) if loop else (past[f"key.{i}"], past[f"value.{i}"])
+                ring = None if loop == 0 else tuple(
+                    g.op("Slice", past[f"ring_{t}.{i}"], g.const([loop - 1]), g.const([loop]), g.const([0]))
+                    for t in ("key", "value"))
+                x, (pk, pv, rk, rv) = b.layer(i, x, loop, rope, pos0, kv, ring)
+                if loop == 0:
+                    present[f"key.{i}"], present[f"value.{i}"] = pk, pv
+                else:
+                    rings.setdefault(i, []).append((rk, rv))
+    for i, parts in rings.items():
+        present[f"ring_key.{i}"] = g.op("Concat", *[k for k, _ in parts], axis=0)
+        present[f"ring_value.{i}"] = g.op("Concat", *[v for _, v in parts], axis=0)
+    if carries:
+        present["carry"] = g.op("Concat", *carries, axis=0)
+    logits = b.logits(g.op("Squeeze", x, g.const([0])))
+    b.outputs(present, logits, ["batch", "seq", cfg.vocab_size])
+    return g
+
+
+def decode_graph(cfg: PLTConfig, store, opset: int) -> Graph:
+    b = _Builder(cfg, store, opset)
+    g, L, n = b.g, cfg.plt_num_loops, cfg.num_hidden_layers
+    ids, past, pos0 = b.inputs(["batch"])
+    rope = b.rope_tables(g.op("Unsqueeze", pos0, g.const([0])))
+    emb = g.op("Gather", b.w("model.embed_tokens.weight"), g.op("Unsqueeze", ids, g.const([1])))  # [B, 1, D]
+    emb = g.op("Unsqueeze", emb, g.const([0]))  # [1, B, 1, D]
+    x = emb
+    if L > 1:  # rows: loop 0 sees E, loop r sees a*E + b*carry[r-1]
+        x = g.op("Concat", emb, b.scaled_sum(emb, g.op("Unsqueeze", past["carry"], g.const([2]))), axis=0)
+    present = {}
+    for i in range(n):
+        ring = (past[f"ring_key.{i}"], past[f"ring_value.{i}"]) if L > 1 else None
+        x, (pk, pv, rk, rv) = b.layer(i, x, 0, rope, pos0, (past[f"key.{i}"], past[f"value.{i}"]), ring)
+        present[f"key.{i}"], present[f"value.{i}"] = pk, pv
+        if L > 1:
+            present[f"ring_key.{i}"], present[f"ring_value.{i}"] = rk, rv
+    x = g.op("Squeeze", x, g.const([2]))  # [L, B, D]
+    if L > 1:
+        present["carry"] = b.loop_output(g.op("Slice", x, g.const([0]), g.const([L - 1]), g.const([0])))
+    logits = b.logits(g.op("Squeeze", g.op("Slice", x, g.const([L - 1]), g.const([L]), g.const([0])), g.const([0])))
+    b.outputs(present, logits, ["batch", cfg.vocab_size])
+    return g
+
+
+def rope_tables(cfg: PLTConfig) -> dict[str, np.ndarray]:
+    cos, sin = rope_cos_sin(cfg, torch.arange(cfg.max_position_embeddings), torch.float32)
+    return {"rope.cos": cos.numpy(), "rope.sin": sin.numpy()}
