@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pltkit.model.config import PLTConfig
+from pltkit.model.paths import CheckpointError, resolve_model_path
 from pltkit.model.plt import PLTForCausalLM
 
 log = logging.getLogger(__name__)
@@ -28,23 +28,6 @@ SINGLE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json")
 STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that does not hold the model its config.json describes."""
-
-
-def resolve_model_path(path: str | os.PathLike) -> Path:
-    """`default` names the model shipped inside the package; anything else is a folder."""
-    if str(path) == "default":
-        path = Path(str(resources.files("pltkit") / "models" / "default"))
-        if not (path / "config.json").is_file():
-            raise CheckpointError("the default model is missing from this pltkit installation")
-        return path
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint folder")
-    return path
 
 
 def weight_map(ckpt: Path) -> dict[str, Path]:

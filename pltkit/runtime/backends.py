@@ -1,0 +1,60 @@
+"""One small backend interface, and a registry of backends.
+
+A backend runs a PLT model as two calls, both returning numpy logits:
+  prefill(ids [B, S], state) -> (logits [B, S, V], state)   loops one after another
+  decode(ids [B], state)     -> (logits [B, V], state)      the L loops as L rows of one pass
+and `new_state(batch)`. `state.pos` is the number of tokens already in the state, and
+`state.clone()` copies it (a cached prefix). Backends with optional dependencies import
+them inside, so `pltkit.runtime` needs only numpy, onnxruntime and tokenizers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pltkit.model.paths import resolve_model_path
+from pltkit.runtime.artifact import Artifact, is_artifact
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (ONNX Runtime runs best on one thread each)."""
+    try:
+        cores, core = set(), {}
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                core[key.strip()] = value.strip()
+                if not line.strip():
+                    if "core id" in core and int(core["processor"]) in os.sched_getaffinity(0):
+                        cores.add((core.get("physical id"), core["core id"]))
+                    core = {}
+        return max(1, len(cores)) if cores else len(os.sched_getaffinity(0))
+    except (OSError, ValueError, AttributeError):
+        return os.cpu_count() or 1
+
+
+def _torch(path: Path, threads: int | None):
+    from pltkit.runtime.torch_backend import TorchBackend
+    return TorchBackend(path, threads)
+
+
+def _ort(path: Path, threads: int | None):
+    from pltkit.runtime.ort_backend import OrtBackend
+    return OrtBackend(Artifact.open(path), threads)
+
+
+BACKENDS = {"torch": _torch, "ort": _ort}
+
+
+def open_backend(model: str | os.PathLike = "default", backend: str | None = None, threads: int | None = None):
+    """A checkpoint folder runs on the torch reference, an artifact folder on ONNX Runtime."""
+    path = resolve_model_path(model)
+    kind = backend or ("ort" if is_artifact(path) else "torch")
+    if kind not in BACKENDS:
+        raise ValueError(f"unknown backend {kind!r} (known: {', '.join(BACKENDS)})")
+    if kind == "torch" and is_artifact(path):
+        raise ValueError(f"{path} is an exported artifact: run it with --backend ort")
+    if kind == "ort" and not is_artifact(path):
+        raise ValueError(f"{path} is a checkpoint, not an exported artifact: export it with plt-export first")
+    return BACKENDS[kind](path, threads)

@@ -1,0 +1,128 @@
+"""plt-export artifacts on a real ONNX Runtime session, checked against the torch reference."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from synth import make_checkpoint, make_config
+
+import pltkit
+from pltkit.export.artifact import export
+from pltkit.runtime.artifact import Artifact
+from pltkit.runtime.backends import open_backend
+from pltkit.runtime.generate import generate
+
+TOL = 1e-4
+CASES = {"L1": dict(plt_num_loops=1), "L2-hidden": dict(plt_num_loops=2),
+         "L2-query-bias": dict(plt_num_loops=2, plt_gate_use_hidden_states=False, attention_bias=True),
+         "L3-query-scales": dict(plt_num_loops=3, plt_gate_use_hidden_states=False, plt_emb_scale=0.707,
+                                 plt_hidden_scale=0.053, tie_word_embeddings=True)}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def exported(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    make_checkpoint(d / "ckpt", make_config(**CASES[request.param]), seed=3)
+    export(d / "ckpt", d / "art")
+    return d / "ckpt", d / "art"
+
+
+def test_logits_prefill_chunks_and_decode_match_reference(exported):
+    ckpt, art = exported
+    ref, ort = open_backend(ckpt, threads=1), open_backend(art, threads=1)
+    ids = np.random.default_rng(0).integers(0, 300, (2, 13))
+    with torch.no_grad():
+        full = ref.model(torch.from_numpy(ids)).numpy()
+    worst = {}
+    logits, state = ort.prefill(ids[:, :7], ort.new_state(2))  # 7: a length no graph was traced at
+    worst["prefill"] = np.abs(logits - full[:, :7]).max()
+    logits, state = ort.prefill(ids[:, 7:9], state)
+    worst["chunk"] = np.abs(logits - full[:, 7:9]).max()
+    for t in range(9, 13):
+        logits, state = ort.decode(ids[:, t], state)
+        worst["decode"] = max(worst.get("decode", 0), np.abs(logits - full[:, t]).max())
+    print(", ".join(f"{k} max|ort - torch| = {v:.2e}" for k, v in worst.items()))
+    assert max(worst.values()) < TOL
+    assert state.pos == 13
+
+
+def test_greedy_64_tokens_equal_reference(exported):
+    ckpt, art = exported
+    prompt = [5, 17, 42, 99, 7]
+    want = list(generate(open_backend(ckpt, threads=1), prompt, 64))
+    got = list(generate(open_backend(art, threads=1), prompt, 64))
+    assert len(want) == 64 and got == want
+
+
+def test_artifact_is_self_describing(exported):
+    ckpt, art = exported
+    a = Artifact.open(art)
+    a.verify()
+    m, cfg = a.manifest, pltkit.PLTConfig.from_json(ckpt / "config.json")
+    assert m["config"] == cfg.to_dict() and m["opset"] == 21 and m["precision"] == "fp32"
+    assert m["custom_ops"][0]["domain"] == "plt.ops" and m["custom_ops"][0]["op"] == "LoopAttention"
+    assert {"tokenizer.json", "weights.bin", "prefill.onnx", "decode.onnx"} <= set(m["files"])
+    for phase, per_layer in (("prefill", cfg.plt_num_loops), ("decode", 1)):
+        model = onnx.load(art / m["graphs"][phase]["file"], load_external_data=False)
+        nodes = [n for n in model.graph.node if n.op_type == "LoopAttention"]
+        assert len(nodes) == cfg.num_hidden_layers * per_layer and {n.domain for n in nodes} == {"plt.ops"}
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+        assert attrs["plugin_namespace"] == b"pltkit" and attrs["plugin_version"] == b"1"
+        assert [f.name for f in model.functions] == ["LoopAttention"]
+        assert set(m["graphs"][phase]["inputs"]) == {i.name for i in model.graph.input}
+
+
+def test_runtime_path_does_not_import_torch(exported):
+    _, art = exported
+    code = ("import sys, numpy as np; from pltkit.runtime.backends import open_backend; "
+            "from pltkit.runtime.generate import generate; b = open_backend(sys.argv[1]); "
+            "print(list(generate(b, [1, 2, 3], 4))); assert 'torch' not in sys.modules, 'torch imported'")
+    out = subprocess.run([sys.executable, "-c", code, str(art)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_cli_complete_same_tokens_on_both_backends(exported):
+    ckpt, art = exported
+    runs = [json.loads(subprocess.run(["plt-complete", "--model", str(m), "--json", "--max-tokens", "12",
+                                       "def f(x):"], capture_output=True, text=True, check=True).stdout)
+            for m in (ckpt, art)]
+    assert [r["backend"] for r in runs] == ["torch", "ort"]
+    assert runs[0]["tokens"] == runs[1]["tokens"] and len(runs[0]["tokens"]) > 0
+    assert set(runs[1]["timings"]) >= {"prompt_ms", "predicted_ms", "predicted_per_second"}
+
+
+def test_export_bad_input_exit_code_2(tmp_path):
+    def run(*args):
+        return subprocess.run(["plt-export", *map(str, args)], capture_output=True, text=True)
+    r = run(tmp_path / "missing", "-o", tmp_path / "a")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a model folder" in r.stderr
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    make_checkpoint(tmp_path / "ckpt")
+    r = run(tmp_path / "ckpt", "-o", tmp_path / "busy")
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+def test_interrupted_export_leaves_nothing(tmp_path):
+    make_checkpoint(tmp_path / "ckpt", make_config(vocab_size=32000, hidden_size=512, intermediate_size=2048,
+                                                   num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                                                   num_hidden_layers=4))
+    proc = subprocess.Popen(["plt-export", str(tmp_path / "ckpt"), "-o", str(tmp_path / "art")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".art.partial-*/weights.bin")) and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "export finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    print(err.strip().splitlines()[-1])
+    assert proc.returncode == 130
+    assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.partial-*"))
