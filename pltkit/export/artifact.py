@@ -29,7 +29,8 @@ from tqdm import tqdm
 import pltkit
 from pltkit.export import loop_attention as la
 from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables, state_names, state_shapes
-from pltkit.model.checkpoint import TOKENIZER_FILES, load_model, resolve_model_path, weight_map
+from pltkit.model.checkpoint import TOKENIZER_FILES, open_checkpoint, read_tensor, weight_map
+from pltkit.model.paths import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +128,10 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
 
 def _write(src: Path, tmp: Path) -> None:
     stages = tqdm(total=6, desc="export", unit="stage")
-    stages.set_postfix_str("load")
-    model = load_model(src)
-    cfg = model.config
-    state = model.state_dict()
+    stages.set_postfix_str("validate")
+    cfg, files = open_checkpoint(src)  # tensors are read one at a time while the graphs are written
     tables = rope_tables(cfg)
-    store = WeightStore(tmp / WEIGHTS, lambda n: tables[n] if n in tables else state[n].float().numpy())
+    store = WeightStore(tmp / WEIGHTS, lambda n: tables[n] if n in tables else read_tensor(files[n], n).numpy())
     stages.update()
 
     graphs = {}
@@ -143,7 +142,6 @@ def _write(src: Path, tmp: Path) -> None:
         graphs[name] = {"file": f"{name}.onnx", **_io(g)}
         stages.update()
     store.close()
-    del model, state
 
     stages.set_postfix_str("check")
     for g in graphs.values():

@@ -52,13 +52,14 @@ def _ignored(name: str, cfg: PLTConfig) -> bool:
     return cfg.plt_num_loops == 1 and ".self_attn.plt_gate." in name
 
 
-def load_model(path: str | os.PathLike = "default", dtype: torch.dtype = torch.float32) -> PLTForCausalLM:
-    """Load a PLT checkpoint folder (or `default`) as a PLTForCausalLM in eval mode."""
+def open_checkpoint(path: str | os.PathLike = "default") -> tuple[PLTConfig, dict[str, Path]]:
+    """Validate a checkpoint folder against its config.json without reading any weights:
+    returns the config and a map tensor name -> file. Every problem (missing, unexpected,
+    mis-shaped or non-float tensors) is reported by name in one CheckpointError."""
     ckpt = resolve_model_path(path)
     cfg = PLTConfig.from_json(ckpt / "config.json")
     with torch.device("meta"):
-        model = PLTForCausalLM(cfg)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        expected = {name: tuple(t.shape) for name, t in PLTForCausalLM(cfg).state_dict().items()}
     files = weight_map(ckpt)
 
     problems, by_file = [], {}
@@ -86,14 +87,32 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype = torch.f
     if problems:
         shown = problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else [])
         raise CheckpointError(f"{ckpt} does not match its config.json:\n  " + "\n  ".join(shown))
+    return cfg, {name: files[name] for name in expected}
 
+
+def read_tensor(file: Path, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One tensor from a safetensors file (memory-mapped), converted to dtype."""
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(name).to(dtype)
+
+
+def load_model(path: str | os.PathLike = "default", dtype: torch.dtype = torch.float32) -> PLTForCausalLM:
+    """Load a PLT checkpoint folder (or `default`) as a PLTForCausalLM in eval mode. The model is
+    built on the meta device and takes the tensors read one by one, so loading needs about the
+    model's size in memory."""
+    cfg, files = open_checkpoint(path)
+    with torch.device("meta"):
+        model = PLTForCausalLM(cfg)
+    by_file = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
     state = {}
     for file, names in by_file.items():
         with safe_open(file, framework="pt") as f:
             for name in names:
                 state[name] = f.get_tensor(name).to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    log.info("loaded %s: %d tensors, %.1fM parameters", ckpt, len(state),
+    log.info("loaded %s: %d tensors, %.1fM parameters", path, len(state),
              sum(t.numel() for t in state.values()) / 1e6)
     return model.eval()
 
