@@ -18,6 +18,7 @@ from pltkit.export.artifact import export
 from pltkit.runtime.artifact import Artifact
 from pltkit.runtime.backends import open_backend
 from pltkit.runtime.generate import generate
+from pltkit.runtime.ort_backend import OrtBackend
 
 TOL = 1e-4
 CASES = {"L1": dict(plt_num_loops=1), "L2-hidden": dict(plt_num_loops=2),
@@ -34,9 +35,10 @@ def exported(request, tmp_path_factory):
     return d / "ckpt", d / "art"
 
 
-def test_logits_prefill_chunks_and_decode_match_reference(exported):
+@pytest.mark.parametrize("attention", ["function", "gqa"])
+def test_logits_prefill_chunks_and_decode_match_reference(exported, attention):
     ckpt, art = exported
-    ref, ort = open_backend(ckpt, threads=1), open_backend(art, threads=1)
+    ref, ort = open_backend(ckpt, threads=1), OrtBackend(Artifact.open(art), 1, attention)
     ids = np.random.default_rng(0).integers(0, 300, (2, 13))
     with torch.no_grad():
         full = ref.model(torch.from_numpy(ids)).numpy()
@@ -48,7 +50,7 @@ def test_logits_prefill_chunks_and_decode_match_reference(exported):
     for t in range(9, 13):
         logits, state = ort.decode(ids[:, t], state)
         worst["decode"] = max(worst.get("decode", 0), np.abs(logits - full[:, t]).max())
-    print(", ".join(f"{k} max|ort - torch| = {v:.2e}" for k, v in worst.items()))
+    print(attention, ", ".join(f"{k} max|ort - torch| = {v:.2e}" for k, v in worst.items()))
     assert max(worst.values()) < TOL
     assert state.pos == 13
 
@@ -68,15 +70,18 @@ def test_artifact_is_self_describing(exported):
     m, cfg = a.manifest, pltkit.PLTConfig.from_json(ckpt / "config.json")
     assert m["config"] == cfg.to_dict() and m["opset"] == 21 and m["precision"] == "fp32"
     assert m["custom_ops"][0]["domain"] == "plt.ops" and m["custom_ops"][0]["op"] == "LoopAttention"
-    assert {"tokenizer.json", "weights.bin", "prefill.onnx", "decode.onnx"} <= set(m["files"])
+    assert {"tokenizer.json", "weights.bin", "prefill.onnx", "decode.onnx", "decode.gqa.onnx"} <= set(m["files"])
     for phase, per_layer in (("prefill", cfg.plt_num_loops), ("decode", 1)):
-        model = onnx.load(art / m["graphs"][phase]["file"], load_external_data=False)
+        model = onnx.load(art / m["graphs"]["function"][phase]["file"], load_external_data=False)
         nodes = [n for n in model.graph.node if n.op_type == "LoopAttention"]
         assert len(nodes) == cfg.num_hidden_layers * per_layer and {n.domain for n in nodes} == {"plt.ops"}
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
         assert attrs["plugin_namespace"] == b"pltkit" and attrs["plugin_version"] == b"1"
         assert [f.name for f in model.functions] == ["LoopAttention"]
-        assert set(m["graphs"][phase]["inputs"]) == {i.name for i in model.graph.input}
+        assert set(m["graphs"]["function"][phase]["inputs"]) == {i.name for i in model.graph.input}
+    fast = onnx.load(art / m["graphs"]["gqa"]["decode"]["file"], load_external_data=False)
+    gqa = [n for n in fast.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == cfg.num_hidden_layers * (2 * cfg.plt_num_loops - 1)
 
 
 def test_runtime_path_does_not_import_torch(exported):

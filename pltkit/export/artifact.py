@@ -5,6 +5,7 @@
                         opset, custom ops, graph I/O, sha256 of every file
       prefill.onnx      chunk of S tokens, loops one after another
       decode.onnx       one token, the L loops as L rows of one pass
+      decode.gqa.onnx   the decode graph on ONNX Runtime's GroupQueryAttention kernels
       weights.bin       the initializers of both graphs, stored once (ONNX external data)
       tokenizer.json, tokenizer_config.json, generation_config.json
 
@@ -41,6 +42,11 @@ IR_VERSION = 10
 MANIFEST = "pltkit.json"
 WEIGHTS = "weights.bin"
 ALIGN = 64
+# Graph sets: "function" (LoopAttention nodes with their function body: portable, the reference)
+# and "gqa" (decode on ONNX Runtime's GroupQueryAttention kernels, the fast path there; its CPU
+# kernel refuses a chunk of S > 1 tokens after a past for batch > 1, so prefill stays "function").
+GRAPHS = [("prefill.onnx", "prefill", "function", prefill_graph), ("decode.onnx", "decode", "function", decode_graph),
+          ("decode.gqa.onnx", "decode", "gqa", decode_graph)]
 
 
 class ExportError(Exception):
@@ -127,24 +133,26 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
 
 
 def _write(src: Path, tmp: Path) -> None:
-    stages = tqdm(total=6, desc="export", unit="stage")
+    stages = tqdm(total=5.5, desc="export", unit="stage", bar_format="{l_bar}{bar}| {postfix}")
     stages.set_postfix_str("validate")
     cfg, files = open_checkpoint(src)  # tensors are read one at a time while the graphs are written
     tables = rope_tables(cfg)
     store = WeightStore(tmp / WEIGHTS, lambda n: tables[n] if n in tables else read_tensor(files[n], n).numpy())
     stages.update()
 
-    graphs = {}
-    for name, build in (("prefill", prefill_graph), ("decode", decode_graph)):
-        stages.set_postfix_str(f"{name} graph")
-        g = build(cfg, store, OPSET)
-        onnx.save_model(_model_proto(g, f"pltkit_{name}"), tmp / f"{name}.onnx")
-        graphs[name] = {"file": f"{name}.onnx", **_io(g)}
-        stages.update()
+    graphs = {"function": {}, "gqa": {}}
+    for file, phase, attention, build in GRAPHS:
+        stages.set_postfix_str(file)
+        g = build(cfg, store, OPSET, attention)
+        onnx.save_model(_model_proto(g, f"pltkit_{phase}"), tmp / file)
+        graphs[attention][phase] = {"file": file, **_io(g)}
+        if attention == "function" and phase == "prefill":  # GQA has no batched chunked prefill
+            graphs["gqa"][phase] = graphs[attention][phase]
+        stages.update(0.5)
     store.close()
 
     stages.set_postfix_str("check")
-    for g in graphs.values():
+    for g in graphs["function"].values():
         onnx.checker.check_model(str(tmp / g["file"]), full_check=True)
     stages.update()
 

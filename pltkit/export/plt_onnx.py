@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pltkit.export.graph import FLOAT, INT64, Graph
-from pltkit.export.loop_attention import loop_attention
+from pltkit.export.loop_attention import loop_attention, loop_attention_gqa
 from pltkit.model.config import PLTConfig
 from pltkit.model.plt import rope_cos_sin
 
@@ -41,8 +41,8 @@ def state_shapes(cfg: PLTConfig, present: bool = False) -> dict[str, list]:
 
 
 class _Builder:
-    def __init__(self, cfg: PLTConfig, store, opset: int):
-        self.cfg, self.store, self.g = cfg, store, Graph(opset)
+    def __init__(self, cfg: PLTConfig, store, opset: int, attention: str):
+        self.cfg, self.store, self.g, self.attention = cfg, store, Graph(opset), attention
         self._used: set[str] = set()
 
     def w(self, name: str, transpose: bool = False) -> str:
@@ -102,6 +102,8 @@ class _Builder:
                                      c.num_key_value_heads), *rope)
             v = self.heads(self.linear(h, p + ".self_attn.v_proj", c.attention_bias), c.num_key_value_heads)
             start = 1 if first_loop == 0 else 0  # rows with a ring and a gate
+            # rows in this call: all L loops in decode, one loop in prefill
+            rows = c.plt_num_loops if first_loop == 0 and ring is not None else 1
             if ring is None:  # no loop >= 1 rows in this call: empty ring and gate
                 none = g.op("Slice", k, g.const([0]), g.const([0]), g.const([0]))
                 ring = (g.op("Slice", none, g.const([0]), g.const([0]), g.const([3])),) * 2
@@ -109,8 +111,14 @@ class _Builder:
                             g.const([-1]), keepdims=0)
             else:
                 gate = self.gate(i, x, q, start)
-            out, *state = loop_attention(g, [q, k, v, *kv, *ring, gate, pos0], first_loop=first_loop,
-                                         window=c.window_left, scale=1 / math.sqrt(c.head_dim))
+            args = [q, k, v, *kv, *ring, gate, pos0]
+            if self.attention == "gqa":
+                out, *state = loop_attention_gqa(g, args, first_loop=first_loop, rows=rows, window=c.window_left,
+                                                 scale=1 / math.sqrt(c.head_dim), heads=c.num_attention_heads,
+                                                 kv_heads=c.num_key_value_heads)
+            else:
+                out, *state = loop_attention(g, args, first_loop=first_loop, window=c.window_left,
+                                             scale=1 / math.sqrt(c.head_dim))
             y = g.op("Reshape", g.op("Transpose", out, perm=[0, 1, 3, 2, 4]), g.const([0, 0, 0, -1]))
             x = g.op("Add", x, self.linear(y, p + ".self_attn.o_proj", c.attention_bias))
             h = self.rmsnorm(x, p + ".post_attention_layernorm.weight")
@@ -153,8 +161,11 @@ class _Builder:
             self.g.output(present[n], "present_" + n, FLOAT, shape)
 
 
-def prefill_graph(cfg: PLTConfig, store, opset: int) -> Graph:
-    b = _Builder(cfg, store, opset)
+ATTENTION = ("function", "gqa")  # LoopAttention nodes (portable) or ONNX Runtime GQA kernels
+
+
+def prefill_graph(cfg: PLTConfig, store, opset: int, attention: str = "function") -> Graph:
+    b = _Builder(cfg, store, opset, attention)
     g, L, n = b.g, cfg.plt_num_loops, cfg.num_hidden_layers
     ids, past, pos0 = b.inputs(["batch", "seq"])
     s = g.op("Squeeze", g.op("Slice", g.op("Shape", ids), g.const([1]), g.const([2])), g.const([0]))
@@ -195,8 +206,8 @@ def prefill_graph(cfg: PLTConfig, store, opset: int) -> Graph:
     return g
 
 
-def decode_graph(cfg: PLTConfig, store, opset: int) -> Graph:
-    b = _Builder(cfg, store, opset)
+def decode_graph(cfg: PLTConfig, store, opset: int, attention: str = "function") -> Graph:
+    b = _Builder(cfg, store, opset, attention)
     g, L, n = b.g, cfg.plt_num_loops, cfg.num_hidden_layers
     ids, past, pos0 = b.inputs(["batch"])
     rope = b.rope_tables(g.op("Unsqueeze", pos0, g.const([0])))

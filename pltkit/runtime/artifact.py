@@ -42,8 +42,12 @@ class Artifact:
     def config(self) -> PLTConfig:
         return PLTConfig.from_dict(self.manifest["config"])
 
-    def graph_path(self, phase: str) -> Path:
-        return self.path / self.manifest["graphs"][phase]["file"]
+    @property
+    def attention_variants(self) -> list[str]:
+        return list(self.manifest["graphs"])
+
+    def graph_path(self, phase: str, attention: str = "function") -> Path:
+        return self.path / self.manifest["graphs"][attention][phase]["file"]
 
     def verify(self) -> None:
         """Check every file against its sha256 in the manifest."""

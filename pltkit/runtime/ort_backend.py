@@ -28,7 +28,9 @@ class OrtState:
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, artifact: Artifact, threads: int | None = None):
+    def __init__(self, artifact: Artifact, threads: int | None = None, attention: str = "auto"):
+        """attention: 'gqa' (ONNX Runtime's GroupQueryAttention kernels), 'function' (the
+        LoopAttention function body, portable), or 'auto' (gqa when the artifact has it)."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -40,8 +42,13 @@ class OrtBackend:
         so.intra_op_num_threads = threads or physical_cores()
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        variants = artifact.attention_variants
+        self.attention = ("gqa" if "gqa" in variants else "function") if attention == "auto" else attention
+        if self.attention not in variants:
+            raise ArtifactError(f"{artifact.path} has no {self.attention!r} graphs (it has: {', '.join(variants)})")
         providers = ["CPUExecutionProvider"]
-        self.sessions = {phase: ort.InferenceSession(str(artifact.graph_path(phase)), so, providers=providers)
+        self.sessions = {phase: ort.InferenceSession(str(artifact.graph_path(phase, self.attention)), so,
+                                                     providers=providers)
                          for phase in ("prefill", "decode")}
         self.outputs = {p: [o.name for o in s.get_outputs()] for p, s in self.sessions.items()}
 
