@@ -159,6 +159,9 @@ def _write(path: Path, writer) -> None:
     tmp = path.with_name(path.name + ".partial")
     try:
         writer(str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers create files private to the owner
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,9 +1,12 @@
 """Greedy samples from held-out files, plain and infill, for the model card.
 
 The prompts are chosen by rule, not by hand: the first `n` held-out files (sorted by
-path), each cut at the end of the line 40 % into the file. Plain: the text before the
-cut. Infill: the same prefix, the line after the cut is the middle to fill, and the
-ten lines after it are the suffix. Every sample is printed as it came out.
+path), each cut at the end of the line 40 % into the file, before its newline (the
+tokenizer merges a newline with the next line's indentation, so a prompt that ends in
+a bare newline is one the model has rarely seen). Plain: the text before the cut.
+Infill (as an editor sends it with the cursor after the indentation of a line): the
+prefix runs to the cursor, the middle is the rest of that line, the suffix is the next
+ten lines. Every sample is printed as it came out.
 
     python -m pltkit.train.samples [MODEL] [--n 4] [--max-new 48]
 """
@@ -30,17 +33,21 @@ def held_out_prompts(n: int, root: str | None = None) -> list[dict]:
     for path in sorted(heldout, key=lambda p: p.relative_to(root).as_posix())[:n]:
         lines = data.read_source(path).splitlines(keepends=True)
         cut = max(1, int(len(lines) * 0.4))
+        line = "".join(lines[cut:cut + 1]).removesuffix("\n")
+        indent = line[:len(line) - len(line.lstrip())]
         prompts.append({"file": path.relative_to(root).as_posix(), "line": cut + 1,
-                        "prefix": "".join(lines[:cut])[-PREFIX_CHARS:],
-                        "middle": lines[cut] if cut < len(lines) else "",
-                        "suffix": "".join(lines[cut + 1:cut + 11])})
+                        "prefix": "".join(lines[:cut])[-PREFIX_CHARS:].removesuffix("\n"),
+                        "infill_prefix": "".join(lines[:cut])[-PREFIX_CHARS:] + indent,
+                        "middle": line[len(indent):],
+                        "suffix": "\n" + "".join(lines[cut + 1:cut + 11])})
     return prompts
 
 
 def complete(model, tok: PLTTokenizer, prompt: dict, max_new: int) -> dict:
     plain = tok.encode(prompt["prefix"])
     fim = tok.fim
-    infill = [fim.prefix, *tok.encode(prompt["prefix"]), fim.suffix, *tok.encode(prompt["suffix"]), fim.middle]
+    infill = [fim.prefix, *tok.encode(prompt["infill_prefix"]), fim.suffix, *tok.encode(prompt["suffix"]),
+              fim.middle]
     return {"plain": tok.decode(greedy(model, plain, max_new, tok.eos_ids)),
             "infill": tok.decode(greedy(model, infill, max_new, tok.eos_ids))}
 
@@ -56,8 +63,8 @@ def card_markdown(model_name: str, n: int = 4, max_new: int = 48) -> str:
         out += [f"#### `{p['file']}`, cut before line {p['line']}", "",
                 "Last lines of the prompt:", "```python", tail.rstrip("\n"), "```",
                 f"Plain completion ({max_new} tokens at most, greedy):", "```python", got["plain"], "```",
-                "Infill: the file's own middle line, then the model's:", "```python",
-                p["middle"].rstrip("\n"), "```", "```python", got["infill"], "```", ""]
+                "Infill at the indentation of the next line: the file's own text, then the model's:",
+                "```python", p["middle"], "```", "```python", got["infill"], "```", ""]
     return "\n".join(out)
 
 
