@@ -124,8 +124,10 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
     tmp.mkdir(parents=True)
     try:
         _write(src, tmp)
-        if out.exists():
+        if out.is_dir():
             shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -105,8 +105,8 @@ class _Builder:
             # rows in this call: all L loops in decode, one loop in prefill
             rows = c.plt_num_loops if first_loop == 0 and ring is not None else 1
             if ring is None:  # no loop >= 1 rows in this call: empty ring and gate
-                none = g.op("Slice", k, g.const([0]), g.const([0]), g.const([0]))
-                ring = (g.op("Slice", none, g.const([0]), g.const([0]), g.const([3])),) * 2
+                no_rows = g.op("Slice", k, g.const([0]), g.const([0]), g.const([0]))
+                ring = (g.op("Slice", no_rows, g.const([0]), g.const([0]), g.const([3])),) * 2
                 gate = g.op("ReduceSum", g.op("Slice", q, g.const([0]), g.const([0]), g.const([0])),
                             g.const([-1]), keepdims=0)
             else:
