@@ -122,65 +122,55 @@ def function_proto(opset: int) -> onnx.FunctionProto:
                                 [helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES))
 
 
-# --- fast path: the same semantics as com.microsoft.GroupQueryAttention calls ----------------
-def loop_attention_gqa(g: Graph, inputs: list[str], *, first_loop: int, rows: int, window: int, scale: float,
-                       heads: int, kv_heads: int) -> list[str]:
-    """LoopAttention expanded into ONNX Runtime's GroupQueryAttention kernels (CPU and CUDA):
-    per row, one GQA over the global cache and, for loops >= 1, one over the row's ring
-    (local_window_size = window + 1 keys including the current one). A loop >= 1 row re-appends
-    the loop-0 keys of its tokens to a copy of the cache, which GQA needs to attend."""
+# --- fast path: decode on com.microsoft.GroupQueryAttention ----------------------------------
+def loop_attention_gqa_decode(g: Graph, inputs: list[str], *, rows: int, window: int, scale: float,
+                              heads: int, kv_heads: int) -> list[str]:
+    """LoopAttention of a decode step (first_loop = 0, S = 1) on ONNX Runtime's GroupQueryAttention
+    kernels. Global branch: ONE call for all rows, the rows' query heads stacked as extra heads
+    of each kv group, appending loop 0's key to the global cache in place (past_key is a buffer of
+    `capacity` positions shared with present_key; pos0 valid entries). Local branch: one call per
+    extra loop over its ring (local_window_size = window + 1 keys including the current one)."""
     q, k, v, past_k, past_v, ring_k, ring_v, gate, pos0 = inputs
-    zero, big = g.const([0]), g.const([2**62])
+    zero, big, rep = g.const([0]), g.const([2**62]), heads // kv_heads
 
-    def row(x, r):  # [R, B, n, S, Dh] -> row r as [B, S, n*Dh]
+    def row(x, r):  # [R, B, n, 1, Dh] -> row r as [B, 1, n*Dh]
         x = g.op("Transpose", g.op("Gather", x, g.const(r), axis=0), perm=[0, 2, 1, 3])
         return g.op("Reshape", x, g.const([0, 0, -1]))
 
-    def bsh(x):  # cache [B, n, T, Dh] -> [B, T, n*Dh]
-        return g.op("Reshape", g.op("Transpose", x, perm=[0, 2, 1, 3]), g.const([0, 0, -1]))
-
-    def unrow(y):  # [B, S, H*Dh] -> [1, B, H, S, Dh]
+    def unrow(y):  # [B, 1, H*Dh] -> [1, B, H, 1, Dh]
         y = g.op("Reshape", y, g.const([0, 0, heads, -1]))
         return g.op("Unsqueeze", g.op("Transpose", y, perm=[0, 2, 1, 3]), zero)
 
-    def gqa(query, key, value, pk, pv, window_size=-1):
+    def gqa(query, key, value, pk, pv, n_heads, window_size=-1, total=None):
         batch = g.op("Slice", g.op("Shape", query), zero, g.const([1]))
-        total = g.op("Add", g.op("Gather", g.op("Shape", pk), g.const(2)), g.op("Gather", g.op("Shape", key), g.const(1)))
+        if total is None:  # not shared: the past holds exactly its valid entries
+            total = g.op("Add", g.op("Gather", g.op("Shape", pk), g.const(2)), g.const(1))
         total32 = g.op("Cast", total, to=6)
         seqlens = g.op("Expand", g.op("Sub", total32, g.const(1, np.int32)), batch)
         return g.op("GroupQueryAttention", query, key, value, pk, pv, seqlens, total32, n_out=3, domain="com.microsoft",
-                    num_heads=heads, kv_num_heads=kv_heads, scale=scale, local_window_size=window_size)
+                    num_heads=n_heads, kv_num_heads=kv_heads, scale=scale, local_window_size=window_size)
 
-    s = g.op("Gather", g.op("Shape", q), g.const(3))
-    end = g.op("Unsqueeze", g.op("Add", pos0, s), zero)
-    start = g.op("Unsqueeze", pos0, zero)
-    if first_loop == 0:  # row 0 is loop 0: append its keys, causal over the cache
-        y0, present_k, present_v = gqa(row(q, 0), row(k, 0), row(v, 0), past_k, past_v)
-        outs = [unrow(y0)]
-        glob_k, glob_v, prefix_k, prefix_v = row(k, 0), row(v, 0), past_k, past_v
-    else:  # the loop-0 node already wrote this chunk: re-append it to the cache before it
-        present_k, present_v = g.op("Identity", past_k), g.op("Identity", past_v)
-        glob_k = bsh(g.op("Slice", past_k, start, end, g.const([2])))
-        glob_v = bsh(g.op("Slice", past_v, start, end, g.const([2])))
-        prefix_k = g.op("Slice", past_k, zero, start, g.const([2]))
-        prefix_v = g.op("Slice", past_v, zero, start, g.const([2]))
-        outs = []
-    rings_k, rings_v = [], []
-    first_ring_row = 1 if first_loop == 0 else 0
-    for r in range(first_ring_row, rows):
-        j = r - first_ring_row
-        y_global = gqa(row(q, r), glob_k, glob_v, prefix_k, prefix_v)[0]
-        rk = g.op("Gather", ring_k, g.const(j), axis=0)
-        rv = g.op("Gather", ring_v, g.const(j), axis=0)
-        y_local, loc_k, loc_v = gqa(row(q, r), row(k, r), row(v, r), rk, rv, window_size=window + 1)
-        gt = g.op("Unsqueeze", g.op("Gather", gate, g.const(j), axis=0), g.const([0, -1]))
-        outs.append(g.op("Add", g.op("Mul", gt, unrow(y_global)),
+    # global: q [R, B, H, 1, Dh] -> [B, 1, Hkv * R * rep * Dh], grouped by kv head
+    qg = g.op("Reshape", g.op("Transpose", q, perm=[1, 3, 0, 2, 4]), g.const([0, 0, rows, kv_heads, rep, -1]))
+    qg = g.op("Reshape", g.op("Transpose", qg, perm=[0, 1, 3, 2, 4, 5]), g.const([0, 0, -1]))
+    yg, present_k, present_v = gqa(qg, row(k, 0), row(v, 0), past_k, past_v, rows * heads,
+                                   total=g.op("Add", pos0, g.const(1)))
+    yg = g.op("Transpose", g.op("Reshape", yg, g.const([0, 0, kv_heads, rows, rep, -1])), perm=[0, 1, 3, 2, 4, 5])
+    y_global = g.op("Transpose", g.op("Reshape", yg, g.const([0, 0, rows, heads, -1])), perm=[2, 0, 3, 1, 4])
+
+    outs, rings_k, rings_v = [g.op("Slice", y_global, zero, g.const([1]), zero)], [], []
+    for r in range(1, rows):
+        rk, rv = g.op("Gather", ring_k, g.const(r - 1), axis=0), g.op("Gather", ring_v, g.const(r - 1), axis=0)
+        y_local, loc_k, loc_v = gqa(row(q, r), row(k, r), row(v, r), rk, rv, heads, window_size=window + 1)
+        gt = g.op("Unsqueeze", g.op("Gather", gate, g.const(r - 1), axis=0), g.const([0, -1]))
+        y_g = g.op("Slice", y_global, g.const([r]), g.const([r + 1]), zero)
+        outs.append(g.op("Add", g.op("Mul", gt, y_g),
                          g.op("Mul", g.op("Sub", g.const(1.0, np.float32), gt), unrow(y_local))))
-        keep = g.op("Unsqueeze", g.op("Max", g.const(0), g.op("Sub", g.op("Gather", g.op("Shape", loc_k), g.const(2)),
-                                                                 g.const(window))), zero)
+        n_loc = g.op("Gather", g.op("Shape", loc_k), g.const(2))
+        keep = g.op("Unsqueeze", g.op("Max", g.const(0), g.op("Sub", n_loc, g.const(window))), zero)
         rings_k.append(g.op("Unsqueeze", g.op("Slice", loc_k, keep, big, g.const([2])), zero))
         rings_v.append(g.op("Unsqueeze", g.op("Slice", loc_v, keep, big, g.const([2])), zero))
-    out = outs[0] if len(outs) == 1 else g.op("Concat", *outs, axis=0)
+    out = outs[0] if rows == 1 else g.op("Concat", *outs, axis=0)
     ring_out_k = g.op("Concat", *rings_k, axis=0) if rings_k else g.op("Identity", ring_k)
     ring_out_v = g.op("Concat", *rings_v, axis=0) if rings_v else g.op("Identity", ring_v)
     return [out, present_k, present_v, ring_out_k, ring_out_v]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pltkit.export.graph import FLOAT, INT64, Graph
-from pltkit.export.loop_attention import loop_attention, loop_attention_gqa
+from pltkit.export.loop_attention import loop_attention, loop_attention_gqa_decode
 from pltkit.model.config import PLTConfig
 from pltkit.model.plt import rope_cos_sin
 
@@ -31,9 +31,12 @@ def state_names(cfg: PLTConfig) -> list[str]:
     return names
 
 
-def state_shapes(cfg: PLTConfig, present: bool = False) -> dict[str, list]:
-    """Shapes of the state tensors; strings are dynamic sizes (past length, ring length)."""
+def state_shapes(cfg: PLTConfig, present: bool = False, kv_buffer: bool = False) -> dict[str, list]:
+    """Shapes of the state tensors; strings are dynamic sizes (past length, ring length). With
+    kv_buffer the global cache is a buffer of `capacity` positions updated in place."""
     past, ring = ("present", "present_ring") if present else ("past", "ring")
+    if kv_buffer:
+        past = "capacity"
     kv = ["batch", cfg.num_key_value_heads, past, cfg.head_dim]
     rings = [cfg.plt_num_loops - 1, "batch", cfg.num_key_value_heads, ring, cfg.head_dim]
     carry = [cfg.plt_num_loops - 1, "batch", cfg.hidden_size]
@@ -43,6 +46,7 @@ def state_shapes(cfg: PLTConfig, present: bool = False) -> dict[str, list]:
 class _Builder:
     def __init__(self, cfg: PLTConfig, store, opset: int, attention: str):
         self.cfg, self.store, self.g, self.attention = cfg, store, Graph(opset), attention
+        self.kv_buffer = attention == "gqa"  # the GQA decode graph updates the global cache in place
         self._used: set[str] = set()
 
     def w(self, name: str, transpose: bool = False) -> str:
@@ -112,10 +116,10 @@ class _Builder:
             else:
                 gate = self.gate(i, x, q, start)
             args = [q, k, v, *kv, *ring, gate, pos0]
-            if self.attention == "gqa":
-                out, *state = loop_attention_gqa(g, args, first_loop=first_loop, rows=rows, window=c.window_left,
-                                                 scale=1 / math.sqrt(c.head_dim), heads=c.num_attention_heads,
-                                                 kv_heads=c.num_key_value_heads)
+            if self.attention == "gqa":  # decode only
+                out, *state = loop_attention_gqa_decode(g, args, rows=rows, window=c.window_left,
+                                                        scale=1 / math.sqrt(c.head_dim),
+                                                        heads=c.num_attention_heads, kv_heads=c.num_key_value_heads)
             else:
                 out, *state = loop_attention(g, args, first_loop=first_loop, window=c.window_left,
                                              scale=1 / math.sqrt(c.head_dim))
@@ -144,9 +148,14 @@ class _Builder:
                     g.op("Mul", prev, g.const(c.hidden_scale, np.float32)))
 
     def inputs(self, ids_shape: list) -> tuple[str, dict[str, str], str]:
+        """input_ids, the past state and the position of the first new token: the global cache's
+        length, or the `past_len` input when the cache is an in-place buffer."""
         g, c = self.g, self.cfg
         ids = g.input("input_ids", INT64, ids_shape)
-        state = {n: g.input("past_" + n, FLOAT, shape) for n, shape in state_shapes(c).items()}
+        shapes = state_shapes(c, kv_buffer=self.kv_buffer)
+        state = {n: g.input("past_" + n, FLOAT, shape) for n, shape in shapes.items()}
+        if self.kv_buffer:
+            return ids, state, g.input("past_len", INT64, [])
         pos0 = g.op("Squeeze", g.op("Slice", g.op("Shape", state["key.0"]), g.const([2]), g.const([3])),
                     g.const([0]))
         return ids, state, pos0
@@ -157,7 +166,7 @@ class _Builder:
 
     def outputs(self, present: dict[str, str], logits: str, logits_shape: list):
         self.g.output(logits, "logits", FLOAT, logits_shape)
-        for n, shape in state_shapes(self.cfg, present=True).items():
+        for n, shape in state_shapes(self.cfg, present=True, kv_buffer=self.kv_buffer).items():
             self.g.output(present[n], "present_" + n, FLOAT, shape)
 
 

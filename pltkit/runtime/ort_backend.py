@@ -1,4 +1,11 @@
-"""ONNX Runtime backend: runs an artifact's prefill and decode graphs (no torch)."""
+"""ONNX Runtime backend: runs an artifact's prefill and decode graphs (no torch).
+
+The global KV cache lives in buffers allocated once per state (grown by doubling), `pos`
+entries valid. The GQA decode graph appends to them in place: the buffers are bound with
+IO binding as both `past_key.i` and `present_key.i`, so a decode step does not copy the
+cache. The function graphs (prefill, and decode when the fast path is off) take the valid
+part and their new entries are written back into the buffers.
+"""
 
 from __future__ import annotations
 
@@ -12,30 +19,43 @@ from pltkit.runtime.backends import physical_cores
 
 log = logging.getLogger(__name__)
 
+MIN_CAPACITY = 256
+
 
 @dataclass
 class OrtState:
-    tensors: dict[str, np.ndarray]  # name -> array, in the manifest's state order
-
-    @property
-    def pos(self) -> int:
-        return self.tensors["key.0"].shape[2]
+    pos: int  # valid positions in the global cache
+    kv: dict[str, np.ndarray]  # key.i / value.i: [B, Hkv, capacity, Dh] buffers
+    other: dict[str, np.ndarray]  # rings and carry, exactly as the graphs take them
 
     def clone(self) -> OrtState:
-        return OrtState({k: v.copy() for k, v in self.tensors.items()})
+        return OrtState(self.pos, {k: v.copy() for k, v in self.kv.items()},
+                        {k: v.copy() for k, v in self.other.items()})
+
+    def reserve(self, n: int, limit: int) -> None:
+        """Make room for n positions (capacity doubles, up to limit)."""
+        cap = next(iter(self.kv.values())).shape[2]
+        if n <= cap:
+            return
+        new_cap = min(limit, max(n, 2 * cap, MIN_CAPACITY))
+        for name, buf in self.kv.items():
+            grown = np.zeros(buf.shape[:2] + (new_cap,) + buf.shape[3:], buf.dtype)
+            grown[:, :, :self.pos] = buf[:, :, :self.pos]
+            self.kv[name] = grown
 
 
 class OrtBackend:
     name = "ort"
 
     def __init__(self, artifact: Artifact, threads: int | None = None, attention: str = "auto"):
-        """attention: 'gqa' (ONNX Runtime's GroupQueryAttention kernels), 'function' (the
-        LoopAttention function body, portable), or 'auto' (gqa when the artifact has it)."""
+        """attention: 'gqa' (decode on ONNX Runtime's GroupQueryAttention kernels, cache updated in
+        place), 'function' (the LoopAttention function body, portable), or 'auto' (gqa when the
+        artifact has it)."""
         try:
             import onnxruntime as ort
         except ImportError:
             raise ArtifactError("running an artifact needs onnxruntime: pip install onnxruntime") from None
-        self.artifact, self.config = artifact, artifact.config
+        self.ort, self.artifact, self.config = ort, artifact, artifact.config
         m = artifact.manifest
         self.state_names, self.state_shapes = m["state"]["names"], m["state"]["shapes"]
         so = ort.SessionOptions()
@@ -51,26 +71,61 @@ class OrtBackend:
                                                      providers=providers)
                          for phase in ("prefill", "decode")}
         self.outputs = {p: [o.name for o in s.get_outputs()] for p, s in self.sessions.items()}
+        self.in_place = "past_len" in {i.name for i in self.sessions["decode"].get_inputs()}
 
     def new_state(self, batch: int = 1) -> OrtState:
         def size(d):
             return batch if d == "batch" else 0 if isinstance(d, str) else d
-        return OrtState({n: np.zeros([size(d) for d in self.state_shapes[n]], np.float32)
-                         for n in self.state_names})
+        arrays = {n: np.zeros([size(d) for d in self.state_shapes[n]], np.float32) for n in self.state_names}
+        kv = {n: a for n, a in arrays.items() if n.startswith(("key.", "value."))}
+        return OrtState(0, kv, {n: a for n, a in arrays.items() if n not in kv})
 
-    def _run(self, phase: str, ids: np.ndarray, state: OrtState):
+    def _check_room(self, state: OrtState, n: int) -> None:
+        if state.pos + n > self.config.max_position_embeddings:
+            raise ValueError(f"context of {state.pos + n} tokens exceeds the model's "
+                             f"{self.config.max_position_embeddings}")
+
+    def _run_copying(self, phase: str, ids: np.ndarray, state: OrtState):
+        """Run a graph that takes the valid cache and returns it extended."""
         feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}
-        feed.update({"past_" + n: v for n, v in state.tensors.items()})
+        feed.update({"past_" + n: np.ascontiguousarray(b[:, :, :state.pos]) for n, b in state.kv.items()})
+        feed.update({"past_" + n: a for n, a in state.other.items()})
         out = dict(zip(self.outputs[phase], self.sessions[phase].run(None, feed)))
-        return out["logits"], OrtState({n: out["present_" + n] for n in self.state_names})
+        new_pos = out["present_key.0"].shape[2]
+        state.reserve(new_pos, self.config.max_position_embeddings)
+        for n, buf in state.kv.items():
+            buf[:, :, state.pos:new_pos] = out["present_" + n][:, :, state.pos:]
+        state.other = {n: out["present_" + n] for n in state.other}
+        state.pos = new_pos
+        return out["logits"], state
+
+    def _decode_in_place(self, ids: np.ndarray, state: OrtState):
+        state.reserve(state.pos + 1, self.config.max_position_embeddings)
+        io = self.sessions["decode"].io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        io.bind_cpu_input("past_len", np.array(state.pos, np.int64))
+        for n, buf in state.kv.items():
+            value = self.ort.OrtValue.ortvalue_from_numpy(buf)  # shares the buffer's memory
+            io.bind_ortvalue_input("past_" + n, value)
+            io.bind_ortvalue_output("present_" + n, value)
+        fetched = ["logits", *("present_" + n for n in state.other)]
+        for n, a in state.other.items():
+            io.bind_cpu_input("past_" + n, a)
+        for name in fetched:
+            io.bind_output(name)
+        self.sessions["decode"].run_with_iobinding(io)
+        values = {name: v for name, v in zip([*("present_" + n for n in state.kv), *fetched], io.get_outputs())}
+        out = {name: values[name].numpy() for name in fetched}
+        state.other = {n: out["present_" + n] for n in state.other}
+        state.pos += 1
+        return out["logits"], state
 
     def prefill(self, ids: np.ndarray, state: OrtState) -> tuple[np.ndarray, OrtState]:
-        if state.pos + ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"context of {state.pos + ids.shape[1]} tokens exceeds the model's "
-                             f"{self.config.max_position_embeddings}")
-        return self._run("prefill", ids, state)
+        self._check_room(state, ids.shape[1])
+        return self._run_copying("prefill", ids, state)
 
     def decode(self, ids: np.ndarray, state: OrtState) -> tuple[np.ndarray, OrtState]:
-        if state.pos + 1 > self.config.max_position_embeddings:
-            raise ValueError(f"context exceeds the model's {self.config.max_position_embeddings} tokens")
-        return self._run("decode", ids, state)
+        self._check_room(state, 1)
+        if self.in_place:
+            return self._decode_in_place(ids, state)
+        return self._run_copying("decode", ids, state)
