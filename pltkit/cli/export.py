@@ -16,7 +16,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from pltkit.export.artifact import ExportError, export
+    try:
+        from pltkit.export.artifact import ExportError, export
+    except ImportError as e:
+        print(f"plt-export: needs PyTorch ({e.name} is not installed): pip install 'pltkit[torch]'", file=sys.stderr)
+        return 2
     from pltkit.model.config import ConfigError
     from pltkit.model.paths import CheckpointError
 

@@ -35,7 +35,11 @@ def physical_cores() -> int:
 
 
 def _torch(path: Path, threads: int | None):
-    from pltkit.runtime.torch_backend import TorchBackend
+    try:
+        from pltkit.runtime.torch_backend import TorchBackend
+    except ImportError as e:
+        raise ValueError(f"{path} is a checkpoint: running it needs PyTorch ({e.name} is not installed): "
+                         f"pip install 'pltkit[torch]', or run an artifact exported with plt-export") from None
     return TorchBackend(path, threads)
 
 
