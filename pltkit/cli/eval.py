@@ -1,30 +1,73 @@
-"""plt-eval: held-out per-token loss and perplexity of a checkpoint on the standard library's
-held-out files (the split the default model was trained with)."""
+"""plt-eval: held-out quality on the standard library's held-out files (the split the
+default model was trained with).
+
+A checkpoint: per-token loss and perplexity with the torch reference. An artifact: its
+perplexity, next-token top-1 agreement and mean greedy-match length against a reference
+(`--reference`, default: the default model), as written into quantized artifacts at export.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import sys
 import sysconfig
 
-import torch
-from tokenizers import Tokenizer
-
-from pltkit.model.checkpoint import load_model, resolve_model_path
-from pltkit.train import data
-from pltkit.train.evaluate import heldout_loss
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="plt-eval", description=__doc__)
-    p.add_argument("model", nargs="?", default="default", help="checkpoint folder or 'default'")
-    p.add_argument("--seq-len", type=int, help="evaluation window (default: the model's context)")
+def heldout_windows(tokenizer_dir, seq_len: int, limit: int | None = None):
+    from tokenizers import Tokenizer
+
+    from pltkit.train import data
+    from pltkit.train.samples import held_out_prompts
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    root = sysconfig.get_paths()["stdlib"]
+    _, heldout = data.split_files(data.stdlib_sources(root), root)
+    inputs, targets = data.eval_sequences(heldout, tok, seq_len)
+    prompts = [tok.encode(p["prefix"]).ids[-seq_len // 2:] for p in held_out_prompts(8, root)]
+    return inputs.numpy()[:limit], targets.numpy()[:limit], prompts
+
+
+def accuracy_report(model, reference="default", threads=None, limit=None) -> dict:
+    from pltkit.model.paths import resolve_model_path
+    from pltkit.runtime.backends import open_backend
+    from pltkit.runtime.evaluate import compare
+
+    backend, ref = open_backend(model, threads=threads), open_backend(reference, threads=threads)
+    seq_len = min(backend.config.max_position_embeddings, 512)
+    inputs, targets, prompts = heldout_windows(resolve_model_path(model), seq_len, limit)
+    return compare(backend, ref, inputs, targets, prompts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="plt-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="default", help="checkpoint or artifact folder, or 'default'")
+    p.add_argument("--reference", default="default", help="what an artifact is compared with")
+    p.add_argument("--seq-len", type=int, help="evaluation window of a checkpoint (default: its context)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
+
+    from pltkit.model.paths import resolve_model_path
+    from pltkit.runtime.artifact import is_artifact
+
     path = resolve_model_path(args.model)
+    if is_artifact(path):
+        report = accuracy_report(path, args.reference, args.threads)
+        print(json.dumps({"model": str(args.model), "reference": str(args.reference), **report}))
+        return 0
+
+    import torch
+    from tokenizers import Tokenizer
+
+    from pltkit.model.checkpoint import load_model
+    from pltkit.train import data
+    from pltkit.train.evaluate import heldout_loss
+
+    torch.set_num_threads(args.threads)
     model = load_model(path)
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     root = sysconfig.get_paths()["stdlib"]
@@ -33,7 +76,8 @@ def main(argv=None) -> None:
     result = heldout_loss(model, tokenizer, heldout, seq_len)
     print(json.dumps({"model": str(args.model), "loops": model.config.plt_num_loops, "seq_len": seq_len,
                       "heldout_files": len(heldout), **result}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,6 +13,13 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", nargs="?", default="default", help="checkpoint folder or 'default'")
     p.add_argument("-o", "--out", type=Path, help="artifact folder (default: ./<checkpoint name>-fp32)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--int8", dest="quant", action="store_const", const="int8",
+                           help="8-bit weight-only linear layers (MatMulNBits) for ONNX Runtime on CPU")
+    precision.add_argument("--int4", dest="quant", action="store_const", const="int4",
+                           help="4-bit block-wise weight-only linear layers (MatMulNBits, block 32)")
+    p.add_argument("--no-eval", action="store_true", help="skip the accuracy report of a quantized export")
+    p.add_argument("--eval-windows", type=int, help="evaluate on the first N held-out windows only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -23,18 +30,40 @@ def main(argv=None) -> int:
         return 2
     from pltkit.model.config import ConfigError
     from pltkit.model.paths import CheckpointError
+    from pltkit.quant.schemes import SCHEMES
 
-    out = args.out or Path(f"{Path(str(args.checkpoint)).name}-fp32")
+    out = args.out or Path(f"{Path(str(args.checkpoint)).name}-{args.quant or 'fp32'}")
     try:
-        export(args.checkpoint, out, force=args.force)
+        export(args.checkpoint, out, force=args.force, quant=SCHEMES[args.quant] if args.quant else None)
     except (ExportError, CheckpointError, ConfigError) as e:
         print(f"plt-export: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("plt-export: interrupted; nothing was written", file=sys.stderr)
         return 130
+    if args.quant and not args.no_eval:
+        add_accuracy_report(out, args.checkpoint, args.eval_windows)
     print(out)
     return 0
+
+
+def add_accuracy_report(artifact: Path, reference, windows: int | None) -> None:
+    """Held-out perplexity, top-1 agreement and greedy-match length against the checkpoint (the
+    torch reference), printed and stored in the manifest."""
+    import json
+    import os
+
+    from pltkit.cli.eval import accuracy_report
+    from pltkit.runtime.artifact import MANIFEST
+
+    print("plt-export: measuring accuracy against the float32 reference (--no-eval skips)", file=sys.stderr)
+    report = accuracy_report(artifact, reference, limit=windows)
+    print(json.dumps(report), file=sys.stderr)
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    manifest["accuracy"] = {"reference": "float32 checkpoint (torch)", **report}
+    tmp = artifact / (MANIFEST + ".partial")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, artifact / MANIFEST)
 
 
 if __name__ == "__main__":

@@ -62,13 +62,18 @@ class WeightStore:
         self.protos: dict[str, TensorProto] = {}
 
     def get(self, name: str, transpose: bool = False) -> tuple[str, TensorProto]:
-        key = name + (".T" if transpose else "")
+        """A float32 tensor of the checkpoint (transposed for MatMul when asked)."""
+        return self.derived(name + (".T" if transpose else ""),
+                            lambda: np.asarray(self.source(name).T if transpose else self.source(name), np.float32))
+
+    def derived(self, key: str, make) -> tuple[str, TensorProto]:
+        """A tensor computed once by make() (e.g. quantized weights), stored under `key`."""
         if key not in self.protos:
-            arr = np.ascontiguousarray(self.source(name).T if transpose else self.source(name), np.float32)
+            arr = np.ascontiguousarray(make())
             self.file.write(b"\0" * (-self.file.tell() % ALIGN))
             offset = self.file.tell()
             self.file.write(arr.tobytes())
-            proto = TensorProto(name=key, dims=arr.shape, data_type=TensorProto.FLOAT)
+            proto = TensorProto(name=key, dims=arr.shape, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
             proto.data_location = TensorProto.EXTERNAL
             for k, v in (("location", self.path.name), ("offset", offset), ("length", arr.nbytes)):
                 proto.external_data.add(key=k, value=str(v))
@@ -99,7 +104,8 @@ def _sha256(path: Path) -> str:
 def _model_proto(graph, name: str) -> onnx.ModelProto:
     return helper.make_model(
         graph.graph(name), producer_name="pltkit", producer_version=pltkit.__version__, ir_version=IR_VERSION,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(la.DOMAIN, la.VERSION)],
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(la.DOMAIN, la.VERSION),
+                       helper.make_opsetid("com.microsoft", 1)],
         functions=[la.function_proto(OPSET)])
 
 
@@ -110,8 +116,9 @@ def _io(graph) -> dict:
             "outputs": {vi.name: shape(vi) for vi in graph.outputs}}
 
 
-def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
-    """Export checkpoint `ckpt` (a folder or 'default') to the artifact folder `out`."""
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, quant=None) -> Path:
+    """Export checkpoint `ckpt` (a folder or 'default') to the artifact folder `out`, float32 or
+    with the linear layers quantized by `quant` (a scheme of pltkit.quant.schemes)."""
     try:
         src = resolve_model_path(ckpt)
     except ValueError as e:
@@ -123,7 +130,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write(src, tmp)
+        _write(src, tmp, quant)
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():
@@ -134,7 +141,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
     return out
 
 
-def _write(src: Path, tmp: Path) -> None:
+def _write(src: Path, tmp: Path, quant) -> None:
     stages = tqdm(total=5.5, desc="export", unit="stage", bar_format="{l_bar}{bar}| {postfix}")
     stages.set_postfix_str("validate")
     cfg, files = open_checkpoint(src)  # tensors are read one at a time while the graphs are written
@@ -145,7 +152,7 @@ def _write(src: Path, tmp: Path) -> None:
     graphs = {"function": {}, "gqa": {}}
     for file, phase, attention, build in GRAPHS:
         stages.set_postfix_str(file)
-        g = build(cfg, store, OPSET, attention)
+        g = build(cfg, store, OPSET, attention, quant)
         onnx.save_model(_model_proto(g, f"pltkit_{phase}"), tmp / file)
         graphs[attention][phase] = {"file": file, **_io(g)}
         if attention == "function" and phase == "prefill":  # GQA has no batched chunked prefill
@@ -166,7 +173,7 @@ def _write(src: Path, tmp: Path) -> None:
         "format": FORMAT, "format_version": FORMAT_VERSION, "pltkit_version": pltkit.__version__,
         "config": cfg.to_dict(),
         "source": {"name": src.name, "sha256": checkpoint_sha256(src)},
-        "precision": "fp32", "quantization": None,
+        "precision": quant.name if quant else "fp32", "quantization": quant.manifest() if quant else None,
         "opset": OPSET, "ir_version": IR_VERSION,
         "custom_ops": [{"domain": la.DOMAIN, "op": la.OP, "version": la.VERSION,
                         "plugin_namespace": la.PLUGIN_NAMESPACE, "spec": "docs/loop-attention-op.md"}],

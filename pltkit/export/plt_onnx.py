@@ -44,14 +44,18 @@ def state_shapes(cfg: PLTConfig, present: bool = False, kv_buffer: bool = False)
 
 
 class _Builder:
-    def __init__(self, cfg: PLTConfig, store, opset: int, attention: str):
-        self.cfg, self.store, self.g, self.attention = cfg, store, Graph(opset), attention
+    def __init__(self, cfg: PLTConfig, store, opset: int, attention: str, quant=None):
+        """quant: None (float32) or a scheme whose linear(builder, x, weight) writes a quantized
+        linear layer (see pltkit.quant.schemes)."""
+        self.cfg, self.store, self.g, self.attention, self.quant = cfg, store, Graph(opset), attention, quant
         self.kv_buffer = attention == "gqa"  # the GQA decode graph updates the global cache in place
         self._used: set[str] = set()
 
     def w(self, name: str, transpose: bool = False) -> str:
         """An initializer of this graph (stored once in the artifact's weight file)."""
-        key, proto = self.store.get(name, transpose)
+        return self.use_initializer(*self.store.get(name, transpose))
+
+    def use_initializer(self, key: str, proto) -> str:
         if key not in self._used:
             self._used.add(key)
             self.g.initializers.append(proto)
@@ -64,8 +68,11 @@ class _Builder:
         inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, g.const(self.cfg.rms_norm_eps, np.float32))))
         return g.op("Mul", g.op("Mul", x, inv), self.w(weight_name))
 
-    def linear(self, x: str, prefix: str, bias: bool) -> str:
-        y = self.g.op("MatMul", x, self.w(prefix + ".weight", transpose=True))
+    def linear(self, x: str, prefix: str, bias: bool, quantize: bool = True) -> str:
+        if self.quant is not None and quantize:
+            y = self.quant.linear(self, x, prefix + ".weight")
+        else:
+            y = self.g.op("MatMul", x, self.w(prefix + ".weight", transpose=True))
         return self.g.op("Add", y, self.w(prefix + ".bias")) if bias else y
 
     def heads(self, x: str, n: int) -> str:
@@ -87,7 +94,7 @@ class _Builder:
         g, c, p = self.g, self.cfg, f"model.layers.{i}.self_attn.plt_gate"
         if c.plt_gate_use_hidden_states:
             h = self.rmsnorm(self.rows_from(x_in, start), p + ".gate_norm.weight")
-            logits = g.op("Transpose", self.linear(h, p, bias=True), perm=[0, 1, 3, 2])
+            logits = g.op("Transpose", self.linear(h, p, bias=True, quantize=False), perm=[0, 1, 3, 2])
         else:
             w = g.op("Reshape", self.w(p + ".weight"), g.const([c.num_attention_heads, 1, c.head_dim]))
             dot = g.op("ReduceSum", g.op("Mul", self.rows_from(q, start), w), g.const([-1]), keepdims=0)
@@ -137,7 +144,18 @@ class _Builder:
         g, c = self.g, self.cfg
         h = self.rmsnorm(x, "model.norm.weight")
         head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        if self.quant is not None:
+            return self.quant.linear(self, h, head)
         return g.op("MatMul", h, self.w(head, transpose=True))
+
+    def embed(self, ids: str) -> str:
+        """Embedding rows of the token ids; a quantized artifact keeps the table in float16."""
+        name = "model.embed_tokens.weight"
+        if self.quant is None:
+            return self.g.op("Gather", self.w(name), ids)
+        table = self.use_initializer(*self.store.derived(name + ".fp16",
+                                                         lambda: self.store.source(name).astype(np.float16)))
+        return self.g.op("Cast", self.g.op("Gather", table, ids), to=FLOAT)
 
     def loop_output(self, x: str) -> str:
         return self.rmsnorm(x, "model.norm.weight") if self.cfg.plt_normalize_per_loop else x
@@ -173,14 +191,14 @@ class _Builder:
 ATTENTION = ("function", "gqa")  # LoopAttention nodes (portable) or ONNX Runtime GQA kernels
 
 
-def prefill_graph(cfg: PLTConfig, store, opset: int, attention: str = "function") -> Graph:
-    b = _Builder(cfg, store, opset, attention)
+def prefill_graph(cfg: PLTConfig, store, opset: int, attention: str = "function", quant=None) -> Graph:
+    b = _Builder(cfg, store, opset, attention, quant)
     g, L, n = b.g, cfg.plt_num_loops, cfg.num_hidden_layers
     ids, past, pos0 = b.inputs(["batch", "seq"])
     s = g.op("Squeeze", g.op("Slice", g.op("Shape", ids), g.const([1]), g.const([2])), g.const([0]))
     positions = g.op("Add", g.op("Range", g.const(0), s, g.const(1)), pos0)
     rope = b.rope_tables(positions)
-    emb = g.op("Unsqueeze", g.op("Gather", b.w("model.embed_tokens.weight"), ids), g.const([0]))  # [1, B, S, D]
+    emb = g.op("Unsqueeze", b.embed(ids), g.const([0]))  # [1, B, S, D]
     present = {}
     x, rings, carries = emb, {}, []
     for loop in range(L):
@@ -215,12 +233,12 @@ def prefill_graph(cfg: PLTConfig, store, opset: int, attention: str = "function"
     return g
 
 
-def decode_graph(cfg: PLTConfig, store, opset: int, attention: str = "function") -> Graph:
-    b = _Builder(cfg, store, opset, attention)
+def decode_graph(cfg: PLTConfig, store, opset: int, attention: str = "function", quant=None) -> Graph:
+    b = _Builder(cfg, store, opset, attention, quant)
     g, L, n = b.g, cfg.plt_num_loops, cfg.num_hidden_layers
     ids, past, pos0 = b.inputs(["batch"])
     rope = b.rope_tables(g.op("Unsqueeze", pos0, g.const([0])))
-    emb = g.op("Gather", b.w("model.embed_tokens.weight"), g.op("Unsqueeze", ids, g.const([1])))  # [B, 1, D]
+    emb = b.embed(g.op("Unsqueeze", ids, g.const([1])))  # [B, 1, D]
     emb = g.op("Unsqueeze", emb, g.const([0]))  # [1, B, 1, D]
     x = emb
     if L > 1:  # rows: loop 0 sees E, loop r sees a*E + b*carry[r-1]

@@ -1,0 +1,77 @@
+"""Quantized artifacts: the packed format against its numpy reference, and accuracy on the
+default model's held-out code against the float32 reference."""
+
+import json
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from pltkit.cli.eval import accuracy_report
+from pltkit.export.artifact import export
+from pltkit.quant.schemes import SCHEMES
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_ort_packing_equals_numpy_reference(name):
+    scheme = SCHEMES[name]
+    w = np.random.default_rng(0).normal(size=(200, 48)).astype(np.float32)  # K not a multiple of the block
+    packed, scales = scheme.pack(w)
+    q_ref, scales_ref = scheme.reference_quantize(w)
+    off = np.abs(scheme.unpack(packed) - q_ref).reshape(48, -1)[:, :200]  # padding past K is unused
+    print(f"{name}: scales max|diff| {np.abs(scales - scales_ref).max():.1e}, "
+          f"codes differing {np.mean(off > 0):.4%} (by at most {off.max()})")
+    assert np.array_equal(scales, scales_ref) and off.max() <= 1 and np.mean(off > 0) < 1e-3
+    # half a step of error, a whole step for the opposite extreme (clipped at 2^(bits-1) - 1)
+    err = np.abs(scheme.dequantize(packed, scales, 200) - w)
+    step = np.repeat(np.abs(scales).T, scheme.block_size, 0)[:200]
+    assert (err <= step + 1e-6).all() and np.mean(err <= step / 2 + 1e-6) > 0.99
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    d = tmp_path_factory.mktemp("quant")
+    for name in ("int8", "int4"):
+        export("default", d / name, quant=SCHEMES[name])
+    return d
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_exported_weights_follow_the_format(quantized, name):
+    import pltkit
+    scheme = SCHEMES[name]
+    model = onnx.load(quantized / name / "decode.onnx")
+    init = {t.name: t for t in model.graph.initializer}
+    src = pltkit.load_model("default").state_dict()["model.layers.0.mlp.down_proj.weight"].numpy()
+    key = f"model.layers.0.mlp.down_proj.weight.q{scheme.bits}"
+    packed, scales = numpy_helper.to_array(init[key]), numpy_helper.to_array(init[key + ".scales"])
+    q_ref, scales_ref = scheme.reference_quantize(src.T)
+    off = np.abs(scheme.unpack(packed) - q_ref)
+    print(f"{name} down_proj: codes differing {np.mean(off > 0):.4%}, scales max|diff| "
+          f"{np.abs(scales - scales_ref).max():.1e}")
+    # scales exact; a code may differ by one where w/s falls on a rounding boundary
+    assert off.max() <= 1 and np.mean(off > 0) < 1e-3 and np.array_equal(scales, scales_ref)
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert nodes and {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {4}
+    manifest = json.loads((quantized / name / "pltkit.json").read_text())
+    assert manifest["precision"] == name and manifest["quantization"]["bits"] == scheme.bits
+
+
+# Targets of the quantization issue; measured on the full held-out set by `plt-eval ARTIFACT`.
+TARGETS = {"int8": (0.98, 0.01), "int4": (0.93, 0.06)}
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_accuracy_against_float32(quantized, name):
+    report = accuracy_report(quantized / name, "default", threads=2, limit=6)
+    print(name, json.dumps(report))
+    agreement, ppl = TARGETS[name]
+    assert report["top1_agreement"] >= agreement and report["perplexity_change"] <= ppl
+
+
+def test_quantized_artifact_completes(quantized):
+    out = subprocess.run(["plt-complete", "--model", str(quantized / "int4"), "--json", "--max-tokens", "8",
+                          "def add(a, b):"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["tokens"]
