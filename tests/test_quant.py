@@ -75,3 +75,57 @@ def test_quantized_artifact_completes(quantized):
     out = subprocess.run(["plt-complete", "--model", str(quantized / "int4"), "--json", "--max-tokens", "8",
                           "def add(a, b):"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["tokens"]
+
+
+@pytest.fixture(scope="module")
+def qdq(tmp_path_factory):
+    """The TensorRT forms, calibrated on the held-out split like `plt-export --int8 --target trt`."""
+    import pltkit
+    from pltkit.cli.export import calibrate
+    from pltkit.quant.schemes import QDQ_SCHEMES
+
+    d = tmp_path_factory.mktemp("qdq")
+    amax = calibrate("default", None, windows=4)
+    assert len(amax) == 4 * 7 + 1 and min(amax.values()) > 0  # every linear layer and the head
+    for name in ("int8-qdq", "fp8"):
+        export("default", d / name, quant=QDQ_SCHEMES[name].with_calibration(amax))
+    return d
+
+
+@pytest.mark.parametrize("name", ["int8-qdq", "fp8"])
+def test_qdq_weights_dequantize_in_onnxruntime_as_in_numpy(qdq, name):
+    import onnxruntime as ort
+    from onnx import helper
+
+    from pltkit.quant.schemes import QDQ_SCHEMES
+
+    model = onnx.load(qdq / name / "decode.onnx")
+    init = {t.name: t for t in model.graph.initializer}
+    key = f"model.layers.1.mlp.up_proj.weight.{name}"
+    wq, scales = numpy_helper.to_array(init[key]), numpy_helper.to_array(init[key + ".scales"])
+    graph = helper.make_graph([helper.make_node("DequantizeLinear", ["w", "s", "z"], ["y"], axis=1)], "dq", [],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [init[key], init[key + ".scales"], init[key + ".zero"]])
+    for t, n in zip(graph.initializer, "wsz"):
+        t.name = n
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)],
+                                                  ir_version=10).SerializeToString())
+    got = sess.run(None, {})[0]
+    want = wq.astype(np.float32) * scales
+    import pltkit
+    src = pltkit.load_model("default").state_dict()["model.layers.1.mlp.up_proj.weight"].numpy().T
+    rel = np.abs(want - src).max() / np.abs(src).max()
+    print(f"{name}: ORT vs numpy dequantize max|diff| {np.abs(got - want).max():.1e}; "
+          f"max error vs float weights {rel:.2%} of the largest weight")
+    assert np.array_equal(got, want) and np.array_equal(wq, QDQ_SCHEMES[name].weight(src)[0])
+
+
+QDQ_GUARDS = {"int8-qdq": (0.92, 0.01), "fp8": (0.95, 0.02)}  # measured on all held-out windows: see docs
+
+
+@pytest.mark.parametrize("name", ["int8-qdq", "fp8"])
+def test_qdq_accuracy_emulated_on_cpu(qdq, name):
+    report = accuracy_report(qdq / name, "default", threads=2, limit=6)
+    print(name, json.dumps(report))
+    agreement, ppl = QDQ_GUARDS[name]
+    assert report["top1_agreement"] >= agreement and report["perplexity_change"] <= ppl

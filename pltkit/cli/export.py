@@ -15,9 +15,14 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--int8", dest="quant", action="store_const", const="int8",
-                           help="8-bit weight-only linear layers (MatMulNBits) for ONNX Runtime on CPU")
+                           help="int8 linear layers: weight-only MatMulNBits for ONNX Runtime (--target ort), "
+                                "or calibrated Q/DQ for TensorRT (--target trt)")
     precision.add_argument("--int4", dest="quant", action="store_const", const="int4",
                            help="4-bit block-wise weight-only linear layers (MatMulNBits, block 32)")
+    precision.add_argument("--fp8", dest="quant", action="store_const", const="fp8",
+                           help="float8e4m3fn Q/DQ for TensorRT on Hopper/Ada (emulated by ONNX Runtime on CPU)")
+    p.add_argument("--target", choices=["ort", "trt"], default="ort", help="runtime the int8 form is for")
+    p.add_argument("--calib", type=Path, help="folder of .py files for calibration (default: the held-out split)")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy report of a quantized export")
     p.add_argument("--eval-windows", type=int, help="evaluate on the first N held-out windows only")
     args = p.parse_args(argv)
@@ -30,12 +35,18 @@ def main(argv=None) -> int:
         return 2
     from pltkit.model.config import ConfigError
     from pltkit.model.paths import CheckpointError
-    from pltkit.quant.schemes import SCHEMES
+    from pltkit.quant.schemes import QDQ_SCHEMES, SCHEMES
 
-    out = args.out or Path(f"{Path(str(args.checkpoint)).name}-{args.quant or 'fp32'}")
+    scheme_name = "int8-qdq" if args.quant == "int8" and args.target == "trt" else args.quant
+    out = args.out or Path(f"{Path(str(args.checkpoint)).name}-{scheme_name or 'fp32'}")
     try:
-        export(args.checkpoint, out, force=args.force, quant=SCHEMES[args.quant] if args.quant else None)
-    except (ExportError, CheckpointError, ConfigError) as e:
+        scheme = None
+        if scheme_name in QDQ_SCHEMES:
+            scheme = QDQ_SCHEMES[scheme_name].with_calibration(calibrate(args.checkpoint, args.calib))
+        elif scheme_name:
+            scheme = SCHEMES[scheme_name]
+        export(args.checkpoint, out, force=args.force, quant=scheme)
+    except (ExportError, CheckpointError, ConfigError, ValueError) as e:
         print(f"plt-export: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -45,6 +56,33 @@ def main(argv=None) -> int:
         add_accuracy_report(out, args.checkpoint, args.eval_windows)
     print(out)
     return 0
+
+
+def calibrate(checkpoint, folder: Path | None, windows: int = 16) -> dict[str, float]:
+    """Activation amax of every linear layer over `windows` windows of code: the files of
+    `folder`, or the default model's held-out split."""
+    import sysconfig
+
+    from tokenizers import Tokenizer
+
+    from pltkit.model.checkpoint import load_model
+    from pltkit.model.paths import resolve_model_path
+    from pltkit.quant.calibrate import activation_amax
+    from pltkit.train import data
+
+    path = resolve_model_path(checkpoint)
+    model = load_model(path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    if folder is None:
+        root = sysconfig.get_paths()["stdlib"]
+        _, files = data.split_files(data.stdlib_sources(root), root)
+    else:
+        files = sorted(folder.rglob("*.py"))
+        if not files:
+            raise ValueError(f"--calib {folder}: no .py files")
+    inputs, _ = data.eval_sequences(files, tok, min(512, model.config.max_position_embeddings))
+    print(f"plt-export: calibrating on {min(windows, len(inputs))} windows of {len(files)} files", file=sys.stderr)
+    return activation_amax(model, inputs[:windows])
 
 
 def add_accuracy_report(artifact: Path, reference, windows: int | None) -> None:

@@ -99,7 +99,8 @@ class WeightOnlyNBits:
                             block_size=self.block_size, accuracy_level=self.accuracy_level)
 
     def manifest(self) -> dict:
-        return {"scheme": self.name, "kind": "weight-only", "op": "com.microsoft.MatMulNBits", "bits": self.bits,
+        return {"scheme": self.name, "kind": "weight-only", "target": "onnxruntime",
+                "op": "com.microsoft.MatMulNBits", "bits": self.bits,
                 "block_size": self.block_size, "symmetric": True, "accuracy_level": self.accuracy_level,
                 "output_head": (self.head or self).name, "embeddings": "float16",
                 "kept_float32": "norms, loop gates, activations"}
@@ -107,3 +108,69 @@ class WeightOnlyNBits:
 
 INT8 = WeightOnlyNBits("int8", 8, 32)
 SCHEMES = {"int8": INT8, "int4": WeightOnlyNBits("int4", 4, 32, head=INT8)}
+
+
+# --- static Q/DQ schemes for TensorRT (strongly typed: precision comes from Q/DQ) ---------------
+@dataclass(frozen=True)
+class StaticQDQ:
+    """Weights per output channel and activations per tensor (from calibration), as explicit
+    QuantizeLinear/DequantizeLinear around a float MatMul: the form TensorRT 10/11 strongly
+    typed networks fuse into int8 or fp8 GEMMs. ONNX Runtime on CPU runs it too (fp8 as
+    emulation: Q/DQ then a float32 MatMul), which is how its accuracy is measured here.
+
+    int8: s = amax / 127, q = clip(round(x / s), -127, 127), zero point 0.
+    fp8:  s = amax / 448 (the largest float8e4m3fn), q = float8e4m3fn(x / s), zero point 0."""
+
+    name: str
+    qtype: int  # onnx TensorProto element type of the quantized values
+    qmax: float
+    amax: tuple = ()  # ((weight name, activation amax), ...) from calibration
+
+    def with_calibration(self, amax: dict[str, float]) -> StaticQDQ:
+        return StaticQDQ(self.name, self.qtype, self.qmax, tuple(sorted(amax.items())))
+
+    def _np_type(self):
+        import ml_dtypes
+        return {3: np.int8, 17: ml_dtypes.float8_e4m3fn}[self.qtype]
+
+    def quantize(self, x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """The numpy statement of QuantizeLinear with zero point 0 (round half to even)."""
+        y = x / scale
+        if self.qtype == 3:
+            return np.clip(np.rint(y), -self.qmax, self.qmax).astype(np.int8)
+        return np.clip(y, -self.qmax, self.qmax).astype(self._np_type())
+
+    def weight(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """W [K, N] -> (quantized W [K, N], scales [N]): one scale per output channel."""
+        scales = (np.abs(w).max(0) / self.qmax).astype(np.float32)
+        scales = np.where(scales == 0, np.float32(1), scales)
+        return self.quantize(w, scales), scales
+
+    def linear(self, builder, x: str, weight: str) -> str:
+        if weight in HEAD_WEIGHTS:  # the output head stays float32: it decides the argmax
+            return builder.g.op("MatMul", x, builder.w(weight, transpose=True))
+        table = dict(self.amax)
+        if weight not in table:
+            raise ValueError(f"no calibration range for {weight}: calibrate before exporting {self.name}")
+        g, store = builder.g, builder.store
+        zero = np.zeros((), self._np_type())
+        key = f"{weight}.{self.name}"
+        if key not in store.protos:
+            wq, scales = self.weight(np.asarray(store.source(weight), np.float32).T)
+            store.derived(key, lambda: wq)
+            store.derived(key + ".scales", lambda: scales)
+            store.derived(key + ".zero", lambda: np.zeros(wq.shape[1], wq.dtype))
+        wq, ws, wz = (builder.use_initializer(*store.derived(k, None)) for k in (key, key + ".scales", key + ".zero"))
+        xs = g.const(max(table[weight], 1e-8) / self.qmax, np.float32)
+        xz = builder.use_initializer(*store.derived(f"qdq.{self.name}.zero", lambda: zero))
+        x_dq = g.op("DequantizeLinear", g.op("QuantizeLinear", x, xs, xz), xs, xz)
+        return g.op("MatMul", x_dq, g.op("DequantizeLinear", wq, ws, wz, axis=1))
+
+    def manifest(self) -> dict:
+        return {"scheme": self.name, "kind": "static Q/DQ", "target": "tensorrt", "weights": "per output channel",
+                "activations": "per tensor, calibrated amax", "zero_point": 0, "embeddings": "float32",
+                "calibrated_layers": len(self.amax),
+                "kept_float32": "output head, embeddings, norms, loop gates, attention"}
+
+
+QDQ_SCHEMES = {"int8-qdq": StaticQDQ("int8-qdq", 3, 127.0), "fp8": StaticQDQ("fp8", 17, 448.0)}
