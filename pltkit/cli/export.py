@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy report of a quantized export")
     p.add_argument("--eval-windows", type=int, help="evaluate on the first N held-out windows only")
     args = p.parse_args(argv)
+    if args.target == "trt" and args.quant in (None, "int4"):
+        p.error("--target trt applies to --int8 (--fp8 is for TensorRT already)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     try:
