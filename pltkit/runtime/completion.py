@@ -1,0 +1,236 @@
+"""Code-completion requests: their fields (llama.cpp's /infill), the FIM prompt layout, and
+when to stop. Pure functions and small classes; the engine that runs them sits on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from pltkit.model.tokenizer import PLTTokenizer
+
+
+class RequestError(ValueError):
+    """A request that cannot be served; the message names the field."""
+
+
+class InfillNotSupported(RequestError):
+    """The model's tokenizer has no FIM tokens."""
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """Field names follow llama.cpp's /infill (input_prefix -> prefix, input_suffix -> suffix,
+    input_extra -> extra, prompt = the current line before the cursor)."""
+
+    prefix: str = ""
+    suffix: str | None = None  # None: plain completion of prefix + prompt
+    prompt: str = ""
+    extra: tuple[tuple[str | None, str], ...] = ()  # (filename, text) chunks of other files
+    filename: str | None = None  # the current file, for repo-level layouts
+    n_predict: int = 128  # -1: until another rule stops it; 0: only fill the cache
+    n_indent: int = 0
+    single_line: bool = False
+    stop: tuple[str, ...] = ()
+    t_max_prompt_ms: float = 0.0  # 0: no budget
+    t_max_predict_ms: float = 0.0
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    seed: int | None = None
+    n_cmpl: int = 1
+    fim_order: str = "psm"  # or "spm" (suffix first)
+
+    def __post_init__(self):
+        checks = {
+            "prefix": isinstance(self.prefix, str), "prompt": isinstance(self.prompt, str),
+            "suffix": self.suffix is None or isinstance(self.suffix, str),
+            "n_predict": _int(self.n_predict) and self.n_predict >= -1,
+            "n_indent": _int(self.n_indent) and self.n_indent >= 0,
+            "single_line": isinstance(self.single_line, bool),
+            "stop": all(isinstance(s, str) and s for s in self.stop),
+            "t_max_prompt_ms": _num(self.t_max_prompt_ms) and self.t_max_prompt_ms >= 0,
+            "t_max_predict_ms": _num(self.t_max_predict_ms) and self.t_max_predict_ms >= 0,
+            "temperature": _num(self.temperature) and self.temperature >= 0,
+            "top_k": _int(self.top_k) and self.top_k >= 0,
+            "top_p": _num(self.top_p) and 0 < self.top_p <= 1,
+            "seed": self.seed is None or _int(self.seed),
+            "n_cmpl": _int(self.n_cmpl) and 1 <= self.n_cmpl <= 16,
+            "fim_order": self.fim_order in FIM_ORDERS,
+            "extra": all(isinstance(t, str) and (f is None or isinstance(f, str)) for f, t in self.extra),
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise RequestError(f"invalid {bad[0]}: {getattr(self, bad[0])!r}")
+
+    @classmethod
+    def from_infill(cls, body: dict) -> CompletionRequest:
+        """A llama.cpp /infill (or /completion) JSON body."""
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        renames = {"input_prefix": "prefix", "input_suffix": "suffix", "input_extra": "extra"}
+        known = {f.name for f in fields(cls)}
+        args = {}
+        for key, value in body.items():
+            name = renames.get(key, key)
+            if name in known:
+                args[name] = value
+        if "extra" in args:
+            chunks = args["extra"]
+            if not isinstance(chunks, list) or not all(isinstance(c, dict) and "text" in c for c in chunks):
+                raise RequestError("invalid input_extra: a list of {filename?, text} objects")
+            args["extra"] = tuple((c.get("filename"), c["text"]) for c in chunks)
+        if "stop" in args:
+            if isinstance(args["stop"], str):
+                args["stop"] = [args["stop"]]
+            if not isinstance(args["stop"], list):
+                raise RequestError("invalid stop: a list of strings")
+            args["stop"] = tuple(args["stop"])
+        try:
+            return cls(**args)
+        except TypeError as e:
+            raise RequestError(str(e)) from None
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# --- prompt layout ------------------------------------------------------------------------
+FIM_ORDERS = {
+    # where the parts go; the current line ("prompt") always comes last, after the middle token,
+    # so that typing on it changes only the tail of the token sequence
+    "psm": ("prefix", "suffix", "middle"),
+    "spm": ("suffix", "prefix", "middle"),
+}
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    truncated: bool = False
+    parts: dict = field(default_factory=dict)  # tokens kept of each part
+
+
+def layout(tok: PLTTokenizer, req: CompletionRequest, budget: int) -> Prompt:
+    """The token ids of a request within `budget` tokens (the context minus room to generate).
+    Suffix kept from its start (at most a quarter of the budget), prefix from its end, extra
+    chunks (most recent last) fill what is left, in front."""
+    line = tok.encode(req.prompt)
+    if req.suffix is None:  # plain completion
+        ids = tok.encode(req.prefix) + line
+        keep = ids[-budget:] if budget > 0 else []
+        return Prompt(keep, len(keep) < len(ids), {"prefix": len(keep)})
+    fim = tok.fim
+    if fim is None:
+        raise InfillNotSupported("this model's tokenizer has no fill-in-the-middle tokens: infill not supported")
+    suffix = tok.encode(req.suffix)
+    prefix = tok.encode(req.prefix)
+    room = budget - len(line) - 3
+    if room < 0:
+        raise RequestError(f"the current line alone ({len(line)} tokens) exceeds the prompt budget ({budget})")
+    suffix_kept = suffix[:min(len(suffix), room // 4)]
+    prefix_kept = prefix[max(0, len(prefix) - (room - len(suffix_kept))):]
+    marks = {"prefix": [fim.prefix, *prefix_kept], "suffix": [fim.suffix, *suffix_kept], "middle": [fim.middle]}
+    body = [t for part in FIM_ORDERS[req.fim_order] for t in marks[part]] + line
+    head, left = [], budget - len(body)
+    if fim.file_sep is not None:
+        for filename, text in reversed(req.extra):
+            chunk = [fim.file_sep, *tok.encode(f"{filename}\n" if filename else ""), *tok.encode(text)]
+            if len(chunk) > left:
+                break
+            head, left = chunk + head, left - len(chunk)
+        if req.filename and head and left > 2:  # name the current file after the others
+            name = [fim.file_sep, *tok.encode(req.filename + "\n")]
+            if len(name) <= left:
+                head += name
+    truncated = len(prefix_kept) < len(prefix) or len(suffix_kept) < len(suffix)
+    return Prompt(head + body, truncated, {"prefix": len(prefix_kept), "suffix": len(suffix_kept),
+                                           "extra": len(head)})
+
+
+# --- stopping -----------------------------------------------------------------------------
+class Stopper:
+    """Decides, token by token, what text may be shown and whether to stop.
+
+    feed(token, text) takes each new token id and the decoded text of all generated tokens;
+    it returns the length of `text` that is safe to show (a possible start of a stop string is
+    held back) and sets `stop_type` ("eos", "word", "limit") and `stopping_word` when done,
+    with `text_final` the completion to report."""
+
+    def __init__(self, req: CompletionRequest, end_ids):
+        self.req, self.end_ids = req, set(end_ids)
+        self.stop_type: str | None = None
+        self.stopping_word = ""
+        self.text_final = ""
+        self.n = 0
+
+    def _done(self, kind: str, text: str, word: str = "") -> int:
+        self.stop_type, self.stopping_word, self.text_final = kind, word, text
+        return len(text)
+
+    def feed(self, token: int, text: str) -> int:
+        self.n += 1
+        if token in self.end_ids:
+            return self._done("eos", text)
+        hits = [(text.find(s), s) for s in self.req.stop if s in text]
+        if hits:
+            at, word = min(hits)
+            return self._done("word", text[:at], word)
+        cut = self._line_rule(text)
+        if cut is not None:
+            return self._done("limit", text[:cut])
+        if self.req.n_predict >= 0 and self.n >= self.req.n_predict:
+            return self._done("limit", text)
+        safe = len(text) - _held_back(text, self.req.stop)
+        if self.req.n_indent > 0:  # a new line's indentation is unknown until its text starts
+            nl = text.rfind("\n")
+            if nl >= 0 and not text[nl + 1:].strip():
+                safe = min(safe, nl)
+        return safe
+
+    def _line_rule(self, text: str) -> int | None:
+        """single_line: stop at the first newline after some text. n_indent: stop before a
+        complete new line that is indented less than n_indent."""
+        if self.req.single_line:
+            nl = text.find("\n")
+            if nl >= 0 and text[:nl].strip():
+                return nl
+        if self.req.n_indent > 0:
+            start = 0
+            while (nl := text.find("\n", start)) >= 0:
+                line_start = nl + 1
+                line = text[line_start:]
+                body = line.lstrip(" \t")
+                if body and len(line) - len(body) < self.req.n_indent:  # indent known once text starts
+                    return nl
+                start = line_start
+        return None
+
+    def time_out(self, text: str) -> int:
+        return self._done("time", text[:len(text) - _held_back(text, self.req.stop)])
+
+
+def _held_back(text: str, stops) -> int:
+    """How many trailing characters of text could begin a stop string."""
+    held = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                held = max(held, k)
+                break
+    return held
+
+
+def trim_suffix_repeat(text: str, suffix: str | None) -> str:
+    """Drop the end of a completion that merely repeats the start of the text after the cursor
+    (the model re-typing what is already there)."""
+    if not suffix or not text:
+        return text
+    for k in range(min(len(text), len(suffix)), 0, -1):
+        if text.endswith(suffix[:k]) and suffix[:k].strip():
+            return text[:-k]
+    return text

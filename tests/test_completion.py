@@ -1,0 +1,115 @@
+"""Completion requests, prompt layout and stopping, on the default model's real tokenizer."""
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import pltkit
+from pltkit.model.tokenizer import PLTTokenizer
+from pltkit.runtime.completion import (CompletionRequest, InfillNotSupported, RequestError, Stopper, layout,
+                                       trim_suffix_repeat)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return pltkit.load_tokenizer("default")
+
+
+def run(tok, req, text, eos=()):
+    """Feed `text` token by token as a model would produce it; return (shown, final, stopper)."""
+    stopper, ids, shown = Stopper(req, eos), [], ""
+    for t in tok.encode(text):
+        ids.append(t)
+        so_far = tok.decode(ids)
+        n = stopper.feed(t, so_far)
+        assert so_far[:n].startswith(shown), "text already shown was taken back"
+        shown = so_far[:n]
+        if stopper.stop_type:
+            break
+    return shown, stopper
+
+
+def test_stop_string_split_across_tokens_is_never_shown(tok):
+    req = CompletionRequest(stop=("# done",), n_predict=-1)
+    assert len(tok.encode("# done")) > 1
+    shown, st = run(tok, req, "return x  # done\nmore = 1\n")
+    assert st.stop_type == "word" and st.stopping_word == "# done"
+    assert st.text_final == shown == "return x  " and "#" not in shown
+
+
+def test_n_indent_stops_before_a_dedented_line(tok):
+    req = CompletionRequest(n_indent=4, n_predict=-1)
+    shown, st = run(tok, req, "total += x\n    if total > 9:\n        break\nreturn total\n")
+    assert st.stop_type == "limit" and st.text_final == "total += x\n    if total > 9:\n        break"
+
+
+def test_single_line(tok):
+    shown, st = run(tok, CompletionRequest(single_line=True, n_predict=-1), "value = compute(a, b)\nnext_line()\n")
+    assert st.stop_type == "limit" and st.text_final == "value = compute(a, b)"
+
+
+def test_eos_and_max_tokens(tok):
+    _, st = run(tok, CompletionRequest(n_predict=3), "a = b + c + d + e")
+    assert st.stop_type == "limit" and st.n == 3
+    stopper = Stopper(CompletionRequest(), tok.eos_ids)
+    stopper.feed(tok.eos_ids[0], "x = 1")
+    assert stopper.stop_type == "eos" and stopper.text_final == "x = 1"
+
+
+def test_suffix_repetition_is_trimmed():
+    assert trim_suffix_repeat("print(total)\n", ")\n") == "print(total"
+    assert trim_suffix_repeat("x = 1\nreturn x\n", "return x\n    ") == "x = 1\n"
+    assert trim_suffix_repeat("x = 1\n", "\n\n") == "x = 1\n"  # whitespace alone is not a repeat
+    assert trim_suffix_repeat("abc", None) == "abc"
+
+
+def test_psm_layout_and_typing_changes_only_the_tail(tok):
+    fim = tok.fim
+    a = layout(tok, CompletionRequest(prefix="def f(x):\n", suffix="\n    return y\n", prompt="    y = x"), 500)
+    b = layout(tok, CompletionRequest(prefix="def f(x):\n", suffix="\n    return y\n", prompt="    y = x +"), 500)
+    assert a.ids[0] == fim.prefix and fim.suffix in a.ids and fim.middle in a.ids
+    assert a.ids.index(fim.prefix) < a.ids.index(fim.suffix) < a.ids.index(fim.middle)
+    common = next((i for i, (u, v) in enumerate(zip(a.ids, b.ids)) if u != v), min(len(a.ids), len(b.ids)))
+    assert common >= a.ids.index(fim.middle) + 1  # everything up to the current line is unchanged
+    spm = layout(tok, CompletionRequest(prefix="a = 1\n", suffix="b = 2\n", fim_order="spm"), 500)
+    assert spm.ids.index(fim.suffix) < spm.ids.index(fim.prefix) < spm.ids.index(fim.middle)
+
+
+def test_budgets_keep_prefix_end_and_suffix_start(tok):
+    prefix = "".join(f"line_{i} = {i}\n" for i in range(300))
+    suffix = "".join(f"after_{i} = {i}\n" for i in range(300))
+    p = layout(tok, CompletionRequest(prefix=prefix, suffix=suffix), 200)
+    assert len(p.ids) <= 200 and p.truncated
+    text = tok.decode(p.ids)
+    assert "line_299 = 299" in text and "line_0 =" not in text
+    assert "after_0 = 0" in text and "after_299" not in text
+    assert p.parts["suffix"] <= 200 // 4
+
+
+def test_extra_chunks_with_file_names(tok):
+    req = CompletionRequest(prefix="x = helper(", suffix="", filename="main.py",
+                            extra=(("util.py", "def helper(a):\n    return a\n"),))
+    text = tok.decode(layout(tok, req, 400).ids)
+    assert text.startswith("<|file_sep|>util.py\ndef helper(a):") and "<|file_sep|>main.py\n<|fim_prefix|>" in text
+    small = layout(tok, req, 12)  # no room for the extra chunk: it is dropped, not cut
+    assert tok.fim.file_sep not in small.ids
+
+
+def test_infill_without_fim_tokens_is_refused(tmp_path):
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(InfillNotSupported, match="infill not supported"):
+        layout(PLTTokenizer.from_dir(tmp_path), CompletionRequest(prefix="a", suffix="b"), 100)
+
+
+def test_request_from_infill_body():
+    req = CompletionRequest.from_infill({"input_prefix": "a", "input_suffix": "b", "prompt": "  c",
+                                         "input_extra": [{"filename": "u.py", "text": "x"}], "stop": "\n\n",
+                                         "n_predict": 16, "cache_prompt": True, "samplers": ["top_k"]})
+    assert (req.prefix, req.suffix, req.prompt, req.extra, req.stop) == ("a", "b", "  c", (("u.py", "x"),), ("\n\n",))
+    for body, field in (({"n_predict": "9"}, "n_predict"), ({"top_p": 0}, "top_p"), ({"n_indent": -1}, "n_indent"),
+                        ({"input_extra": [{"filename": "x"}]}, "input_extra"), ({"temperature": True}, "temperature")):
+        with pytest.raises(RequestError, match=field):
+            CompletionRequest.from_infill(body)
+    with pytest.raises(RequestError):
+        CompletionRequest.from_infill(["not", "an", "object"])
