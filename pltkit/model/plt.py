@@ -224,6 +224,18 @@ class PLTState:
                                               [t.clone() for t in c.ring_v]) for c in self.layers],
                         self.carry.clone())
 
+    def snapshot(self) -> dict:
+        """What a prefix needs besides the global cache: rings and carries (small)."""
+        return {"rings": [([t.clone() for t in c.ring_k], [t.clone() for t in c.ring_v]) for c in self.layers],
+                "carry": self.carry.clone()}
+
+    def rewind(self, pos: int, snapshot: dict) -> None:
+        """Back to `pos` tokens; snapshot must have been taken at pos."""
+        for c, (rk, rv) in zip(self.layers, snapshot["rings"]):
+            c.k, c.v = c.k[:, :, :pos], c.v[:, :, :pos]
+            c.ring_k, c.ring_v = [t.clone() for t in rk], [t.clone() for t in rv]
+        self.pos, self.carry = pos, snapshot["carry"].clone()
+
 
 # --- the model ------------------------------------------------------------------------
 class PLTModel(nn.Module):

@@ -210,6 +210,9 @@ class Stopper:
                 start = line_start
         return None
 
+    def context_full(self, text: str) -> int:
+        return self._done("limit", text)
+
     def time_out(self, text: str) -> int:
         return self._done("time", text[:len(text) - _held_back(text, self.req.stop)])
 

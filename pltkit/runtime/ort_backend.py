@@ -32,6 +32,14 @@ class OrtState:
         return OrtState(self.pos, {k: v.copy() for k, v in self.kv.items()},
                         {k: v.copy() for k, v in self.other.items()})
 
+    def snapshot(self) -> dict:
+        """What a prefix needs besides the global cache: rings and carries (small)."""
+        return {k: v.copy() for k, v in self.other.items()}
+
+    def rewind(self, pos: int, snapshot: dict) -> None:
+        """Back to `pos` tokens; snapshot must have been taken at pos."""
+        self.pos, self.other = pos, {k: v.copy() for k, v in snapshot.items()}
+
     def reserve(self, n: int, limit: int) -> None:
         """Make room for n positions (capacity doubles, up to limit)."""
         cap = next(iter(self.kv.values())).shape[2]

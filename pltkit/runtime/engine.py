@@ -1,0 +1,157 @@
+"""The completion engine: prompt layout, chunked prefill with prefix reuse, decode, stopping,
+cancellation. Works with any backend of pltkit.runtime.backends.
+
+Prefix reuse: each slot keeps the tokens in its state and a snapshot of the rings and
+carries every `chunk` positions (the global cache is just truncated). A new prompt rewinds
+to the last snapshot inside its common prefix with the slot and prefills only the rest, so
+the CLP shift is seeded from the carries at that boundary, exactly as in a cold run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pltkit.model.tokenizer import PLTTokenizer
+from pltkit.runtime.completion import CompletionRequest, Stopper, layout, trim_suffix_repeat
+from pltkit.runtime.sampling import SamplingParams, sample
+
+
+class Cancel:
+    """Set from any thread; the engine checks it before every prefill chunk and decode step."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class Result:
+    text: str
+    tokens: list[int]
+    stop_type: str  # eos | word | limit | time | cancelled | none
+    stopping_word: str = ""
+    tokens_cached: int = 0
+    tokens_evaluated: int = 0
+    truncated: bool = False
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Slot:
+    ids: list[int] = field(default_factory=list)  # tokens whose K/V the state holds
+    state: object = None
+    snapshots: dict[int, dict] = field(default_factory=dict)  # position -> rings and carries
+
+
+class Engine:
+    def __init__(self, backend, tokenizer: PLTTokenizer, chunk: int = 64):
+        self.backend, self.tok, self.chunk = backend, tokenizer, chunk
+        self.slots: dict[int, _Slot] = {}
+        self.context = backend.config.max_position_embeddings
+
+    def _restore(self, slot: _Slot, ids: list[int]) -> int:
+        """Rewind the slot to the longest snapshotted prefix of `ids` (at least one token left to
+        prefill); returns the number of reused tokens."""
+        common = 0
+        for a, b in zip(slot.ids, ids[:-1]):
+            if a != b:
+                break
+            common += 1
+        at = max((p for p in slot.snapshots if p <= common), default=0)
+        if slot.state is None or at == 0:
+            slot.state, slot.ids, slot.snapshots = self.backend.new_state(1), [], {}
+            return 0
+        slot.state.rewind(at, slot.snapshots[at])
+        slot.ids = slot.ids[:at]
+        slot.snapshots = {p: s for p, s in slot.snapshots.items() if p <= at}
+        return at
+
+    def _feed(self, slot: _Slot, ids: list[int], cancel: Cancel | None):
+        """Prefill ids in chunks ending on multiples of `chunk`; returns last logits or None."""
+        logits, pos = None, len(slot.ids)
+        while ids:
+            if cancel is not None and cancel.cancelled:
+                return None
+            n = min(len(ids), self.chunk - pos % self.chunk)
+            out, slot.state = self.backend.prefill(np.asarray([ids[:n]], np.int64), slot.state)
+            slot.ids += ids[:n]
+            ids, pos, logits = ids[n:], pos + n, out[0, -1]
+            if pos % self.chunk == 0:
+                slot.snapshots[pos] = slot.state.snapshot()
+        return logits
+
+    def complete(self, req: CompletionRequest, slot_id: int = 0, cancel: Cancel | None = None,
+                 on_text: Callable[[str], None] | None = None) -> Result:
+        t0 = time.perf_counter()
+        n_predict = req.n_predict if req.n_predict >= 0 else self.context
+        prompt = layout(self.tok, req, self.context - max(1, min(n_predict, self.context // 4)))
+        return self.run(prompt.ids, req, slot_id, cancel, on_text, prompt.truncated, t0)
+
+    def run(self, ids: list[int], req: CompletionRequest, slot_id: int = 0, cancel: Cancel | None = None,
+            on_text: Callable[[str], None] | None = None, truncated: bool = False, t0: float | None = None) -> Result:
+        """Complete the token ids `ids` (a laid-out prompt) on a slot."""
+        t0 = t0 or time.perf_counter()
+        slot = self.slots.setdefault(slot_id, _Slot())
+        cached = self._restore(slot, ids)
+        logits = self._feed(slot, ids[cached:], cancel)
+        t1 = time.perf_counter()
+        result = Result("", [], "none", tokens_cached=cached, tokens_evaluated=len(ids) - cached, truncated=truncated)
+        if logits is None:
+            result.stop_type = "cancelled"
+        elif req.n_predict != 0:
+            self._generate(req, slot, logits, cancel, on_text, result, t1)
+        t2 = time.perf_counter()
+        if result.stop_type != "cancelled":
+            result.text = trim_suffix_repeat(result.text, req.suffix)
+        n = len(result.tokens)
+        result.timings = {"cache_n": cached, "prompt_n": result.tokens_evaluated,
+                          "prompt_ms": round((t1 - t0) * 1e3, 3), "predicted_n": n,
+                          "predicted_ms": round((t2 - t1) * 1e3, 3),
+                          "predicted_per_second": round(n / (t2 - t1), 2) if n and t2 > t1 else None}
+        return result
+
+    def _generate(self, req, slot, logits, cancel, on_text, result, t_start):
+        params = SamplingParams(req.temperature, req.top_k, req.top_p)
+        rng = np.random.default_rng(req.seed)
+        end = set(self.tok.eos_ids)
+        if self.tok.fim is not None:  # a FIM end token ends the infill too
+            end |= {t for t in (self.tok.fim.eot, self.tok.fim.pad) if t is not None}
+        stopper = Stopper(req, end)
+        shown = 0
+        while True:
+            if cancel is not None and cancel.cancelled:
+                result.stop_type, result.text = "cancelled", self.tok.decode(result.tokens)
+                break
+            token = sample(logits, params, rng)
+            if token not in end:
+                result.tokens.append(token)
+            text = self.tok.decode(result.tokens)
+            safe = stopper.feed(token, text)
+            if not stopper.stop_type and req.t_max_predict_ms and \
+                    (time.perf_counter() - t_start) * 1e3 > req.t_max_predict_ms:
+                safe = stopper.time_out(text)
+            if not stopper.stop_type and len(slot.ids) + 1 >= self.context:
+                safe = stopper.context_full(text)
+            if on_text is not None and safe > shown and not text[:safe].endswith("\ufffd"):
+                on_text(text[shown:safe])
+                shown = safe
+            if stopper.stop_type:
+                result.text, result.stop_type, result.stopping_word = (stopper.text_final, stopper.stop_type,
+                                                                       stopper.stopping_word)
+                break
+            out, slot.state = self.backend.decode(np.asarray([token], np.int64), slot.state)
+            slot.ids.append(token)
+            if len(slot.ids) % self.chunk == 0:
+                slot.snapshots[len(slot.ids)] = slot.state.snapshot()
+            logits = out[0]

@@ -1,0 +1,96 @@
+"""The completion engine: prefix reuse equals a cold run, carries matter, cancellation is prompt."""
+
+import time
+
+import numpy as np
+import pytest
+from synth import make_checkpoint, make_config
+
+import pltkit
+from pltkit.export.artifact import export
+from pltkit.runtime.backends import open_backend
+from pltkit.runtime.completion import CompletionRequest
+from pltkit.runtime.engine import Cancel, Engine
+
+GREEDY = CompletionRequest(n_predict=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module", params=[1, 2])
+def ckpt(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"L{request.param}")
+    make_checkpoint(d, make_config(plt_num_loops=request.param, plt_window_size=[3, 0],
+                                   max_position_embeddings=256), seed=5)
+    return d
+
+
+def engine(path, chunk=16):
+    return Engine(open_backend(path, threads=1), pltkit.load_tokenizer(path), chunk=chunk)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_reuse_equals_cold_at_any_cut(ckpt, backend, tmp_path):
+    path = ckpt
+    if backend == "ort":
+        export(ckpt, tmp_path / "art")
+        path = tmp_path / "art"
+    rng = np.random.default_rng(0)
+    first = rng.integers(4, 300, 90).tolist()
+    warm = engine(path)
+    for cut in (1, 15, 16, 17, 40, 64, 89):
+        warm.run(first, GREEDY)  # the slot now holds `first` (itself partly reused)
+        prompt = first[:cut] + rng.integers(4, 300, 7).tolist()
+        got = warm.run(prompt, GREEDY)
+        want = engine(path).run(prompt, GREEDY)
+        assert got.tokens == want.tokens, f"cut {cut}"
+        assert got.tokens_cached == min(cut, len(prompt) - 1) // 16 * 16
+        assert got.tokens_cached + got.tokens_evaluated == len(prompt)
+
+
+def test_reset_carries_on_a_hit_changes_the_output(ckpt):
+    if pltkit.PLTConfig.from_json(ckpt / "config.json").plt_num_loops == 1:
+        pytest.skip("one loop has no carries")
+    rng = np.random.default_rng(1)
+    first = rng.integers(4, 300, 70).tolist()
+    prompt = first[:48] + [7]  # only position 48 is prefilled: its shift reads the restored carry
+    want = engine(ckpt).run(prompt, GREEDY).tokens
+    broken = engine(ckpt)
+    broken.run(first, GREEDY)
+    for snap in broken.slots[0].snapshots.values():
+        snap["carry"].zero_()
+    got = broken.run(prompt, GREEDY)
+    assert got.tokens_cached == 48 and got.tokens != want
+
+
+def test_cancel_stops_within_one_decode_step():
+    e = Engine(open_backend("default", threads=1), pltkit.load_tokenizer("default"))
+    cancel, seen, when = Cancel(), [], []
+
+    def on_text(piece):
+        seen.append(piece)
+        if len(seen) == 3:
+            when.append(time.perf_counter())
+            cancel.cancel()
+
+    r = e.complete(CompletionRequest(prefix="def parse(text):\n", n_predict=200), cancel=cancel, on_text=on_text)
+    stopped = time.perf_counter() - when[0]
+    tokens_after = len(r.tokens) - len(e.tok.encode("".join(seen)))
+    print(f"cancelled: {stopped * 1e3:.1f} ms after the request, {tokens_after} token(s) later")
+    assert r.stop_type == "cancelled" and len(r.tokens) < 200 and tokens_after <= 1
+
+
+def test_cancel_during_prefill():
+    e = Engine(open_backend("default", threads=1), pltkit.load_tokenizer("default"), chunk=16)
+    cancel = Cancel()
+    cancel.cancel()
+    r = e.complete(CompletionRequest(prefix="x = 1\n" * 50), cancel=cancel)
+    assert r.stop_type == "cancelled" and r.tokens == []
+
+
+def test_infill_on_default_model_stops_and_reports():
+    e = Engine(open_backend("default", threads=1), pltkit.load_tokenizer("default"), chunk=8)
+    r = e.complete(CompletionRequest(prefix="def add(a, b):\n    ", suffix="\n\n\nprint(add(1, 2))\n", n_predict=24))
+    print(repr(r.text), r.stop_type, r.timings)
+    assert r.stop_type in ("eos", "limit") and r.tokens_evaluated > 0 and r.timings["prompt_ms"] > 0
+    again = e.complete(CompletionRequest(prefix="def add(a, b):\n    ", suffix="\n\n\nprint(add(1, 2))\n",
+                                         n_predict=24))
+    assert again.tokens == r.tokens and again.tokens_cached > 0
