@@ -113,3 +113,8 @@ def test_request_from_infill_body():
             CompletionRequest.from_infill(body)
     with pytest.raises(RequestError):
         CompletionRequest.from_infill(["not", "an", "object"])
+
+
+def test_single_line_ends_at_once_on_a_newline(tok):
+    _, st = run(tok, CompletionRequest(single_line=True, n_predict=-1), "\nimport sys\n")
+    assert st.stop_type == "limit" and st.text_final == ""

@@ -159,3 +159,11 @@ def test_gqa_decode_updates_the_cache_in_place(exported):
     diff = max(np.abs(states[0].kv[k][:, :, :9] - states[1].kv[k][:, :, :9]).max() for k in states[0].kv)
     print(f"max|cache gqa - cache function| = {diff:.2e}")
     assert diff < 1e-5 and states[0].pos == states[1].pos == 9
+
+
+def test_cli_infill_json_fields():
+    out = subprocess.run(["plt-complete", "--json", "--suffix", "\n\nprint(add(1, 2))\n", "--stop", "\n\n",
+                          "--max-tokens", "16", "def add(a, b):\n    "], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    assert {"text", "tokens", "stop_type", "tokens_cached", "timings"} <= set(r)
+    assert r["stop_type"] in ("eos", "limit", "word") and "\n\n" not in r["text"]

@@ -1,4 +1,5 @@
-"""plt-complete: complete code from the command line (prompt from the argument or stdin)."""
+"""plt-complete: complete code from the command line (prompt from the argument or stdin);
+with --suffix it fills in the middle."""
 
 from __future__ import annotations
 
@@ -6,14 +7,19 @@ import argparse
 import json
 import logging
 import sys
-import time
+from pathlib import Path
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="plt-complete", description=__doc__)
-    p.add_argument("prompt", nargs="?", help="text to complete (default: read stdin)")
+    p.add_argument("prompt", nargs="?", help="text before the cursor (default: read stdin)")
     p.add_argument("--model", default="default", help="checkpoint or artifact folder, or 'default'")
     p.add_argument("--backend", choices=["torch", "ort"], help="default: ort for an artifact, torch for a checkpoint")
+    p.add_argument("--suffix", help="text after the cursor: infill with the model's FIM tokens")
+    p.add_argument("--suffix-file", type=Path, help="read the text after the cursor from a file")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--n-indent", type=int, default=0, help="stop at a new line indented less than this")
+    p.add_argument("--single-line", action="store_true", help="stop at the end of the line")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -29,44 +35,29 @@ def main(argv=None) -> int:
     from pltkit.model.tokenizer import PLTTokenizer
     from pltkit.runtime.artifact import ArtifactError
     from pltkit.runtime.backends import open_backend
-    from pltkit.runtime.generate import generate
-    from pltkit.runtime.sampling import SamplingParams
+    from pltkit.runtime.completion import CompletionRequest
+    from pltkit.runtime.engine import Engine
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prefix = args.prompt if args.prompt is not None else sys.stdin.read()
     try:
-        params = SamplingParams(args.temperature, args.top_k, args.top_p)
+        suffix = args.suffix_file.read_text() if args.suffix_file else args.suffix
+        req = CompletionRequest(prefix=prefix, suffix=suffix, stop=tuple(args.stop), n_indent=args.n_indent,
+                                single_line=args.single_line, n_predict=args.max_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         backend = open_backend(args.model, args.backend, args.threads)
-        tok = PLTTokenizer.from_dir(resolve_model_path(args.model))
-    except (ValueError, ArtifactError, CheckpointError, ConfigError) as e:
+        engine = Engine(backend, PLTTokenizer.from_dir(resolve_model_path(args.model)))
+        stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        result = engine.complete(req, on_text=stream)
+    except (OSError, ValueError, ArtifactError, CheckpointError, ConfigError) as e:
         print(f"plt-complete: {e}", file=sys.stderr)
         return 2
-    ids = tok.encode(prompt)
-    if not ids:
-        print("plt-complete: the prompt is empty", file=sys.stderr)
-        return 2
-
-    t0 = time.perf_counter()
-    tokens, shown, t_first = [], "", None
-    for token in generate(backend, ids, args.max_tokens, params, args.seed, tok.eos_ids):
-        t_first = t_first or time.perf_counter()
-        tokens.append(token)
-        if not args.json:
-            text = tok.decode(tokens)
-            if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
-    t1 = time.perf_counter()
-    text = tok.decode(tokens)
-    t_first = t_first or t1
-    prompt_ms, decode_ms = (t_first - t0) * 1e3, (t1 - t_first) * 1e3
     if args.json:
-        print(json.dumps({"text": text, "tokens": tokens, "backend": backend.name, "timings": {
-            "prompt_n": len(ids), "prompt_ms": round(prompt_ms, 2), "predicted_n": len(tokens),
-            "predicted_ms": round(decode_ms, 2),
-            "predicted_per_second": round((len(tokens) - 1) / decode_ms * 1e3, 2) if len(tokens) > 1 else None}}))
+        print(json.dumps({"text": result.text, "tokens": result.tokens, "stop_type": result.stop_type,
+                          "stopping_word": result.stopping_word, "tokens_cached": result.tokens_cached,
+                          "tokens_evaluated": result.tokens_evaluated, "truncated": result.truncated,
+                          "backend": backend.name, "timings": result.timings}))
     else:
-        sys.stdout.write(text[len(shown):] + "\n")
+        print()
     return 0
 
 

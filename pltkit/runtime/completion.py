@@ -193,12 +193,10 @@ class Stopper:
         return safe
 
     def _line_rule(self, text: str) -> int | None:
-        """single_line: stop at the first newline after some text. n_indent: stop before a
-        complete new line that is indented less than n_indent."""
-        if self.req.single_line:
-            nl = text.find("\n")
-            if nl >= 0 and text[:nl].strip():
-                return nl
+        """single_line: the rest of the current line, up to the first newline. n_indent: stop
+        before a new line that is indented less than n_indent."""
+        if self.req.single_line and "\n" in text:
+            return text.find("\n")
         if self.req.n_indent > 0:
             start = 0
             while (nl := text.find("\n", start)) >= 0:
