@@ -94,3 +94,11 @@ def test_infill_on_default_model_stops_and_reports():
     again = e.complete(CompletionRequest(prefix="def add(a, b):\n    ", suffix="\n\n\nprint(add(1, 2))\n",
                                          n_predict=24))
     assert again.tokens == r.tokens and again.tokens_cached > 0
+
+
+def test_prompt_time_budget_stops_prefill_and_keeps_what_was_done():
+    e = Engine(open_backend("default", threads=1), pltkit.load_tokenizer("default"), chunk=16)
+    r = e.complete(CompletionRequest(prefix="x = 1\n" * 60, t_max_prompt_ms=1e-6))
+    assert r.stop_type == "time" and r.tokens == [] and r.tokens_evaluated < 60
+    full = e.complete(CompletionRequest(prefix="x = 1\n" * 60, n_predict=4))
+    assert full.stop_type == "limit" and full.tokens_cached == r.tokens_evaluated // 16 * 16

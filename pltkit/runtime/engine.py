@@ -77,12 +77,15 @@ class Engine:
         slot.snapshots = {p: s for p, s in slot.snapshots.items() if p <= at}
         return at
 
-    def _feed(self, slot: _Slot, ids: list[int], cancel: Cancel | None):
-        """Prefill ids in chunks ending on multiples of `chunk`; returns last logits or None."""
+    def _feed(self, slot: _Slot, ids: list[int], cancel: Cancel | None, deadline: float | None = None):
+        """Prefill ids in chunks ending on multiples of `chunk`; returns the last logits, or the
+        reason it stopped early ("cancelled", or "time" past the prompt's deadline)."""
         logits, pos = None, len(slot.ids)
         while ids:
             if cancel is not None and cancel.cancelled:
-                return None
+                return "cancelled"
+            if deadline is not None and time.perf_counter() > deadline:
+                return "time"
             n = min(len(ids), self.chunk - pos % self.chunk)
             out, slot.state = self.backend.prefill(np.asarray([ids[:n]], np.int64), slot.state)
             slot.ids += ids[:n]
@@ -104,15 +107,17 @@ class Engine:
         t0 = t0 or time.perf_counter()
         slot = self.slots.setdefault(slot_id, _Slot())
         cached = self._restore(slot, ids)
-        logits = self._feed(slot, ids[cached:], cancel)
+        deadline = t0 + req.t_max_prompt_ms / 1e3 if req.t_max_prompt_ms else None
+        logits = self._feed(slot, ids[cached:], cancel, deadline)
         t1 = time.perf_counter()
-        result = Result("", [], "none", tokens_cached=cached, tokens_evaluated=len(ids) - cached, truncated=truncated)
-        if logits is None:
-            result.stop_type = "cancelled"
+        result = Result("", [], "none", tokens_cached=cached, tokens_evaluated=len(slot.ids) - cached,
+                        truncated=truncated)
+        if isinstance(logits, str):  # stopped before the prompt was in
+            result.stop_type = logits
         elif req.n_predict != 0:
             self._generate(req, slot, logits, cancel, on_text, result, t1)
         t2 = time.perf_counter()
-        if result.stop_type != "cancelled":
+        if result.stop_type not in ("cancelled", "time") or result.tokens:
             result.text = trim_suffix_repeat(result.text, req.suffix)
         n = len(result.tokens)
         result.timings = {"cache_n": cached, "prompt_n": result.tokens_evaluated,
