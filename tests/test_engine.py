@@ -102,3 +102,16 @@ def test_prompt_time_budget_stops_prefill_and_keeps_what_was_done():
     assert r.stop_type == "time" and r.tokens == [] and r.tokens_evaluated < 60
     full = e.complete(CompletionRequest(prefix="x = 1\n" * 60, n_predict=4))
     assert full.stop_type == "limit" and full.tokens_cached == r.tokens_evaluated // 16 * 16
+
+
+def test_several_completions_of_one_prompt():
+    e = Engine(open_backend("default", threads=1), pltkit.load_tokenizer("default"))
+    req = dict(prefix="def area(w, h):\n", n_predict=12, temperature=0.9, top_k=40, seed=11)
+    many = e.complete_all(CompletionRequest(n_cmpl=3, **req))
+    one = Engine(open_backend("default", threads=1), pltkit.load_tokenizer("default")).complete(
+        CompletionRequest(**req))
+    assert len(many) == 3 and many[0].tokens == one.tokens  # the first uses the request's seed
+    assert len({tuple(r.tokens) for r in many}) > 1
+    prompt_len = len(e.tok.encode(req["prefix"]))
+    assert e.slots[0].ids[:prompt_len] == e.tok.encode(req["prefix"])
+    assert e.slots[0].ids[prompt_len:] == many[0].tokens[:len(e.slots[0].ids) - prompt_len]  # slot keeps the first

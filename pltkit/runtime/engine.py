@@ -96,39 +96,63 @@ class Engine:
 
     def complete(self, req: CompletionRequest, slot_id: int = 0, cancel: Cancel | None = None,
                  on_text: Callable[[str], None] | None = None) -> Result:
+        """The first completion of a request (streamed through on_text)."""
+        return self.complete_all(req, slot_id, cancel, on_text)[0]
+
+    def complete_all(self, req: CompletionRequest, slot_id: int = 0, cancel: Cancel | None = None,
+                     on_text: Callable[[str], None] | None = None) -> list[Result]:
+        """All req.n_cmpl completions of a request."""
         t0 = time.perf_counter()
         n_predict = req.n_predict if req.n_predict >= 0 else self.context
         prompt = layout(self.tok, req, self.context - max(1, min(n_predict, self.context // 4)))
-        return self.run(prompt.ids, req, slot_id, cancel, on_text, prompt.truncated, t0)
+        return self.run_all(prompt.ids, req, slot_id, cancel, on_text, prompt.truncated, t0)
 
     def run(self, ids: list[int], req: CompletionRequest, slot_id: int = 0, cancel: Cancel | None = None,
-            on_text: Callable[[str], None] | None = None, truncated: bool = False, t0: float | None = None) -> Result:
-        """Complete the token ids `ids` (a laid-out prompt) on a slot."""
+            on_text: Callable[[str], None] | None = None) -> Result:
+        """Complete the token ids `ids` (a laid-out prompt) on a slot: the first of req.n_cmpl."""
+        return self.run_all(ids, req, slot_id, cancel, on_text)[0]
+
+    def run_all(self, ids: list[int], req: CompletionRequest, slot_id: int = 0, cancel: Cancel | None = None,
+                on_text: Callable[[str], None] | None = None, truncated: bool = False,
+                t0: float | None = None) -> list[Result]:
+        """req.n_cmpl completions of one prefilled prompt (seeds seed, seed+1, ...). The others run
+        on copies of the state; the first runs last on the slot, which keeps it, and is streamed."""
         t0 = t0 or time.perf_counter()
         slot = self.slots.setdefault(slot_id, _Slot())
         cached = self._restore(slot, ids)
         deadline = t0 + req.t_max_prompt_ms / 1e3 if req.t_max_prompt_ms else None
         logits = self._feed(slot, ids[cached:], cancel, deadline)
         t1 = time.perf_counter()
-        result = Result("", [], "none", tokens_cached=cached, tokens_evaluated=len(slot.ids) - cached,
-                        truncated=truncated)
+        evaluated = len(slot.ids) - cached
         if isinstance(logits, str):  # stopped before the prompt was in
-            result.stop_type = logits
-        elif req.n_predict != 0:
-            self._generate(req, slot, logits, cancel, on_text, result, t1)
-        t2 = time.perf_counter()
-        if result.stop_type not in ("cancelled", "time") or result.tokens:
-            result.text = trim_suffix_repeat(result.text, req.suffix)
-        n = len(result.tokens)
-        result.timings = {"cache_n": cached, "prompt_n": result.tokens_evaluated,
-                          "prompt_ms": round((t1 - t0) * 1e3, 3), "predicted_n": n,
-                          "predicted_ms": round((t2 - t1) * 1e3, 3),
-                          "predicted_per_second": round(n / (t2 - t1), 2) if n and t2 > t1 else None}
-        return result
+            return [self._finish(Result("", [], logits), req, cached, evaluated, truncated, t0, t1)]
+        results = []
+        for i in reversed(range(req.n_cmpl)):
+            on_slot = i == 0
+            target = slot if on_slot else _Slot(list(slot.ids), slot.state.clone(), {})
+            r = Result("", [], "none")
+            if req.n_predict != 0:
+                seed = None if req.seed is None else req.seed + i
+                self._generate(req, target, logits, cancel, on_text if on_slot else None, r, time.perf_counter(),
+                               seed)
+            results.append(self._finish(r, req, cached, evaluated, truncated, t0, t1))
+        return results[::-1]
 
-    def _generate(self, req, slot, logits, cancel, on_text, result, t_start):
+    @staticmethod
+    def _finish(r: Result, req, cached, evaluated, truncated, t0, t1) -> Result:
+        t2 = time.perf_counter()
+        if r.tokens:
+            r.text = trim_suffix_repeat(r.text, req.suffix)
+        n = len(r.tokens)
+        r.tokens_cached, r.tokens_evaluated, r.truncated = cached, evaluated, truncated
+        r.timings = {"cache_n": cached, "prompt_n": evaluated, "prompt_ms": round((t1 - t0) * 1e3, 3),
+                     "predicted_n": n, "predicted_ms": round((t2 - t1) * 1e3, 3),
+                     "predicted_per_second": round(n / (t2 - t1), 2) if n and t2 > t1 else None}
+        return r
+
+    def _generate(self, req, slot, logits, cancel, on_text, result, t_start, seed):
         params = SamplingParams(req.temperature, req.top_k, req.top_p)
-        rng = np.random.default_rng(req.seed)
+        rng = np.random.default_rng(seed)
         end = set(self.tok.eos_ids)
         if self.tok.fim is not None:  # a FIM end token ends the infill too
             end |= {t for t in (self.tok.fim.eot, self.tok.fim.pad) if t is not None}
