@@ -115,3 +115,18 @@ def test_several_completions_of_one_prompt():
     prompt_len = len(e.tok.encode(req["prefix"]))
     assert e.slots[0].ids[:prompt_len] == e.tok.encode(req["prefix"])
     assert e.slots[0].ids[prompt_len:] == many[0].tokens[:len(e.slots[0].ids) - prompt_len]  # slot keeps the first
+
+
+def test_switching_files_and_back_reuses_the_earlier_state(ckpt):
+    rng = np.random.default_rng(2)
+    file_a, file_b = rng.integers(4, 300, 60).tolist(), rng.integers(4, 300, 60).tolist()
+    e = engine(ckpt)
+    e.run(file_a, GREEDY)
+    e.run(file_b, GREEDY)  # the same slot moves to another file
+    back = file_a + [5, 6, 7]
+    r = e.run(back, GREEDY)
+    assert r.tokens_cached == 48 and r.tokens == engine(ckpt).run(back, GREEDY).tokens
+    tight = Engine(open_backend(ckpt, threads=1), pltkit.load_tokenizer(ckpt), chunk=16, cache_bytes=1)
+    tight.run(file_a, GREEDY)
+    tight.run(file_b, GREEDY)
+    assert tight.run(back, GREEDY).tokens_cached == 0  # nothing kept within one byte

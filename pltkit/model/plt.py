@@ -224,6 +224,10 @@ class PLTState:
                                               [t.clone() for t in c.ring_v]) for c in self.layers],
                         self.carry.clone())
 
+    def nbytes(self) -> int:
+        tensors = [self.carry] + [t for c in self.layers for t in (c.k, c.v, *c.ring_k, *c.ring_v)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def snapshot(self) -> dict:
         """What a prefix needs besides the global cache: rings and carries (small)."""
         return {"rings": [([t.clone() for t in c.ring_k], [t.clone() for t in c.ring_v]) for c in self.layers],

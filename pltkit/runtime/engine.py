@@ -55,21 +55,50 @@ class _Slot:
 
 
 class Engine:
-    def __init__(self, backend, tokenizer: PLTTokenizer, chunk: int = 64):
-        self.backend, self.tok, self.chunk = backend, tokenizer, chunk
+    def __init__(self, backend, tokenizer: PLTTokenizer, chunk: int = 64, cache_bytes: int = 256 << 20):
+        """cache_bytes: memory for states kept after their slot moved on to an unrelated prompt
+        (an editor switching files and back), least recently used dropped first."""
+        self.backend, self.tok, self.chunk, self.cache_bytes = backend, tokenizer, chunk, cache_bytes
         self.slots: dict[int, _Slot] = {}
+        self.recent: list[_Slot] = []  # least recently used first
         self.context = backend.config.max_position_embeddings
 
-    def _restore(self, slot: _Slot, ids: list[int]) -> int:
-        """Rewind the slot to the longest snapshotted prefix of `ids` (at least one token left to
-        prefill); returns the number of reused tokens."""
+    @staticmethod
+    def _reusable(slot: _Slot, ids: list[int]) -> int:
+        """Tokens of `ids` a slot can restore: its last snapshot inside the common prefix (at least
+        one token is left to prefill, for the logits)."""
         common = 0
         for a, b in zip(slot.ids, ids[:-1]):
             if a != b:
                 break
             common += 1
-        at = max((p for p in slot.snapshots if p <= common), default=0)
-        if slot.state is None or at == 0:
+        return max((p for p in slot.snapshots if p <= common), default=0) if slot.state is not None else 0
+
+    def _pick(self, slot_id: int, ids: list[int]) -> _Slot:
+        """The slot's own state, or a recent one that shares more of the prompt (swapped in)."""
+        slot = self.slots.get(slot_id) or _Slot()
+        best = max(self.recent, key=lambda s: self._reusable(s, ids), default=None)
+        if best is not None and self._reusable(best, ids) > self._reusable(slot, ids):
+            self.recent.remove(best)
+            self._keep(slot)
+            slot = best
+        elif self._reusable(slot, ids) == 0:  # an unrelated prompt: keep the old state for later
+            self._keep(slot)
+            slot = _Slot()
+        self.slots[slot_id] = slot
+        return slot
+
+    def _keep(self, slot: _Slot) -> None:
+        if slot.state is None or len(slot.ids) < self.chunk:
+            return
+        self.recent.append(slot)
+        while self.recent and sum(s.state.nbytes() for s in self.recent) > self.cache_bytes:
+            self.recent.pop(0)
+
+    def _restore(self, slot: _Slot, ids: list[int]) -> int:
+        """Rewind the slot to the longest snapshotted prefix of `ids`; returns the reused tokens."""
+        at = self._reusable(slot, ids)
+        if at == 0:
             slot.state, slot.ids, slot.snapshots = self.backend.new_state(1), [], {}
             return 0
         slot.state.rewind(at, slot.snapshots[at])
@@ -118,7 +147,7 @@ class Engine:
         """req.n_cmpl completions of one prefilled prompt (seeds seed, seed+1, ...). The others run
         on copies of the state; the first runs last on the slot, which keeps it, and is streamed."""
         t0 = t0 or time.perf_counter()
-        slot = self.slots.setdefault(slot_id, _Slot())
+        slot = self._pick(slot_id, ids)
         cached = self._restore(slot, ids)
         deadline = t0 + req.t_max_prompt_ms / 1e3 if req.t_max_prompt_ms else None
         logits = self._feed(slot, ids[cached:], cancel, deadline)

@@ -32,6 +32,9 @@ class OrtState:
         return OrtState(self.pos, {k: v.copy() for k, v in self.kv.items()},
                         {k: v.copy() for k, v in self.other.items()})
 
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.kv.values(), *self.other.values()))
+
     def snapshot(self) -> dict:
         """What a prefix needs besides the global cache: rings and carries (small)."""
         return {k: v.copy() for k, v in self.other.items()}
