@@ -55,7 +55,9 @@ def test_eos_and_max_tokens(tok):
     assert stopper.stop_type == "eos" and stopper.text_final == "x = 1"
 
 
-def test_suffix_repetition_is_trimmed():
+def test_suffix_repetition_is_trimmed(tok):
+    _, st = run(tok, CompletionRequest(n_predict=-1), "print(total)\n")  # as the model emits it
+    assert trim_suffix_repeat(st.text_final or tok.decode(tok.encode("print(total)\n")), ")\n") == "print(total"
     assert trim_suffix_repeat("print(total)\n", ")\n") == "print(total"
     assert trim_suffix_repeat("x = 1\nreturn x\n", "return x\n    ") == "x = 1\n"
     assert trim_suffix_repeat("x = 1\n", "\n\n") == "x = 1\n"  # whitespace alone is not a repeat
