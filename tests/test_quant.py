@@ -129,3 +129,18 @@ def test_qdq_accuracy_emulated_on_cpu(qdq, name):
     print(name, json.dumps(report))
     agreement, ppl = QDQ_GUARDS[name]
     assert report["top1_agreement"] >= agreement and report["perplexity_change"] <= ppl
+
+
+def test_calibration_on_a_users_folder(tmp_path):
+    from pltkit.cli.export import calibrate
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 40)
+    amax = calibrate("default", tmp_path, windows=2)
+    assert len(amax) == 29 and all(v > 0 for v in amax.values())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .py files"):
+        calibrate("default", tmp_path / "empty")
+    out = subprocess.run(["plt-export", "default", "--fp8", "--calib", str(tmp_path / "empty"), "-o",
+                          str(tmp_path / "x")], capture_output=True, text=True)
+    assert out.returncode == 2 and "no .py files" in out.stderr and not (tmp_path / "x").exists()
