@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sysconfig
 
 import numpy as np
 import pytest
@@ -32,8 +31,7 @@ def test_default_model_is_the_described_plt2(model):
 def test_default_model_predicts_held_out_code(model):
     """On two held-out files the model beats their own unigram distribution by a wide margin
     (a random or broken model does not)."""
-    root = sysconfig.get_paths()["stdlib"]
-    _, heldout = data.split_files(data.stdlib_sources(root), root)
+    _, heldout = data.stdlib_split()
     tok = Tokenizer.from_file(str(pltkit.resolve_model_path("default") / "tokenizer.json"))
     files = sorted(heldout)[:2]
     ev = heldout_loss(model, tok, files, model.config.max_position_embeddings)

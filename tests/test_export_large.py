@@ -2,12 +2,9 @@
 fit this machine. Slow: about a minute and ~10 GB of disk. Run with `python -m pytest -m slow -s`."""
 
 import json
-import re
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file

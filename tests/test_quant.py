@@ -59,18 +59,6 @@ def test_exported_weights_follow_the_format(quantized, name):
     assert manifest["precision"] == name and manifest["quantization"]["bits"] == scheme.bits
 
 
-# Targets of the quantization issue; measured on the full held-out set by `plt-eval ARTIFACT`.
-TARGETS = {"int8": (0.98, 0.01), "int4": (0.93, 0.06)}
-
-
-@pytest.mark.parametrize("name", ["int8", "int4"])
-def test_accuracy_against_float32(quantized, name):
-    report = accuracy_report(quantized / name, "default", threads=2, limit=6)
-    print(name, json.dumps(report))
-    agreement, ppl = TARGETS[name]
-    assert report["top1_agreement"] >= agreement and report["perplexity_change"] <= ppl
-
-
 def test_quantized_artifact_completes(quantized):
     out = subprocess.run(["plt-complete", "--model", str(quantized / "int4"), "--json", "--max-tokens", "8",
                           "def add(a, b):"], capture_output=True, text=True, check=True)
@@ -80,7 +68,6 @@ def test_quantized_artifact_completes(quantized):
 @pytest.fixture(scope="module")
 def qdq(tmp_path_factory):
     """The TensorRT forms, calibrated on the held-out split like `plt-export --int8 --target trt`."""
-    import pltkit
     from pltkit.cli.export import calibrate
     from pltkit.quant.schemes import QDQ_SCHEMES
 
@@ -120,14 +107,17 @@ def test_qdq_weights_dequantize_in_onnxruntime_as_in_numpy(qdq, name):
     assert np.array_equal(got, want) and np.array_equal(wq, QDQ_SCHEMES[name].weight(src)[0])
 
 
-QDQ_GUARDS = {"int8-qdq": (0.92, 0.01), "fp8": (0.95, 0.02)}  # measured on all held-out windows: see docs
+# On the first 6 held-out windows. int8/int4: the issue's targets. int8-qdq/fp8: guards below
+# the full-set figures (93.75 % / 96.82 %, see docs/design.md), whose targets are not yet met.
+MIN_AGREEMENT_MAX_PPL = {"int8": (0.98, 0.01), "int4": (0.93, 0.06), "int8-qdq": (0.92, 0.01), "fp8": (0.95, 0.02)}
 
 
-@pytest.mark.parametrize("name", ["int8-qdq", "fp8"])
-def test_qdq_accuracy_emulated_on_cpu(qdq, name):
-    report = accuracy_report(qdq / name, "default", threads=2, limit=6)
+@pytest.mark.parametrize("name", list(MIN_AGREEMENT_MAX_PPL))
+def test_accuracy_against_float32(quantized, qdq, name):
+    artifact = (quantized if name in SCHEMES else qdq) / name
+    report = accuracy_report(artifact, "default", threads=2, limit=6)
     print(name, json.dumps(report))
-    agreement, ppl = QDQ_GUARDS[name]
+    agreement, ppl = MIN_AGREEMENT_MAX_PPL[name]
     assert report["top1_agreement"] >= agreement and report["perplexity_change"] <= ppl
 
 

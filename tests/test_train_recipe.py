@@ -5,7 +5,8 @@ import json
 import torch
 
 import pltkit
-from pltkit.train.evaluate import greedy
+from pltkit.runtime.backends import open_backend
+from pltkit.runtime.generate import generate
 from pltkit.train.train import TrainConfig, train
 
 SOURCE = "def add(a, b):\n    return a + b\n\n\nclass Box:\n    def __init__(self, x):\n        self.x = x\n"
@@ -27,6 +28,6 @@ def test_train_writes_a_loadable_checkpoint(tmp_path):
     assert tok.fim is not None and tok.eos_ids == (0,)
     saved = json.loads((tmp_path / "run" / "train_report.json").read_text())
     assert saved["train_config"]["steps"] == 3
-    out = greedy(model, tok.encode("def "), 5)
+    out = list(generate(open_backend(tmp_path / "run" / "model", threads=1), tok.encode("def "), 5))
     assert len(out) <= 5 and all(0 <= t < model.config.vocab_size for t in out)
     assert {p.dtype for p in model.parameters()} == {torch.float32}

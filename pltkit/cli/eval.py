@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import sys
-import sysconfig
 
 
 
@@ -23,10 +22,9 @@ def heldout_windows(tokenizer_dir, seq_len: int, limit: int | None = None):
     from pltkit.train.samples import held_out_prompts
 
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    root = sysconfig.get_paths()["stdlib"]
-    _, heldout = data.split_files(data.stdlib_sources(root), root)
+    _, heldout = data.stdlib_split()
     inputs, targets = data.eval_sequences(heldout, tok, seq_len)
-    prompts = [tok.encode(p["prefix"]).ids[-seq_len // 2:] for p in held_out_prompts(8, root)]
+    prompts = [tok.encode(p["prefix"]).ids[-seq_len // 2:] for p in held_out_prompts(8)]
     return inputs.numpy()[:limit], targets.numpy()[:limit], prompts
 
 
@@ -70,8 +68,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model = load_model(path)
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    root = sysconfig.get_paths()["stdlib"]
-    _, heldout = data.split_files(data.stdlib_sources(root), root)
+    _, heldout = data.stdlib_split()
     seq_len = args.seq_len or model.config.max_position_embeddings
     result = heldout_loss(model, tokenizer, heldout, seq_len)
     print(json.dumps({"model": str(args.model), "loops": model.config.plt_num_loops, "seq_len": seq_len,

@@ -63,8 +63,6 @@ def main(argv=None) -> int:
 def calibrate(checkpoint, folder: Path | None, windows: int = 16) -> dict[str, float]:
     """Activation amax of every linear layer over `windows` windows of code: the files of
     `folder`, or the default model's held-out split."""
-    import sysconfig
-
     from tokenizers import Tokenizer
 
     from pltkit.model.checkpoint import load_model
@@ -76,8 +74,7 @@ def calibrate(checkpoint, folder: Path | None, windows: int = 16) -> dict[str, f
     model = load_model(path)
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     if folder is None:
-        root = sysconfig.get_paths()["stdlib"]
-        _, files = data.split_files(data.stdlib_sources(root), root)
+        _, files = data.stdlib_split()
     else:
         files = sorted(folder.rglob("*.py"))
         if not files:

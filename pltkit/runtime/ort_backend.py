@@ -9,15 +9,12 @@ part and their new entries are written back into the buffers.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from pltkit.runtime.artifact import Artifact, ArtifactError
 from pltkit.runtime.backends import physical_cores
-
-log = logging.getLogger(__name__)
 
 MIN_CAPACITY = 256
 

@@ -145,6 +145,12 @@ def read_source(path: str | os.PathLike) -> str:
     return Path(path).read_bytes().decode("utf-8")
 
 
+def stdlib_split(root: str | os.PathLike | None = None) -> tuple[list[Path], list[Path]]:
+    """(train, held-out) files of the standard library under root (default: this interpreter's)."""
+    root = sysconfig.get_paths()["stdlib"] if root is None else root
+    return split_files(stdlib_sources(root), root)
+
+
 def split_files(
     files: Sequence[str | os.PathLike], root: str | os.PathLike, holdout_percent: float = 5
 ) -> tuple[list[Path], list[Path]]:

@@ -1,5 +1,5 @@
 """Held-out evaluation of a checkpoint with the reference model: per-token loss and
-perplexity on the held-out standard-library files, and greedy samples."""
+perplexity on the held-out standard-library files."""
 
 from __future__ import annotations
 
@@ -29,18 +29,3 @@ def heldout_loss(model: PLTForCausalLM, tokenizer: Tokenizer, files, seq_len: in
         raise ValueError("no held-out tokens to evaluate")
     loss = total / count
     return {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3), "tokens": count}
-
-
-@torch.no_grad()
-def greedy(model: PLTForCausalLM, ids: list[int], max_new: int, stop_ids=()) -> list[int]:
-    """Greedy continuation of `ids` with prefill + CLP decode steps."""
-    logits, state = model.prefill(torch.tensor([ids]))
-    logits, out = logits[0, -1], []
-    for _ in range(max_new):
-        nxt = int(logits.argmax())
-        if nxt in stop_ids or state.pos >= model.config.max_position_embeddings:
-            break
-        out.append(nxt)
-        step, state = model.decode_step(torch.tensor([nxt]), state)
-        logits = step[0]
-    return out

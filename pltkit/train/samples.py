@@ -16,19 +16,18 @@ from __future__ import annotations
 import argparse
 import sysconfig
 
-import torch
-
-from pltkit.model.checkpoint import load_model, resolve_model_path
+from pltkit.model.paths import resolve_model_path
 from pltkit.model.tokenizer import PLTTokenizer
 from pltkit.train import data
-from pltkit.train.evaluate import greedy
+from pltkit.runtime.generate import generate
+from pltkit.runtime.torch_backend import TorchBackend
 
 PREFIX_CHARS = 900  # keep prompts well inside the default model's 512-token context
 
 
 def held_out_prompts(n: int, root: str | None = None) -> list[dict]:
     root = root or sysconfig.get_paths()["stdlib"]
-    _, heldout = data.split_files(data.stdlib_sources(root), root)
+    _, heldout = data.stdlib_split(root)
     prompts = []
     for path in sorted(heldout, key=lambda p: p.relative_to(root).as_posix())[:n]:
         lines = data.read_source(path).splitlines(keepends=True)
@@ -43,22 +42,21 @@ def held_out_prompts(n: int, root: str | None = None) -> list[dict]:
     return prompts
 
 
-def complete(model, tok: PLTTokenizer, prompt: dict, max_new: int) -> dict:
+def complete(backend, tok: PLTTokenizer, prompt: dict, max_new: int) -> dict:
     plain = tok.encode(prompt["prefix"])
     fim = tok.fim
     infill = [fim.prefix, *tok.encode(prompt["infill_prefix"]), fim.suffix, *tok.encode(prompt["suffix"]),
               fim.middle]
-    return {"plain": tok.decode(greedy(model, plain, max_new, tok.eos_ids)),
-            "infill": tok.decode(greedy(model, infill, max_new, tok.eos_ids))}
+    return {name: tok.decode(list(generate(backend, ids, max_new, stop_ids=tok.eos_ids)))
+            for name, ids in (("plain", plain), ("infill", infill))}
 
 
 def card_markdown(model_name: str, n: int = 4, max_new: int = 48) -> str:
     path = resolve_model_path(model_name)
-    model, tok = load_model(path), PLTTokenizer.from_dir(path)
+    backend, tok = TorchBackend(path, threads=2), PLTTokenizer.from_dir(path)
     out = []
     for p in held_out_prompts(n):
-        with torch.no_grad():
-            got = complete(model, tok, p, max_new)
+        got = complete(backend, tok, p, max_new)
         tail = "".join(p["prefix"].splitlines(keepends=True)[-6:])
         out += [f"#### `{p['file']}`, cut before line {p['line']}", "",
                 "Last lines of the prompt:", "```python", tail.rstrip("\n"), "```",
@@ -74,7 +72,6 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-new", type=int, default=48)
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
     print(card_markdown(args.model, args.n, args.max_new))
 
 

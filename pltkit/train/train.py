@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -89,8 +88,7 @@ def train(tc: TrainConfig, out: Path, tokenizer_dir: Path | None = None, root: s
     out/model (checkpoint, fp16), out/tokenizer and out/train_report.json."""
     torch.manual_seed(tc.seed)
     torch.set_num_threads(tc.threads)
-    root = root or sysconfig.get_paths()["stdlib"]
-    train_files, heldout_files = data.split_files(data.stdlib_sources(root), root)
+    train_files, heldout_files = data.stdlib_split(root)
     log.info("%d training files, %d held out", len(train_files), len(heldout_files))
     tok_dir = tokenizer_dir or out / "tokenizer"
     if tokenizer_dir is None:
