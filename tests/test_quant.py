@@ -59,8 +59,10 @@ def test_exported_weights_follow_the_format(quantized, name):
     assert manifest["precision"] == name and manifest["quantization"]["bits"] == scheme.bits
 
 
-def test_quantized_artifact_completes(quantized):
-    out = subprocess.run(["plt-complete", "--model", str(quantized / "int4"), "--json", "--max-tokens", "8",
+@pytest.mark.parametrize("name", ["int8", "int4", "int8-qdq", "fp8"])
+def test_quantized_artifact_completes(quantized, qdq, name):
+    artifact = (quantized if name in SCHEMES else qdq[0]) / name
+    out = subprocess.run(["plt-complete", "--model", str(artifact), "--json", "--max-tokens", "8",
                           "def add(a, b):"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["tokens"]
 
@@ -73,10 +75,11 @@ def qdq(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("qdq")
     amax = calibrate("default", None, windows=4)
-    assert len(amax) == 4 * 7 + 1 and min(amax.values()) > 0  # every linear layer and the head
+    assert len(amax) == 4 * 7 + 1  # every linear layer and the head, per input channel
+    assert all(a.shape == (256 if "down_proj" not in k else 768,) and a.max() > 0 for k, a in amax.items())
     for name in ("int8-qdq", "fp8"):
         export("default", d / name, quant=QDQ_SCHEMES[name].with_calibration(amax))
-    return d
+    return d, amax
 
 
 @pytest.mark.parametrize("name", ["int8-qdq", "fp8"])
@@ -86,13 +89,15 @@ def test_qdq_weights_dequantize_in_onnxruntime_as_in_numpy(qdq, name):
 
     from pltkit.quant.schemes import QDQ_SCHEMES
 
-    model = onnx.load(qdq / name / "decode.onnx")
+    d, amax = qdq
+    model = onnx.load(d / name / "decode.onnx")
     init = {t.name: t for t in model.graph.initializer}
-    key = f"model.layers.1.mlp.up_proj.weight.{name}"
-    wq, scales = numpy_helper.to_array(init[key]), numpy_helper.to_array(init[key + ".scales"])
+    weight = "model.layers.1.mlp.up_proj.weight"
+    key = f"{weight}.{name}"
+    wq, scales = numpy_helper.to_array(init[key + ".w"]), numpy_helper.to_array(init[key + ".w_scales"])
     graph = helper.make_graph([helper.make_node("DequantizeLinear", ["w", "s", "z"], ["y"], axis=1)], "dq", [],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-                              [init[key], init[key + ".scales"], init[key + ".zero"]])
+                              [init[key + ".w"], init[key + ".w_scales"], init[key + ".w_zero"]])
     for t, n in zip(graph.initializer, "wsz"):
         t.name = n
     sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)],
@@ -100,21 +105,45 @@ def test_qdq_weights_dequantize_in_onnxruntime_as_in_numpy(qdq, name):
     got = sess.run(None, {})[0]
     want = wq.astype(np.float32) * scales
     import pltkit
-    src = pltkit.load_model("default").state_dict()["model.layers.1.mlp.up_proj.weight"].numpy().T
-    rel = np.abs(want - src).max() / np.abs(src).max()
+    scheme = QDQ_SCHEMES[name]
+    src = pltkit.load_model("default").state_dict()[weight].numpy().T
+    ref = scheme.quantized_layer(src, amax[weight])
+    smoothed = src / numpy_helper.to_array(init[key + ".inv_smooth"])[:, None]
+    err = np.abs(want - smoothed)
+    # int8: half a step. fp8 (3 mantissa bits): half an ulp, 2^-4 relative; subnormals 2^-10 of the scale
+    bound = scales / 2 if name == "int8-qdq" else np.maximum(np.abs(smoothed) / 16, scales / 1024)
     print(f"{name}: ORT vs numpy dequantize max|diff| {np.abs(got - want).max():.1e}; "
-          f"max error vs float weights {rel:.2%} of the largest weight")
-    assert np.array_equal(got, want) and np.array_equal(wq, QDQ_SCHEMES[name].weight(src)[0])
+          f"error vs the smoothed float weights at most {(err / bound).max():.3f} of its bound")
+    assert np.array_equal(got, want) and all(np.array_equal(numpy_helper.to_array(init[f"{key}.{part}"]), v)
+                                             for part, v in ref.items())
+    assert (err <= bound * (1 + 1e-6)).all()
 
 
-# On the first 6 held-out windows. int8/int4: the targets. int8-qdq/fp8: guards below
-# the full-set figures (93.75 % / 96.82 %, see docs/design.md), whose targets are not yet met.
-MIN_AGREEMENT_MAX_PPL = {"int8": (0.98, 0.01), "int4": (0.93, 0.06), "int8-qdq": (0.92, 0.01), "fp8": (0.95, 0.02)}
+def test_smoothquant_leaves_the_product_unchanged():
+    from pltkit.quant.schemes import QDQ_SCHEMES
+
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(5, 64)) * np.r_[50, np.ones(63)], rng.normal(size=(64, 16))  # channel 0: outliers
+    scheme = QDQ_SCHEMES["int8-qdq"]
+    m = scheme.smoothing(w, np.abs(x).max(0))
+    assert m[0] > 3 * np.median(m) and np.allclose((x / m) @ (w * m[:, None]), x @ w)
+
+
+def test_fp8_keeps_the_first_layer_float(qdq):
+    d, _ = qdq
+    model = onnx.load(d / "fp8" / "decode.onnx")
+    quantized = {i.name for i in model.graph.initializer if i.name.endswith(".fp8.w")}
+    assert quantized and not any(n.startswith("model.layers.0.") for n in quantized)
+    assert "model.layers.0.*" in json.loads((d / "fp8" / "pltkit.json").read_text())["quantization"]["kept_float32"]
+
+
+# On the first 6 held-out windows: the targets (int8-qdq has none; it is held to 96 % / +1 %).
+MIN_AGREEMENT_MAX_PPL = {"int8": (0.98, 0.01), "int4": (0.93, 0.06), "int8-qdq": (0.96, 0.01), "fp8": (0.97, 0.02)}
 
 
 @pytest.mark.parametrize("name", list(MIN_AGREEMENT_MAX_PPL))
 def test_accuracy_against_float32(quantized, qdq, name):
-    artifact = (quantized if name in SCHEMES else qdq) / name
+    artifact = (quantized if name in SCHEMES else qdq[0]) / name
     report = accuracy_report(artifact, "default", threads=2, limit=6)
     print(name, json.dumps(report))
     agreement, ppl = MIN_AGREEMENT_MAX_PPL[name]
@@ -127,7 +156,7 @@ def test_calibration_on_a_users_folder(tmp_path):
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "a.py").write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 40)
     amax = calibrate("default", tmp_path, windows=2)
-    assert len(amax) == 29 and all(v > 0 for v in amax.values())
+    assert len(amax) == 29 and all(v.max() > 0 for v in amax.values())
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .py files"):
         calibrate("default", tmp_path / "empty")

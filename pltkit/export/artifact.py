@@ -69,7 +69,7 @@ class WeightStore:
     def derived(self, key: str, make) -> tuple[str, TensorProto]:
         """A tensor computed once by make() (e.g. quantized weights), stored under `key`."""
         if key not in self.protos:
-            arr = np.ascontiguousarray(make())
+            arr = np.require(make(), requirements="C")  # (ascontiguousarray turns a scalar into [1])
             self.file.write(b"\0" * (-self.file.tell() % ALIGN))
             offset = self.file.tell()
             self.file.write(arr.tobytes())

@@ -1,26 +1,29 @@
 """Activation ranges for static quantization, from the torch reference run on code.
 
-For every linear layer the calibration records amax = max |input| over the calibration
-windows, every loop included (the layers are shared by the loops). The output head's
-input is model.norm's output. Scales derived from amax are per tensor.
+For every linear layer the calibration records, per input channel, amax = max |input|
+over the calibration windows, every loop included (the layers are shared by the loops).
+The output head's input is model.norm's output. Activation scales are per tensor (the
+largest channel, after SmoothQuant's per-channel division where a scheme applies it).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pltkit.model.plt import PLTForCausalLM
 
 
 @torch.no_grad()
-def activation_amax(model: PLTForCausalLM, windows: torch.Tensor, batch: int = 4) -> dict[str, float]:
-    """{weight name: amax of the input of the layer that uses it} over LongTensor windows [N, T]."""
-    amax: dict[str, float] = {}
+def activation_amax(model: PLTForCausalLM, windows: torch.Tensor, batch: int = 4) -> dict[str, np.ndarray]:
+    """{weight name: per-channel amax [K] of the input of the layer that uses it} over LongTensor
+    windows [N, T]."""
+    amax: dict[str, torch.Tensor] = {}
 
     def record(name):
         def hook(module, args, output=None):
-            x = output if output is not None else args[0]
-            amax[name] = max(amax.get(name, 0.0), float(x.abs().max()))
+            x = (output if output is not None else args[0]).abs().flatten(0, -2).amax(0)
+            amax[name] = torch.maximum(amax[name], x) if name in amax else x
         return hook
 
     handles = []
@@ -36,4 +39,4 @@ def activation_amax(model: PLTForCausalLM, windows: torch.Tensor, batch: int = 4
     finally:
         for h in handles:
             h.remove()
-    return amax
+    return {name: a.numpy().astype(np.float32) for name, a in amax.items()}

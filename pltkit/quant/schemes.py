@@ -19,7 +19,7 @@ agreement (measured on the default model: 91.8 % top-1 with a 4-bit head).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -119,15 +119,24 @@ class StaticQDQ:
     emulation: Q/DQ then a float32 MatMul), which is how its accuracy is measured here.
 
     int8: s = amax / 127, q = clip(round(x / s), -127, 127), zero point 0.
-    fp8:  s = amax / 448 (the largest float8e4m3fn), q = float8e4m3fn(x / s), zero point 0."""
+    fp8:  s = amax / 448 (the largest float8e4m3fn), q = float8e4m3fn(x / s), zero point 0.
+
+    SmoothQuant (alpha): each linear layer divides its input channel k by
+    m_k = a_k^alpha / w_k^(1 - alpha) (a_k the calibrated amax of the channel, w_k the largest
+    |weight| reading it) and multiplies the weights' row k by m_k, which leaves x @ W unchanged
+    and moves activation outliers into the weights, where per-channel scales absorb them.
+    Layers whose names start with a `keep_float` prefix stay float (the first layer: its
+    activations cost fp8 the most agreement, see docs/design.md)."""
 
     name: str
     qtype: int  # onnx TensorProto element type of the quantized values
     qmax: float
-    amax: tuple = ()  # ((weight name, activation amax), ...) from calibration
+    alpha: float | None = None  # SmoothQuant migration strength
+    keep_float: tuple[str, ...] = ()
+    amax: dict = field(default_factory=dict, compare=False)  # weight name -> per-channel input amax [K]
 
-    def with_calibration(self, amax: dict[str, float]) -> StaticQDQ:
-        return StaticQDQ(self.name, self.qtype, self.qmax, tuple(sorted(amax.items())))
+    def with_calibration(self, amax: dict[str, np.ndarray]) -> StaticQDQ:
+        return replace(self, amax={k: np.asarray(v, np.float32) for k, v in amax.items()})
 
     def _np_type(self):
         import ml_dtypes
@@ -140,37 +149,57 @@ class StaticQDQ:
             return np.clip(np.rint(y), -self.qmax, self.qmax).astype(np.int8)
         return np.clip(y, -self.qmax, self.qmax).astype(self._np_type())
 
+    def smoothing(self, w: np.ndarray, amax: np.ndarray) -> np.ndarray:
+        """m [K] for W [K, N] and input channel amax [K] (ones without SmoothQuant)."""
+        if self.alpha is None:
+            return np.ones(w.shape[0], np.float32)
+        a, wmax = np.maximum(amax, 1e-5), np.maximum(np.abs(w).max(1), 1e-5)
+        return (a ** self.alpha / wmax ** (1 - self.alpha)).astype(np.float32)
+
     def weight(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """W [K, N] -> (quantized W [K, N], scales [N]): one scale per output channel."""
         scales = (np.abs(w).max(0) / self.qmax).astype(np.float32)
         scales = np.where(scales == 0, np.float32(1), scales)
         return self.quantize(w, scales), scales
 
+    def quantized_layer(self, w: np.ndarray, amax: np.ndarray) -> dict[str, np.ndarray]:
+        """Everything the graph stores for one layer, from W [K, N] and its input amax [K]:
+        1/m, the activation scale, the quantized smoothed weights and their scales."""
+        m = self.smoothing(w, amax)
+        wq, scales = self.weight(w * m[:, None])
+        x_scale = np.float32(max(float((amax / m).max()), 1e-8) / self.qmax)
+        return {"inv_smooth": (1 / m).astype(np.float32), "x_scale": np.array(x_scale), "w": wq, "w_scales": scales,
+                "w_zero": np.zeros(wq.shape[1], wq.dtype)}
+
+    def is_quantized(self, weight: str) -> bool:
+        return weight not in HEAD_WEIGHTS and not weight.startswith(self.keep_float)
+
     def linear(self, builder, x: str, weight: str) -> str:
-        if weight in HEAD_WEIGHTS:  # the output head stays float32: it decides the argmax
-            return builder.g.op("MatMul", x, builder.w(weight, transpose=True))
-        table = dict(self.amax)
-        if weight not in table:
-            raise ValueError(f"no calibration range for {weight}: calibrate before exporting {self.name}")
         g, store = builder.g, builder.store
-        zero = np.zeros((), self._np_type())
+        if not self.is_quantized(weight):  # the output head (it decides the argmax), kept layers
+            return g.op("MatMul", x, builder.w(weight, transpose=True))
+        if weight not in self.amax:
+            raise ValueError(f"no calibration range for {weight}: calibrate before exporting {self.name}")
         key = f"{weight}.{self.name}"
-        if key not in store.protos:
-            wq, scales = self.weight(np.asarray(store.source(weight), np.float32).T)
-            store.derived(key, lambda: wq)
-            store.derived(key + ".scales", lambda: scales)
-            store.derived(key + ".zero", lambda: np.zeros(wq.shape[1], wq.dtype))
-        wq, ws, wz = (builder.use_initializer(*store.derived(k, None)) for k in (key, key + ".scales", key + ".zero"))
-        xs = g.const(max(table[weight], 1e-8) / self.qmax, np.float32)
-        xz = builder.use_initializer(*store.derived(f"qdq.{self.name}.zero", lambda: zero))
+        if key + ".w" not in store.protos:
+            parts = self.quantized_layer(np.asarray(store.source(weight), np.float32).T, self.amax[weight])
+            for part, value in parts.items():
+                store.derived(f"{key}.{part}", lambda v=value: v)
+        inv_m, xs, wq, ws, wz = (builder.use_initializer(*store.derived(f"{key}.{part}", None))
+                                 for part in ("inv_smooth", "x_scale", "w", "w_scales", "w_zero"))
+        xz = builder.use_initializer(*store.derived(f"qdq.{self.name}.zero", lambda: np.zeros((), self._np_type())))
+        if self.alpha is not None:
+            x = g.op("Mul", x, inv_m)
         x_dq = g.op("DequantizeLinear", g.op("QuantizeLinear", x, xs, xz), xs, xz)
         return g.op("MatMul", x_dq, g.op("DequantizeLinear", wq, ws, wz, axis=1))
 
     def manifest(self) -> dict:
         return {"scheme": self.name, "kind": "static Q/DQ", "target": "tensorrt", "weights": "per output channel",
                 "activations": "per tensor, calibrated amax", "zero_point": 0, "embeddings": "float32",
-                "calibrated_layers": len(self.amax),
-                "kept_float32": "output head, embeddings, norms, loop gates, attention"}
+                "smoothquant_alpha": self.alpha, "calibrated_layers": len(self.amax),
+                "kept_float32": ["output head", "embeddings", "norms", "loop gates", "attention",
+                                 *(p + "*" for p in self.keep_float)]}
 
 
-QDQ_SCHEMES = {"int8-qdq": StaticQDQ("int8-qdq", 3, 127.0), "fp8": StaticQDQ("fp8", 17, 448.0)}
+QDQ_SCHEMES = {"int8-qdq": StaticQDQ("int8-qdq", 3, 127.0, alpha=0.8),
+               "fp8": StaticQDQ("fp8", 17, 448.0, alpha=0.8, keep_float=("model.layers.0.",))}
