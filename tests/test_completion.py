@@ -119,3 +119,29 @@ def test_request_from_infill_body():
 def test_single_line_ends_at_once_on_a_newline(tok):
     _, st = run(tok, CompletionRequest(single_line=True, n_predict=-1), "\nimport sys\n")
     assert st.stop_type == "limit" and st.text_final == ""
+
+
+def test_a_truncated_prefix_starts_at_the_same_place_while_the_user_types():
+    """llama.vim sends the last 256 lines: as the cursor moves down, a cut at a fixed token count
+    moves the prompt's start every request (nothing cached matches); the anchored cut does not."""
+    import sysconfig
+
+    from pltkit.model.paths import resolve_model_path
+    from pltkit.runtime.completion import stable_tail
+
+    tok = PLTTokenizer.from_dir(resolve_model_path("default"))
+    lines = open(sysconfig.get_paths()["stdlib"] + "/textwrap.py").read().splitlines(keepends=True)
+    starts, plain, sizes = [], [], []
+    for k in range(200, 260):
+        text = "".join(lines[max(0, k - 150):k])
+        ids = tok.encode(text)
+        kept = stable_tail(tok, text, ids, 300)
+        assert 150 <= len(kept) <= 300 and text.endswith(tok.decode(kept))  # 3/4 of it, less a line
+        starts.append(tok.decode(kept[:16]))
+        sizes.append(len(kept))
+        plain.append(ids[-300:][:16])
+    moves = sum(a != b for a, b in zip(starts, starts[1:]))
+    plain_moves = sum(a != b for a, b in zip(plain, plain[1:]))
+    print(f"prompt start moved {moves} times in {len(starts) - 1} steps (fixed token cut: {plain_moves}); "
+          f"kept {sum(sizes) / len(sizes):.0f} of 300 tokens on average")
+    assert moves <= len(starts) // 3 and plain_moves > len(starts) * 3 // 4

@@ -130,3 +130,35 @@ def test_switching_files_and_back_reuses_the_earlier_state(ckpt):
     tight.run(file_a, GREEDY)
     tight.run(file_b, GREEDY)
     assert tight.run(back, GREEDY).tokens_cached == 0  # nothing kept within one byte
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_state_bytes_count_the_snapshots(ckpt, backend, tmp_path):
+    path = ckpt
+    if backend == "ort":
+        path = export(ckpt, tmp_path / "art")
+    e = engine(path)
+    e.run(list(range(4, 100)), GREEDY)
+    slot = e.slots[0]
+    assert len(slot.snapshots) == 6
+    if e.backend.config.plt_num_loops > 1:  # rings and carries are in each snapshot
+        assert e.state_bytes() > slot.state.nbytes()
+    else:
+        assert e.state_bytes() == slot.state.nbytes()
+
+
+def test_typing_on_the_current_line_reuses_everything_before_it():
+    """The layout marks where the current line starts; the engine snapshots there, so the next
+    keystroke prefills only the line, and the completion equals a cold run's."""
+    from pltkit.model.paths import resolve_model_path
+    from pltkit.runtime.completion import layout
+
+    e = Engine(open_backend("default", threads=1), pltkit.load_tokenizer(resolve_model_path("default")))
+    base = dict(prefix="import os\n\n\ndef walk(top):\n" * 6, suffix="\n\nprint(walk('.'))\n", n_predict=8)
+    e.complete(CompletionRequest(prompt="    for", **base))
+    req = CompletionRequest(prompt="    for root", **base)
+    got = e.complete(req)
+    line_start = layout(e.tok, req, 10_000).marks[-1]
+    cold = Engine(e.backend, e.tok).complete(req)
+    print(f"cached {got.tokens_cached} of {got.tokens_cached + got.tokens_evaluated} (line starts at {line_start})")
+    assert got.tokens_cached == line_start and got.tokens == cold.tokens

@@ -67,6 +67,10 @@ class PLTTokenizer:
         """Text as plain tokens: no bos added, special-token names in the text stay text."""
         return self._plain.encode(text, add_special_tokens=False).ids
 
+    def count_batch(self, texts: list[str]) -> list[int]:
+        """Token counts of several texts, each encoded alone (in parallel)."""
+        return [len(e.ids) for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+
     def encode_with_specials(self, text: str) -> list[int]:
         """Text in which special-token names (e.g. <|fim_prefix|>) become those tokens."""
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -4,6 +4,7 @@ when to stop. Pure functions and small classes; the engine that runs them sits o
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field, fields
 
 from pltkit.model.tokenizer import PLTTokenizer
@@ -39,6 +40,7 @@ class CompletionRequest:
     seed: int | None = None
     n_cmpl: int = 1
     fim_order: str = "psm"  # or "spm" (suffix first)
+    special: bool = False  # a plain prompt's special-token names become those tokens (llama.cpp's /completion)
 
     def __post_init__(self):
         checks = {
@@ -46,14 +48,14 @@ class CompletionRequest:
             "suffix": self.suffix is None or isinstance(self.suffix, str),
             "n_predict": _int(self.n_predict) and self.n_predict >= -1,
             "n_indent": _int(self.n_indent) and self.n_indent >= 0,
-            "single_line": isinstance(self.single_line, bool),
+            "single_line": isinstance(self.single_line, bool), "special": isinstance(self.special, bool),
             "stop": all(isinstance(s, str) and s for s in self.stop),
             "t_max_prompt_ms": _num(self.t_max_prompt_ms) and self.t_max_prompt_ms >= 0,
             "t_max_predict_ms": _num(self.t_max_predict_ms) and self.t_max_predict_ms >= 0,
             "temperature": _num(self.temperature) and self.temperature >= 0,
             "top_k": _int(self.top_k) and self.top_k >= 0,
             "top_p": _num(self.top_p) and 0 < self.top_p <= 1,
-            "seed": self.seed is None or _int(self.seed),
+            "seed": self.seed is None or _int(self.seed) and self.seed >= 0,
             "n_cmpl": _int(self.n_cmpl) and 1 <= self.n_cmpl <= 16,
             "fim_order": self.fim_order in FIM_ORDERS,
             "extra": all(isinstance(t, str) and (f is None or isinstance(f, str)) for f, t in self.extra),
@@ -74,6 +76,8 @@ class CompletionRequest:
             name = renames.get(key, key)
             if name in known:
                 args[name] = value
+        if args.get("seed") == -1:  # llama.cpp: -1 is a random seed
+            args["seed"] = None
         if "extra" in args:
             chunks = args["extra"]
             if not isinstance(chunks, list) or not all(isinstance(c, dict) and "text" in c for c in chunks):
@@ -113,6 +117,14 @@ class Prompt:
     ids: list[int]
     truncated: bool = False
     parts: dict = field(default_factory=dict)  # tokens kept of each part
+    marks: tuple[int, ...] = ()  # positions where the next request will likely differ: worth a snapshot
+
+
+def prompt_ids(tok: PLTTokenizer, req: CompletionRequest) -> list[int]:
+    """The tokens of a plain (not infill) request."""
+    if req.special:
+        return tok.encode_with_specials(req.prefix + req.prompt)
+    return tok.encode(req.prefix) + tok.encode(req.prompt)
 
 
 def layout(tok: PLTTokenizer, req: CompletionRequest, budget: int) -> Prompt:
@@ -121,7 +133,7 @@ def layout(tok: PLTTokenizer, req: CompletionRequest, budget: int) -> Prompt:
     chunks (most recent last) fill what is left, in front."""
     line = tok.encode(req.prompt)
     if req.suffix is None:  # plain completion
-        ids = tok.encode(req.prefix) + line
+        ids = prompt_ids(tok, req)
         keep = ids[-budget:] if budget > 0 else []
         return Prompt(keep, len(keep) < len(ids), {"prefix": len(keep)})
     fim = tok.fim
@@ -133,7 +145,7 @@ def layout(tok: PLTTokenizer, req: CompletionRequest, budget: int) -> Prompt:
     if room < 0:
         raise RequestError(f"the current line alone ({len(line)} tokens) exceeds the prompt budget ({budget})")
     suffix_kept = suffix[:min(len(suffix), room // 4)]
-    prefix_kept = prefix[max(0, len(prefix) - (room - len(suffix_kept))):]
+    prefix_kept = stable_tail(tok, req.prefix, prefix, room - len(suffix_kept))
     marks = {"prefix": [fim.prefix, *prefix_kept], "suffix": [fim.suffix, *suffix_kept], "middle": [fim.middle]}
     body = [t for part in FIM_ORDERS[req.fim_order] for t in marks[part]] + line
     head, left = [], budget - len(body)
@@ -148,8 +160,40 @@ def layout(tok: PLTTokenizer, req: CompletionRequest, budget: int) -> Prompt:
             if len(name) <= left:
                 head += name
     truncated = len(prefix_kept) < len(prefix) or len(suffix_kept) < len(suffix)
-    return Prompt(head + body, truncated, {"prefix": len(prefix_kept), "suffix": len(suffix_kept),
+    # typing changes the current line (after the middle token); a new line changes what follows
+    # the first part (the prefix, in PSM order), and maybe its last token ("\n" + indent merge)
+    first = len(head) + 1 + len(prefix_kept if FIM_ORDERS[req.fim_order][0] == "prefix" else suffix_kept)
+    marks = (first - 1, first, len(head) + len(body) - len(line))
+    return Prompt(head + body, truncated, marks=marks, parts={"prefix": len(prefix_kept), "suffix": len(suffix_kept),
                                            "extra": len(head)})
+
+
+def stable_tail(tok: PLTTokenizer, text: str, ids: list[int], budget: int) -> list[int]:
+    """The end of `text` (tokens `ids`) within `budget` tokens, cut where the next request's
+    prompt will be cut too. As the user types on, the prefix grows at its end (and an editor's
+    window of the last N lines slides): cutting at a fixed token count would move the start of
+    the prompt every time and no cached prefix would ever match. So the cut falls on the line
+    with the smallest content hash (the leftmost of equals) among the lines that would come
+    first, up to a quarter of the budget: it stays put until the text moves past it
+    (winnowing). Costs at most a quarter of the budget, usually much less."""
+    if len(ids) <= budget:
+        return ids
+    if budget <= 0:
+        return []
+    lines = text.splitlines(keepends=True)
+    counts = tok.count_batch(lines)
+    first, total = len(lines), 0
+    while first > 0 and total + counts[first - 1] <= budget:
+        first, total = first - 1, total + counts[first - 1]
+    window, spent = [], 0
+    for i in range(first, len(lines)):
+        if window and spent + counts[i] > budget // 4:
+            break
+        window.append(i)
+        spent += counts[i]
+    anchor = min(window, key=lambda i: (zlib.crc32(lines[i].encode()), i), default=first)
+    kept = tok.encode("".join(lines[anchor:]))
+    return kept[-budget:] if len(kept) > budget else kept
 
 
 # --- stopping -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,8 +26,11 @@ class Cancel:
 
     def __init__(self):
         self._event = threading.Event()
+        self.at: float | None = None  # time.perf_counter() of the first cancel()
 
     def cancel(self) -> None:
+        if self.at is None:
+            self.at = time.perf_counter()
         self._event.set()
 
     @property
@@ -53,15 +56,37 @@ class _Slot:
     state: object = None
     snapshots: dict[int, dict] = field(default_factory=dict)  # position -> rings and carries
 
+    def nbytes(self) -> int:
+        if self.state is None:
+            return 0
+        return self.state.nbytes() + _nbytes(self.snapshots)
+
+
+def _nbytes(x) -> int:
+    """Bytes of the arrays (numpy or torch) in nested dicts, lists and tuples."""
+    if isinstance(x, dict):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(v) for v in x)
+    return int(x.nbytes)
+
 
 class Engine:
-    def __init__(self, backend, tokenizer: PLTTokenizer, chunk: int = 64, cache_bytes: int = 256 << 20):
+    def __init__(self, backend, tokenizer: PLTTokenizer, chunk: int = 64, cache_bytes: int = 256 << 20,
+                 max_slots: int = 64):
         """cache_bytes: memory for states kept after their slot moved on to an unrelated prompt
-        (an editor switching files and back), least recently used dropped first."""
+        (an editor switching files and back), least recently used dropped first. max_slots: slots
+        (any hashable ids) holding a state; the least recently used one beyond it is kept like that."""
         self.backend, self.tok, self.chunk, self.cache_bytes = backend, tokenizer, chunk, cache_bytes
-        self.slots: dict[int, _Slot] = {}
+        self.max_slots = max_slots
+        self.slots: dict = {}  # slot id -> _Slot, least recently used first
         self.recent: list[_Slot] = []  # least recently used first
         self.context = backend.config.max_position_embeddings
+
+    def state_bytes(self) -> int:
+        """Memory held by the slots' and the recent prompts' states (global caches, rings, carries
+        and the prefix snapshots)."""
+        return sum(s.nbytes() for s in (*self.slots.values(), *self.recent))
 
     @staticmethod
     def _reusable(slot: _Slot, ids: list[int]) -> int:
@@ -74,9 +99,9 @@ class Engine:
             common += 1
         return max((p for p in slot.snapshots if p <= common), default=0) if slot.state is not None else 0
 
-    def _pick(self, slot_id: int, ids: list[int]) -> _Slot:
+    def _pick(self, slot_id, ids: list[int]) -> _Slot:
         """The slot's own state, or a recent one that shares more of the prompt (swapped in)."""
-        slot = self.slots.get(slot_id) or _Slot()
+        slot = self.slots.pop(slot_id, None) or _Slot()
         best = max(self.recent, key=lambda s: self._reusable(s, ids), default=None)
         if best is not None and self._reusable(best, ids) > self._reusable(slot, ids):
             self.recent.remove(best)
@@ -86,13 +111,15 @@ class Engine:
             self._keep(slot)
             slot = _Slot()
         self.slots[slot_id] = slot
+        while len(self.slots) > self.max_slots:
+            self._keep(self.slots.pop(next(iter(self.slots))))
         return slot
 
     def _keep(self, slot: _Slot) -> None:
         if slot.state is None or len(slot.ids) < self.chunk:
             return
         self.recent.append(slot)
-        while self.recent and sum(s.state.nbytes() for s in self.recent) > self.cache_bytes:
+        while self.recent and sum(s.nbytes() for s in self.recent) > self.cache_bytes:
             self.recent.pop(0)
 
     def _restore(self, slot: _Slot, ids: list[int]) -> int:
@@ -106,51 +133,54 @@ class Engine:
         slot.snapshots = {p: s for p, s in slot.snapshots.items() if p <= at}
         return at
 
-    def _feed(self, slot: _Slot, ids: list[int], cancel: Cancel | None, deadline: float | None = None):
-        """Prefill ids in chunks ending on multiples of `chunk`; returns the last logits, or the
-        reason it stopped early ("cancelled", or "time" past the prompt's deadline)."""
+    def _feed(self, slot: _Slot, ids: list[int], cancel: Cancel | None, deadline: float | None = None,
+              marks: tuple[int, ...] = ()):
+        """Prefill ids in chunks ending on multiples of `chunk` and on the positions `marks`, with a
+        snapshot at each; returns the last logits, or the reason it stopped early ("cancelled", or
+        "time" past the prompt's deadline)."""
         logits, pos = None, len(slot.ids)
         while ids:
             if cancel is not None and cancel.cancelled:
                 return "cancelled"
             if deadline is not None and time.perf_counter() > deadline:
                 return "time"
-            n = min(len(ids), self.chunk - pos % self.chunk)
+            end = min((m for m in marks if m > pos), default=len(slot.ids) + len(ids))
+            n = min(len(ids), self.chunk - pos % self.chunk, end - pos)
             out, slot.state = self.backend.prefill(np.asarray([ids[:n]], np.int64), slot.state)
             slot.ids += ids[:n]
             ids, pos, logits = ids[n:], pos + n, out[0, -1]
-            if pos % self.chunk == 0:
+            if pos % self.chunk == 0 or pos in marks:
                 slot.snapshots[pos] = slot.state.snapshot()
         return logits
 
-    def complete(self, req: CompletionRequest, slot_id: int = 0, cancel: Cancel | None = None,
+    def complete(self, req: CompletionRequest, slot_id: Hashable = 0, cancel: Cancel | None = None,
                  on_text: Callable[[str], None] | None = None) -> Result:
         """The first completion of a request (streamed through on_text)."""
         return self.complete_all(req, slot_id, cancel, on_text)[0]
 
-    def complete_all(self, req: CompletionRequest, slot_id: int = 0, cancel: Cancel | None = None,
+    def complete_all(self, req: CompletionRequest, slot_id: Hashable = 0, cancel: Cancel | None = None,
                      on_text: Callable[[str], None] | None = None) -> list[Result]:
         """All req.n_cmpl completions of a request."""
         t0 = time.perf_counter()
         n_predict = req.n_predict if req.n_predict >= 0 else self.context
         prompt = layout(self.tok, req, self.context - max(1, min(n_predict, self.context // 4)))
-        return self.run_all(prompt.ids, req, slot_id, cancel, on_text, prompt.truncated, t0)
+        return self.run_all(prompt.ids, req, slot_id, cancel, on_text, prompt.truncated, t0, prompt.marks)
 
-    def run(self, ids: list[int], req: CompletionRequest, slot_id: int = 0, cancel: Cancel | None = None,
+    def run(self, ids: list[int], req: CompletionRequest, slot_id: Hashable = 0, cancel: Cancel | None = None,
             on_text: Callable[[str], None] | None = None) -> Result:
         """Complete the token ids `ids` (a laid-out prompt) on a slot: the first of req.n_cmpl."""
         return self.run_all(ids, req, slot_id, cancel, on_text)[0]
 
-    def run_all(self, ids: list[int], req: CompletionRequest, slot_id: int = 0, cancel: Cancel | None = None,
+    def run_all(self, ids: list[int], req: CompletionRequest, slot_id: Hashable = 0, cancel: Cancel | None = None,
                 on_text: Callable[[str], None] | None = None, truncated: bool = False,
-                t0: float | None = None) -> list[Result]:
+                t0: float | None = None, marks: tuple[int, ...] = ()) -> list[Result]:
         """req.n_cmpl completions of one prefilled prompt (seeds seed, seed+1, ...). The others run
         on copies of the state; the first runs last on the slot, which keeps it, and is streamed."""
         t0 = t0 or time.perf_counter()
         slot = self._pick(slot_id, ids)
         cached = self._restore(slot, ids)
         deadline = t0 + req.t_max_prompt_ms / 1e3 if req.t_max_prompt_ms else None
-        logits = self._feed(slot, ids[cached:], cancel, deadline)
+        logits = self._feed(slot, ids[cached:], cancel, deadline, marks)
         t1 = time.perf_counter()
         evaluated = len(slot.ids) - cached
         if isinstance(logits, str):  # stopped before the prompt was in

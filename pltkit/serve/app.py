@@ -1,0 +1,386 @@
+"""plt-serve's HTTP application (Starlette): the routes, limits, errors, streaming and
+cancellation. The model loads in the background; until it is in, /health answers 503.
+
+Every error is JSON with a 4xx/5xx status, in the shape of the route's protocol; a failure
+inside generation is a 500 for that request and the worker goes on with the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from pltkit.runtime.completion import InfillNotSupported, RequestError, prompt_ids
+from pltkit.runtime.engine import Engine
+from pltkit.serve.metrics import Metrics
+from pltkit.serve.protocols import COMPLETION_ROUTES, Call, LlamaCpp, Ollama
+from pltkit.serve.worker import Busy, Job, Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body: int = 4 << 20  # bytes of a request body
+    max_predict: int = 4096  # n_predict / max_tokens / num_predict
+    slots: int = 16  # id_slot values 0 .. slots-1 (clients without one get a slot of their own)
+    max_queue: int = 16  # jobs waiting for the worker
+
+
+@dataclass
+class Model:
+    """What the loader returns: the engine and how to describe the model."""
+
+    engine: Engine
+    name: str
+    details: dict
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class Server:
+    def __init__(self, load: Callable[[], Model], limits: Limits = Limits(), api_key: str | None = None):
+        self.load, self.limits, self.api_key = load, limits, api_key
+        self.metrics = Metrics()
+        self.model: Model | None = None
+        self.worker: Worker | None = None
+        self.load_error: str | None = None
+        self.loaded = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._load, name="pltkit-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            model = self.load()
+            model.engine.max_slots = self.limits.slots + 64  # numbered slots, then clients
+            self.worker = Worker(model.engine, self.limits.max_queue, self._finished)
+            self.model = model
+        except Exception as e:  # reported by /health and every route
+            log.exception("loading the model failed")
+            self.load_error = f"loading the model failed: {e}"
+        finally:
+            self.loaded.set()
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+    def _finished(self, job: Job, start: float) -> None:
+        """Called by the worker as it becomes free (start: time.perf_counter() the job began)."""
+        end = time.perf_counter()
+        self.metrics.job_seconds.observe(end - start)
+        self.metrics.state_bytes.set(self.model.engine.state_bytes())  # on the worker thread: no race
+        if job.superseded:
+            self.metrics.superseded.inc()
+        if job.done.exception() is not None:
+            return
+        results = job.done.result()
+        for r in results:
+            self.metrics.completion(r)
+        if results[0].stop_type == "cancelled":
+            self.metrics.cancel_seconds.observe(end - max(job.cancel.at, start))
+
+    def ready(self) -> Model:
+        if self.model is None:
+            raise HTTPError(500 if self.load_error else 503, self.load_error or "Loading model")
+        return self.model
+
+
+# --- helpers ------------------------------------------------------------------------------
+async def read_json(request: Request, limit: int):
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise HTTPError(413, f"request body of {length} bytes exceeds the limit of {limit}")
+    body, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes")
+        body.append(chunk)
+    try:
+        return json.loads(b"".join(body))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HTTPError(400, f"malformed JSON: {e}") from None
+
+
+async def until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def slot_key(call: Call, request: Request) -> Hashable:
+    """id_slot when given; else one slot per client (address and user agent)."""
+    if call.id_slot is not None:
+        return call.id_slot
+    host = request.client.host if request.client else "local"
+    return ("client", host, request.headers.get("user-agent", ""))
+
+
+# --- completion routes --------------------------------------------------------------------
+async def complete(request: Request) -> Response:
+    server: Server = request.app.state.server
+    proto = COMPLETION_ROUTES[request.url.path]
+    model = server.ready()
+    call = proto.parse(await read_json(request, server.limits.max_body))
+    check_limits(call, model.engine, server.limits)
+    slot = slot_key(call, request)
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    on_text = (lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)) if call.stream else None
+    job = Job(call.req, slot, call.ids, on_text)
+    server.worker.submit(job)
+    server.metrics.queue.set(server.worker.queued)
+    shown_slot = call.id_slot if call.id_slot is not None else -1
+    gone = asyncio.ensure_future(until_disconnect(request))  # ends at a disconnect or the response's end
+    gone.add_done_callback(lambda _: job.cancel.cancel())  # no-op once the job is done
+    if call.stream:
+        job.done.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+        return StreamingResponse(stream(proto, call, job, pieces, model.name, shown_slot),
+                                 media_type=proto.media_type)
+    done = asyncio.wrap_future(job.done)
+    try:
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not done.done():  # the client left (or this task was cancelled): drop the work
+            job.cancel.cancel()
+    results = await done
+    return JSONResponse(proto.response(call, results, model.name, shown_slot))
+
+
+async def stream(proto, call: Call, job: Job, pieces: asyncio.Queue, name: str, slot):
+    """The response body of a streaming request. A disconnect cancels the job through the
+    watcher in `complete` (the job stops within one decode step), and Starlette stops this."""
+    try:
+        while (text := await pieces.get()) is not None:
+            yield proto.piece(call, text, name, slot)
+        try:
+            results = job.done.result()
+        except Exception as e:
+            log.error("generation failed: %s", e)
+            yield error_event(proto, 500, f"generation failed: {e}")
+            return
+        yield proto.end(call, results, name, slot)
+    finally:
+        job.cancel.cancel()
+
+
+def error_event(proto, status: int, message: str) -> bytes:
+    body = json.dumps(proto.error(status, message))
+    return (body + "\n").encode() if proto.media_type == Ollama.media_type else f"data: {body}\n\n".encode()
+
+
+def check_limits(call: Call, engine: Engine, limits: Limits) -> None:
+    req = call.req
+    if req.n_predict > limits.max_predict:
+        raise HTTPError(400, f"n_predict {req.n_predict} exceeds this server's limit of {limits.max_predict}")
+    if call.id_slot is not None and call.id_slot >= limits.slots:
+        raise HTTPError(400, f"id_slot {call.id_slot} out of range: this server has slots 0..{limits.slots - 1}")
+    if call.ids is not None:
+        vocab = engine.tok.vocab_size
+        if any(not 0 <= t < vocab for t in call.ids):
+            raise HTTPError(400, f"prompt token ids must be in [0, {vocab})")
+        n = len(call.ids)
+    elif req.suffix is None:  # a plain prompt is not cut to fit (an infill's prefix is)
+        n = len(prompt_ids(engine.tok, req))
+    else:
+        return
+    if n == 0:
+        raise HTTPError(400, "the prompt is empty")
+    if n >= engine.context:
+        raise HTTPError(400, f"prompt of {n} tokens exceeds the context of {engine.context} tokens")
+
+
+# --- other routes -------------------------------------------------------------------------
+async def health(request: Request) -> Response:
+    server: Server = request.app.state.server
+    server.ready()
+    return JSONResponse({"status": "ok"})
+
+
+def model_entry(model: Model) -> dict:
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": "pltkit", "meta": model.details}
+
+
+async def models(request: Request) -> Response:
+    model = request.app.state.server.ready()
+    return JSONResponse({"object": "list", "data": [model_entry(model)]})
+
+
+async def props(request: Request) -> Response:
+    server: Server = request.app.state.server
+    model = server.ready()
+    return JSONResponse({"model_path": model.name, "total_slots": server.limits.slots,
+                         "n_ctx": model.engine.context, "build_info": "pltkit",
+                         "infill": model.engine.tok.fim is not None,
+                         "default_generation_settings": {"n_ctx": model.engine.context, "n_predict": 128,
+                                                         "temperature": 0.0, "top_k": 40, "top_p": 0.95},
+                         "limits": {"max_body": server.limits.max_body, "max_predict": server.limits.max_predict,
+                                    "max_queue": server.limits.max_queue}})
+
+
+async def tokenize(request: Request) -> Response:
+    server: Server = request.app.state.server
+    tok = server.ready().engine.tok
+    body = await read_json(request, server.limits.max_body)
+    content = body.get("content") if isinstance(body, dict) else None
+    if not isinstance(content, str):
+        raise HTTPError(400, "tokenize needs {\"content\": string}")
+    ids = tok.encode_with_specials(content) if body.get("parse_special") else tok.encode(content)
+    if body.get("with_pieces"):
+        return JSONResponse({"tokens": [{"id": i, "piece": tok.decode([i])} for i in ids]})
+    return JSONResponse({"tokens": ids})
+
+
+async def detokenize(request: Request) -> Response:
+    server: Server = request.app.state.server
+    tok = server.ready().engine.tok
+    body = await read_json(request, server.limits.max_body)
+    ids = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                           and 0 <= i < tok.vocab_size for i in ids):
+        raise HTTPError(400, f"detokenize needs {{\"tokens\": [ids in 0..{tok.vocab_size - 1}]}}")
+    return JSONResponse({"content": tok.decode(ids)})
+
+
+async def metrics(request: Request) -> Response:
+    server: Server = request.app.state.server
+    if server.worker is not None:
+        server.metrics.queue.set(server.worker.queued)
+        server.metrics.busy.set(0 if server.worker.idle.is_set() else 1)
+    return Response(server.metrics.text(), media_type="text/plain; version=0.0.4")
+
+
+# Ollama's model listing and metadata
+def ollama_template(model: Model) -> str:
+    fim = model.engine.tok.fim
+    if fim is None:
+        return "{{ .Prompt }}"
+    t = model.engine.tok.id_to_token
+    return (f"{{{{- if .Suffix }}}}{t(fim.prefix)}{{{{ .Prompt }}}}{t(fim.suffix)}{{{{ .Suffix }}}}"
+            f"{t(fim.middle)}{{{{- else }}}}{{{{ .Prompt }}}}{{{{- end }}}}")
+
+
+def ollama_details(model: Model) -> dict:
+    return {"format": model.details.get("format", ""), "family": "plt", "families": ["plt"],
+            "parameter_size": model.details.get("parameter_size", ""),
+            "quantization_level": model.details.get("precision", "").upper()}
+
+
+async def ollama_tags(request: Request) -> Response:
+    model = request.app.state.server.ready()
+    return JSONResponse({"models": [{"name": model.name, "model": model.name, "modified_at": "1970-01-01T00:00:00Z",
+                                     "size": model.details.get("size_bytes", 0), "digest": "",
+                                     "details": ollama_details(model)}]})
+
+
+async def ollama_show(request: Request) -> Response:
+    server: Server = request.app.state.server
+    model = server.ready()
+    await read_json(request, server.limits.max_body)  # {"model": ...}: there is one model
+    caps = ["completion", "insert"] if model.engine.tok.fim is not None else ["completion"]
+    return JSONResponse({"template": ollama_template(model), "capabilities": caps, "parameters": "",
+                         "license": "", "modelfile": "", "details": ollama_details(model),
+                         "model_info": {"general.architecture": "plt", "plt.context_length": model.engine.context,
+                                        **{f"plt.{k}": v for k, v in model.details.items()}}})
+
+
+async def ollama_version(request: Request) -> Response:
+    from importlib.metadata import version
+    return JSONResponse({"version": version("pltkit")})
+
+
+ROUTES = [
+    Route("/health", health), Route("/props", props), Route("/v1/models", models), Route("/models", models),
+    Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"]),
+    Route("/metrics", metrics),
+    *(Route(path, complete, methods=["POST"]) for path in COMPLETION_ROUTES),
+    Route("/api/tags", ollama_tags), Route("/api/show", ollama_show, methods=["POST"]),
+    Route("/api/version", ollama_version),
+]
+KNOWN_PATHS = {r.path for r in ROUTES}
+
+
+# --- errors, auth and request metrics -----------------------------------------------------
+def error_response(request: Request, status: int, message: str) -> JSONResponse:
+    shape = Ollama if request.url.path.startswith("/api/") else LlamaCpp
+    return JSONResponse(shape.error(status, message), status_code=status)
+
+
+async def on_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, HTTPError):
+        return error_response(request, exc.status, exc.message)
+    if isinstance(exc, InfillNotSupported):
+        return error_response(request, 501, str(exc))
+    if isinstance(exc, RequestError):
+        return error_response(request, 400, str(exc))
+    if isinstance(exc, Busy):
+        return error_response(request, 503, f"server busy: {exc}")
+    if isinstance(exc, HTTPException):
+        return error_response(request, exc.status_code, exc.detail or "error")
+    return error_response(request, 500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+class Gate:
+    """ASGI middleware: the API key (when set; /health stays open) and per-route request metrics."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+        start, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            key = self.server.api_key
+            if key and path != "/health":
+                given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+                if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                    request = Request(scope)
+                    return await error_response(request, 401, "invalid or missing API key (Authorization: "
+                                                              "Bearer KEY)")(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
+        finally:
+            m = self.server.metrics
+            m.requests.labels(path, str(status[0])).inc()
+            m.request_seconds.labels(path).observe(time.perf_counter() - start)
+
+
+def create_app(server: Server) -> Starlette:
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.start()
+        yield
+        server.stop()
+
+    app = Starlette(routes=ROUTES, lifespan=lifespan,
+                    exception_handlers={Exception: on_error, HTTPException: on_error, HTTPError: on_error,
+                                        RequestError: on_error, Busy: on_error})
+    app.state.server = server
+    app.add_middleware(Gate, server=server)
+    return app

@@ -1,0 +1,293 @@
+"""The wire protocols plt-serve speaks, as pure functions from a JSON body to a `Call` and from
+engine results to response objects: llama.cpp's server (/infill, /completion), OpenAI's
+/v1/completions (with `suffix`) and Ollama's /api/generate. Field names follow the clients'
+sources (see docs/serve.md). Each protocol also states its streaming format and error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+
+from pltkit.runtime.completion import CompletionRequest, RequestError
+from pltkit.runtime.engine import Result
+
+# llama.cpp stop types; the engine's "time" is a limit, "cancelled" is none
+STOP_TYPES = {"eos": "eos", "word": "word", "limit": "limit", "time": "limit", "cancelled": "none", "none": "none"}
+
+
+@dataclass
+class Call:
+    """One parsed completion request, whatever the protocol."""
+
+    req: CompletionRequest
+    ids: list[int] | None = None  # a prompt given as token ids
+    id_slot: int | None = None
+    stream: bool = False
+    response_fields: list[str] | None = None
+    return_tokens: bool = False
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: "cmpl-" + uuid.uuid4().hex[:24])
+    created: float = field(default_factory=time.time)
+
+
+def _object(body) -> dict:
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+def _check(cond: bool, name: str, value, what: str) -> None:
+    if not cond:
+        raise RequestError(f"invalid {name}: {value!r} (expected {what})")
+
+
+def _unsupported(body: dict, names: dict) -> None:
+    """Fields that would change the result in a way this server does not implement: refused, not
+    silently ignored. names: field -> predicate on its value that makes it harmless."""
+    for name, harmless in names.items():
+        if name in body and not harmless(body[name]):
+            raise RequestError(f"{name} is not supported by this server")
+
+
+def _stop_list(value, name: str = "stop"):
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    _check(isinstance(value, list) and all(isinstance(s, str) for s in value), name, value,
+           "a string or a list of strings")
+    return [s for s in value if s]
+
+
+# --- llama.cpp ----------------------------------------------------------------------------
+class LlamaCpp:
+    """llama.cpp server's /infill and /completion."""
+
+    media_type = "text/event-stream"
+    unsupported = {"grammar": lambda v: not v, "json_schema": lambda v: not v, "n_probs": lambda v: not v,
+                   "logit_bias": lambda v: not v, "lora": lambda v: not v, "image_data": lambda v: not v,
+                   "multimodal_data": lambda v: not v, "post_sampling_probs": lambda v: not v}
+
+    def __init__(self, infill: bool):
+        self.infill = infill
+
+    def parse(self, body) -> Call:
+        body = dict(_object(body))
+        _unsupported(body, self.unsupported)
+        if "max_tokens" in body and "n_predict" not in body:
+            body["n_predict"] = body["max_tokens"]
+        call = Call(CompletionRequest())
+        ids = None
+        if not self.infill:  # plain completion of `prompt`: text, or token ids
+            prompt = body.pop("prompt", "")
+            for key in ("input_prefix", "input_suffix", "input_extra"):
+                body.pop(key, None)
+            if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                ids = prompt
+                _check(bool(ids), "prompt", prompt, "a non-empty string or list of token ids")
+                prompt = ""
+            _check(isinstance(prompt, str), "prompt", prompt, "a string or a list of token ids")
+            body["input_prefix"], body["special"] = prompt, True  # as llama.cpp: FIM templates work
+        elif "input_suffix" not in body:
+            body["input_suffix"] = ""  # /infill always fills in the middle
+        call.req, call.ids = CompletionRequest.from_infill(body), ids
+        slot = body.get("id_slot", -1)
+        _check(isinstance(slot, int) and not isinstance(slot, bool) and slot >= -1, "id_slot", slot,
+               "an integer >= -1")
+        call.id_slot = None if slot == -1 else slot
+        for name in ("stream", "return_tokens", "cache_prompt"):
+            _check(isinstance(body.get(name, False), bool), name, body.get(name), "a boolean")
+        call.stream, call.return_tokens = body.get("stream", False), body.get("return_tokens", False)
+        fields_ = body.get("response_fields")
+        _check(fields_ is None or isinstance(fields_, list) and all(isinstance(f, str) for f in fields_),
+               "response_fields", fields_, "a list of strings")
+        call.response_fields = fields_ or None
+        samplers = body.get("samplers", [])
+        _check(isinstance(samplers, list) and all(isinstance(s, str) for s in samplers), "samplers", samplers,
+               "a list of sampler names")
+        return call
+
+    def result(self, call: Call, r: Result, index: int, model: str, slot) -> dict:
+        t = dict(r.timings)
+        prompt_ms = t.get("prompt_ms", 0)
+        t["prompt_per_second"] = round(t.get("prompt_n", 0) / prompt_ms * 1e3, 2) if prompt_ms else None
+        req = call.req
+        out = {"index": index, "content": r.text, "tokens": r.tokens if call.return_tokens else [],
+               "id_slot": slot, "stop": True, "model": model, "tokens_predicted": len(r.tokens),
+               "tokens_evaluated": r.tokens_evaluated, "tokens_cached": r.tokens_cached, "truncated": r.truncated,
+               "stop_type": STOP_TYPES[r.stop_type], "stopping_word": r.stopping_word,
+               "has_new_line": "\n" in r.text, "timings": t,
+               "generation_settings": {"n_predict": req.n_predict, "temperature": req.temperature,
+                                       "top_k": req.top_k, "top_p": req.top_p, "seed": req.seed,
+                                       "n_indent": req.n_indent, "stop": list(req.stop),
+                                       "t_max_prompt_ms": req.t_max_prompt_ms,
+                                       "t_max_predict_ms": req.t_max_predict_ms, "n_cmpl": req.n_cmpl}}
+        return select_fields(out, call.response_fields)
+
+    def response(self, call: Call, results: list[Result], model: str, slot) -> dict | list:
+        out = [self.result(call, r, i, model, slot) for i, r in enumerate(results)]
+        return out[0] if len(out) == 1 else out
+
+    def piece(self, call: Call, text: str, model: str, slot) -> bytes:
+        return sse({"index": 0, "content": text, "tokens": [], "stop": False, "id_slot": slot})
+
+    def end(self, call: Call, results: list[Result], model: str, slot) -> bytes:
+        """The last events: the streamed completion's stats (content already sent), and the other
+        completions of n_cmpl whole."""
+        events = []
+        for i, r in enumerate(results):
+            out = self.result(call, r if i else replace(r, text=""), i, model, slot)
+            events.append(sse(out))
+        return b"".join(events)
+
+    @staticmethod
+    def error(status: int, message: str) -> dict:
+        kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 413: "invalid_request_error", 501: "not_supported_error", 503: "unavailable_error"}
+        return {"error": {"code": status, "message": message, "type": kinds.get(status, "server_error")}}
+
+
+def select_fields(out: dict, paths: list[str] | None) -> dict:
+    """llama.cpp's response_fields: keep the named fields; "a/b" names a nested field and is
+    returned at the top level under the key "a/b". Names that match nothing are left out."""
+    if not paths:
+        return out
+    kept = {}
+    for path in paths:
+        value, found = out, True
+        for key in path.split("/"):
+            if isinstance(value, dict) and key in value:
+                value = value[key]
+            else:
+                found = False
+                break
+        if found:
+            kept[path] = value
+    return kept
+
+
+def sse(obj) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+# --- OpenAI -------------------------------------------------------------------------------
+class OpenAI:
+    """POST /v1/completions, accepting `suffix` (infill)."""
+
+    media_type = "text/event-stream"
+    unsupported = {"echo": lambda v: not v, "logprobs": lambda v: v is None or v == 0,
+                   "best_of": lambda v: v in (None, 1), "logit_bias": lambda v: not v}
+
+    def parse(self, body) -> Call:
+        body = _object(body)
+        _unsupported(body, self.unsupported)
+        prompt = body.get("prompt", "")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        _check(isinstance(prompt, str), "prompt", prompt, "a string (one prompt per request)")
+        args = {"input_prefix": prompt, "input_suffix": body.get("suffix"), "stop": _stop_list(body.get("stop")),
+                "special": body.get("suffix") is None}
+        renames = {"max_tokens": "n_predict", "n": "n_cmpl", "temperature": "temperature", "top_p": "top_p",
+                   "top_k": "top_k", "seed": "seed"}
+        args.update({ours: body[theirs] for theirs, ours in renames.items() if body.get(theirs) is not None})
+        stream = body.get("stream", False)
+        _check(isinstance(stream, bool), "stream", stream, "a boolean")
+        options = body.get("stream_options") or {}
+        _check(isinstance(options, dict), "stream_options", options, "an object")
+        return Call(CompletionRequest.from_infill(args), stream=stream, include_usage=bool(options.get("include_usage")))
+
+    @staticmethod
+    def finish_reason(r: Result) -> str:
+        return "length" if r.stop_type in ("limit", "time") else "stop"
+
+    def _head(self, call: Call, model: str) -> dict:
+        return {"id": call.id, "object": "text_completion", "created": int(call.created), "model": model}
+
+    @staticmethod
+    def usage(results: list[Result]) -> dict:
+        prompt = results[0].tokens_cached + results[0].tokens_evaluated
+        completion = sum(len(r.tokens) for r in results)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def response(self, call: Call, results: list[Result], model: str, slot) -> dict:
+        choices = [{"text": r.text, "index": i, "logprobs": None, "finish_reason": self.finish_reason(r)}
+                   for i, r in enumerate(results)]
+        return {**self._head(call, model), "choices": choices, "usage": self.usage(results)}
+
+    def piece(self, call: Call, text: str, model: str, slot) -> bytes:
+        return sse({**self._head(call, model),
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": None}]})
+
+    def end(self, call: Call, results: list[Result], model: str, slot) -> bytes:
+        events = [sse({**self._head(call, model), "choices": [
+            {"text": r.text if i else "", "index": i, "logprobs": None, "finish_reason": self.finish_reason(r)}]})
+            for i, r in enumerate(results)]
+        if call.include_usage:
+            events.append(sse({**self._head(call, model), "choices": [], "usage": self.usage(results)}))
+        return b"".join(events) + b"data: [DONE]\n\n"
+
+    error = staticmethod(LlamaCpp.error)
+
+
+# --- Ollama -------------------------------------------------------------------------------
+OLLAMA_OPTIONS = {"num_predict": "n_predict", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                  "seed": "seed"}
+
+
+class Ollama:
+    """POST /api/generate: NDJSON streaming, on by default."""
+
+    media_type = "application/x-ndjson"
+    unsupported = {"images": lambda v: not v, "format": lambda v: not v, "context": lambda v: not v}
+
+    def parse(self, body) -> Call:
+        body = _object(body)
+        _unsupported(body, self.unsupported)
+        prompt, suffix = body.get("prompt", ""), body.get("suffix")
+        _check(isinstance(prompt, str), "prompt", prompt, "a string")
+        options = body.get("options") or {}
+        _check(isinstance(options, dict), "options", options, "an object")
+        args = {"input_prefix": prompt, "input_suffix": suffix or None, "stop": _stop_list(options.get("stop")),
+                "special": not suffix}
+        args.update({ours: options[theirs] for theirs, ours in OLLAMA_OPTIONS.items()
+                     if options.get(theirs) is not None})
+        stream = body.get("stream", True)
+        _check(isinstance(stream, bool), "stream", stream, "a boolean")
+        return Call(CompletionRequest.from_infill(args), stream=stream)
+
+    @staticmethod
+    def _now() -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    def _final(self, call: Call, r: Result, model: str, text: str) -> dict:
+        t = r.timings
+        prompt_ns, eval_ns = int(t.get("prompt_ms", 0) * 1e6), int(t.get("predicted_ms", 0) * 1e6)
+        return {"model": model, "created_at": self._now(), "response": text, "done": True,
+                "done_reason": "length" if r.stop_type in ("limit", "time") else "stop",
+                "total_duration": int((time.time() - call.created) * 1e9), "load_duration": 0,
+                "prompt_eval_count": r.tokens_evaluated, "prompt_eval_duration": prompt_ns,
+                "eval_count": len(r.tokens), "eval_duration": eval_ns}
+
+    def response(self, call: Call, results: list[Result], model: str, slot) -> dict:
+        return self._final(call, results[0], model, results[0].text)
+
+    def piece(self, call: Call, text: str, model: str, slot) -> bytes:
+        return ndjson({"model": model, "created_at": self._now(), "response": text, "done": False})
+
+    def end(self, call: Call, results: list[Result], model: str, slot) -> bytes:
+        return ndjson(self._final(call, results[0], model, ""))
+
+    @staticmethod
+    def error(status: int, message: str) -> dict:
+        return {"error": message}
+
+
+def ndjson(obj) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+COMPLETION_ROUTES = {"/infill": LlamaCpp(infill=True), "/completion": LlamaCpp(infill=False),
+                     "/v1/completions": OpenAI(), "/api/generate": Ollama()}

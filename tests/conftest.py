@@ -1,0 +1,18 @@
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_user_dirs(tmp_path_factory):
+    """The user cache (exported artifacts) and runtime folder (sockets) of the servers that tests
+    start live in a temporary folder, not the home directory."""
+    base = tmp_path_factory.mktemp("user")
+    old = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "XDG_RUNTIME_DIR")}
+    os.environ["XDG_CACHE_HOME"], os.environ["XDG_RUNTIME_DIR"] = str(base / "cache"), str(base / "run")
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

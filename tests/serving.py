@@ -1,0 +1,46 @@
+"""A real plt-serve (uvicorn on real sockets, a Unix socket and a TCP port) in a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from pltkit.serve.app import Server, create_app
+from pltkit.serve.listen import bind_tcp, bind_unix
+
+
+class Running:
+    def __init__(self, server: Server, socket_path):
+        self.server, self.socket_path = server, socket_path
+        socks = [bind_unix(socket_path), bind_tcp("127.0.0.1", 0)]
+        self.port = socks[1].getsockname()[1]
+        for s in socks:
+            s.listen(64)
+        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": socks}, daemon=True)
+        self.thread.start()
+        self.clients = {"uds": self.client("uds"), "tcp": self.client("tcp")}
+        deadline = time.time() + 60
+        while True:
+            try:
+                if self.clients["tcp"].get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and not server.load_error, server.load_error
+            time.sleep(0.05)
+
+    def client(self, kind: str, timeout: float = 60, **kw) -> httpx.Client:
+        if kind == "uds":
+            return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket_path)), base_url="http://plt",
+                                timeout=timeout, **kw)
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=timeout, **kw)
+
+    def stop(self) -> None:
+        for c in self.clients.values():
+            c.close()
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=10)
