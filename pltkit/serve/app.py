@@ -332,9 +332,7 @@ async def on_error(request: Request, exc: Exception) -> Response:
         return error_response(request, 400, str(exc))
     if isinstance(exc, Busy):
         return error_response(request, 503, f"server busy: {exc}")
-    if isinstance(exc, HTTPException):
-        return error_response(request, exc.status_code, exc.detail or "error")
-    return error_response(request, 500, f"internal error: {type(exc).__name__}: {exc}")
+    return error_response(request, exc.status_code, exc.detail or "error")  # HTTPException
 
 
 class Gate:
@@ -347,11 +345,11 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
-        start, status = time.perf_counter(), [500]
+        start, status, started = time.perf_counter(), [500], [False]
 
         async def send_status(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started[0] = message["status"], True
             await send(message)
 
         try:
@@ -362,7 +360,14 @@ class Gate:
                     request = Request(scope)
                     return await error_response(request, 401, "invalid or missing API key (Authorization: "
                                                               "Bearer KEY)")(scope, receive, send_status)
-            await self.app(scope, receive, send_status)
+            try:
+                await self.app(scope, receive, send_status)
+            except Exception as e:  # answered here: re-raised, the server would drop the connection
+                if started[0]:
+                    raise
+                log.error("request failed: %s: %s", type(e).__name__, e)
+                await error_response(Request(scope), 500, f"internal error: {type(e).__name__}: {e}")(
+                    scope, receive, send_status)
         finally:
             m = self.server.metrics
             m.requests.labels(path, str(status[0])).inc()
@@ -379,7 +384,7 @@ def create_app(server: Server) -> Starlette:
         server.stop()
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
-                    exception_handlers={Exception: on_error, HTTPException: on_error, HTTPError: on_error,
+                    exception_handlers={HTTPException: on_error, HTTPError: on_error,
                                         RequestError: on_error, Busy: on_error})
     app.state.server = server
     app.add_middleware(Gate, server=server)
