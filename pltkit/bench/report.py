@@ -1,0 +1,97 @@
+"""plt-bench's tables, chart and summary line."""
+
+from __future__ import annotations
+
+import platform
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+
+def tables(results: dict) -> str:
+    lo = results["loops"]
+    lines = ["decode ms per token (median): plain / serial-loop L=2 (cost model) / PLT-2"]
+    lines.append(f"{'form':>11} {'context':>8} {'plain':>8} {'serial2':>8} {'plt2':>8} {'plt2/plain':>11} "
+                 f"{'serial2/plt2':>13}")
+    for form, by_ctx in lo["decode_ms"].items():
+        for ctx, r in by_ctx.items():
+            lines.append(f"{form:>11} {ctx:>8} {r['plain']:>8.2f} {r['serial2']:>8.2f} {r['plt2']:>8.2f} "
+                         f"{r['plt2'] / r['plain']:>10.2f}x {r['serial2'] / r['plt2']:>12.2f}x")
+    lines.append("")
+    lines.append(f"{'form':>11} {'prefill tok/s: plain':>21} {'serial2':>8} {'plt2':>8}   peak RSS MB (longest "
+                 f"context): plain / serial2 / plt2")
+    for form, r in lo["prefill_tps"].items():
+        rss = lo["peak_rss_mb"].get(form, {})
+        lines.append(f"{form:>11} {r['plain']:>21.0f} {r['serial2']:>8.0f} {r['plt2']:>8.0f}   "
+                     + " / ".join("-" if rss.get(v) is None else f"{rss[v]:.0f}" for v in ("plain", "serial2", "plt2")))
+    lines.append("")
+    lines.append("KV-cache bytes (global cache, rings, carries): plain / serial2 / plt2")
+    for ctx, r in lo["kv_bytes"].items():
+        lines.append(f"{ctx:>8}: {r['plain']:>12,} {r['serial2']:>12,} {r['plt2']:>12,}  "
+                     f"plt2/plain {r['plt2'] / r['plain']:.4f}")
+    if "llamacpp" in results:
+        lc = results["llamacpp"]
+        lines.append("")
+        lines.append(f"SmolLM2-135M, {lc['threads']} threads, prompt {lc['ctx']} tokens: "
+                     f"{'prefill tok/s':>14} {'decode ms':>10}")
+        for name in lc["decode_ms"]:
+            lines.append(f"{name:>16} {lc['prefill_tps'][name]:>14.0f} {lc['decode_ms'][name]:>10.2f}")
+        lines.append(f"greedy tokens equal to llama.cpp's: {lc['greedy_agreement']}")
+        prof = lc["profile"]
+        lines.append(f"pltkit int8 decode step under ONNX Runtime's profiler: {prof['kernel_us_per_step']} us in "
+                     f"kernels of {prof['run_us_per_step']} us; by op: " +
+                     ", ".join(f"{op} {share:.0%}" for op, share in prof["op_share"].items()))
+    lines.append(f"\n({results['seconds']} s)")
+    return "\n".join(lines)
+
+
+def summary(results: dict, args) -> dict:
+    lo = results["loops"]
+    main_form = "ort-fp32" if "ort-fp32" in lo["decode_ms"] else next(iter(lo["decode_ms"]))
+    ctx = max(lo["decode_ms"][main_form])
+    d = lo["decode_ms"][main_form][ctx]
+    kv = lo["kv_bytes"][max(lo["kv_bytes"])] if lo["kv_bytes"] else {}
+    out = {
+        "plt2_over_plain_decode": _ratio(d["plt2"], d["plain"]),
+        "serial2_over_plt2_decode": _ratio(d["serial2"], d["plt2"]),
+        "plt2_over_plain_kv_bytes": _ratio(kv.get("plt2"), kv.get("plain")),
+        "ratios_at": {"form": main_form, "context": ctx, "kv_context": max(lo["kv_bytes"]) if kv else None},
+        "plt2_over_plain_decode_all": {f: {c: _ratio(r["plt2"], r["plain"]) for c, r in by.items()}
+                                       for f, by in lo["decode_ms"].items()},
+        "serial2_over_plt2_decode_all": {f: {c: _ratio(r["serial2"], r["plt2"]) for c, r in by.items()}
+                                         for f, by in lo["decode_ms"].items()},
+    }
+    if "llamacpp" in results:
+        lc = results["llamacpp"]
+        for prec, kind in (("int8", "q8_0"), ("int4", "q4_1")):
+            out[f"pltkit_over_llamacpp_decode_{prec}"] = _ratio(lc["decode_ms"][f"llamacpp-{kind}"],
+                                                                lc["decode_ms"][f"pltkit-{prec}"])
+            out[f"pltkit_over_llamacpp_prefill_{prec}"] = _ratio(lc["prefill_tps"][f"pltkit-{prec}"],
+                                                                 lc["prefill_tps"][f"llamacpp-{kind}"])
+        out["llamacpp_ratio_meaning"] = "speed ratios: over 1 means pltkit is faster"
+    out.update(threads=args.threads, steps=args.steps, repeats=args.repeats, seconds=results["seconds"],
+               machine=platform.machine(), results=results)
+    return out
+
+
+def plot(results: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lo = results["loops"]
+    forms = list(lo["decode_ms"])
+    fig, axes = plt.subplots(1, len(forms), figsize=(3.2 * len(forms), 3.4), sharey=False, squeeze=False)
+    for ax, form in zip(axes[0], forms):
+        ctxs = list(lo["decode_ms"][form])
+        for i, v in enumerate(("plain", "serial2", "plt2")):
+            ax.bar([x + 0.27 * (i - 1) for x in range(len(ctxs))], [lo["decode_ms"][form][c][v] for c in ctxs],
+                   width=0.27, label={"serial2": "serial L=2 (cost model)", "plt2": "PLT-2"}.get(v, "plain L=1"))
+        ax.set_xticks(range(len(ctxs)), [str(c) for c in ctxs])
+        ax.set_title(form)
+        ax.set_xlabel("context")
+    axes[0][0].set_ylabel("decode ms / token")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

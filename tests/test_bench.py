@@ -1,0 +1,39 @@
+"""plt-bench: the serial-loop cost model, and a smoke run of the benchmark (tiny settings)."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from synth import make_checkpoint, make_config
+
+from pltkit.runtime.backends import open_backend
+from pltkit.runtime.serial import SerialLoops
+
+
+def test_serial_loops_cost_model(tmp_path):
+    make_checkpoint(tmp_path / "one", make_config(plt_num_loops=1), seed=1)
+    make_checkpoint(tmp_path / "two", make_config(plt_num_loops=2), seed=1)
+    plain = open_backend(tmp_path / "one", "torch", 1)
+    serial = SerialLoops(plain, 2)
+    _, state = serial.prefill(np.arange(4, 14)[None], serial.new_state(1))
+    _, state = serial.decode(np.asarray([5]), state)
+    single = plain.decode(np.asarray([5]), plain.prefill(np.arange(4, 14)[None], plain.new_state(1))[1])[1]
+    # two full caches, each as long as the sequence: twice the memory of one loop
+    assert [s.pos for s in state.states] == [11, 11] and state.nbytes() == 2 * single.nbytes()
+    with pytest.raises(ValueError, match="one-loop backend"):
+        SerialLoops(open_backend(tmp_path / "two", "torch", 1), 2)
+
+
+def test_plt_bench_smoke(tmp_path):
+    out = subprocess.run(["plt-bench", "--shape", "default", "--forms", "torch-fp32", "ort-fp32", "--contexts", "32",
+                          "96", "--steps", "2", "--repeats", "1", "--no-llamacpp", "--threads", "1",
+                          "--workdir", str(tmp_path), "--plot", str(tmp_path / "chart.png")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    print(out.stderr[-1500:])
+    for key in ("plt2_over_plain_decode", "serial2_over_plt2_decode", "plt2_over_plain_kv_bytes"):
+        assert summary[key] > 0
+    assert summary["plt2_over_plain_kv_bytes"] > 1  # the ring and carry of the second loop
+    assert (tmp_path / "chart.png").stat().st_size > 1000
