@@ -126,11 +126,20 @@ def prefill_tps(backend, ids: np.ndarray) -> float:
     return ids.shape[1] / (time.perf_counter() - start)
 
 
+CHUNK = 256  # prefill chunk (the completion engine uses 64): bounds the attention scores' memory
+
+
+def prefill_chunked(backend, ids: np.ndarray, state):
+    for start in range(0, ids.shape[1], CHUNK):
+        _, state = backend.prefill(ids[:, start:start + CHUNK], state)
+    return state
+
+
 def prefilled(backend, prompt: np.ndarray, contexts) -> dict:
-    """{ctx: state after prefilling prompt[:ctx]}, one prefill in segments."""
+    """{ctx: state after prefilling prompt[:ctx]}, one chunked prefill."""
     states, state, pos = {}, backend.new_state(1), 0
     for ctx in sorted(contexts):
-        _, state = backend.prefill(prompt[:, pos:ctx], state)
+        state = prefill_chunked(backend, prompt[:, pos:ctx], state)
         states[ctx], pos = state.clone(), ctx
     return states
 
@@ -195,8 +204,7 @@ def _rss_child(form: str, variant: str, ctx: int, threads: int, plain: Path, plt
     prec = form.split("-")[1]
     artifacts = {(n, prec): p.parent / f"{p.name}-{prec}" for n, p in checkpoints.items()}
     backend = open_form(form, checkpoints, artifacts, threads, (variant,))[variant]
-    ids = np.random.default_rng(0).integers(10, 4000, (1, ctx))
-    _, state = backend.prefill(ids, backend.new_state(1))
+    state = prefill_chunked(backend, np.random.default_rng(0).integers(10, 4000, (1, ctx)), backend.new_state(1))
     for t in range(8):
         _, state = backend.decode(np.asarray([10 + t]), state)
     # VmHWM, not getrusage's ru_maxrss: that one keeps the parent's peak across fork and exec
