@@ -101,7 +101,10 @@ class LlamaCppRunner:
                          n_threads_batch=threads, verbose=False)
 
     def _argmax(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        """Of the last evaluated token's logits (llama.cpp keeps only those; `scores` is not
+        filled without logits_all, which would compute logits for every prompt token)."""
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+        return int(np.argmax(logits))
 
     def prefill(self, ids: list[int]) -> float:
         self.llm.reset()

@@ -63,10 +63,12 @@ class _Builder:
 
     # -- pieces ----------------------------------------------------------------------
     def rmsnorm(self, x: str, weight_name: str) -> str:
+        """x / sqrt(mean(x^2) + eps) * w, in the node pattern ONNX Runtime fuses into one
+        SimplifiedLayerNormalization kernel (Pow, ReduceMean, Add, Sqrt, Div, Mul)."""
         g = self.g
-        ms = g.op("ReduceMean", g.op("Mul", x, x), g.const([-1]), keepdims=1)
-        inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, g.const(self.cfg.rms_norm_eps, np.float32))))
-        return g.op("Mul", g.op("Mul", x, inv), self.w(weight_name))
+        ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
+        rms = g.op("Sqrt", g.op("Add", ms, g.const(self.cfg.rms_norm_eps, np.float32)))
+        return g.op("Mul", g.op("Div", x, rms), self.w(weight_name))
 
     def linear(self, x: str, prefix: str, bias: bool, quantize: bool = True) -> str:
         if self.quant is not None and quantize:
