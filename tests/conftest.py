@@ -1,6 +1,10 @@
 import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # before anything imports triton: its kernels run in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -110,6 +110,8 @@ def test_looped_checkpoint_runs_with_one_loop(tmp_path):
 
 LOAD_RSS = """
 import re, sys, torch, pltkit
+import torch._dynamo  # imported lazily by torch when modules initialise on the meta device (with triton
+                      # installed, ~90 MB of code): a fixed cost, not the tensors this test is about
 def peak_rss():  # VmHWM: this process's peak resident memory (ru_maxrss survives exec)
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 base = peak_rss()

@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     precision.add_argument("--fp8", dest="quant", action="store_const", const="fp8",
                            help="float8e4m3fn Q/DQ for TensorRT on Hopper/Ada (emulated by ONNX Runtime on CPU)")
     p.add_argument("--target", choices=["ort", "trt"], default="ort", help="runtime the int8 form is for")
+    p.add_argument("--engine", choices=["trt"], help="also build TensorRT engines for this machine's GPU (needs an "
+                                                     "NVIDIA GPU and TensorRT); given an artifact, only build them")
     p.add_argument("--calib", type=Path, help="folder of .py files for calibration (default: the held-out split)")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy report of a quantized export")
     p.add_argument("--eval-windows", type=int, help="evaluate on the first N held-out windows only")
@@ -29,6 +31,19 @@ def main(argv=None) -> int:
     if args.target == "trt" and args.quant in (None, "int4"):
         p.error("--target trt applies to --int8 (--fp8 is for TensorRT already)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.engine:
+        if args.quant == "int4":
+            p.error("--engine trt builds float32, --int8 (Q/DQ) or --fp8 engines; int4 is for ONNX Runtime")
+        from pltkit.gpu.trt_engine import GpuUnavailable, require
+        try:
+            require()  # before a long export: say at once what is missing
+        except GpuUnavailable as e:
+            print(f"plt-export: --engine trt: {e}", file=sys.stderr)
+            return 2
+        args.target = "trt"  # --int8 for TensorRT is the Q/DQ form
+        from pltkit.runtime.artifact import is_artifact
+        if is_artifact(Path(str(args.checkpoint))):
+            return build_engines(Path(str(args.checkpoint)))
 
     try:
         from pltkit.export.artifact import ExportError, export
@@ -56,7 +71,22 @@ def main(argv=None) -> int:
         return 130
     if args.quant and not args.no_eval:
         add_accuracy_report(out, args.checkpoint, args.eval_windows)
+    if args.engine and build_engines(out) != 0:
+        return 2
     print(out)
+    return 0
+
+
+def build_engines(artifact: Path) -> int:
+    from pltkit.gpu.trt_engine import build
+
+    print(f"plt-export: building TensorRT engines for {artifact}", file=sys.stderr)
+    try:
+        folder = build(artifact)
+    except (RuntimeError, ValueError) as e:
+        print(f"plt-export: {e}", file=sys.stderr)
+        return 2
+    print(folder)
     return 0
 
 

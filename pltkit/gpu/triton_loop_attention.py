@@ -33,9 +33,9 @@ def _attend_block(q, k_ptr, v_ptr, stride_kt, stride_vt, lo, hi, t_base, t, wind
         s = tl.sum(k * q[None, :], axis=1) * scale
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
-        p = tl.exp(s - m_new)
-        p = tl.where(visible, p, 0.0)
-        alpha = tl.exp(m - m_new)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp() finite
+        p = tl.where(visible, tl.exp(s - m_ref), 0.0)
+        alpha = tl.exp(m - m_ref)
         v = tl.load(v_ptr + offs_n[:, None] * stride_vt + offs_d[None, :], mask=visible[:, None] & d_mask[None, :],
                     other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)

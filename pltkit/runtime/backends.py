@@ -48,7 +48,21 @@ def _ort(path: Path, threads: int | None):
     return OrtBackend(Artifact.open(path), threads)
 
 
-BACKENDS = {"torch": _torch, "ort": _ort}
+def _ort_cuda(path: Path, threads: int | None):
+    from pltkit.runtime.ort_backend import OrtBackend
+    return OrtBackend(Artifact.open(path), threads, device="cuda")
+
+
+def _trt(path: Path, threads: int | None):
+    from pltkit.gpu.trt_engine import GpuUnavailable
+    try:
+        from pltkit.gpu.trt_backend import TrtBackend
+        return TrtBackend(Artifact.open(path), threads)
+    except GpuUnavailable as e:
+        raise ValueError(f"the trt backend: {e}") from None
+
+
+BACKENDS = {"torch": _torch, "ort": _ort, "ort-cuda": _ort_cuda, "trt": _trt}
 
 
 def open_backend(model: str | os.PathLike = "default", backend: str | None = None, threads: int | None = None):
@@ -59,6 +73,6 @@ def open_backend(model: str | os.PathLike = "default", backend: str | None = Non
         raise ValueError(f"unknown backend {kind!r} (known: {', '.join(BACKENDS)})")
     if kind == "torch" and is_artifact(path):
         raise ValueError(f"{path} is an exported artifact: run it with --backend ort")
-    if kind == "ort" and not is_artifact(path):
+    if kind != "torch" and not is_artifact(path):
         raise ValueError(f"{path} is a checkpoint, not an exported artifact: export it with plt-export first")
     return BACKENDS[kind](path, threads)

@@ -17,6 +17,7 @@ from pltkit.runtime.artifact import Artifact, ArtifactError
 from pltkit.runtime.backends import physical_cores
 
 MIN_CAPACITY = 256
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
 
 @dataclass
@@ -55,7 +56,8 @@ class OrtState:
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, artifact: Artifact, threads: int | None = None, attention: str = "auto"):
+    def __init__(self, artifact: Artifact, threads: int | None = None, attention: str = "auto",
+                 device: str = "cpu"):
         """attention: 'gqa' (decode on ONNX Runtime's GroupQueryAttention kernels, cache updated in
         place), 'function' (the LoopAttention function body, portable), or 'auto' (gqa when the
         artifact has it)."""
@@ -71,10 +73,15 @@ class OrtBackend:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         variants = artifact.attention_variants
-        self.attention = ("gqa" if "gqa" in variants else "function") if attention == "auto" else attention
+        providers = PROVIDERS[device]
+        if providers[0] not in ort.get_available_providers():
+            raise ArtifactError(f"ONNX Runtime's {providers[0]} is not available: on a machine with an NVIDIA GPU, "
+                                f"pip uninstall onnxruntime && pip install onnxruntime-gpu")
+        if attention == "auto":  # GroupQueryAttention is float32 on the CPU only
+            attention = "gqa" if "gqa" in variants and device == "cpu" else "function"
+        self.attention, self.device = attention, device
         if self.attention not in variants:
             raise ArtifactError(f"{artifact.path} has no {self.attention!r} graphs (it has: {', '.join(variants)})")
-        providers = ["CPUExecutionProvider"]
         self.sessions = {phase: ort.InferenceSession(str(artifact.graph_path(phase, self.attention)), so,
                                                      providers=providers)
                          for phase in ("prefill", "decode")}

@@ -41,7 +41,7 @@ def cached_artifact(checkpoint: Path) -> Path:
 def open_model(model: str = "default", backend: str | None = None, threads: int | None = None,
                cache_bytes: int = 256 << 20) -> Model:
     path = resolve_model_path(model)
-    if not is_artifact(path) and backend in (None, "ort"):
+    if not is_artifact(path) and backend != "torch":
         try:
             path = cached_artifact(path)
         except ImportError:  # no torch to export with: the torch backend says what is missing

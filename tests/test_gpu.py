@@ -1,0 +1,135 @@
+"""The GPU paths. On a machine without an NVIDIA GPU or TensorRT: clear failures, nothing needs
+tensorrt to import, and the pieces that do not need a GPU (profiles, the inlined fallback graph)
+are checked. On a GPU machine the `gpu` tests run engines and the CUDA provider against the CPU
+(scripts/gpu_check.sh)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pltkit.export.artifact import export
+from pltkit.runtime.artifact import Artifact
+from pltkit.runtime.backends import open_backend
+
+
+def has_trt_gpu() -> bool:
+    from pltkit.gpu.trt_engine import GpuUnavailable, require
+    try:
+        require()
+        return True
+    except GpuUnavailable:
+        return False
+
+
+def has_ort_cuda() -> bool:
+    import onnxruntime as ort
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    return export("default", tmp_path_factory.mktemp("gpu") / "fp32")
+
+
+def test_importing_the_gpu_modules_needs_no_tensorrt():
+    code = "import sys, pltkit.gpu.trt_engine, pltkit.gpu.trt_plugin; assert 'tensorrt' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(has_trt_gpu(), reason="this machine has TensorRT and a GPU")
+def test_engine_without_tensorrt_or_gpu_exits_2_with_one_line(tmp_path, artifact):
+    for args in (["default", "--engine", "trt", "-o", str(tmp_path / "x")], [str(artifact), "--engine", "trt"]):
+        out = subprocess.run(["plt-export", *args], capture_output=True, text=True)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert "TensorRT" in lines[0] or "GPU" in lines[0]
+    assert not (tmp_path / "x").exists()  # refused before exporting anything
+
+
+@pytest.mark.skipif(has_trt_gpu() and has_ort_cuda(), reason="this machine has the GPU paths")
+def test_gpu_backends_without_a_gpu_are_refused_clearly(artifact):
+    for backend, words in (("trt", "TensorRT"), ("ort-cuda", "onnxruntime-gpu")):
+        if (backend == "trt" and has_trt_gpu()) or (backend == "ort-cuda" and has_ort_cuda()):
+            continue
+        out = subprocess.run(["plt-complete", "--model", str(artifact), "--backend", backend, "def"],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_profiles_cover_the_graphs_dimensions(artifact):
+    from pltkit.gpu.trt_engine import _shapes, profile_ranges
+
+    art = Artifact.open(artifact)
+    ranges = profile_ranges(art)
+    for phase in ("prefill", "decode"):
+        shapes = _shapes(art.manifest["graphs"]["function"][phase]["inputs"], ranges)
+        lo, opt, hi = shapes["past_key.0"]
+        assert lo[2] == 0 and hi[2] == art.config.max_position_embeddings - 1 and lo <= opt <= hi
+        assert shapes["past_ring_key.0"][2][3] == art.config.window_left
+    assert _shapes({"input_ids": ["batch", "seq"]}, ranges)["input_ids"] == ([1, 1], [1, 64], [1, 512])
+
+
+def test_inlined_fallback_graph_runs_like_the_original(artifact, tmp_path):
+    """Without the plugin, TensorRT gets the graph with plugin_namespace removed (the parser then
+    inlines the function): it must compute the same thing (checked with ONNX Runtime)."""
+    import onnx
+    import onnxruntime as ort
+
+    from pltkit.gpu.trt_engine import _graph_for_tensorrt
+
+    art = Artifact.open(artifact)
+    path = _graph_for_tensorrt(art, "decode", plugin=False)
+    try:
+        model = onnx.load(path, load_external_data=False)
+        assert not any(a.name == "plugin_namespace" for n in model.graph.node for a in n.attribute)
+        backend = open_backend(artifact, "ort")
+        _, state = backend.prefill(np.arange(4, 20)[None], backend.new_state(1))
+        feed = {"input_ids": np.array([7])}
+        feed.update({"past_" + n: b[:, :, :state.pos] for n, b in state.kv.items()})
+        feed.update({"past_" + n: a for n, a in state.other.items()})
+        original = ort.InferenceSession(str(art.graph_path("decode", "function"))).run(["logits"], feed)[0]
+        fallback = ort.InferenceSession(str(path)).run(["logits"], feed)[0]
+        assert np.array_equal(original, fallback)
+    finally:
+        path.unlink()
+
+
+def test_ort_forms_are_refused_for_tensorrt(tmp_path):
+    from pltkit.gpu.trt_engine import _graph_for_tensorrt
+    from pltkit.quant.schemes import SCHEMES
+
+    art = Artifact.open(export("default", tmp_path / "int8", quant=SCHEMES["int8"]))
+    with pytest.raises(ValueError, match="MatMulNBits"):
+        _graph_for_tensorrt(art, "decode", plugin=True)
+
+
+@pytest.mark.gpu
+def test_trt_engine_matches_onnx_runtime(artifact):
+    if not has_trt_gpu():
+        pytest.skip("needs an NVIDIA GPU and TensorRT")
+    trt_b, cpu = open_backend(artifact, "trt"), open_backend(artifact, "ort")
+    ids = np.arange(4, 40)[None]
+    (a, sa), (b, sb) = trt_b.prefill(ids, trt_b.new_state(1)), cpu.prefill(ids, cpu.new_state(1))
+    diffs = [np.abs(a - b).max()]
+    for t in (5, 9, 13):
+        (a, sa), (b, sb) = trt_b.decode(np.array([t]), sa), cpu.decode(np.array([t]), sb)
+        diffs.append(np.abs(a - b).max())
+    print("TensorRT vs ONNX Runtime CPU, max|diff| per call:", [f"{d:.1e}" for d in diffs])
+    assert max(diffs) < 1e-3
+    manifest = json.loads((artifact / "pltkit.json").read_text())
+    assert manifest["engines"]
+
+
+@pytest.mark.gpu
+def test_ort_cuda_matches_cpu(artifact):
+    if not has_ort_cuda():
+        pytest.skip("needs onnxruntime-gpu and an NVIDIA GPU")
+    gpu, cpu = open_backend(artifact, "ort-cuda"), open_backend(artifact, "ort")
+    ids = np.arange(4, 40)[None]
+    (a, sa), (b, sb) = gpu.prefill(ids, gpu.new_state(1)), cpu.prefill(ids, cpu.new_state(1))
+    (c, _), (d, _) = gpu.decode(np.array([5]), sa), cpu.decode(np.array([5]), sb)
+    print(f"ORT CUDA vs CPU max|diff|: prefill {np.abs(a - b).max():.1e}, decode {np.abs(c - d).max():.1e}")
+    assert np.abs(a - b).max() < 1e-3 and np.abs(c - d).max() < 1e-3
