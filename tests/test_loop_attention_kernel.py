@@ -33,7 +33,6 @@ def inputs(first_loop, R, S, P, W, window, seed=0):
 
 @pytest.mark.parametrize("case", CASES)
 def test_reference_equals_the_exported_function(case):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
