@@ -24,7 +24,10 @@ TOL = 1e-4
 CASES = {"L1": dict(plt_num_loops=1), "L2-hidden": dict(plt_num_loops=2),
          "L2-query-bias": dict(plt_num_loops=2, plt_gate_use_hidden_states=False, attention_bias=True),
          "L3-query-scales": dict(plt_num_loops=3, plt_gate_use_hidden_states=False, plt_emb_scale=0.707,
-                                 plt_hidden_scale=0.053, tie_word_embeddings=True)}
+                                 plt_hidden_scale=0.053, tie_word_embeddings=True),
+         # head_dim 16 and one loop: the GQA decode applies RoPE itself (do_rotary)
+         "L1-rotary-linear": dict(plt_num_loops=1, head_dim=16, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+         "L2-hd16": dict(plt_num_loops=2, head_dim=16)}
 
 
 @pytest.fixture(scope="module", params=list(CASES))

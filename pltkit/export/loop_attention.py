@@ -124,12 +124,15 @@ def function_proto(opset: int) -> onnx.FunctionProto:
 
 # --- fast path: decode on com.microsoft.GroupQueryAttention ----------------------------------
 def loop_attention_gqa_decode(g: Graph, inputs: list[str], *, rows: int, window: int, scale: float,
-                              heads: int, kv_heads: int) -> list[str]:
+                              heads: int, kv_heads: int, rotary: tuple | None = None) -> list[str]:
     """LoopAttention of a decode step (first_loop = 0, S = 1) on ONNX Runtime's GroupQueryAttention
     kernels. Global branch: ONE call for all rows, the rows' query heads stacked as extra heads
     of each kv group, appending loop 0's key to the global cache in place (past_key is a buffer of
     `capacity` positions shared with present_key; pos0 valid entries). Local branch: one call per
-    extra loop over its ring (local_window_size = window + 1 keys including the current one)."""
+    extra loop over its ring (local_window_size = window + 1 keys including the current one).
+
+    rotary: (cos_cache, sin_cache, q, k) with q, k NOT rotated: the global call rotates them at
+    the token's position itself (do_rotary); the rows of `inputs` then only serve the rings."""
     q, k, v, past_k, past_v, ring_k, ring_v, gate, pos0 = inputs
     zero, big, rep = g.const([0]), g.const([2**62]), heads // kv_heads
 
@@ -141,20 +144,23 @@ def loop_attention_gqa_decode(g: Graph, inputs: list[str], *, rows: int, window:
         y = g.op("Reshape", y, g.const([0, 0, heads, -1]))
         return g.op("Unsqueeze", g.op("Transpose", y, perm=[0, 2, 1, 3]), zero)
 
-    def gqa(query, key, value, pk, pv, n_heads, window_size=-1, total=None):
+    def gqa(query, key, value, pk, pv, n_heads, window_size=-1, total=None, caches=()):
         batch = g.op("Slice", g.op("Shape", query), zero, g.const([1]))
         if total is None:  # not shared: the past holds exactly its valid entries
             total = g.op("Add", g.op("Gather", g.op("Shape", pk), g.const(2)), g.const(1))
         total32 = g.op("Cast", total, to=6)
         seqlens = g.op("Expand", g.op("Sub", total32, g.const(1, np.int32)), batch)
-        return g.op("GroupQueryAttention", query, key, value, pk, pv, seqlens, total32, n_out=3, domain="com.microsoft",
-                    num_heads=n_heads, kv_num_heads=kv_heads, scale=scale, local_window_size=window_size)
+        extra = dict(do_rotary=1, rotary_interleaved=0) if caches else {}
+        return g.op("GroupQueryAttention", query, key, value, pk, pv, seqlens, total32, *caches, n_out=3,
+                    domain="com.microsoft", num_heads=n_heads, kv_num_heads=kv_heads, scale=scale,
+                    local_window_size=window_size, **extra)
 
+    q_glob, k_glob, caches = (rotary[2], rotary[3], rotary[:2]) if rotary else (q, k, ())
     # global: q [R, B, H, 1, Dh] -> [B, 1, Hkv * R * rep * Dh], grouped by kv head
-    qg = g.op("Reshape", g.op("Transpose", q, perm=[1, 3, 0, 2, 4]), g.const([0, 0, rows, kv_heads, rep, -1]))
+    qg = g.op("Reshape", g.op("Transpose", q_glob, perm=[1, 3, 0, 2, 4]), g.const([0, 0, rows, kv_heads, rep, -1]))
     qg = g.op("Reshape", g.op("Transpose", qg, perm=[0, 1, 3, 2, 4, 5]), g.const([0, 0, -1]))
-    yg, present_k, present_v = gqa(qg, row(k, 0), row(v, 0), past_k, past_v, rows * heads,
-                                   total=g.op("Add", pos0, g.const(1)))
+    yg, present_k, present_v = gqa(qg, row(k_glob, 0), row(v, 0), past_k, past_v, rows * heads,
+                                   total=g.op("Add", pos0, g.const(1)), caches=caches)
     yg = g.op("Transpose", g.op("Reshape", yg, g.const([0, 0, kv_heads, rows, rep, -1])), perm=[0, 1, 3, 2, 4, 5])
     y_global = g.op("Transpose", g.op("Reshape", yg, g.const([0, 0, rows, heads, -1])), perm=[2, 0, 3, 1, 4])
 

@@ -109,14 +109,19 @@ class _Builder:
         p = f"model.layers.{i}"
         with g.scope(f"layers.{i}"):
             h = self.rmsnorm(x, p + ".input_layernorm.weight")
-            q = self.rope(self.heads(self.linear(h, p + ".self_attn.q_proj", c.attention_bias),
-                                     c.num_attention_heads), *rope)
-            k = self.rope(self.heads(self.linear(h, p + ".self_attn.k_proj", c.attention_bias),
-                                     c.num_key_value_heads), *rope)
+            q_raw = self.heads(self.linear(h, p + ".self_attn.q_proj", c.attention_bias), c.num_attention_heads)
+            k_raw = self.heads(self.linear(h, p + ".self_attn.k_proj", c.attention_bias), c.num_key_value_heads)
             v = self.heads(self.linear(h, p + ".self_attn.v_proj", c.attention_bias), c.num_key_value_heads)
             start = 1 if first_loop == 0 else 0  # rows with a ring and a gate
             # rows in this call: all L loops in decode, one loop in prefill
             rows = c.plt_num_loops if first_loop == 0 and ring is not None else 1
+            # one row (one loop): the GQA decode rotates queries and keys itself. With more rows the
+            # ring attention and the query-mode gate need them rotated here anyway (measured: letting
+            # GQA rotate the global call as well was no faster on the default model)
+            rotary = self.rotary_in_gqa() and rows == 1
+            q, k = q_raw, k_raw  # (shapes only, when rotary and one row)
+            if not rotary or rows > 1:
+                q, k = self.rope(q_raw, *rope), self.rope(k_raw, *rope)
             if ring is None:  # no loop >= 1 rows in this call: empty ring and gate
                 no_rows = g.op("Slice", k, g.const([0]), g.const([0]), g.const([0]))
                 ring = (g.op("Slice", no_rows, g.const([0]), g.const([0]), g.const([3])),) * 2
@@ -126,9 +131,11 @@ class _Builder:
                 gate = self.gate(i, x, q, start)
             args = [q, k, v, *kv, *ring, gate, pos0]
             if self.attention == "gqa":  # decode only
+                caches = (self.rope_half("cos"), self.rope_half("sin"), q_raw, k_raw) if rotary else None
                 out, *state = loop_attention_gqa_decode(g, args, rows=rows, window=c.window_left,
                                                         scale=1 / math.sqrt(c.head_dim),
-                                                        heads=c.num_attention_heads, kv_heads=c.num_key_value_heads)
+                                                        heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
+                                                        rotary=caches)
             else:
                 out, *state = loop_attention(g, args, first_loop=first_loop, window=c.window_left,
                                              scale=1 / math.sqrt(c.head_dim))
@@ -179,6 +186,16 @@ class _Builder:
         pos0 = g.op("Squeeze", g.op("Slice", g.op("Shape", state["key.0"]), g.const([2]), g.const([3])),
                     g.const([0]))
         return ids, state, pos0
+
+    def rotary_in_gqa(self) -> bool:
+        """GroupQueryAttention applies RoPE itself (do_rotary) when head_dim is a multiple of 16."""
+        return self.attention == "gqa" and self.cfg.head_dim % 16 == 0
+
+    def rope_half(self, which: str) -> str:
+        """GQA's cos/sin cache: [positions, head_dim / 2] (our tables repeat the half)."""
+        half = self.cfg.head_dim // 2
+        return self.use_initializer(*self.store.derived(f"rope.{which}.half",
+                                                        lambda: self.store.source(f"rope.{which}")[:, :half]))
 
     def rope_tables(self, positions: str) -> tuple[str, str]:
         g = self.g
