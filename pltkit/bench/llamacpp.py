@@ -68,32 +68,42 @@ def quantize_q8_0(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
-class PltkitRunner:
-    def __init__(self, artifact: Path, threads: int):
-        from pltkit.runtime.artifact import Artifact
-        from pltkit.runtime.ort_backend import OrtBackend
-
-        self.backend = OrtBackend(Artifact.open(artifact), threads)
+class Runner:
+    """Times a prefill from an empty cache, then greedy decode steps; subclasses say how to run
+    a call and read the next token."""
 
     def prefill(self, ids: list[int]) -> float:
         start = time.perf_counter()
-        logits, self.state = self.backend.prefill(np.asarray([ids]), self.backend.new_state(1))
-        elapsed = time.perf_counter() - start
-        self.next = int(logits[0, -1].argmax())
-        return elapsed
+        self._prefill(ids)
+        return time.perf_counter() - start
 
     def decode(self, steps: int) -> tuple[list[float], list[int]]:
         times, tokens = [], []
         for _ in range(steps):
             tokens.append(self.next)
             start = time.perf_counter()
-            logits, self.state = self.backend.decode(np.asarray([self.next]), self.state)
+            self._decode(self.next)
             times.append(time.perf_counter() - start)
-            self.next = int(logits[0].argmax())
         return times, tokens
 
 
-class LlamaCppRunner:
+class PltkitRunner(Runner):
+    def __init__(self, artifact: Path, threads: int):
+        from pltkit.runtime.artifact import Artifact
+        from pltkit.runtime.ort_backend import OrtBackend
+
+        self.backend = OrtBackend(Artifact.open(artifact), threads)
+
+    def _prefill(self, ids):
+        logits, self.state = self.backend.prefill(np.asarray([ids]), self.backend.new_state(1))
+        self.next = int(logits[0, -1].argmax())
+
+    def _decode(self, token):
+        logits, self.state = self.backend.decode(np.asarray([token]), self.state)
+        self.next = int(logits[0].argmax())
+
+
+class LlamaCppRunner(Runner):
     def __init__(self, gguf: Path, threads: int, n_ctx: int):
         from llama_cpp import Llama
 
@@ -106,23 +116,14 @@ class LlamaCppRunner:
         logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
         return int(np.argmax(logits))
 
-    def prefill(self, ids: list[int]) -> float:
+    def _prefill(self, ids):
         self.llm.reset()
-        start = time.perf_counter()
         self.llm.eval(ids)
-        elapsed = time.perf_counter() - start
         self.next = self._argmax()
-        return elapsed
 
-    def decode(self, steps: int) -> tuple[list[float], list[int]]:
-        times, tokens = [], []
-        for _ in range(steps):
-            tokens.append(self.next)
-            start = time.perf_counter()
-            self.llm.eval([self.next])
-            times.append(time.perf_counter() - start)
-            self.next = self._argmax()
-        return times, tokens
+    def _decode(self, token):
+        self.llm.eval([token])
+        self.next = self._argmax()
 
 
 def prompt_ids(artifact: Path, n: int) -> list[int]:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pltkit.gpu.loop_attention_ref import writes
+
 
 @triton.jit
 def _attend_block(q, k_ptr, v_ptr, stride_kt, stride_vt, lo, hi, t_base, t, window, use_window,
@@ -85,10 +87,8 @@ def loop_attention(query, key, value, past_key, past_value, ring_key, ring_value
     (output, present_key, present_value, present_ring_key, present_ring_value)."""
     R, B, H, S, D = query.shape
     Hkv = key.shape[2]
-    n0 = 1 if first_loop == 0 else 0
-    present_k = torch.cat([past_key, key[0]], 2) if n0 else past_key
-    present_v = torch.cat([past_value, value[0]], 2) if n0 else past_value
-    k_loc, v_loc = torch.cat([ring_key, key[n0:]], 3), torch.cat([ring_value, value[n0:]], 3)
+    n0, present_k, present_v, k_loc, v_loc = writes(key, value, past_key, past_value, ring_key, ring_value,
+                                                    first_loop)
     q = query.contiguous()
     out = torch.empty_like(q)
     kg, vg, kl, vl, g = (x.contiguous() for x in (present_k, present_v, k_loc, v_loc, gate))
