@@ -59,7 +59,10 @@ class Graph:
         return name
 
     def graph(self, name: str) -> onnx.GraphProto:
-        return helper.make_graph(self.nodes, name, self.inputs, self.outputs, self.initializers)
+        """The graph, without constants that no node reads (ONNX Runtime warns about them)."""
+        used = {i for n in self.nodes for i in n.input}
+        nodes = [n for n in self.nodes if n.op_type != "Constant" or n.output[0] in used]
+        return helper.make_graph(nodes, name, self.inputs, self.outputs, self.initializers)
 
 
 class _Scope:
