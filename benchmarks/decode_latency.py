@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pltkit.bench import loops
 from pltkit.export.artifact import export
 from pltkit.model.checkpoint import save_checkpoint
 from pltkit.model.config import PLTConfig
@@ -35,12 +34,7 @@ from pltkit.train.train import TrainConfig, init_weights
 def decode_ms(backend, ctx: int, steps: int, rng) -> float:
     ids = rng.integers(0, backend.config.vocab_size, (1, ctx))
     _, state = backend.prefill(ids, backend.new_state(1))
-    times = []
-    for t in rng.integers(0, backend.config.vocab_size, steps):
-        start = time.perf_counter()
-        _, state = backend.decode(np.asarray([t]), state)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return loops.decode_ms(backend, state, steps, rng)
 
 
 def main(argv=None):

@@ -266,6 +266,14 @@ def test_bad_requests_get_json_errors(srv, path, body, status, words):
         assert err["code"] == status
 
 
+@pytest.mark.parametrize("path,body,words", [("/completion", {"prompt": ""}, "empty"),
+                                              ("/completion", {"prompt": "x = 1\n" * 400}, "exceeds the context"),
+                                              ("/v1/completions", {"prompt": [7, -1]}, "prompt")])
+def test_a_bad_streaming_request_is_refused_before_the_stream_starts(srv, path, body, words):
+    r = srv.clients["tcp"].post(path, json={**body, "stream": True})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
 def test_unknown_routes_and_methods(srv):
     c = srv.clients["uds"]
     assert c.get("/nope").status_code == 404 and c.get("/nope").json()["error"]["code"] == 404
@@ -299,8 +307,10 @@ def test_infill_on_a_model_without_fim_tokens_is_501(artifact, tmp_path):
 
     running = Running(Server(load), tmp_path / "nofim.sock")
     try:
-        r = running.clients["tcp"].post("/infill", json={"input_prefix": "a", "input_suffix": "b"})
-        assert r.status_code == 501 and "infill not supported" in r.json()["error"]["message"]
+        for stream in (False, True):  # streaming too: refused before the stream starts
+            r = running.clients["tcp"].post("/infill", json={"input_prefix": "a", "input_suffix": "b",
+                                                             "stream": stream})
+            assert r.status_code == 501 and "infill not supported" in r.json()["error"]["message"]
         assert running.clients["tcp"].post("/completion", json={"prompt": "a", "n_predict": 2}).status_code == 200
     finally:
         running.stop()

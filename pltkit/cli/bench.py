@@ -49,7 +49,9 @@ def main(argv=None) -> int:
         return 2
     from pltkit.bench import loops, report
 
-    workdir = args.workdir or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pltkit" / "bench"
+    from pltkit.model.paths import user_cache_dir
+
+    workdir = args.workdir or user_cache_dir() / "bench"
     workdir.mkdir(parents=True, exist_ok=True)
 
     def log(msg):

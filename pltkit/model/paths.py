@@ -11,6 +11,12 @@ class CheckpointError(ValueError):
     """A checkpoint folder that is missing or does not hold the model its config.json describes."""
 
 
+def user_cache_dir() -> Path:
+    """pltkit's folder in the user cache ($XDG_CACHE_HOME, else ~/.cache): exported artifacts,
+    benchmark models."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pltkit"
+
+
 def default_model_path() -> Path:
     return Path(str(resources.files("pltkit") / "models" / "default"))
 

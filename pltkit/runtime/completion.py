@@ -120,22 +120,15 @@ class Prompt:
     marks: tuple[int, ...] = ()  # positions where the next request will likely differ: worth a snapshot
 
 
-def prompt_ids(tok: PLTTokenizer, req: CompletionRequest) -> list[int]:
-    """The tokens of a plain (not infill) request."""
-    if req.special:
-        return tok.encode_with_specials(req.prefix + req.prompt)
-    return tok.encode(req.prefix) + tok.encode(req.prompt)
-
-
 def layout(tok: PLTTokenizer, req: CompletionRequest, budget: int) -> Prompt:
     """The token ids of a request within `budget` tokens (the context minus room to generate).
     Suffix kept from its start (at most a quarter of the budget), prefix from its end, extra
     chunks (most recent last) fill what is left, in front."""
     line = tok.encode(req.prompt)
     if req.suffix is None:  # plain completion
-        ids = prompt_ids(tok, req)
+        ids = tok.encode_with_specials(req.prefix + req.prompt) if req.special else tok.encode(req.prefix) + line
         keep = ids[-budget:] if budget > 0 else []
-        return Prompt(keep, len(keep) < len(ids), {"prefix": len(keep)})
+        return Prompt(keep, len(keep) < len(ids), {"prefix": len(keep), "given": len(ids)})
     fim = tok.fim
     if fim is None:
         raise InfillNotSupported("this model's tokenizer has no fill-in-the-middle tokens: infill not supported")

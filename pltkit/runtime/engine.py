@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pltkit.model.tokenizer import PLTTokenizer
-from pltkit.runtime.completion import CompletionRequest, Stopper, layout, trim_suffix_repeat
+from pltkit.runtime.completion import CompletionRequest, Prompt, RequestError, Stopper, layout, trim_suffix_repeat
 from pltkit.runtime.sampling import SamplingParams, sample
 
 
@@ -162,9 +162,27 @@ class Engine:
                      on_text: Callable[[str], None] | None = None) -> list[Result]:
         """All req.n_cmpl completions of a request."""
         t0 = time.perf_counter()
-        n_predict = req.n_predict if req.n_predict >= 0 else self.context
-        prompt = layout(self.tok, req, self.context - max(1, min(n_predict, self.context // 4)))
+        prompt = self.prompt(req)
         return self.run_all(prompt.ids, req, slot_id, cancel, on_text, prompt.truncated, t0, prompt.marks)
+
+    def prompt(self, req: CompletionRequest, ids: list[int] | None = None) -> Prompt:
+        """The request's prompt laid out within the context (or `ids`, a prompt given as token
+        ids), checked: not empty, token ids in the vocabulary, and a plain prompt shorter than the
+        context (an infill's prefix is cut to fit instead). RequestError otherwise."""
+        if ids is None:
+            n_predict = req.n_predict if req.n_predict >= 0 else self.context
+            prompt = layout(self.tok, req, self.context - max(1, min(n_predict, self.context // 4)))
+            given = prompt.parts.get("given", len(prompt.ids))
+        else:
+            vocab = self.tok.vocab_size
+            if any(not 0 <= t < vocab for t in ids):
+                raise RequestError(f"prompt token ids must be in [0, {vocab})")
+            prompt, given = Prompt(list(ids)), len(ids)
+        if not prompt.ids:
+            raise RequestError("the prompt is empty")
+        if given >= self.context:
+            raise RequestError(f"prompt of {given} tokens exceeds the context of {self.context} tokens")
+        return prompt
 
     def run(self, ids: list[int], req: CompletionRequest, slot_id: Hashable = 0, cancel: Cancel | None = None,
             on_text: Callable[[str], None] | None = None) -> Result:

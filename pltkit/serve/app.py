@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pltkit.runtime.completion import InfillNotSupported, RequestError, prompt_ids
+from pltkit.runtime.completion import InfillNotSupported, RequestError
 from pltkit.runtime.engine import Engine
 from pltkit.serve.metrics import Metrics
 from pltkit.serve.protocols import COMPLETION_ROUTES, Call, LlamaCpp, Ollama
@@ -139,12 +139,13 @@ async def complete(request: Request) -> Response:
     proto = COMPLETION_ROUTES[request.url.path]
     model = server.ready()
     call = proto.parse(await read_json(request, server.limits.max_body))
-    check_limits(call, model.engine, server.limits)
+    check_limits(call, server.limits)
+    prompt = model.engine.prompt(call.req, call.ids)  # a bad prompt is a 400 before any streaming starts
     slot = slot_key(call, request)
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
     on_text = (lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)) if call.stream else None
-    job = Job(call.req, slot, call.ids, on_text)
+    job = Job(call.req, slot, prompt, on_text)
     server.worker.submit(job)
     server.metrics.queue.set(server.worker.queued)
     shown_slot = call.id_slot if call.id_slot is not None else -1
@@ -186,25 +187,11 @@ def error_event(proto, status: int, message: str) -> bytes:
     return (body + "\n").encode() if proto.media_type == Ollama.media_type else f"data: {body}\n\n".encode()
 
 
-def check_limits(call: Call, engine: Engine, limits: Limits) -> None:
-    req = call.req
-    if req.n_predict > limits.max_predict:
-        raise HTTPError(400, f"n_predict {req.n_predict} exceeds this server's limit of {limits.max_predict}")
+def check_limits(call: Call, limits: Limits) -> None:
+    if call.req.n_predict > limits.max_predict:
+        raise HTTPError(400, f"n_predict {call.req.n_predict} exceeds this server's limit of {limits.max_predict}")
     if call.id_slot is not None and call.id_slot >= limits.slots:
         raise HTTPError(400, f"id_slot {call.id_slot} out of range: this server has slots 0..{limits.slots - 1}")
-    if call.ids is not None:
-        vocab = engine.tok.vocab_size
-        if any(not 0 <= t < vocab for t in call.ids):
-            raise HTTPError(400, f"prompt token ids must be in [0, {vocab})")
-        n = len(call.ids)
-    elif req.suffix is None:  # a plain prompt is not cut to fit (an infill's prefix is)
-        n = len(prompt_ids(engine.tok, req))
-    else:
-        return
-    if n == 0:
-        raise HTTPError(400, "the prompt is empty")
-    if n >= engine.context:
-        raise HTTPError(400, f"prompt of {n} tokens exceeds the context of {engine.context} tokens")
 
 
 # --- other routes -------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import stat
 import sys
 from pathlib import Path
 
+from pltkit.model.paths import user_cache_dir
+
 
 class ListenError(Exception):
     pass
@@ -18,8 +20,8 @@ class ListenError(Exception):
 
 def default_socket_path() -> Path:
     """$XDG_RUNTIME_DIR/pltkit/plt-serve.sock, else the user cache folder."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "pltkit" / "plt-serve.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return (Path(runtime) / "pltkit" if runtime else user_cache_dir()) / "plt-serve.sock"
 
 
 def bind_unix(path: Path) -> socket.socket:

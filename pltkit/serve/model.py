@@ -9,10 +9,9 @@ serves the checkpoint directly.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-from pltkit.model.paths import resolve_model_path
+from pltkit.model.paths import resolve_model_path, user_cache_dir
 from pltkit.model.tokenizer import PLTTokenizer
 from pltkit.runtime.artifact import Artifact, is_artifact
 from pltkit.runtime.backends import open_backend
@@ -22,16 +21,12 @@ from pltkit.serve.app import Model
 log = logging.getLogger(__name__)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pltkit"
-
-
 def cached_artifact(checkpoint: Path) -> Path:
     """The float32 artifact of a checkpoint, exported on first use (atomically: an interrupted
     export leaves nothing behind)."""
     from pltkit.export.artifact import checkpoint_sha256, export
 
-    out = cache_dir() / "artifacts" / f"{checkpoint.name}-{checkpoint_sha256(checkpoint)[:16]}-fp32"
+    out = user_cache_dir() / "artifacts" / f"{checkpoint.name}-{checkpoint_sha256(checkpoint)[:16]}-fp32"
     if not is_artifact(out):
         log.warning("exporting %s to %s for ONNX Runtime (once)", checkpoint, out)
         export(checkpoint, out, force=True)

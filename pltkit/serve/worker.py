@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from pltkit.runtime.completion import CompletionRequest
+from pltkit.runtime.completion import CompletionRequest, Prompt
 from pltkit.runtime.engine import Cancel, Engine, Result
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class Busy(Exception):
 class Job:
     req: CompletionRequest
     slot: Hashable
-    ids: list[int] | None = None  # a tokenized prompt (run as is) instead of req's layout
+    prompt: Prompt  # laid out and checked by Engine.prompt before queueing
     on_text: Callable[[str], None] | None = None  # called on the worker thread
     cancel: Cancel = field(default_factory=Cancel)
     superseded: bool = False
@@ -82,10 +82,10 @@ class Worker:
             try:
                 if job.cancel.cancelled:  # superseded or abandoned while waiting
                     results = [Result("", [], "cancelled")]
-                elif job.ids is not None:
-                    results = self.engine.run_all(job.ids, job.req, job.slot, job.cancel, job.on_text)
                 else:
-                    results = self.engine.complete_all(job.req, job.slot, job.cancel, job.on_text)
+                    p = job.prompt
+                    results = self.engine.run_all(p.ids, job.req, job.slot, job.cancel, job.on_text, p.truncated,
+                                                  marks=p.marks)
                 job.done.set_result(results)
             except Exception as e:  # reported to the request as a 500; the worker goes on
                 log.exception("generation failed")
