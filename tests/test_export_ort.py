@@ -170,3 +170,13 @@ def test_cli_infill_json_fields():
     r = json.loads(out.stdout)
     assert {"text", "tokens", "stop_type", "tokens_cached", "timings"} <= set(r)
     assert r["stop_type"] in ("eos", "limit", "word") and "\n\n" not in r["text"]
+
+
+def test_graphs_hold_no_unused_constants(exported):
+    """ONNX Runtime warns about every initializer or constant no node reads."""
+    _, art = exported
+    for f in ("prefill.onnx", "decode.onnx", "decode.gqa.onnx"):
+        g = onnx.load(art / f, load_external_data=False).graph
+        read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        unused = [n.output[0] for n in g.node if n.op_type == "Constant" and n.output[0] not in read]
+        assert not unused, f"{f}: {unused}"
