@@ -59,10 +59,16 @@ class Graph:
         return name
 
     def graph(self, name: str) -> onnx.GraphProto:
-        """The graph, without constants that no node reads (ONNX Runtime warns about them)."""
-        used = {i for n in self.nodes for i in n.input}
-        nodes = [n for n in self.nodes if n.op_type != "Constant" or n.output[0] in used]
-        return helper.make_graph(nodes, name, self.inputs, self.outputs, self.initializers)
+        """The graph without the nodes nothing reads (a layer builder may write pieces a variant
+        does not use; ONNX Runtime warns about each). Nodes are in topological order, so one pass
+        from the outputs back finds them."""
+        needed, nodes = {o.name for o in self.outputs}, []
+        for node in reversed(self.nodes):
+            if any(o in needed for o in node.output):
+                nodes.append(node)
+                needed.update(node.input)
+        initializers = [t for t in self.initializers if t.name in needed]
+        return helper.make_graph(nodes[::-1], name, self.inputs, self.outputs, initializers)
 
 
 class _Scope:
