@@ -38,7 +38,7 @@ def exported(request, tmp_path_factory):
     return d / "ckpt", d / "art"
 
 
-@pytest.mark.parametrize("attention", ["function", "gqa"])
+@pytest.mark.parametrize("attention", ["function", "gqa", "kvbuffer"])
 def test_logits_prefill_chunks_and_decode_match_reference(exported, attention):
     ckpt, art = exported
     ref, ort = open_backend(ckpt, threads=1), OrtBackend(Artifact.open(art), 1, attention)
@@ -143,12 +143,14 @@ def test_interrupted_export_leaves_nothing(tmp_path):
     assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.partial-*"))
 
 
-def test_gqa_decode_updates_the_cache_in_place(exported):
-    """The fast path writes the new key into the same buffer (no per-step copy of the cache),
-    and the cache it builds equals the function path's."""
+@pytest.mark.parametrize("attention", ["gqa", "kvbuffer"])
+def test_in_place_graphs_update_the_cache_in_place(exported, attention):
+    """The GQA decode and the kvbuffer graphs write the new keys into the same buffers (no
+    per-step copy of the cache), and the cache they build equals the function path's."""
     _, art = exported
-    fast, slow = (OrtBackend(Artifact.open(art), 1, a) for a in ("gqa", "function"))
-    assert fast.in_place and not slow.in_place
+    fast, slow = (OrtBackend(Artifact.open(art), 1, a) for a in (attention, "function"))
+    assert fast.in_place == {"prefill": attention == "kvbuffer", "decode": True}
+    assert not any(slow.in_place.values())
     ids = np.random.default_rng(1).integers(0, 300, (2, 9))
     states = []
     for b in (fast, slow):
@@ -160,7 +162,7 @@ def test_gqa_decode_updates_the_cache_in_place(exported):
             assert all(st.kv[k] is buffers[k] for k in buffers), "decode reallocated the cache"
         states.append(st)
     diff = max(np.abs(states[0].kv[k][:, :, :9] - states[1].kv[k][:, :, :9]).max() for k in states[0].kv)
-    print(f"max|cache gqa - cache function| = {diff:.2e}")
+    print(f"max|cache {attention} - cache function| = {diff:.2e}")
     assert diff < 1e-5 and states[0].pos == states[1].pos == 9
 
 
@@ -176,7 +178,7 @@ def test_graphs_hold_no_dead_nodes(exported):
     """ONNX Runtime warns about every node or initializer nothing reads (the one-loop GQA decode
     used to carry the unused RoPE gathers, an empty gate and ring outputs)."""
     _, art = exported
-    for f in ("prefill.onnx", "decode.onnx", "decode.gqa.onnx"):
+    for f in ("prefill.onnx", "decode.onnx", "decode.gqa.onnx", "prefill.kvbuffer.onnx", "decode.kvbuffer.onnx"):
         g = onnx.load(art / f, load_external_data=False).graph
         read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
         dead = [n.name for n in g.node if not any(o in read for o in n.output)]

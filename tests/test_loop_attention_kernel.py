@@ -1,8 +1,14 @@
 """The LoopAttention op, three ways: the exported ONNX function body (run by ONNX Runtime), a
 plain torch reference (float64, position by position), and the Triton kernel (on a CUDA device,
-or on the CPU under TRITON_INTERPRET=1 where triton is installed)."""
+or on the CPU under TRITON_INTERPRET=1 where triton is installed). Both cache forms: appended
+(kv_buffer 0) and written in place into a buffer (kv_buffer 1). The kernel is also compiled
+ahead of time to PTX, as the TensorRT plugin does, which needs no GPU."""
 
+import json
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,44 +21,52 @@ CASES = [  # (first_loop, rows, S, P before the call, ring length W, window)
     (0, 1, 6, 4, 0, 3),     # prefill, loop 0 (no ring rows)
     (1, 1, 6, 10, 3, 3),    # prefill, loop 1, chunk after 4 tokens (cache already holds the chunk)
     (1, 1, 5, 5, 0, 64),    # prefill, loop 1, first chunk, wide window
+    (0, 2, 70, 3, 2, 3),    # prefill-sized chunk: more keys than one block of the kernel
 ]
 H, HKV, D = 4, 2, 16
+SPARE = 3  # buffer positions beyond what the call needs: random values the op must never read
 
 
-def inputs(first_loop, R, S, P, W, window, seed=0):
+def inputs(first_loop, R, S, P, W, window, kv_buffer=0, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     n0 = 1 if first_loop == 0 else 0
     pos0 = P if n0 else P - S  # loop >= 1 rows: loop 0 already wrote the chunk
     rr = R - n0
-    t = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    cache = P + (n0 * S + SPARE if kv_buffer else 0)
+    t = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
     return dict(query=t(R, 1, H, S, D), key=t(R, 1, HKV, S, D), value=t(R, 1, HKV, S, D),
-                past_key=t(1, HKV, P, D), past_value=t(1, HKV, P, D), ring_key=t(rr, 1, HKV, W, D),
-                ring_value=t(rr, 1, HKV, W, D), gate=torch.rand(rr, 1, H, S, generator=g), pos0=pos0), \
-        dict(first_loop=first_loop, window=window, scale=D ** -0.5)
+                past_key=t(1, HKV, cache, D), past_value=t(1, HKV, cache, D), ring_key=t(rr, 1, HKV, W, D),
+                ring_value=t(rr, 1, HKV, W, D), gate=torch.rand(rr, 1, H, S, generator=g).to(dtype),
+                pos0=torch.tensor(pos0)), \
+        dict(first_loop=first_loop, window=window, scale=D ** -0.5, kv_buffer=kv_buffer)
 
 
+def _as_f64(x):
+    return {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}
+
+
+@pytest.mark.parametrize("kv_buffer", [0, 1])
 @pytest.mark.parametrize("case", CASES)
-def test_reference_equals_the_exported_function(case):
+def test_reference_equals_the_exported_function(case, kv_buffer):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from pltkit.export.loop_attention import DOMAIN, INPUTS, OP, OUTPUTS, function_proto
+    from pltkit.export.loop_attention import DOMAIN, INPUTS, OP, OUTPUTS, VERSION, function_proto
     from pltkit.gpu.loop_attention_ref import reference
 
-    x, attrs = inputs(*case)
+    x, attrs = inputs(*case, kv_buffer=kv_buffer)
     node = helper.make_node(OP, INPUTS, OUTPUTS, domain=DOMAIN, **attrs)
     vi = [helper.make_tensor_value_info(n, TensorProto.INT64, []) if n == "pos0" else
           helper.make_tensor_value_info(n, TensorProto.FLOAT, list(x[n].shape)) for n in INPUTS]
     graph = helper.make_graph([node], "op", vi, [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
                                                  for n in OUTPUTS])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)],
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, VERSION)],
                               functions=[function_proto(21)], ir_version=10)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feed = {k: (np.array(v, np.int64) if k == "pos0" else v.numpy()) for k, v in x.items()}
-    got = sess.run(None, feed)
-    want = reference(*x.values(), **attrs)
+    got = sess.run(None, {k: v.numpy() for k, v in x.items()})
+    want = reference(*_as_f64(x).values(), **attrs)
     diffs = [float(np.abs(g - w.numpy()).max()) if g.size else 0.0 for g, w in zip(got, want)]
-    print(case, "max|diff| per output", [f"{d:.1e}" for d in diffs])
+    print(case, f"kv_buffer {kv_buffer}", "max|diff| per output", [f"{d:.1e}" for d in diffs])
     assert all(g.shape == tuple(w.shape) for g, w in zip(got, want)) and max(diffs) < 1e-5
 
 
@@ -64,18 +78,58 @@ def _triton():
     return triton_loop_attention
 
 
+DTYPES = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # float32 math inside the kernel
+
+
+@pytest.mark.parametrize("kv_buffer", [0, 1])
 @pytest.mark.parametrize("case", CASES)
-def test_triton_kernel_equals_reference(case):
+def test_triton_kernel_equals_reference(case, kv_buffer):
     k = _triton()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x, attrs = inputs(*case, seed=1)
-    dev = {n: (v.to(device) if isinstance(v, torch.Tensor) else v) for n, v in x.items()}
     from pltkit.gpu.loop_attention_ref import reference
 
-    got = k.loop_attention(*dev.values(), **attrs, block_n=4)  # several key blocks even on tiny caches
-    want = reference(*x.values(), **attrs)
-    diff = float((got[0].double().cpu() - want[0]).abs().max())
-    print(case, device, f"output max|diff| {diff:.1e}")
-    assert diff < 1e-4  # float32 kernel against float64
-    for g, w in zip(got[1:], want[1:]):
-        assert torch.equal(g.cpu(), w)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = list(DTYPES) if device == "cuda" or case == CASES[0] else [torch.float32]  # the interpreter is slow
+    for dtype in dtypes:
+        x, attrs = inputs(*case, kv_buffer=kv_buffer, seed=1, dtype=dtype)
+        want = reference(*_as_f64(x).values(), **attrs)
+        dev = {n: v.to(device) for n, v in x.items()}
+        got = k.loop_attention(*dev.values(), **attrs)
+        if kv_buffer:  # the present cache is the past buffer, written in place
+            assert got[1] is dev["past_key"] and got[2] is dev["past_value"]
+        diff = float((got[0].double().cpu() - want[0]).abs().max())
+        print(case, f"kv_buffer {kv_buffer}", device, dtype, f"output max|diff| {diff:.1e}")
+        assert diff < DTYPES[dtype]
+        for g, w in zip(got[1:], want[1:]):  # cache and rings: copies, exact
+            assert g.shape == w.shape and torch.equal(g.cpu().double(), w)
+
+
+def test_kernel_compiles_ahead_of_time_to_ptx_for_tensorrt(tmp_path):
+    """What the AOT plugin hands TensorRT: PTX whose entry takes the op's 9 inputs, 7 int32
+    scalars and 5 outputs in that order. Triton adds two trailing scratch pointers, which the
+    kernel must never use (no scratch memory), since TensorRT does not pass them. Compiled in a
+    process without TRITON_INTERPRET (which turns kernels into Python functions)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    code = """if 1:
+        import json, sys
+        from pltkit.gpu.triton_loop_attention import compile_ptx
+        out = {}
+        for kv_buffer, first_loop, dtype in ((1, 0, "float16"), (1, 1, "bfloat16"), (0, 0, "float32")):
+            k = compile_ptx(dtype, first_loop=first_loop, window=64, scale=0.088, head_dim=128,
+                            kv_buffer=kv_buffer, capability=(9, 0))
+            m = k.metadata
+            out[f"{kv_buffer}-{first_loop}-{dtype}"] = dict(
+                name=m.name, ptx=k.asm["ptx"], warps=m.num_warps, shared=m.shared,
+                scratch=[getattr(m, "global_scratch_size", 0), getattr(m, "profile_scratch_size", 0)])
+        json.dump(out, open(sys.argv[1], "w"))
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "ptx.json")], check=True, env=env, timeout=300)
+    for variant, k in json.loads((tmp_path / "ptx.json").read_text()).items():
+        entry = re.search(r"\.entry\s+(\w+)\s*\((.*?)\)", k["ptx"], re.S)
+        params = re.findall(r"\.param\s+\.(\w+)", entry.group(2))
+        print(variant, k["name"], f"{len(params)} params, {k['warps']} warps, {k['shared']} bytes shared, "
+                                  f"PTX {len(k['ptx'])} chars")
+        assert entry.group(1) == k["name"] and ".target sm_90" in k["ptx"]
+        assert params[:9] == ["u64"] * 9 and params[9:16] == ["u32"] * 7 and params[16:21] == ["u64"] * 5
+        assert len(params) <= 23  # + global and profile scratch pointers (Triton >= 3.3)
+        assert k["scratch"] == [0, 0] and k["warps"] == 4

@@ -6,6 +6,9 @@
       prefill.onnx      chunk of S tokens, loops one after another
       decode.onnx       one token, the L loops as L rows of one pass
       decode.gqa.onnx   the decode graph on ONNX Runtime's GroupQueryAttention kernels
+      prefill.kvbuffer.onnx, decode.kvbuffer.onnx
+                        both graphs with the global cache as buffers written in place
+                        (LoopAttention kv_buffer = 1): what TensorRT engines are built from
       weights.bin       the initializers of both graphs, stored once (ONNX external data)
       tokenizer.json, tokenizer_config.json, generation_config.json
 
@@ -42,11 +45,15 @@ IR_VERSION = 10
 MANIFEST = "pltkit.json"
 WEIGHTS = "weights.bin"
 ALIGN = 64
-# Graph sets: "function" (LoopAttention nodes with their function body: portable, the reference)
-# and "gqa" (decode on ONNX Runtime's GroupQueryAttention kernels, the fast path there; its CPU
-# kernel refuses a chunk of S > 1 tokens after a past for batch > 1, so prefill stays "function").
+# Graph sets: "function" (LoopAttention nodes with their function body: portable, the reference),
+# "gqa" (decode on ONNX Runtime's GroupQueryAttention kernels, the fast path there; its CPU
+# kernel refuses a chunk of S > 1 tokens after a past for batch > 1, so prefill stays "function")
+# and "kvbuffer" (LoopAttention over cache buffers updated in place: the TensorRT form).
 GRAPHS = [("prefill.onnx", "prefill", "function", prefill_graph), ("decode.onnx", "decode", "function", decode_graph),
-          ("decode.gqa.onnx", "decode", "gqa", decode_graph)]
+          ("decode.gqa.onnx", "decode", "gqa", decode_graph),
+          ("prefill.kvbuffer.onnx", "prefill", "kvbuffer", prefill_graph),
+          ("decode.kvbuffer.onnx", "decode", "kvbuffer", decode_graph)]
+PORTABLE = ("function", "kvbuffer")  # graph sets of standard ops and LoopAttention only
 
 
 class ExportError(Exception):
@@ -142,14 +149,14 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
 
 
 def _write(src: Path, tmp: Path, quant) -> None:
-    stages = tqdm(total=5.5, desc="export", unit="stage", bar_format="{l_bar}{bar}| {postfix}")
+    stages = tqdm(total=4 + len(GRAPHS) / 2, desc="export", unit="stage", bar_format="{l_bar}{bar}| {postfix}")
     stages.set_postfix_str("validate")
     cfg, files = open_checkpoint(src)  # tensors are read one at a time while the graphs are written
     tables = rope_tables(cfg)
     store = WeightStore(tmp / WEIGHTS, lambda n: tables[n] if n in tables else read_tensor(files[n], n).numpy())
     stages.update()
 
-    graphs = {"function": {}, "gqa": {}}
+    graphs = {attention: {} for _, _, attention, _ in GRAPHS}
     for file, phase, attention, build in GRAPHS:
         stages.set_postfix_str(file)
         g = build(cfg, store, OPSET, attention, quant)
@@ -161,8 +168,9 @@ def _write(src: Path, tmp: Path, quant) -> None:
     store.close()
 
     stages.set_postfix_str("check")
-    for g in graphs["function"].values():
-        onnx.checker.check_model(str(tmp / g["file"]), full_check=True)
+    for attention in PORTABLE:
+        for g in graphs[attention].values():
+            onnx.checker.check_model(str(tmp / g["file"]), full_check=True)
     stages.update()
 
     stages.set_postfix_str("checksums")
@@ -176,7 +184,8 @@ def _write(src: Path, tmp: Path, quant) -> None:
         "precision": quant.name if quant else "fp32", "quantization": quant.manifest() if quant else None,
         "opset": OPSET, "ir_version": IR_VERSION,
         "custom_ops": [{"domain": la.DOMAIN, "op": la.OP, "version": la.VERSION,
-                        "plugin_namespace": la.PLUGIN_NAMESPACE, "spec": "docs/loop-attention-op.md"}],
+                        "plugin_namespace": la.PLUGIN_NAMESPACE, "plugin_version": la.PLUGIN_VERSION,
+                        "spec": "docs/loop-attention-op.md"}],
         "graphs": graphs,
         "state": {"names": state_names(cfg), "shapes": state_shapes(cfg), "dtype": "float32"},
         "max_context": cfg.max_position_embeddings,

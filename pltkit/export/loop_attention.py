@@ -16,18 +16,22 @@ from pltkit.export.graph import Graph
 
 DOMAIN = "plt.ops"
 OP = "LoopAttention"
-VERSION = 1
+VERSION = 2  # 2: the kv_buffer attribute
 PLUGIN_NAMESPACE = "pltkit"
+PLUGIN_VERSION = "1"  # TensorRT's Python plugins are always version 1
 INPUTS = ["query", "key", "value", "past_key", "past_value", "ring_key", "ring_value", "gate", "pos0"]
 OUTPUTS = ["output", "present_key", "present_value", "present_ring_key", "present_ring_value"]
 ATTRIBUTES = {"first_loop": AttributeProto.INT, "window": AttributeProto.INT, "scale": AttributeProto.FLOAT,
-              "plugin_namespace": AttributeProto.STRING, "plugin_version": AttributeProto.STRING}
+              "kv_buffer": AttributeProto.INT, "plugin_namespace": AttributeProto.STRING,
+              "plugin_version": AttributeProto.STRING}
 
 
-def loop_attention(g: Graph, inputs: list[str], *, first_loop: int, window: int, scale: float) -> list[str]:
+def loop_attention(g: Graph, inputs: list[str], *, first_loop: int, window: int, scale: float,
+                   kv_buffer: bool = False) -> list[str]:
     """Add one LoopAttention node; returns its five output names."""
     return g.op(OP, *inputs, n_out=len(OUTPUTS), domain=DOMAIN, first_loop=first_loop, window=window,
-                scale=scale, plugin_namespace=PLUGIN_NAMESPACE, plugin_version=str(VERSION))
+                scale=scale, kv_buffer=int(kv_buffer), plugin_namespace=PLUGIN_NAMESPACE,
+                plugin_version=PLUGIN_VERSION)
 
 
 def _ref(g: Graph, attr: str, kind: int) -> str:
@@ -60,8 +64,9 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     """The reference decomposition of LoopAttention in standard ops."""
     g = Graph(opset)
     q, k, v, past_k, past_v, ring_k, ring_v, gate, pos0 = INPUTS
-    first, window, scale = (_ref(g, "first_loop", AttributeProto.INT), _ref(g, "window", AttributeProto.INT),
-                            _ref(g, "scale", AttributeProto.FLOAT))
+    first, window, scale, kv_buffer = (_ref(g, "first_loop", AttributeProto.INT),
+                                       _ref(g, "window", AttributeProto.INT),
+                                       _ref(g, "scale", AttributeProto.FLOAT), _ref(g, "kv_buffer", AttributeProto.INT))
     one, zero, big = g.const([1]), g.const([0]), g.const([2**62])
     # Row 0 is loop 0 (and writes the global cache) iff first_loop == 0: `split` rows.
     split = g.op("Sub", one, g.op("Min", g.op("Unsqueeze", first, zero), one))
@@ -69,13 +74,19 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     hkv = g.op("Slice", k_shape, g.const([2]), g.const([3]))
     dh = g.op("Slice", k_shape, g.const([4]), g.const([5]))
 
-    # 1. cache write: loop-0 rows' keys/values append to the global cache.
+    # 1. cache write: loop-0 rows' keys/values go to the global cache at index `at`: appended
+    # (at = P), or over positions pos0.. of a buffer (kv_buffer: at = pos0, the length stays).
     n_new = g.op("Mul", split, g.op("Slice", k_shape, g.const([3]), g.const([4])))
+    past_len = g.op("Slice", g.op("Shape", past_k), g.const([2]), g.const([3]))
+    buffer = g.op("Unsqueeze", kv_buffer, zero)
+    at = g.op("Add", past_len, g.op("Mul", buffer, g.op("Sub", g.op("Unsqueeze", pos0, zero), past_len)))
+    after = g.op("Add", at, g.op("Mul", buffer, n_new))
 
     def write(x, past):
         rows = g.op("Transpose", g.op("Slice", x, zero, split, zero), perm=[1, 2, 0, 3, 4])
         flat = g.op("Reshape", rows, g.op("Concat", g.const([0, 0]), n_new, dh, axis=0))
-        return g.op("Concat", past, flat, axis=2)
+        axis = g.const([2])
+        return g.op("Concat", g.op("Slice", past, zero, at, axis), flat, g.op("Slice", past, after, big, axis), axis=2)
 
     present_k, present_v = write(k, past_k), write(v, past_v)
 

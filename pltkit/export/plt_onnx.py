@@ -48,7 +48,9 @@ class _Builder:
         """quant: None (float32) or a scheme whose linear(builder, x, weight) writes a quantized
         linear layer (see pltkit.quant.schemes)."""
         self.cfg, self.store, self.g, self.attention, self.quant = cfg, store, Graph(opset), attention, quant
-        self.kv_buffer = attention == "gqa"  # the GQA decode graph updates the global cache in place
+        # the GQA decode and the kvbuffer graphs update the global cache in place (a buffer of
+        # `capacity` positions and a `past_len` input)
+        self.kv_buffer = attention in ("gqa", "kvbuffer")
         self._used: set[str] = set()
 
     def w(self, name: str, transpose: bool = False) -> str:
@@ -138,7 +140,7 @@ class _Builder:
                                                         rotary=caches)
             else:
                 out, *state = loop_attention(g, args, first_loop=first_loop, window=c.window_left,
-                                             scale=1 / math.sqrt(c.head_dim))
+                                             scale=1 / math.sqrt(c.head_dim), kv_buffer=self.kv_buffer)
             y = g.op("Reshape", g.op("Transpose", out, perm=[0, 1, 3, 2, 4]), g.const([0, 0, 0, -1]))
             x = g.op("Add", x, self.linear(y, p + ".self_attn.o_proj", c.attention_bias))
             h = self.rmsnorm(x, p + ".post_attention_layernorm.weight")
@@ -207,7 +209,9 @@ class _Builder:
             self.g.output(present[n], "present_" + n, FLOAT, shape)
 
 
-ATTENTION = ("function", "gqa")  # LoopAttention nodes (portable) or ONNX Runtime GQA kernels
+# LoopAttention nodes (portable), ONNX Runtime GQA kernels (decode), or LoopAttention nodes over
+# in-place cache buffers (kv_buffer = 1; the TensorRT form)
+ATTENTION = ("function", "gqa", "kvbuffer")
 
 
 def prefill_graph(cfg: PLTConfig, store, opset: int, attention: str = "function", quant=None) -> Graph:

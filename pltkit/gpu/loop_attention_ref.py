@@ -6,24 +6,35 @@ from __future__ import annotations
 import torch
 
 
-def writes(key, value, past_key, past_value, ring_key, ring_value, first_loop: int):
+def writes(key, value, past_key, past_value, ring_key, ring_value, first_loop: int, pos0: int = 0,
+           kv_buffer: int = 0):
     """Steps 1 and 3 of the op's data: the global cache after the write, and each loop >= 1 row's
     keys/values with its ring in front (positions pos0 - W ..). Returns (n0, present_k,
     present_v, k_loc, v_loc)."""
     n0 = 1 if first_loop == 0 else 0
-    present_k = torch.cat([past_key, key[0]], 2) if n0 else past_key
-    present_v = torch.cat([past_value, value[0]], 2) if n0 else past_value
+
+    def write(past, new):
+        if not n0:
+            return past
+        if not kv_buffer:
+            return torch.cat([past, new], 2)
+        present = past.clone()
+        present[:, :, pos0:pos0 + new.shape[2]] = new
+        return present
+
+    present_k, present_v = write(past_key, key[0]), write(past_value, value[0])
     return n0, present_k, present_v, torch.cat([ring_key, key[n0:]], 3), torch.cat([ring_value, value[n0:]], 3)
 
 
 def reference(query, key, value, past_key, past_value, ring_key, ring_value, gate, pos0: int, *,
-              first_loop: int, window: int, scale: float):
+              first_loop: int, window: int, scale: float, kv_buffer: int = 0):
     """The op's semantics in plain torch, float64, position by position."""
     f = torch.float64
     R, B, H, S, D = query.shape
     Hkv = key.shape[2]
+    pos0 = int(pos0)
     n0, present_k, present_v, k_loc, v_loc = writes(key, value, past_key, past_value, ring_key, ring_value,
-                                                    first_loop)
+                                                    first_loop, pos0, kv_buffer)
     W = ring_key.shape[3]
     out = torch.zeros(query.shape, dtype=f)
 

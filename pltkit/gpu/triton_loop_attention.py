@@ -1,45 +1,55 @@
-"""`plt.ops::LoopAttention` (docs/loop-attention-op.md) as a Triton kernel, for GPUs.
+"""`plt.ops::LoopAttention` (docs/loop-attention-op.md) as ONE Triton kernel, for GPUs.
 
-`loop_attention(...)` takes and returns torch tensors with the op's inputs and outputs. The
-cache and ring writes are tensor copies; the kernel computes the attention: one program per
-(row, batch, query head, token), streaming over the keys with an online softmax, the global
-branch over the global cache (positions <= t) and, for rows of loops >= 1, the local branch over
-the ring (positions t-window .. t), mixed by the gate. The tests hold it to
-`pltkit.gpu.loop_attention_ref.reference`, which they hold to the exported ONNX function.
+A launch computes the whole op: the attention output, the global cache write and the rings.
+Its programs are, in order of program id:
 
-Needs torch and triton; runs on a CUDA device, or on the CPU under TRITON_INTERPRET=1 (slow,
-for tests).
+- attention, one per (row, batch, query head, token): an online softmax over the global cache
+  and, for rows of loops >= 1, over the ring, mixed by the gate. The keys written by this call
+  are read from `key` itself, never from the cache, so no program reads what another writes;
+- ring, one per (ring row, batch, kv head): the last `window` keys/values of ring ++ new;
+- write, one per (batch, kv head) when row 0 is loop 0: its keys/values into the cache at pos0;
+- copy (kv_buffer = 0 only), one per (batch, kv head, block of positions): past into present.
+
+With kv_buffer = 1 the present cache is the past buffer itself (TensorRT aliases them), so a
+step writes S positions instead of copying the cache. The kernel's arguments are the op's inputs,
+int32 scalars and the op's outputs, in that order, with every tensor contiguous: the calling
+convention of a TensorRT ahead-of-time plugin (`compile_ptx`), and launched from torch by
+`loop_attention` (tests, the JIT plugin). pos0 is read on the device: no host sync.
+
+Needs triton; runs on a CUDA device, or on the CPU under TRITON_INTERPRET=1 (slow, for tests).
+`compile_ptx` needs no GPU.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from pltkit.gpu.loop_attention_ref import writes
+BLOCK_N = 64  # keys per step of the online softmax, rows per copy step
+NUM_WARPS = 4
+TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @triton.jit
-def _attend_block(q, k_ptr, v_ptr, stride_kt, stride_vt, lo, hi, t_base, t, window, use_window,
-                  scale, m, l, acc, offs_d, d_mask, BLOCK_N: tl.constexpr):
-    """Online softmax over keys lo..hi-1 of one (batch, kv head) (positions t_base + index)."""
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        pos = t_base + offs_n
-        visible = (offs_n < hi) & (pos <= t)
-        if use_window:
+def _attend(q, k_ptr, v_ptr, n, pos_base, t, window, LOCAL: tl.constexpr, scale, m, l, acc, offs_d, d_mask,
+            D: tl.constexpr, BLOCK: tl.constexpr):
+    """Online-softmax step over the keys 0..n-1 at k_ptr (rows of D values; key j is at position
+    pos_base + j), visible when position <= t (and >= t - window for LOCAL)."""
+    for start in range(0, n, BLOCK):
+        offs_n = start + tl.arange(0, BLOCK)
+        pos = pos_base + offs_n
+        visible = (offs_n < n) & (pos <= t)
+        if LOCAL:
             visible = visible & (pos >= t - window)
-        k = tl.load(k_ptr + offs_n[:, None] * stride_kt + offs_d[None, :], mask=visible[:, None] & d_mask[None, :],
-                    other=0.0)
-        s = tl.sum(k * q[None, :], axis=1) * scale
-        s = tl.where(visible, s, float("-inf"))
+        rows = offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
+        mask = visible[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        s = tl.where(visible, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: keep exp() finite
         p = tl.where(visible, tl.exp(s - m_ref), 0.0)
         alpha = tl.exp(m - m_ref)
-        v = tl.load(v_ptr + offs_n[:, None] * stride_vt + offs_d[None, :], mask=visible[:, None] & d_mask[None, :],
-                    other=0.0)
+        v = tl.load(v_ptr + rows, mask=mask, other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l = l * alpha + tl.sum(p, axis=0)
         m = m_new
@@ -47,60 +57,152 @@ def _attend_block(q, k_ptr, v_ptr, stride_kt, stride_vt, lo, hi, t_base, t, wind
 
 
 @triton.jit
-def _loop_attention_kernel(
-        q_ptr, kg_ptr, vg_ptr, kl_ptr, vl_ptr, gate_ptr, out_ptr,
-        B, H, S, T, WS, pos0, n0, window, scale, group,
-        sq_r, sq_b, sq_h, sq_s, sg_b, sg_h, sg_t, sl_r, sl_b, sl_h, sl_t, sgate_r, sgate_b, sgate_h, sgate_s,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _copy_rows(dst, src, n, offs_d, d_mask, D: tl.constexpr, BLOCK: tl.constexpr):
+    """dst[0..n-1] = src[0..n-1], rows of D values."""
+    for start in range(0, n, BLOCK):
+        offs_n = start + tl.arange(0, BLOCK)
+        rows = offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
+        mask = (offs_n < n)[:, None] & d_mask[None, :]
+        tl.store(dst + rows, tl.load(src + rows, mask=mask), mask=mask)
+
+
+@triton.jit
+def loop_attention_kernel(
+        q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, rk_ptr, rv_ptr, gate_ptr, pos0_ptr,  # the op's inputs
+        R, B, H, HKV, S, C, W,  # rows, batch, heads, kv heads, tokens, cache length (past), ring length
+        out_ptr, kc_out, vc_out, rk_out, rv_out,  # the op's outputs
+        N0: tl.constexpr, WINDOW: tl.constexpr, SCALE: tl.constexpr, KV_BUFFER: tl.constexpr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    s_idx = pid % S
-    h = (pid // S) % H
-    b = (pid // (S * H)) % B
-    r = pid // (S * H * B)
-    hk = h // group
-    t = pos0 + s_idx
+    pos0 = tl.load(pos0_ptr).to(tl.int32)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    q = tl.load(q_ptr + r * sq_r + b * sq_b + h * sq_h + s_idx * sq_s + offs_d, mask=d_mask, other=0.0)
-    q = q.to(tl.float32)
+    rr_count = R - N0
+    n_att = R * B * H * S
+    n_ring = rr_count * B * HKV
+    n_write = N0 * B * HKV
+    w_new = tl.minimum(W + S, WINDOW)  # ring length after the call
+    c_out = C if KV_BUFFER else C + N0 * S  # present cache length
+    if pid < n_att:
+        s_idx = pid % S
+        h = (pid // S) % H
+        b = (pid // (S * H)) % B
+        r = pid // (S * H * B)
+        hk = h // (H // HKV)
+        t = pos0 + s_idx
+        row = ((r * B + b) * H + h) * S + s_idx
+        q = tl.load(q_ptr + row.to(tl.int64) * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        zero = tl.sum(q, axis=0) * 0.0
+        # global branch: the cache before this call's write, then row 0's new keys if it is loop 0
+        kv = (b * HKV + hk).to(tl.int64)
+        cached = pos0 if N0 else C
+        m, l, acc = _attend(q, kc_ptr + kv * C * D, vc_ptr + kv * C * D, cached, 0, t, WINDOW, False, SCALE,
+                            zero - float("inf"), zero, tl.zeros([BLOCK_D], dtype=tl.float32), offs_d, d_mask,
+                            D, BLOCK)
+        if N0:
+            new = ((0 * B + b) * HKV + hk).to(tl.int64) * S * D
+            m, l, acc = _attend(q, k_ptr + new, v_ptr + new, S, pos0, t, WINDOW, False, SCALE, m, l, acc, offs_d,
+                                d_mask, D, BLOCK)
+        y = acc / l
+        if r >= N0:  # a loop >= 1 row: local branch over its ring and its own keys, mixed by the gate
+            rr = r - N0
+            ring = ((rr * B + b) * HKV + hk).to(tl.int64) * W * D
+            own = ((r * B + b) * HKV + hk).to(tl.int64) * S * D
+            ml, ll, accl = _attend(q, rk_ptr + ring, rv_ptr + ring, W, pos0 - W, t, WINDOW, True, SCALE,
+                                   zero - float("inf"), zero, tl.zeros([BLOCK_D], dtype=tl.float32), offs_d, d_mask,
+                                   D, BLOCK)
+            ml, ll, accl = _attend(q, k_ptr + own, v_ptr + own, S, pos0, t, WINDOW, True, SCALE, ml, ll, accl,
+                                   offs_d, d_mask, D, BLOCK)
+            g = tl.load(gate_ptr + ((rr * B + b) * H + h) * S + s_idx).to(tl.float32)
+            y = g * y + (1.0 - g) * (accl / ll)
+        tl.store(out_ptr + row.to(tl.int64) * D + offs_d, y.to(out_ptr.dtype.element_ty), mask=d_mask)
+    elif pid < n_att + n_ring:  # ring: the last w_new of ring ++ own keys
+        i = pid - n_att
+        rr = i // (B * HKV)
+        bh = i % (B * HKV)
+        ring = (rr * B * HKV + bh).to(tl.int64)
+        own = ((N0 + rr) * B * HKV + bh).to(tl.int64) * S * D
+        keep = W + S - w_new  # entries of ring ++ own dropped from the front
+        from_ring = tl.maximum(W - keep, 0)
+        _copy_rows(rk_out + ring * w_new * D, rk_ptr + ring * W * D + keep * D, from_ring, offs_d, d_mask, D, BLOCK)
+        _copy_rows(rv_out + ring * w_new * D, rv_ptr + ring * W * D + keep * D, from_ring, offs_d, d_mask, D, BLOCK)
+        skip = tl.maximum(keep - W, 0)
+        _copy_rows(rk_out + (ring * w_new + from_ring) * D, k_ptr + own + skip * D, w_new - from_ring, offs_d,
+                   d_mask, D, BLOCK)
+        _copy_rows(rv_out + (ring * w_new + from_ring) * D, v_ptr + own + skip * D, w_new - from_ring, offs_d,
+                   d_mask, D, BLOCK)
+    elif pid < n_att + n_ring + n_write:  # row 0's keys/values into the cache at pos0
+        kvw = (pid - n_att - n_ring).to(tl.int64)
+        dst = (kvw * c_out + pos0) * D
+        _copy_rows(kc_out + dst, k_ptr + kvw * S * D, S, offs_d, d_mask, D, BLOCK)
+        _copy_rows(vc_out + dst, v_ptr + kvw * S * D, S, offs_d, d_mask, D, BLOCK)
+    elif not KV_BUFFER:  # present = past ++ new: one block of past positions of one (batch, kv head)
+        i = pid - n_att - n_ring - n_write
+        blocks = tl.cdiv(C, BLOCK)
+        kvc = (i // blocks).to(tl.int64)
+        start = (i % blocks) * BLOCK
+        n = tl.minimum(C - start, BLOCK)
+        _copy_rows(kc_out + (kvc * c_out + start) * D, kc_ptr + (kvc * C + start) * D, n, offs_d, d_mask, D, BLOCK)
+        _copy_rows(vc_out + (kvc * c_out + start) * D, vc_ptr + (kvc * C + start) * D, n, offs_d, d_mask, D, BLOCK)
 
-    # global branch: the global cache, positions 0..t
-    zero = tl.sum(q, axis=0) * 0.0
-    m, l, acc = zero - float("inf"), zero, tl.zeros([BLOCK_D], dtype=tl.float32)
-    m, l, acc = _attend_block(q, kg_ptr + b * sg_b + hk * sg_h, vg_ptr + b * sg_b + hk * sg_h, sg_t, sg_t,
-                              0, T, 0, t, window, False, scale, m, l, acc, offs_d, d_mask, BLOCK_N)
-    y = acc / l
-    if r >= n0:  # a loop >= 1 row: local branch over its ring, mixed by the gate
-        rr = r - n0
-        ml, ll, accl = zero - float("inf"), zero, tl.zeros([BLOCK_D], dtype=tl.float32)
-        base = rr * sl_r + b * sl_b + hk * sl_h
-        ml, ll, accl = _attend_block(q, kl_ptr + base, vl_ptr + base, sl_t, sl_t, 0, WS, pos0 - (WS - S), t,
-                                     window, True, scale, ml, ll, accl, offs_d, d_mask, BLOCK_N)
-        g = tl.load(gate_ptr + rr * sgate_r + b * sgate_b + h * sgate_h + s_idx * sgate_s).to(tl.float32)
-        y = g * y + (1.0 - g) * (accl / ll)
-    tl.store(out_ptr + r * sq_r + b * sq_b + h * sq_h + s_idx * sq_s + offs_d, y, mask=d_mask)
+
+def programs(R, B, H, HKV, S, C, *, n0: int, kv_buffer: bool, cdiv=lambda a, b: -(-a // b)):
+    """The number of programs of one launch (works on ints and on TensorRT shape expressions)."""
+    total = R * B * H * S + (R - n0) * B * HKV + B * HKV * n0
+    return total if kv_buffer else total + B * HKV * cdiv(C, BLOCK_N)
 
 
-def loop_attention(query, key, value, past_key, past_value, ring_key, ring_value, gate, pos0: int, *,
-                   first_loop: int, window: int, scale: float, block_n: int = 64):
-    """The op on torch tensors (shapes as in docs/loop-attention-op.md); returns
-    (output, present_key, present_value, present_ring_key, present_ring_value)."""
+def constexprs(*, first_loop: int, window: int, scale: float, kv_buffer: int, head_dim: int) -> dict:
+    return dict(N0=int(first_loop == 0), WINDOW=int(window), SCALE=float(scale), KV_BUFFER=int(bool(kv_buffer)),
+                D=int(head_dim), BLOCK_D=triton.next_power_of_2(int(head_dim)), BLOCK=BLOCK_N)
+
+
+def loop_attention(query, key, value, past_key, past_value, ring_key, ring_value, gate, pos0, *, first_loop: int,
+                   window: int, scale: float, kv_buffer: int = 0, out=None):
+    """The op on contiguous torch tensors (shapes as in docs/loop-attention-op.md; pos0 a 0-d int64
+    tensor on the device). Returns (output, present_key, present_value, present_ring_key,
+    present_ring_value); with kv_buffer, present_key/value ARE past_key/value, written in place.
+    `out`: the five output tensors to write instead of new ones (the JIT TensorRT plugin)."""
+    import torch
+
     R, B, H, S, D = query.shape
-    Hkv = key.shape[2]
-    n0, present_k, present_v, k_loc, v_loc = writes(key, value, past_key, past_value, ring_key, ring_value,
-                                                    first_loop)
-    q = query.contiguous()
-    out = torch.empty_like(q)
-    kg, vg, kl, vl, g = (x.contiguous() for x in (present_k, present_v, k_loc, v_loc, gate))
-    if q.numel():
-        grid = (R * B * H * S,)
-        _loop_attention_kernel[grid](
-            q, kg, vg, kl, vl, g, out, B, H, S, kg.shape[2], kl.shape[3], int(pos0), n0, window, float(scale),
-            H // Hkv, *q.stride()[:4], *kg.stride()[:3], *kl.stride()[:4], *_strides4(g),
-            D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_N=block_n)
-    keep = max(0, k_loc.shape[3] - window)
-    return out, present_k, present_v, k_loc[:, :, :, keep:], v_loc[:, :, :, keep:]
+    HKV, C, W = past_key.shape[1], past_key.shape[2], ring_key.shape[3]
+    n0 = int(first_loop == 0)
+    if out is None:
+        c_out = C if kv_buffer else C + n0 * S
+        w_new = min(W + S, window)
+        kc, vc = (past_key, past_value) if kv_buffer else \
+            (past_key.new_empty(B, HKV, c_out, D), past_value.new_empty(B, HKV, c_out, D))
+        out = (torch.empty_like(query), kc, vc, ring_key.new_empty(R - n0, B, HKV, w_new, D),
+               ring_value.new_empty(R - n0, B, HKV, w_new, D))
+    args = [query, key, value, past_key, past_value, ring_key, ring_value, gate, pos0]
+    assert all(t.is_contiguous() for t in (*args, *out)), "LoopAttention's tensors must be contiguous"
+    n = programs(R, B, H, HKV, S, C, n0=n0, kv_buffer=bool(kv_buffer))
+    if n:
+        loop_attention_kernel[(n,)](*args, R, B, H, HKV, S, C, W, *out, num_warps=NUM_WARPS,
+                                    **constexprs(first_loop=first_loop, window=window, scale=scale,
+                                                 kv_buffer=kv_buffer, head_dim=D))
+    return out
 
 
-def _strides4(g: torch.Tensor):
-    return g.stride() if g.dim() == 4 and g.numel() else (0, 0, 0, 0)
+SCALARS = ("R", "B", "H", "HKV", "S", "C", "W")
+
+
+def compile_ptx(dtype: str, *, first_loop: int, window: int, scale: float, kv_buffer: int, head_dim: int,
+                capability: tuple[int, int] | None = None):
+    """The kernel compiled ahead of time for one dtype ('float32', 'float16', 'bfloat16') and one
+    node's attributes: a triton CompiledKernel (`.asm["ptx"]`, `.metadata.name`, `.num_warps`,
+    `.shared`). capability (major, minor) targets that GPU; None targets the GPU of this process.
+    Needs no GPU when capability is given."""
+    from triton.backends.compiler import GPUTarget
+
+    ty = TRITON_DTYPES[dtype]
+    signature = {n: f"*{ty}" for n in ("q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "rk_ptr", "rv_ptr", "gate_ptr")}
+    signature["pos0_ptr"] = "*i64"
+    signature.update({n: "i32" for n in SCALARS})
+    signature.update({n: f"*{ty}" for n in ("out_ptr", "kc_out", "vc_out", "rk_out", "rv_out")})
+    consts = constexprs(first_loop=first_loop, window=window, scale=scale, kv_buffer=kv_buffer, head_dim=head_dim)
+    signature.update({n: "constexpr" for n in consts})
+    src = triton.compiler.ASTSource(fn=loop_attention_kernel, signature=signature, constexprs=consts)
+    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32) if capability else None
+    return triton.compile(src, target=target, options={"num_warps": NUM_WARPS})

@@ -1,10 +1,10 @@
 """ONNX Runtime backend: runs an artifact's prefill and decode graphs (no torch).
 
 The global KV cache lives in buffers allocated once per state (grown by doubling), `pos`
-entries valid. The GQA decode graph appends to them in place: the buffers are bound with
-IO binding as both `past_key.i` and `present_key.i`, so a decode step does not copy the
-cache. The function graphs (prefill, and decode when the fast path is off) take the valid
-part and their new entries are written back into the buffers.
+entries valid. The GQA decode graph and the kvbuffer graphs write into them in place: the
+buffers are bound with IO binding as both `past_key.i` and `present_key.i`, so a step does not
+copy the cache. The function graphs (prefill, and decode when the fast path is off) take the
+valid part and their new entries are written back into the buffers.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class OrtBackend:
     def __init__(self, artifact: Artifact, threads: int | None = None, attention: str = "auto",
                  device: str = "cpu"):
         """attention: 'gqa' (decode on ONNX Runtime's GroupQueryAttention kernels, cache updated in
-        place), 'function' (the LoopAttention function body, portable), or 'auto' (gqa when the
+        place), 'function' (the LoopAttention function body, portable), 'kvbuffer' (the function
+        body over cache buffers updated in place: TensorRT's graphs), or 'auto' (gqa when the
         artifact has it)."""
         try:
             import onnxruntime as ort
@@ -86,7 +87,8 @@ class OrtBackend:
                                                      providers=providers)
                          for phase in ("prefill", "decode")}
         self.outputs = {p: [o.name for o in s.get_outputs()] for p, s in self.sessions.items()}
-        self.in_place = "past_len" in {i.name for i in self.sessions["decode"].get_inputs()}
+        # graphs that take the cache buffers whole (`past_len` valid) and write into them
+        self.in_place = {p: "past_len" in {i.name for i in s.get_inputs()} for p, s in self.sessions.items()}
 
     def new_state(self, batch: int = 1) -> OrtState:
         def size(d):
@@ -114,9 +116,10 @@ class OrtBackend:
         state.pos = new_pos
         return out["logits"], state
 
-    def _decode_in_place(self, ids: np.ndarray, state: OrtState):
-        state.reserve(state.pos + 1, self.config.max_position_embeddings)
-        io = self.sessions["decode"].io_binding()
+    def _run_in_place(self, phase: str, ids: np.ndarray, state: OrtState):
+        new = ids.shape[1] if phase == "prefill" else 1
+        state.reserve(state.pos + new, self.config.max_position_embeddings)
+        io = self.sessions[phase].io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("past_len", np.array(state.pos, np.int64))
         for n, buf in state.kv.items():
@@ -128,19 +131,19 @@ class OrtBackend:
             io.bind_cpu_input("past_" + n, a)
         for name in fetched:
             io.bind_output(name)
-        self.sessions["decode"].run_with_iobinding(io)
+        self.sessions[phase].run_with_iobinding(io)
         values = {name: v for name, v in zip([*("present_" + n for n in state.kv), *fetched], io.get_outputs())}
         out = {name: values[name].numpy() for name in fetched}
         state.other = {n: out["present_" + n] for n in state.other}
-        state.pos += 1
+        state.pos += new
         return out["logits"], state
 
+    def _run(self, phase: str, ids: np.ndarray, state: OrtState):
+        self._check_room(state, ids.shape[1] if phase == "prefill" else 1)
+        return (self._run_in_place if self.in_place[phase] else self._run_copying)(phase, ids, state)
+
     def prefill(self, ids: np.ndarray, state: OrtState) -> tuple[np.ndarray, OrtState]:
-        self._check_room(state, ids.shape[1])
-        return self._run_copying("prefill", ids, state)
+        return self._run("prefill", ids, state)
 
     def decode(self, ids: np.ndarray, state: OrtState) -> tuple[np.ndarray, OrtState]:
-        self._check_room(state, 1)
-        if self.in_place:
-            return self._decode_in_place(ids, state)
-        return self._run_copying("decode", ids, state)
+        return self._run("decode", ids, state)
