@@ -60,41 +60,86 @@ def test_gpu_backends_without_a_gpu_are_refused_clearly(artifact):
 
 
 def test_profiles_cover_the_graphs_dimensions(artifact):
-    from pltkit.gpu.trt_engine import _shapes, profile_ranges
+    from pltkit.gpu.trt_engine import GRAPHS, _shapes, profile_ranges
 
     art = Artifact.open(artifact)
     ranges = profile_ranges(art)
     for phase in ("prefill", "decode"):
-        shapes = _shapes(art.manifest["graphs"]["function"][phase]["inputs"], ranges)
+        shapes = _shapes(art.manifest["graphs"][GRAPHS][phase]["inputs"], ranges)
         lo, opt, hi = shapes["past_key.0"]
-        assert lo[2] == 0 and hi[2] == art.config.max_position_embeddings - 1 and lo <= opt <= hi
+        assert lo[2] == 1 and hi[2] == art.config.max_position_embeddings and lo <= opt <= hi
         assert shapes["past_ring_key.0"][2][3] == art.config.window_left
+        assert shapes["past_len"] == ([], [], [])
     assert _shapes({"input_ids": ["batch", "seq"]}, ranges)["input_ids"] == ([1, 1], [1, 64], [1, 512])
 
 
 def test_inlined_fallback_graph_runs_like_the_original(artifact, tmp_path):
-    """Without the plugin, TensorRT gets the graph with plugin_namespace removed (the parser then
-    inlines the function): it must compute the same thing (checked with ONNX Runtime)."""
+    """Without the plugin, TensorRT gets the kvbuffer graph with plugin_namespace removed (the
+    parser then inlines the function): it must compute the same thing (checked with ONNX
+    Runtime, the cache buffers written in place as the TensorRT backend binds them)."""
     import onnx
-    import onnxruntime as ort
 
-    from pltkit.gpu.trt_engine import _graph_for_tensorrt
+    from pltkit.gpu.trt_engine import GRAPHS, _graph_for_tensorrt
+    from pltkit.runtime.ort_backend import OrtBackend
 
     art = Artifact.open(artifact)
     path = _graph_for_tensorrt(art, "decode", plugin=False)
     try:
         model = onnx.load(path, load_external_data=False)
         assert not any(a.name == "plugin_namespace" for n in model.graph.node for a in n.attribute)
-        backend = open_backend(artifact, "ort")
-        _, state = backend.prefill(np.arange(4, 20)[None], backend.new_state(1))
-        feed = {"input_ids": np.array([7])}
-        feed.update({"past_" + n: b[:, :, :state.pos] for n, b in state.kv.items()})
-        feed.update({"past_" + n: a for n, a in state.other.items()})
-        original = ort.InferenceSession(str(art.graph_path("decode", "function"))).run(["logits"], feed)[0]
-        fallback = ort.InferenceSession(str(path)).run(["logits"], feed)[0]
-        assert np.array_equal(original, fallback)
+        original, fallback = OrtBackend(art, 1, GRAPHS), OrtBackend(art, 1, GRAPHS)
+        fallback.sessions["decode"] = type(fallback.sessions["decode"])(str(path), providers=["CPUExecutionProvider"])
+        logits = []
+        for backend in (original, fallback):
+            _, state = backend.prefill(np.arange(4, 20)[None], backend.new_state(1))
+            logits.append(backend.decode(np.array([7]), state)[0])
+        assert np.array_equal(*logits)
     finally:
         path.unlink()
+
+
+def test_plugin_shapes_and_grid_follow_the_op(artifact):
+    """The plugin's output shapes and launch grid are formulas over TensorRT shape expressions;
+    evaluated on integers (a stand-in for tensorrt.plugin's expression types) they must equal the
+    reference op's output shapes and what the Triton wrapper launches, in both cache forms."""
+    from test_loop_attention_kernel import CASES, inputs
+
+    from pltkit.gpu import trt_plugin
+    from pltkit.gpu.loop_attention_ref import reference
+    from pltkit.gpu.triton_loop_attention import programs
+
+    class Desc:
+        def __init__(self, shape, aliased_to=None):
+            self.shape_expr, self.dtype, self.aliased_to = tuple(shape), "f", aliased_to
+
+        def like(self):
+            return Desc(self.shape_expr)
+
+        def aliased(self):
+            return Desc(self.shape_expr, self)
+
+    class IntShapes:  # tensorrt.plugin's from_shape_expr, min and cdiv on ints
+        min = staticmethod(min)
+        cdiv = staticmethod(lambda a, b: -(-a // b))
+        from_shape_expr = staticmethod(lambda shape, dtype: Desc(shape))
+
+    for case in CASES:
+        for kv_buffer in (0, 1):
+            x, attrs = inputs(*case, kv_buffer=kv_buffer)
+            d = {n: Desc(v.shape) for n, v in x.items()}
+            outs = trt_plugin.output_descs(IntShapes, d["query"], d["key"], d["past_key"], d["past_value"],
+                                           d["ring_key"], d["ring_value"], first_loop=attrs["first_loop"],
+                                           window=attrs["window"], kv_buffer=kv_buffer)
+            want = reference(*x.values(), **attrs)
+            assert [o.shape_expr for o in outs] == [tuple(w.shape) for w in want], (case, kv_buffer)
+            assert (outs[1].aliased_to is d["past_key"] and outs[2].aliased_to is d["past_value"]) == bool(kv_buffer)
+            grid, scalars = trt_plugin.launch(IntShapes, d["query"], d["past_key"], d["ring_key"],
+                                              first_loop=attrs["first_loop"], kv_buffer=kv_buffer)
+            R, B, H, S, _ = x["query"].shape
+            C, W = x["past_key"].shape[2], x["ring_key"].shape[3]
+            assert scalars == (R, B, H, x["key"].shape[2], S, C, W)
+            assert grid == programs(R, B, H, x["key"].shape[2], S, C, n0=int(attrs["first_loop"] == 0),
+                                    kv_buffer=bool(kv_buffer))
 
 
 def test_ort_forms_are_refused_for_tensorrt(tmp_path):

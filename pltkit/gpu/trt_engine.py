@@ -1,14 +1,18 @@
 """TensorRT engines from an artifact's ONNX graphs (TensorRT 10.x / 11.x Python API).
 
-- The network is strongly typed: precision comes from the graph. That is fp32, or the Q/DQ of the
-  `int8-qdq` / `fp8` exports (`plt-export --int8 --target trt`, `--fp8`). ONNX Runtime's contrib ops
-  (MatMulNBits, GroupQueryAttention) are not TensorRT's, so the int8/int4 ORT forms and the
-  `decode.gqa.onnx` graph cannot be built.
+- The engines are built from the `kvbuffer` graphs (prefill.kvbuffer.onnx, decode.kvbuffer.onnx):
+  the global cache is a buffer of `capacity` positions that each call writes in place at
+  `past_len`, so a decode step does not copy the cache.
+- The network is strongly typed: precision comes from the graph. That is the artifact's float
+  type, or the Q/DQ of the `int8-qdq` / `fp8` exports (`plt-export --int8 --target trt`, `--fp8`).
+  ONNX Runtime's contrib ops (MatMulNBits, GroupQueryAttention) are not TensorRT's, so the
+  int8/int4 ORT forms cannot be built.
 - LoopAttention nodes carry `plugin_namespace="pltkit"`. With the pltkit plugin registered
-  (pltkit.gpu.trt_plugin), the parser maps them to it. Without it, the nodes' attribute is
-  dropped so that the parser inlines the local function (the portable decomposition).
-- Optimization profiles come from the manifest's symbolic dimensions: batch, prefill chunk,
-  cache length and ring length.
+  (pltkit.gpu.trt_plugin), the parser maps them to it: ahead-of-time PTX where TensorRT supports
+  it, else the JIT Python callback. Without it, the nodes' attribute is dropped so that the
+  parser inlines the local function (the portable decomposition).
+- Optimization profiles come from the graphs' symbolic dimensions: batch, prefill chunk, cache
+  capacity and ring length.
 - A timing cache is kept in the artifact (`engines/timing.cache`).
 - Plans are stored under `engines/<key>/`, key = GPU name, compute capability and TensorRT
   version, and recorded in the manifest. A plan built for another key is never loaded: the
@@ -20,18 +24,18 @@ Nothing here runs without an NVIDIA GPU and TensorRT: `require()` says what is m
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
-from pltkit.runtime.artifact import MANIFEST, Artifact
+from tqdm import tqdm
 
-log = logging.getLogger(__name__)
+from pltkit.runtime.artifact import MANIFEST, Artifact
 
 ENGINES = "engines"
 PHASES = ("prefill", "decode")
+GRAPHS = "kvbuffer"  # the graph set engines are built from
 CONTRIB_OPS = {"MatMulNBits", "GroupQueryAttention"}
 
 
@@ -67,7 +71,7 @@ def profile_ranges(artifact: Artifact, max_batch: int = 1, max_chunk: int = 512)
     cfg = artifact.config
     ctx = cfg.max_position_embeddings
     window = cfg.window_left if cfg.plt_num_loops > 1 else 0
-    return {"batch": (1, 1, max_batch), "seq": (1, 64, max_chunk), "past": (0, ctx // 2, ctx - 1),
+    return {"batch": (1, 1, max_batch), "seq": (1, 64, max_chunk), "capacity": (1, ctx // 2, ctx),
             "ring": (0, window, window)}
 
 
@@ -85,7 +89,9 @@ def _graph_for_tensorrt(artifact: Artifact, phase: str, plugin: bool) -> Path:
     plugin_namespace, so that the parser inlines their function."""
     import onnx
 
-    src = artifact.graph_path(phase, "function")
+    if GRAPHS not in artifact.attention_variants:
+        raise ValueError(f"{artifact.path} has no {GRAPHS} graphs (exported by an older pltkit): export it again")
+    src = artifact.graph_path(phase, GRAPHS)
     model = onnx.load(src, load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
     if ops & CONTRIB_OPS:
@@ -123,22 +129,21 @@ def build(artifact_path, *, plugin: bool | None = None, max_batch: int = 1, max_
     tmp.mkdir(parents=True)
     ranges = profile_ranges(artifact, max_batch, max_chunk)
     try:
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-        for phase in PHASES:
-            flags = 0
-            if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # 10.x; 11 is always strongly typed
-                flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-            network = builder.create_network(flags)
+        config = _config(builder, trt, workspace_gb)
+        config.set_timing_cache(config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b""),
+                                ignore_mismatch=False)
+        aot = plugin and hasattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS")
+        how = "aot plugin" if aot else "jit plugin" if plugin else "inlined function"
+        for phase in (bar := tqdm(PHASES, desc=f"TensorRT engines (LoopAttention: {how})", unit="engine")):
+            bar.set_postfix_str(phase)
+            network = builder.create_network(_network_flags(trt, aot))
             parser = trt.OnnxParser(network, logger)
             onnx_path = _graph_for_tensorrt(artifact, phase, plugin)
             if not parser.parse_from_file(str(onnx_path)):
                 errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
                 raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
             profile = builder.create_optimization_profile()
-            inputs = artifact.manifest["graphs"]["function"][phase]["inputs"]
+            inputs = artifact.manifest["graphs"][GRAPHS][phase]["inputs"]
             for name, (lo, opt, hi) in _shapes(inputs, ranges).items():
                 profile.set_shape(name, lo, opt, hi)
             config.add_optimization_profile(profile)
@@ -146,7 +151,7 @@ def build(artifact_path, *, plugin: bool | None = None, max_batch: int = 1, max_
             if plan is None:
                 raise RuntimeError(f"TensorRT could not build the {phase} engine (see its log above)")
             (tmp / f"{phase}.plan").write_bytes(bytes(plan))
-            config = _fresh_config(builder, trt, config, workspace_gb)
+            config = _config(builder, trt, workspace_gb, config.get_timing_cache())
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
         if folder.exists():
             shutil.rmtree(folder)
@@ -157,17 +162,31 @@ def build(artifact_path, *, plugin: bool | None = None, max_batch: int = 1, max_
             (artifact.path / f".{phase}.trt-inline.onnx").unlink(missing_ok=True)
     _record(artifact, key, {"gpu": torch.cuda.get_device_name(),
                             "compute_capability": "{}.{}".format(*torch.cuda.get_device_capability()),
-                            "tensorrt": trt.__version__, "plugin": plugin, "profiles": ranges,
-                            "files": [f"{ENGINES}/{key}/{p}.plan" for p in PHASES]})
+                            "tensorrt": trt.__version__, "graphs": GRAPHS,
+                            "loop_attention": how,
+                            "profiles": ranges, "files": [f"{ENGINES}/{key}/{p}.plan" for p in PHASES]})
     return folder
 
 
-def _fresh_config(builder, trt, old, workspace_gb):
-    """A new builder config for the next network, sharing the timing cache (a profile belongs
-    to one network)."""
+def _network_flags(trt, aot: bool) -> int:
+    flags = trt.NetworkDefinitionCreationFlag
+    bits = 0
+    if hasattr(flags, "STRONGLY_TYPED"):  # 10.x; 11 is always strongly typed
+        bits |= 1 << int(flags.STRONGLY_TYPED)
+    if aot:  # the plugin has both implementations: bake the PTX into the engine
+        bits |= 1 << int(flags.PREFER_AOT_PYTHON_PLUGINS)
+    return bits
+
+
+def _config(builder, trt, workspace_gb: float, cache=None):
+    """A builder config: workspace, the aliased plugin I/O the in-place cache needs, and the
+    timing cache shared by both networks (a profile belongs to one network)."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    config.set_timing_cache(old.get_timing_cache(), ignore_mismatch=False)
+    if hasattr(trt.PreviewFeature, "ALIASED_PLUGIN_IO_10_03"):
+        config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)
+    if cache is not None:
+        config.set_timing_cache(cache, ignore_mismatch=False)
     return config
 
 

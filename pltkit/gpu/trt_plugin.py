@@ -1,58 +1,137 @@
 """The LoopAttention op as a TensorRT plugin, registered from Python (`tensorrt.plugin`, TensorRT
-10.6+). The ONNX parser maps nodes with `plugin_namespace="pltkit"` to it.
+10.6+) as `pltkit::LoopAttention`, version 1. The ONNX parser maps nodes with
+`plugin_namespace="pltkit"` to it; their attributes first_loop, window, scale and kv_buffer are
+the plugin's.
 
-The implementation is the Triton kernel of pltkit.gpu.triton_loop_attention, called through
-torch on TensorRT's stream (a JIT plugin: TensorRT calls back into Python each time the node
-runs). An ahead-of-time variant (`@trtp.aot_impl`, the kernel compiled to PTX and baked into the
-engine) is not built: the kernel's arguments are derived tensors (the concatenated caches), which
-the AOT calling convention (plugin inputs, scalars, outputs) cannot express without a kernel
-that reads past and new keys separately.
+Both implementations run the one Triton kernel of pltkit.gpu.triton_loop_attention:
+
+- ahead of time (`@trtp.aot_impl`, TensorRT 10.9+): the kernel compiled to PTX for the node's
+  dtype and attributes, baked into the engine with its launch grid and int32 scalars as
+  expressions of the input shapes. The engine then runs without Python. Chosen whenever
+  TensorRT supports it (network flag PREFER_AOT_PYTHON_PLUGINS);
+- just in time (`@trtp.impl`): TensorRT calls back into Python, which launches the kernel.
+
+With kv_buffer = 1 the present cache outputs are declared aliases of the past cache inputs (I/O
+aliasing, preview feature ALIASED_PLUGIN_IO_10_03): the kernel writes the new positions into the
+caller's buffer. Outputs have the input dtypes: the network's types decide the precision.
 """
 
 from __future__ import annotations
 
-_registered = False
+from typing import Tuple, Union
+
+PLUGIN_ID = "pltkit::LoopAttention"
+_registered: bool | None = None
+
+
+def output_descs(trtp, query, key, past_key, past_value, ring_key, ring_value, *, first_loop: int, window: int,
+                 kv_buffer: int):
+    """The five output descriptors, from the input descriptors (shape expressions)."""
+    n0 = first_loop == 0
+    if kv_buffer:
+        present_k, present_v = past_key.aliased(), past_value.aliased()
+    else:
+        e = past_key.shape_expr
+        length = e[2] + key.shape_expr[3] if n0 else e[2]
+        present_k, present_v = (trtp.from_shape_expr((e[0], e[1], length, e[3]), dtype=d.dtype)
+                                for d in (past_key, past_value))
+    r = ring_key.shape_expr
+    ring_len = trtp.min(r[3] + key.shape_expr[3], window)  # the ring never holds more than the window
+    rings = (trtp.from_shape_expr((r[0], r[1], r[2], ring_len, r[4]), dtype=d.dtype) for d in (ring_key, ring_value))
+    return (query.like(), present_k, present_v, *rings)
+
+
+def launch(trtp, query, past_key, ring_key, *, first_loop: int, kv_buffer: int):
+    """(grid size, the kernel's int32 scalars) as expressions of the input shapes."""
+    from pltkit.gpu.triton_loop_attention import programs
+
+    q, pk = query.shape_expr, past_key.shape_expr
+    R, B, H, S, HKV, C, W = q[0], q[1], q[2], q[3], pk[1], pk[2], ring_key.shape_expr[3]
+    grid = programs(R, B, H, HKV, S, C, n0=int(first_loop == 0), kv_buffer=bool(kv_buffer), cdiv=trtp.cdiv)
+    return grid, (R, B, H, HKV, S, C, W)
 
 
 def register() -> bool:
     """Register the plugin once; False when this TensorRT has no `tensorrt.plugin` (then the
     engine builder inlines the ONNX function instead)."""
     global _registered
-    if _registered:
-        return True
+    if _registered is not None:
+        return _registered
     try:
+        import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError:
+        _registered = False
         return False
-    import numpy as np
-    import torch
+    TD = trtp.TensorDesc
 
-    from pltkit.gpu.triton_loop_attention import loop_attention
+    @trtp.register(PLUGIN_ID)
+    def describe(query: TD, key: TD, value: TD, past_key: TD, past_value: TD, ring_key: TD, ring_value: TD,
+                 gate: TD, pos0: TD, first_loop: int, window: int, scale: float, kv_buffer: int
+                 ) -> Tuple[TD, TD, TD, TD, TD]:
+        return output_descs(trtp, query, key, past_key, past_value, ring_key, ring_value, first_loop=first_loop,
+                            window=window, kv_buffer=kv_buffer)
 
-    @trtp.register("pltkit::LoopAttention")
-    def desc(query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc, past_key: trtp.TensorDesc,
-             past_value: trtp.TensorDesc, ring_key: trtp.TensorDesc, ring_value: trtp.TensorDesc,
-             gate: trtp.TensorDesc, pos0: trtp.TensorDesc, first_loop: int, window: int, scale: float):
-        out = query.like()
-        present_k, present_v = past_key.like(), past_value.like()
-        if first_loop == 0:  # row 0 is loop 0: its keys are appended to the global cache
-            for d in (present_k, present_v):
-                d.shape_expr[2] = past_key.shape_expr[2] + key.shape_expr[3]
-        ring_k, ring_v = ring_key.like(), ring_value.like()
-        for d in (ring_k, ring_v):  # min(window, W + S): the ring never holds more than the window
-            d.shape_expr[3] = trtp.min(ring_key.shape_expr[3] + key.shape_expr[3], window)
-        return out, present_k, present_v, ring_k, ring_v
+    @trtp.impl(PLUGIN_ID)
+    def run(query, key, value, past_key, past_value, ring_key, ring_value, gate, pos0, first_loop: int,
+            window: int, scale: float, kv_buffer: int, outputs, stream: int) -> None:
+        import torch
 
-    @trtp.impl("pltkit::LoopAttention")
-    def impl(query, key, value, past_key, past_value, ring_key, ring_value, gate, pos0, first_loop: int,
-             window: int, scale: float, outputs, stream: int) -> None:
-        t = [torch.as_tensor(x, device="cuda") for x in (query, key, value, past_key, past_value, ring_key,
-                                                          ring_value, gate)]
-        p0 = int(np.asarray(torch.as_tensor(pos0, device="cuda").cpu()))
+        from pltkit.gpu.triton_loop_attention import loop_attention
+
+        tensors = [_torch_view(trt, torch, x) for x in (query, key, value, past_key, past_value, ring_key,
+                                                        ring_value, gate, pos0)]
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            results = loop_attention(*t, p0, first_loop=first_loop, window=window, scale=scale)
-            for dst, src in zip(outputs, results):
-                torch.as_tensor(dst, device="cuda").copy_(src)
+            loop_attention(*tensors, first_loop=first_loop, window=window, scale=scale, kv_buffer=kv_buffer,
+                           out=[_torch_view(trt, torch, x) for x in outputs])
+
+    if hasattr(trtp, "aot_impl"):
+        @trtp.aot_impl(PLUGIN_ID)
+        def compiled(query: TD, key: TD, value: TD, past_key: TD, past_value: TD, ring_key: TD, ring_value: TD,
+                     gate: TD, pos0: TD, first_loop: int, window: int, scale: float, kv_buffer: int,
+                     outputs: Tuple[TD, TD, TD, TD, TD], tactic: int
+                     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
+            from pltkit.gpu.triton_loop_attention import compile_ptx
+
+            head = query.shape_expr[4]
+            if not head.is_constant:
+                raise ValueError("LoopAttention on TensorRT needs a static head size")
+            kernel = compile_ptx(kernel_dtype(trt, query.dtype), first_loop=first_loop, window=window, scale=scale,
+                                 kv_buffer=kv_buffer, head_dim=head.constant_value())
+            grid, scalars = launch(trtp, query, past_key, ring_key, first_loop=first_loop, kv_buffer=kv_buffer)
+            params = trtp.KernelLaunchParams()
+            params.grid_x = grid
+            params.block_x = kernel.metadata.num_warps * 32
+            params.shared_mem = kernel.metadata.shared
+            extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
+            return kernel.metadata.name, kernel.asm["ptx"], params, extra
 
     _registered = True
     return True
+
+
+def kernel_dtype(trt, dtype) -> str:
+    names = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16"}
+    if dtype not in names:
+        raise ValueError(f"LoopAttention on TensorRT runs float32, float16 or bfloat16 tensors, not {dtype}")
+    return names[dtype]
+
+
+class _CudaArray:
+    """An object torch.as_tensor reads through __cuda_array_interface__."""
+
+    def __init__(self, **interface):
+        self.__cuda_array_interface__ = interface
+
+
+def _torch_view(trt, torch, t):
+    """A torch tensor over a plugin tensor's memory (contiguous). tensorrt.plugin's own
+    __cuda_array_interface__ refuses bfloat16, so bf16 is read as int16 and viewed."""
+    typestr, dtype = {trt.float32: ("<f4", torch.float32), trt.float16: ("<f2", torch.float16),
+                      trt.bfloat16: ("<i2", torch.bfloat16), trt.int64: ("<i8", torch.int64)}[t.dtype]
+    shape = tuple(t.shape)
+    if 0 in shape:  # an empty tensor: nothing to read or write (its address may be null)
+        return torch.empty(shape, dtype=dtype, device="cuda")
+    view = torch.as_tensor(_CudaArray(shape=shape, typestr=typestr, data=(t.data_ptr, False), version=3,
+                                      strides=None), device="cuda")
+    return view.view(dtype)

@@ -22,24 +22,34 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 
 @dataclass
 class OrtState:
+    """The decode state with the global cache in buffers: numpy here; the TensorRT backend's
+    subclass holds torch CUDA tensors (`copy` and `zeros` are the only array calls)."""
     pos: int  # valid positions in the global cache
     kv: dict[str, np.ndarray]  # key.i / value.i: [B, Hkv, capacity, Dh] buffers
     other: dict[str, np.ndarray]  # rings and carry, exactly as the graphs take them
 
+    @staticmethod
+    def copy(a):
+        return a.copy()
+
+    @staticmethod
+    def zeros(like, shape):
+        return np.zeros(shape, like.dtype)
+
     def clone(self) -> OrtState:
-        return OrtState(self.pos, {k: v.copy() for k, v in self.kv.items()},
-                        {k: v.copy() for k, v in self.other.items()})
+        return type(self)(self.pos, {k: self.copy(v) for k, v in self.kv.items()},
+                          {k: self.copy(v) for k, v in self.other.items()})
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (*self.kv.values(), *self.other.values()))
 
     def snapshot(self) -> dict:
         """What a prefix needs besides the global cache: rings and carries (small)."""
-        return {k: v.copy() for k, v in self.other.items()}
+        return {k: self.copy(v) for k, v in self.other.items()}
 
     def rewind(self, pos: int, snapshot: dict) -> None:
         """Back to `pos` tokens; snapshot must have been taken at pos."""
-        self.pos, self.other = pos, {k: v.copy() for k, v in snapshot.items()}
+        self.pos, self.other = pos, {k: self.copy(v) for k, v in snapshot.items()}
 
     def reserve(self, n: int, limit: int) -> None:
         """Make room for n positions (capacity doubles, up to limit)."""
@@ -48,7 +58,7 @@ class OrtState:
             return
         new_cap = min(limit, max(n, 2 * cap, MIN_CAPACITY))
         for name, buf in self.kv.items():
-            grown = np.zeros(buf.shape[:2] + (new_cap,) + buf.shape[3:], buf.dtype)
+            grown = self.zeros(buf, tuple(buf.shape[:2]) + (new_cap,) + tuple(buf.shape[3:]))
             grown[:, :, :self.pos] = buf[:, :, :self.pos]
             self.kv[name] = grown
 
