@@ -21,7 +21,7 @@ CASES = [  # (first_loop, rows, S, P before the call, ring length W, window)
     (0, 1, 6, 4, 0, 3),     # prefill, loop 0 (no ring rows)
     (1, 1, 6, 10, 3, 3),    # prefill, loop 1, chunk after 4 tokens (cache already holds the chunk)
     (1, 1, 5, 5, 0, 64),    # prefill, loop 1, first chunk, wide window
-    (0, 2, 70, 3, 2, 3),    # prefill-sized chunk: more keys than one block of the kernel
+    (0, 2, 1, 70, 3, 3),    # a cache longer than one block of the kernel (64 keys)
 ]
 H, HKV, D = 4, 2, 16
 SPARE = 3  # buffer positions beyond what the call needs: random values the op must never read

@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     precision.add_argument("--fp8", dest="quant", action="store_const", const="fp8",
                            help="float8e4m3fn Q/DQ for TensorRT on Hopper/Ada (emulated by ONNX Runtime on CPU)")
     p.add_argument("--target", choices=["ort", "trt"], default="ort", help="runtime the int8 form is for")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="float type of an unquantized export: weights, activations and cache (half types are for "
+                        "GPUs: TensorRT, ONNX Runtime CUDA)")
     p.add_argument("--engine", choices=["trt"], help="also build TensorRT engines for this machine's GPU (needs an "
                                                      "NVIDIA GPU and TensorRT); given an artifact, only build them")
     p.add_argument("--calib", type=Path, help="folder of .py files for calibration (default: the held-out split)")
@@ -30,10 +33,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.target == "trt" and args.quant in (None, "int4"):
         p.error("--target trt applies to --int8 (--fp8 is for TensorRT already)")
+    if args.quant and args.dtype != "float32":
+        p.error("--dtype applies to the unquantized export (quantized forms keep their float parts in float32)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.engine:
         if args.quant == "int4":
-            p.error("--engine trt builds float32, --int8 (Q/DQ) or --fp8 engines; int4 is for ONNX Runtime")
+            p.error("--engine trt builds float (--dtype), --int8 (Q/DQ) or --fp8 engines; int4 is for ONNX Runtime")
         from pltkit.gpu.trt_engine import GpuUnavailable, require
         try:
             require()  # before a long export: say at once what is missing
@@ -46,7 +51,7 @@ def main(argv=None) -> int:
             return build_engines(Path(str(args.checkpoint)))
 
     try:
-        from pltkit.export.artifact import ExportError, export
+        from pltkit.export.artifact import PRECISION, ExportError, export
     except ImportError as e:
         print(f"plt-export: needs PyTorch ({e.name} is not installed): pip install 'pltkit[torch]'", file=sys.stderr)
         return 2
@@ -55,14 +60,14 @@ def main(argv=None) -> int:
     from pltkit.quant.schemes import QDQ_SCHEMES, SCHEMES
 
     scheme_name = "int8-qdq" if args.quant == "int8" and args.target == "trt" else args.quant
-    out = args.out or Path(f"{Path(str(args.checkpoint)).name}-{scheme_name or 'fp32'}")
+    out = args.out or Path(f"{Path(str(args.checkpoint)).name}-{scheme_name or PRECISION[args.dtype]}")
     try:
         scheme = None
         if scheme_name in QDQ_SCHEMES:
             scheme = QDQ_SCHEMES[scheme_name].with_calibration(calibrate(args.checkpoint, args.calib))
         elif scheme_name:
             scheme = SCHEMES[scheme_name]
-        export(args.checkpoint, out, force=args.force, quant=scheme)
+        export(args.checkpoint, out, force=args.force, quant=scheme, dtype=args.dtype)
     except (ExportError, CheckpointError, ConfigError, ValueError) as e:
         print(f"plt-export: {e}".replace("\n", " "), file=sys.stderr)
         return 2

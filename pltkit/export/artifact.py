@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import pltkit
 from pltkit.export import loop_attention as la
+from pltkit.export.graph import float_type
 from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables, state_names, state_shapes
 from pltkit.model.checkpoint import TOKENIZER_FILES, open_checkpoint, read_tensor, weight_map
 from pltkit.model.paths import resolve_model_path
@@ -54,6 +55,7 @@ GRAPHS = [("prefill.onnx", "prefill", "function", prefill_graph), ("decode.onnx"
           ("prefill.kvbuffer.onnx", "prefill", "kvbuffer", prefill_graph),
           ("decode.kvbuffer.onnx", "decode", "kvbuffer", decode_graph)]
 PORTABLE = ("function", "kvbuffer")  # graph sets of standard ops and LoopAttention only
+PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # the manifest's name of a float export
 
 
 class ExportError(Exception):
@@ -68,10 +70,12 @@ class WeightStore:
         self.file = open(path, "wb")
         self.protos: dict[str, TensorProto] = {}
 
-    def get(self, name: str, transpose: bool = False) -> tuple[str, TensorProto]:
-        """A float32 tensor of the checkpoint (transposed for MatMul when asked)."""
-        return self.derived(name + (".T" if transpose else ""),
-                            lambda: np.asarray(self.source(name).T if transpose else self.source(name), np.float32))
+    def get(self, name: str, transpose: bool = False, dtype=np.float32) -> tuple[str, TensorProto]:
+        """A tensor of the checkpoint in float `dtype` (transposed for MatMul when asked)."""
+        dtype = np.dtype(dtype)
+        key = name + (".T" if transpose else "") + ("" if dtype == np.float32 else f".{dtype.name}")
+        return self.derived(key, lambda: np.asarray(self.source(name).T if transpose else self.source(name),
+                                                    np.float32).astype(dtype))
 
     def derived(self, key: str, make) -> tuple[str, TensorProto]:
         """A tensor computed once by make() (e.g. quantized weights), stored under `key`."""
@@ -108,12 +112,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _model_proto(graph, name: str) -> onnx.ModelProto:
+def _model_proto(graph, name: str, dtype: str) -> onnx.ModelProto:
     return helper.make_model(
         graph.graph(name), producer_name="pltkit", producer_version=pltkit.__version__, ir_version=IR_VERSION,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(la.DOMAIN, la.VERSION),
                        helper.make_opsetid("com.microsoft", 1)],
-        functions=[la.function_proto(OPSET)])
+        functions=[la.function_proto(OPSET, dtype)])
 
 
 def _io(graph) -> dict:
@@ -123,9 +127,14 @@ def _io(graph) -> dict:
             "outputs": {vi.name: shape(vi) for vi in graph.outputs}}
 
 
-def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, quant=None) -> Path:
-    """Export checkpoint `ckpt` (a folder or 'default') to the artifact folder `out`, float32 or
-    with the linear layers quantized by `quant` (a scheme of pltkit.quant.schemes)."""
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, quant=None,
+           dtype: str = "float32") -> Path:
+    """Export checkpoint `ckpt` (a folder or 'default') to the artifact folder `out`, in float
+    `dtype` (float32, float16 or bfloat16: weights, activations and state), or float32 with the
+    linear layers quantized by `quant` (a scheme of pltkit.quant.schemes)."""
+    if quant is not None and dtype != "float32":
+        raise ExportError(f"{quant.name} keeps its float parts in float32: export it without a dtype")
+    float_type(dtype)  # a known one
     try:
         src = resolve_model_path(ckpt)
     except ValueError as e:
@@ -137,7 +146,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write(src, tmp, quant)
+        _write(src, tmp, quant, dtype)
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():
@@ -148,21 +157,22 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
     return out
 
 
-def _write(src: Path, tmp: Path, quant) -> None:
-    stages = tqdm(total=4 + len(GRAPHS) / 2, desc="export", unit="stage", bar_format="{l_bar}{bar}| {postfix}")
+def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
+    graph_files = [g for g in GRAPHS if dtype == "float32" or g[2] != "gqa"]  # GQA's CPU kernel: float32
+    stages = tqdm(total=4 + len(graph_files) / 2, desc="export", unit="stage", bar_format="{l_bar}{bar}| {postfix}")
     stages.set_postfix_str("validate")
     cfg, files = open_checkpoint(src)  # tensors are read one at a time while the graphs are written
     tables = rope_tables(cfg)
     store = WeightStore(tmp / WEIGHTS, lambda n: tables[n] if n in tables else read_tensor(files[n], n).numpy())
     stages.update()
 
-    graphs = {attention: {} for _, _, attention, _ in GRAPHS}
-    for file, phase, attention, build in GRAPHS:
+    graphs = {attention: {} for _, _, attention, _ in graph_files}
+    for file, phase, attention, build in graph_files:
         stages.set_postfix_str(file)
-        g = build(cfg, store, OPSET, attention, quant)
-        onnx.save_model(_model_proto(g, f"pltkit_{phase}"), tmp / file)
+        g = build(cfg, store, OPSET, attention, quant, dtype)
+        onnx.save_model(_model_proto(g, f"pltkit_{phase}", dtype), tmp / file)
         graphs[attention][phase] = {"file": file, **_io(g)}
-        if attention == "function" and phase == "prefill":  # GQA has no batched chunked prefill
+        if attention == "function" and phase == "prefill" and "gqa" in graphs:  # GQA has no batched chunked prefill
             graphs["gqa"][phase] = graphs[attention][phase]
         stages.update(0.5)
     store.close()
@@ -181,13 +191,13 @@ def _write(src: Path, tmp: Path, quant) -> None:
         "format": FORMAT, "format_version": FORMAT_VERSION, "pltkit_version": pltkit.__version__,
         "config": cfg.to_dict(),
         "source": {"name": src.name, "sha256": checkpoint_sha256(src)},
-        "precision": quant.name if quant else "fp32", "quantization": quant.manifest() if quant else None,
+        "precision": quant.name if quant else PRECISION[dtype], "quantization": quant.manifest() if quant else None,
         "opset": OPSET, "ir_version": IR_VERSION,
         "custom_ops": [{"domain": la.DOMAIN, "op": la.OP, "version": la.VERSION,
                         "plugin_namespace": la.PLUGIN_NAMESPACE, "plugin_version": la.PLUGIN_VERSION,
                         "spec": "docs/loop-attention-op.md"}],
         "graphs": graphs,
-        "state": {"names": state_names(cfg), "shapes": state_shapes(cfg), "dtype": "float32"},
+        "state": {"names": state_names(cfg), "shapes": state_shapes(cfg), "dtype": dtype},
         "max_context": cfg.max_position_embeddings,
         "tokenizer": [n for n in TOKENIZER_FILES if (tmp / n).is_file()],
     }

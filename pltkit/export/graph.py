@@ -83,3 +83,14 @@ class _Scope:
 
 
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
+
+
+def float_type(dtype: str) -> tuple[int, np.dtype]:
+    """(ONNX element type, numpy dtype) of an artifact's float type: float32, float16 or bfloat16."""
+    import ml_dtypes
+
+    types = {"float32": (FLOAT, np.dtype(np.float32)), "float16": (TensorProto.FLOAT16, np.dtype(np.float16)),
+             "bfloat16": (TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16))}
+    if dtype not in types:
+        raise ValueError(f"unknown float type {dtype!r} (known: {', '.join(types)})")
+    return types[dtype]

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, helper
 
-from pltkit.export.graph import Graph
+from pltkit.export.graph import FLOAT, Graph, float_type
 
 DOMAIN = "plt.ops"
 OP = "LoopAttention"
@@ -45,7 +45,7 @@ def _ref(g: Graph, attr: str, kind: int) -> str:
     return out
 
 
-def _attend(g: Graph, q: str, k: str, v: str, mask: str, scale: str, q_shape: str, hkv: str) -> str:
+def _attend(g: Graph, q: str, k: str, v: str, mask: str, scale: str, q_shape: str, hkv: str, ft) -> str:
     """Softmax attention with grouped heads. q [..., H, S, Dh]; k, v [..., Hkv, T, Dh] broadcastable
     over the leading dims; mask [S, T] bool. Heads are grouped as [..., Hkv, H/Hkv, S, Dh]."""
     lead = g.op("Slice", q_shape, g.const([0]), g.const([-3]))
@@ -55,18 +55,21 @@ def _attend(g: Graph, q: str, k: str, v: str, mask: str, scale: str, q_shape: st
     q6 = g.op("Reshape", q, grouped)
     k6, v6 = g.op("Unsqueeze", k, g.const([-3])), g.op("Unsqueeze", v, g.const([-3]))
     scores = g.op("Mul", g.op("MatMul", q6, g.op("Transpose", k6, perm=[0, 1, 2, 3, 5, 4])), scale)
-    neg_inf = g.const(-np.inf, np.float32)
+    neg_inf = g.const(-np.inf, ft)
     probs = g.op("Softmax", g.op("Where", mask, scores, neg_inf), axis=-1)
     return g.op("Reshape", g.op("MatMul", probs, v6), q_shape)
 
 
-def function_proto(opset: int) -> onnx.FunctionProto:
-    """The reference decomposition of LoopAttention in standard ops."""
+def function_proto(opset: int, dtype: str = "float32") -> onnx.FunctionProto:
+    """The reference decomposition of LoopAttention in standard ops, for float tensors of `dtype`."""
+    elem, ft = float_type(dtype)
     g = Graph(opset)
     q, k, v, past_k, past_v, ring_k, ring_v, gate, pos0 = INPUTS
     first, window, scale, kv_buffer = (_ref(g, "first_loop", AttributeProto.INT),
                                        _ref(g, "window", AttributeProto.INT),
                                        _ref(g, "scale", AttributeProto.FLOAT), _ref(g, "kv_buffer", AttributeProto.INT))
+    if elem != FLOAT:
+        scale = g.op("Cast", scale, to=elem)
     one, zero, big = g.const([1]), g.const([0]), g.const([2**62])
     # Row 0 is loop 0 (and writes the global cache) iff first_loop == 0: `split` rows.
     split = g.op("Sub", one, g.op("Min", g.op("Unsqueeze", first, zero), one))
@@ -98,7 +101,7 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     q_col = g.op("Unsqueeze", q_pos, one)
     causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, zero), q_col)
     y_global = _attend(g, q, g.op("Unsqueeze", present_k, zero), g.op("Unsqueeze", present_v, zero),
-                       causal, scale, q_shape, hkv)
+                       causal, scale, q_shape, hkv, ft)
 
     # 3. local branch, rows of loops >= 1: the row's ring plus its own keys, inside the window.
     def ring_rows(x):
@@ -113,12 +116,12 @@ def function_proto(opset: int) -> onnx.FunctionProto:
     in_window = g.op("And", g.op("LessOrEqual", loc_row, q_col),
                      g.op("GreaterOrEqual", loc_row, g.op("Sub", q_col, window)))
     q_loc = ring_rows(q)
-    y_local = _attend(g, q_loc, loc_k, loc_v, in_window, scale, g.op("Shape", q_loc), hkv)
+    y_local = _attend(g, q_loc, loc_k, loc_v, in_window, scale, g.op("Shape", q_loc), hkv, ft)
 
     # 4. gate mix: g * global + (1 - g) * local for loop >= 1 rows; loop-0 rows keep global.
     gt = g.op("Unsqueeze", gate, g.const([-1]))
     y_g_loc = ring_rows(y_global)
-    mixed = g.op("Add", g.op("Mul", gt, y_g_loc), g.op("Mul", g.op("Sub", g.const(1.0, np.float32), gt), y_local))
+    mixed = g.op("Add", g.op("Mul", gt, y_g_loc), g.op("Mul", g.op("Sub", g.const(1.0, ft), gt), y_local))
     output = g.op("Concat", g.op("Slice", y_global, zero, split, zero), mixed, axis=0)
 
     # 5. rings keep their last `window` keys/values.

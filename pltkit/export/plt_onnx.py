@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from pltkit.export.graph import FLOAT, INT64, Graph
+from pltkit.export.graph import FLOAT, INT64, Graph, float_type
 from pltkit.export.loop_attention import loop_attention, loop_attention_gqa_decode
 from pltkit.model.config import PLTConfig
 from pltkit.model.plt import rope_cos_sin
@@ -44,18 +44,24 @@ def state_shapes(cfg: PLTConfig, present: bool = False, kv_buffer: bool = False)
 
 
 class _Builder:
-    def __init__(self, cfg: PLTConfig, store, opset: int, attention: str, quant=None):
-        """quant: None (float32) or a scheme whose linear(builder, x, weight) writes a quantized
-        linear layer (see pltkit.quant.schemes)."""
+    def __init__(self, cfg: PLTConfig, store, opset: int, attention: str, quant=None, dtype: str = "float32"):
+        """quant: None (float weights) or a scheme whose linear(builder, x, weight) writes a quantized
+        linear layer (see pltkit.quant.schemes). dtype: the float type of weights, activations and
+        state (float32, float16, bfloat16); norms are computed in float32, logits are float32."""
         self.cfg, self.store, self.g, self.attention, self.quant = cfg, store, Graph(opset), attention, quant
+        self.dtype = dtype
+        self.ft, self.np_ft = float_type(dtype)
         # the GQA decode and the kvbuffer graphs update the global cache in place (a buffer of
         # `capacity` positions and a `past_len` input)
         self.kv_buffer = attention in ("gqa", "kvbuffer")
         self._used: set[str] = set()
 
     def w(self, name: str, transpose: bool = False) -> str:
-        """An initializer of this graph (stored once in the artifact's weight file)."""
-        return self.use_initializer(*self.store.get(name, transpose))
+        """An initializer of this graph in its float type (stored once in the artifact's weight file)."""
+        return self.use_initializer(*self.store.get(name, transpose, self.np_ft))
+
+    def fconst(self, value) -> str:
+        return self.g.const(value, self.np_ft)
 
     def use_initializer(self, key: str, proto) -> str:
         if key not in self._used:
@@ -66,11 +72,14 @@ class _Builder:
     # -- pieces ----------------------------------------------------------------------
     def rmsnorm(self, x: str, weight_name: str) -> str:
         """x / sqrt(mean(x^2) + eps) * w, in the node pattern ONNX Runtime fuses into one
-        SimplifiedLayerNormalization kernel (Pow, ReduceMean, Add, Sqrt, Div, Mul)."""
-        g = self.g
-        ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
+        SimplifiedLayerNormalization kernel (Pow, ReduceMean, Add, Sqrt, Div, Mul). A half-precision
+        graph normalizes in float32 (x^2 overflows float16) and casts back before the weight."""
+        g, half = self.g, self.ft != FLOAT
+        x32 = g.op("Cast", x, to=FLOAT) if half else x
+        ms = g.op("ReduceMean", g.op("Pow", x32, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
         rms = g.op("Sqrt", g.op("Add", ms, g.const(self.cfg.rms_norm_eps, np.float32)))
-        return g.op("Mul", g.op("Div", x, rms), self.w(weight_name))
+        y = g.op("Div", x32, rms)
+        return g.op("Mul", g.op("Cast", y, to=self.ft) if half else y, self.w(weight_name))
 
     def linear(self, x: str, prefix: str, bias: bool, quantize: bool = True) -> str:
         if self.quant is not None and quantize:
@@ -173,8 +182,7 @@ class _Builder:
 
     def scaled_sum(self, emb: str, prev: str) -> str:
         g, c = self.g, self.cfg
-        return g.op("Add", g.op("Mul", emb, g.const(c.emb_scale, np.float32)),
-                    g.op("Mul", prev, g.const(c.hidden_scale, np.float32)))
+        return g.op("Add", g.op("Mul", emb, self.fconst(c.emb_scale)), g.op("Mul", prev, self.fconst(c.hidden_scale)))
 
     def inputs(self, ids_shape: list) -> tuple[str, dict[str, str], str]:
         """input_ids, the past state and the position of the first new token: the global cache's
@@ -182,7 +190,7 @@ class _Builder:
         g, c = self.g, self.cfg
         ids = g.input("input_ids", INT64, ids_shape)
         shapes = state_shapes(c, kv_buffer=self.kv_buffer)
-        state = {n: g.input("past_" + n, FLOAT, shape) for n, shape in shapes.items()}
+        state = {n: g.input("past_" + n, self.ft, shape) for n, shape in shapes.items()}
         if self.kv_buffer:
             return ids, state, g.input("past_len", INT64, [])
         pos0 = g.op("Squeeze", g.op("Slice", g.op("Shape", state["key.0"]), g.const([2]), g.const([3])),
@@ -204,9 +212,11 @@ class _Builder:
         return g.op("Gather", self.w("rope.cos"), positions), g.op("Gather", self.w("rope.sin"), positions)
 
     def outputs(self, present: dict[str, str], logits: str, logits_shape: list):
+        if self.ft != FLOAT:
+            logits = self.g.op("Cast", logits, to=FLOAT)
         self.g.output(logits, "logits", FLOAT, logits_shape)
         for n, shape in state_shapes(self.cfg, present=True, kv_buffer=self.kv_buffer).items():
-            self.g.output(present[n], "present_" + n, FLOAT, shape)
+            self.g.output(present[n], "present_" + n, self.ft, shape)
 
 
 # LoopAttention nodes (portable), ONNX Runtime GQA kernels (decode), or LoopAttention nodes over
@@ -214,8 +224,9 @@ class _Builder:
 ATTENTION = ("function", "gqa", "kvbuffer")
 
 
-def prefill_graph(cfg: PLTConfig, store, opset: int, attention: str = "function", quant=None) -> Graph:
-    b = _Builder(cfg, store, opset, attention, quant)
+def prefill_graph(cfg: PLTConfig, store, opset: int, attention: str = "function", quant=None,
+                  dtype: str = "float32") -> Graph:
+    b = _Builder(cfg, store, opset, attention, quant, dtype)
     g, L, n = b.g, cfg.plt_num_loops, cfg.num_hidden_layers
     ids, past, pos0 = b.inputs(["batch", "seq"])
     s = g.op("Squeeze", g.op("Slice", g.op("Shape", ids), g.const([1]), g.const([2])), g.const([0]))
@@ -256,8 +267,9 @@ def prefill_graph(cfg: PLTConfig, store, opset: int, attention: str = "function"
     return g
 
 
-def decode_graph(cfg: PLTConfig, store, opset: int, attention: str = "function", quant=None) -> Graph:
-    b = _Builder(cfg, store, opset, attention, quant)
+def decode_graph(cfg: PLTConfig, store, opset: int, attention: str = "function", quant=None,
+                 dtype: str = "float32") -> Graph:
+    b = _Builder(cfg, store, opset, attention, quant, dtype)
     g, L, n = b.g, cfg.plt_num_loops, cfg.num_hidden_layers
     ids, past, pos0 = b.inputs(["batch"])
     rope = b.rope_tables(g.op("Unsqueeze", pos0, g.const([0])))

@@ -63,6 +63,14 @@ class OrtState:
             self.kv[name] = grown
 
 
+def state_dtype(artifact: Artifact) -> np.dtype:
+    """The numpy dtype of an artifact's state (its float type; logits are always float32)."""
+    import ml_dtypes
+
+    name = artifact.manifest["state"].get("dtype", "float32")
+    return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name])
+
+
 class OrtBackend:
     name = "ort"
 
@@ -88,6 +96,10 @@ class OrtBackend:
         if providers[0] not in ort.get_available_providers():
             raise ArtifactError(f"ONNX Runtime's {providers[0]} is not available: on a machine with an NVIDIA GPU, "
                                 f"pip uninstall onnxruntime && pip install onnxruntime-gpu")
+        self.dtype = state_dtype(artifact)
+        if self.dtype.name == "bfloat16" and device == "cpu":
+            raise ArtifactError(f"{artifact.path} is bfloat16, which ONNX Runtime's CPU provider cannot run: use "
+                                f"--backend trt or ort-cuda on a GPU, or export float32 / float16 for the CPU")
         if attention == "auto":  # GroupQueryAttention is float32 on the CPU only
             attention = "gqa" if "gqa" in variants and device == "cpu" else "function"
         self.attention, self.device = attention, device
@@ -103,7 +115,7 @@ class OrtBackend:
     def new_state(self, batch: int = 1) -> OrtState:
         def size(d):
             return batch if d == "batch" else 0 if isinstance(d, str) else d
-        arrays = {n: np.zeros([size(d) for d in self.state_shapes[n]], np.float32) for n in self.state_names}
+        arrays = {n: np.zeros([size(d) for d in self.state_shapes[n]], self.dtype) for n in self.state_names}
         kv = {n: a for n, a in arrays.items() if n.startswith(("key.", "value."))}
         return OrtState(0, kv, {n: a for n, a in arrays.items() if n not in kv})
 
