@@ -59,6 +59,21 @@ def test_gpu_backends_without_a_gpu_are_refused_clearly(artifact):
         assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_plugin_annotations_are_classes():
+    """tensorrt.plugin validates the decorated functions by their annotations, read as classes
+    (issubclass(annotation, TensorDesc)); `from __future__ import annotations` makes them strings
+    and registration fails (found by running the module against tensorrt.plugin's own sources)."""
+    import ast
+    import inspect
+
+    from pltkit.gpu import trt_plugin
+
+    tree = ast.parse(inspect.getsource(trt_plugin))
+    future = [a.name for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__" for a in n.names]
+    assert "annotations" not in future
+    assert trt_plugin.attributes([0], [1], [0.5], [64]) == {"first_loop": 0, "kv_buffer": 1, "scale": 0.5, "window": 64}
+
+
 def test_profiles_cover_the_graphs_dimensions(artifact):
     from pltkit.gpu.trt_engine import GRAPHS, _shapes, profile_ranges
 

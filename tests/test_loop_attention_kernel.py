@@ -113,9 +113,9 @@ def test_kernel_compiles_ahead_of_time_to_ptx_for_tensorrt(tmp_path):
         import json, sys
         from pltkit.gpu.triton_loop_attention import compile_ptx
         out = {}
-        for kv_buffer, first_loop, dtype in ((1, 0, "float16"), (1, 1, "bfloat16"), (0, 0, "float32")):
+        for kv_buffer, first_loop, dtype, ptx in ((1, 0, "float16", None), (1, 1, "bfloat16", 84), (0, 0, "float32", None)):
             k = compile_ptx(dtype, first_loop=first_loop, window=64, scale=0.088, head_dim=128,
-                            kv_buffer=kv_buffer, capability=(9, 0))
+                            kv_buffer=kv_buffer, capability=(9, 0), ptx_version=ptx)
             m = k.metadata
             out[f"{kv_buffer}-{first_loop}-{dtype}"] = dict(
                 name=m.name, ptx=k.asm["ptx"], warps=m.num_warps, shared=m.shared,
@@ -133,3 +133,41 @@ def test_kernel_compiles_ahead_of_time_to_ptx_for_tensorrt(tmp_path):
         assert params[:9] == ["u64"] * 9 and params[9:16] == ["u32"] * 7 and params[16:21] == ["u64"] * 5
         assert len(params) <= 23  # + global and profile scratch pointers (Triton >= 3.3)
         assert k["scratch"] == [0, 0] and k["warps"] == 4
+    assert ".version 8.4" in json.loads((tmp_path / "ptx.json").read_text())["1-1-bfloat16"]["ptx"]  # an older driver
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_buffer", [0, 1])
+def test_ahead_of_time_ptx_launched_as_tensorrt_does_equals_reference(kv_buffer):
+    """The PTX the AOT plugin gives TensorRT, for this GPU and driver, launched through the driver
+    API with the plugin's argument layout and grid, against the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from ptx_launch import launch
+
+    from pltkit.gpu import trt_plugin
+    from pltkit.gpu.loop_attention_ref import reference
+    from pltkit.gpu.triton_loop_attention import TRITON_DTYPES, compile_ptx, programs
+
+    names = {getattr(torch, n): n for n in TRITON_DTYPES}
+    for case in CASES:
+        for dtype in DTYPES:
+            x, attrs = inputs(*case, kv_buffer=kv_buffer, seed=2, dtype=dtype)
+            want = reference(*_as_f64(x).values(), **attrs)
+            dev = {n: v.cuda().contiguous() for n, v in x.items()}
+            out = [torch.empty(tuple(w.shape), dtype=dtype, device="cuda") for w in want]
+            if kv_buffer:  # the present cache aliases the past buffer
+                out[1], out[2] = dev["past_key"], dev["past_value"]
+            kernel = compile_ptx(names[dtype], **attrs, head_dim=D, ptx_version=trt_plugin.driver_ptx_version())
+            R, B, _, S, _ = x["query"].shape
+            C, W = x["past_key"].shape[2], x["ring_key"].shape[3]
+            grid = programs(R, B, H, HKV, S, C, n0=int(attrs["first_loop"] == 0), kv_buffer=bool(kv_buffer))
+            launch(kernel.asm["ptx"], kernel.metadata.name, grid, kernel.metadata.num_warps * 32, kernel.metadata.shared,
+                   [t.data_ptr() for t in dev.values()], (R, B, H, HKV, S, C, W), [t.data_ptr() for t in out],
+                   torch.cuda.current_stream().cuda_stream)
+            torch.cuda.synchronize()
+            diff = float((out[0].double().cpu() - want[0]).abs().max())
+            print(case, f"kv_buffer {kv_buffer}", dtype, f"AOT PTX output max|diff| {diff:.1e}")
+            assert diff < DTYPES[dtype]
+            for g, w in zip(out[1:], want[1:]):
+                assert torch.equal(g.cpu().double(), w)

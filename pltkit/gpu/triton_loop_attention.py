@@ -189,11 +189,12 @@ SCALARS = ("R", "B", "H", "HKV", "S", "C", "W")
 
 
 def compile_ptx(dtype: str, *, first_loop: int, window: int, scale: float, kv_buffer: int, head_dim: int,
-                capability: tuple[int, int] | None = None):
+                capability: tuple[int, int] | None = None, ptx_version: int | None = None):
     """The kernel compiled ahead of time for one dtype ('float32', 'float16', 'bfloat16') and one
     node's attributes: a triton CompiledKernel (`.asm["ptx"]`, `.metadata.name`, `.num_warps`,
     `.shared`). capability (major, minor) targets that GPU; None targets the GPU of this process.
-    Needs no GPU when capability is given."""
+    ptx_version (e.g. 84 for ISA 8.4) caps the PTX ISA for an older driver. Needs no GPU when
+    capability is given."""
     from triton.backends.compiler import GPUTarget
 
     ty = TRITON_DTYPES[dtype]
@@ -205,4 +206,5 @@ def compile_ptx(dtype: str, *, first_loop: int, window: int, scale: float, kv_bu
     signature.update({n: "constexpr" for n in consts})
     src = triton.compiler.ASTSource(fn=loop_attention_kernel, signature=signature, constexprs=consts)
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32) if capability else None
-    return triton.compile(src, target=target, options={"num_warps": NUM_WARPS})
+    options = {"num_warps": NUM_WARPS, **({"ptx_version": ptx_version} if ptx_version else {})}
+    return triton.compile(src, target=target, options=options)

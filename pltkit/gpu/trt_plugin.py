@@ -14,11 +14,19 @@ Both implementations run the one Triton kernel of pltkit.gpu.triton_loop_attenti
 With kv_buffer = 1 the present cache outputs are declared aliases of the past cache inputs (I/O
 aliasing, preview feature ALIASED_PLUGIN_IO_10_03): the kernel writes the new positions into the
 caller's buffer. Outputs have the input dtypes: the network's types decide the precision.
+
+No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions'
+annotations as classes. The attributes are 1-element numpy arrays (int32, float32), the type the
+ONNX parser hands over; tensorrt.plugin's scalar path calls int() on such an array, which
+numpy >= 2.4 refuses.
 """
 
-from __future__ import annotations
-
 from typing import Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
+
+I32, F32 = npt.NDArray[np.int32], npt.NDArray[np.float32]
 
 PLUGIN_ID = "pltkit::LoopAttention"
 _registered: bool | None = None
@@ -65,16 +73,18 @@ def register() -> bool:
         return False
     TD = trtp.TensorDesc
 
+    # attributes in name order, the order the ONNX parser may hand them over in
     @trtp.register(PLUGIN_ID)
     def describe(query: TD, key: TD, value: TD, past_key: TD, past_value: TD, ring_key: TD, ring_value: TD,
-                 gate: TD, pos0: TD, first_loop: int, window: int, scale: float, kv_buffer: int
+                 gate: TD, pos0: TD, first_loop: I32, kv_buffer: I32, scale: F32, window: I32
                  ) -> Tuple[TD, TD, TD, TD, TD]:
-        return output_descs(trtp, query, key, past_key, past_value, ring_key, ring_value, first_loop=first_loop,
-                            window=window, kv_buffer=kv_buffer)
+        a = attributes(first_loop, kv_buffer, scale, window)
+        return output_descs(trtp, query, key, past_key, past_value, ring_key, ring_value, first_loop=a["first_loop"],
+                            window=a["window"], kv_buffer=a["kv_buffer"])
 
     @trtp.impl(PLUGIN_ID)
-    def run(query, key, value, past_key, past_value, ring_key, ring_value, gate, pos0, first_loop: int,
-            window: int, scale: float, kv_buffer: int, outputs, stream: int) -> None:
+    def run(query, key, value, past_key, past_value, ring_key, ring_value, gate, pos0, first_loop: I32,
+            kv_buffer: I32, scale: F32, window: I32, outputs, stream: int) -> None:
         import torch
 
         from pltkit.gpu.triton_loop_attention import loop_attention
@@ -82,23 +92,25 @@ def register() -> bool:
         tensors = [_torch_view(trt, torch, x) for x in (query, key, value, past_key, past_value, ring_key,
                                                         ring_value, gate, pos0)]
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            loop_attention(*tensors, first_loop=first_loop, window=window, scale=scale, kv_buffer=kv_buffer,
+            loop_attention(*tensors, **attributes(first_loop, kv_buffer, scale, window),
                            out=[_torch_view(trt, torch, x) for x in outputs])
 
     if hasattr(trtp, "aot_impl"):
         @trtp.aot_impl(PLUGIN_ID)
         def compiled(query: TD, key: TD, value: TD, past_key: TD, past_value: TD, ring_key: TD, ring_value: TD,
-                     gate: TD, pos0: TD, first_loop: int, window: int, scale: float, kv_buffer: int,
+                     gate: TD, pos0: TD, first_loop: I32, kv_buffer: I32, scale: F32, window: I32,
                      outputs: Tuple[TD, TD, TD, TD, TD], tactic: int
                      ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
             from pltkit.gpu.triton_loop_attention import compile_ptx
 
+            a = attributes(first_loop, kv_buffer, scale, window)
             head = query.shape_expr[4]
             if not head.is_constant:
                 raise ValueError("LoopAttention on TensorRT needs a static head size")
-            kernel = compile_ptx(kernel_dtype(trt, query.dtype), first_loop=first_loop, window=window, scale=scale,
-                                 kv_buffer=kv_buffer, head_dim=head.constant_value())
-            grid, scalars = launch(trtp, query, past_key, ring_key, first_loop=first_loop, kv_buffer=kv_buffer)
+            kernel = compile_ptx(kernel_dtype(trt, query.dtype), **a, head_dim=head.constant_value(),
+                                 ptx_version=driver_ptx_version())
+            grid, scalars = launch(trtp, query, past_key, ring_key, first_loop=a["first_loop"],
+                                   kv_buffer=a["kv_buffer"])
             params = trtp.KernelLaunchParams()
             params.grid_x = grid
             params.block_x = kernel.metadata.num_warps * 32
@@ -108,6 +120,31 @@ def register() -> bool:
 
     _registered = True
     return True
+
+
+def attributes(first_loop, kv_buffer, scale, window) -> dict:
+    """The node's attributes as Python numbers (they arrive as 1-element arrays)."""
+    def item(a):
+        return np.asarray(a).reshape(-1)[0].item()
+    return {"first_loop": int(item(first_loop)), "kv_buffer": int(item(kv_buffer)), "scale": float(item(scale)),
+            "window": int(item(window))}
+
+
+def driver_ptx_version() -> int | None:
+    """The newest PTX ISA this machine's CUDA driver loads (e.g. 84 for a CUDA 12.4 driver), or
+    None when unknown. TensorRT loads the AOT kernel's PTX through the driver, while Triton writes
+    the ISA of its own bundled ptxas, which can be newer than the driver."""
+    import ctypes
+
+    from triton.backends.nvidia.compiler import ptx_get_version
+
+    try:
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except OSError:
+        return None
+    return ptx_get_version(f"{version.value // 1000}.{version.value % 1000 // 10}")
 
 
 def kernel_dtype(trt, dtype) -> str:
