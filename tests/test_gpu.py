@@ -71,7 +71,11 @@ def test_plugin_annotations_are_classes():
     tree = ast.parse(inspect.getsource(trt_plugin))
     future = [a.name for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__" for a in n.names]
     assert "annotations" not in future
-    assert trt_plugin.attributes([0], [1], [0.5], [64]) == {"first_loop": 0, "kv_buffer": 1, "scale": 0.5, "window": 64}
+    i32, f32 = (lambda v: np.array([v], np.int32)), (lambda v: np.array([v], np.float32))
+    assert trt_plugin.attributes(i32(0), i32(1), f32(0.5), i32(64)) == {"first_loop": 0, "kv_buffer": 1,
+                                                                       "scale": 0.5, "window": 64}
+    with pytest.raises(ValueError, match="out of order"):  # fields in another order: scale not third
+        trt_plugin.attributes(i32(0), f32(0.5), i32(1), i32(64))
 
 
 def test_profiles_cover_the_graphs_dimensions(artifact):
@@ -175,10 +179,43 @@ def test_gpu_backend_matches_onnx_runtime_on_the_cpu(artifact, backend):
     ids = np.arange(4, 40)[None]
     (a, sa), (b, sb) = gpu.prefill(ids, gpu.new_state(1)), cpu.prefill(ids, cpu.new_state(1))
     diffs = [np.abs(a - b).max()]
+    buffers = dict(sa.kv)
     for t in (5, 9, 13):
         (a, sa), (b, sb) = gpu.decode(np.array([t]), sa), cpu.decode(np.array([t]), sb)
         diffs.append(np.abs(a - b).max())
+    (a, sa), (b, sb) = gpu.prefill(ids[:, :7], sa), cpu.prefill(ids[:, :7], sb)  # a chunk after decodes
+    diffs.append(np.abs(a - b).max())
     print(f"{backend} vs ONNX Runtime CPU, max|diff| per call:", [f"{d:.1e}" for d in diffs])
     assert max(diffs) < 1e-3
     if backend == "trt":
-        assert json.loads((artifact / "pltkit.json").read_text())["engines"]
+        assert all(sa.kv[k] is buffers[k] for k in buffers), "the TensorRT backend reallocated the cache"
+        engines = json.loads((artifact / "pltkit.json").read_text())["engines"]
+        print("engines:", json.dumps(engines))
+        assert engines
+
+
+@pytest.mark.gpu
+def test_bfloat16_engines_lose_no_more_than_torch_in_bfloat16(tmp_path):
+    """A bfloat16 artifact on TensorRT against the float32 reference: within twice what the
+    torch reference loses when run in bfloat16 on the same GPU."""
+    if not has_trt_gpu():
+        pytest.skip("needs an NVIDIA GPU and TensorRT")
+    import torch
+
+    import pltkit
+
+    art = export("default", tmp_path / "bf16", dtype="bfloat16")
+    ids = np.arange(4, 40)[None]
+    with torch.no_grad():
+        want = pltkit.load_model("default")(torch.from_numpy(ids)).numpy()
+        torch_bf16 = pltkit.load_model("default", dtype=torch.bfloat16).cuda()(torch.from_numpy(ids).cuda())
+    bound = 2 * float(np.abs(torch_bf16.float().cpu().numpy() - want).max()) + 1e-3
+    trt = open_backend(art, "trt")
+    logits, state = trt.prefill(ids[:, :30], trt.new_state(1))
+    got = [logits]
+    for t in range(30, ids.shape[1]):
+        step, state = trt.decode(ids[:, t], state)
+        got.append(step[:, None])
+    diff = float(np.abs(np.concatenate(got, 1) - want).max())
+    print(f"TensorRT bfloat16 max|logits - float32 reference| = {diff:.3f} (bound {bound:.3f})")
+    assert diff < bound

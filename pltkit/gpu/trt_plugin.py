@@ -123,9 +123,15 @@ def register() -> bool:
 
 
 def attributes(first_loop, kv_buffer, scale, window) -> dict:
-    """The node's attributes as Python numbers (they arrive as 1-element arrays)."""
+    """The node's attributes as Python numbers (they arrive as 1-element arrays). tensorrt.plugin
+    hands them to the AOT function by position, in the order the fields came: the creator's (name
+    order). A float where an int belongs means they came in another order."""
     def item(a):
         return np.asarray(a).reshape(-1)[0].item()
+    kinds = [np.asarray(a).dtype.kind for a in (first_loop, kv_buffer, scale, window)]
+    if kinds[2] != "f" or "f" in kinds[:2] + kinds[3:]:
+        raise ValueError(f"LoopAttention's attributes arrived out of order (kinds {kinds}); expected "
+                         f"first_loop, kv_buffer, scale, window")
     return {"first_loop": int(item(first_loop)), "kv_buffer": int(item(kv_buffer)), "scale": float(item(scale)),
             "window": int(item(window))}
 
