@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: the GPU checks and a short decode benchmark, under 8 minutes.
+# On a machine with an NVIDIA GPU: the GPU checks and a short decode benchmark, at most 7.5 minutes.
 # Prints what it ran and what it could not run (and why). Run from anywhere:
 #   bash scripts/gpu_check.sh
 # Uses the machine's torch, triton and onnxruntime; installs only what pltkit needs besides them.
@@ -31,7 +31,7 @@ check() {  # check NAME TIMEOUT COMMAND...: run it, record it
 if python -c "import triton" 2>/dev/null; then
   # the kernel on CUDA in float32/16/bf16 against the reference, its AOT PTX compiled for this GPU
   # and driver and launched through the driver API with the TensorRT plugin's argument layout
-  check "Triton LoopAttention kernel and its AOT PTX on CUDA (tests/test_loop_attention_kernel.py)" 240 \
+  check "Triton LoopAttention kernel and its AOT PTX on CUDA (tests/test_loop_attention_kernel.py)" 150 \
     "${pytest[@]}" tests/test_loop_attention_kernel.py -m "gpu or not gpu"
 else
   skipped+=("Triton kernel: triton is not installed")
@@ -41,10 +41,10 @@ python -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_avai
   || skipped+=("ONNX Runtime CUDA: onnxruntime-gpu is not installed (or finds no CUDA)")
 python -c "import tensorrt" 2>/dev/null \
   || skipped+=("TensorRT engines (build, plugin, backend): tensorrt is not installed (pip install 'pltkit[gpu]')")
-check "GPU backends against ONNX Runtime on the CPU, where installed (tests/test_gpu.py -m gpu)" 300 \
+check "GPU backends against ONNX Runtime on the CPU, where installed (tests/test_gpu.py -m gpu)" 210 \
   "${pytest[@]}" tests/test_gpu.py -m gpu
 
-check "torch CUDA decode: plain / serial L=2 / PLT-2 (scripts/gpu_decode_bench.py)" 180 python scripts/gpu_decode_bench.py
+check "torch CUDA decode: plain / serial L=2 / PLT-2 (scripts/gpu_decode_bench.py)" 90 python scripts/gpu_decode_bench.py
 
 echo
 echo "gpu_check: ran:"

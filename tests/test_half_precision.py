@@ -1,10 +1,9 @@
 """float16 and bfloat16 artifacts (`plt-export --dtype`), the unquantized form for GPUs, checked
 against the torch reference. float16 runs on ONNX Runtime's CPU provider; bfloat16 has no CPU
-kernels there, so its graphs run on ONNX's reference evaluator, which rounds every op to
-bfloat16. The bound: the artifact may differ from the float32 reference by at most twice what
+kernels there, so its graphs run on ONNX's reference evaluator (the onnx-reference backend), which rounds
+every op to bfloat16. The bound: the artifact may differ from the float32 reference by at most twice what
 the torch reference itself loses in the same float type (plus a small floor)."""
 
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -38,39 +37,12 @@ def torch_loss(ckpt, dtype: str, want) -> float:
     return float(np.abs(got - want).max())
 
 
-def run_with_reference_evaluator(art: Artifact):
-    """Prefill then decode on the kvbuffer graphs with onnx.reference: the buffers the graphs
-    write in place are their present outputs."""
-    from onnx.reference import ReferenceEvaluator
-
-    sessions = {p: ReferenceEvaluator(str(art.graph_path(p, "kvbuffer"))) for p in ("prefill", "decode")}
-    shapes = art.manifest["graphs"]["kvbuffer"]["decode"]["inputs"]
-    cap = IDS.shape[1]
-    state = {n[5:]: np.zeros([1 if d == "batch" else cap if d == "capacity" else 0 if isinstance(d, str) else d
-                              for d in s], ml_dtypes.bfloat16)
-             for n, s in shapes.items() if n.startswith("past_") and n != "past_len"}
-    logits = []
-
-    def call(phase, ids, pos):
-        outs = sessions[phase].run(None, {"input_ids": ids, "past_len": np.array(pos, np.int64),
-                                          **{"past_" + n: a for n, a in state.items()}})
-        names = [o.name for o in sessions[phase].proto_.graph.output]
-        out = dict(zip(names, outs))
-        state.update({n: out["present_" + n] for n in state})
-        return out["logits"]
-
-    logits.append(call("prefill", IDS[:, :PROMPT], 0))
-    for t in range(PROMPT, IDS.shape[1]):
-        logits.append(call("decode", IDS[:, t], t)[:, None])
-    return np.concatenate(logits, 1)
-
-
-def run_with_onnx_runtime(art: Artifact, attention: str):
-    b = OrtBackend(art, 1, attention)
-    logits, state = b.prefill(IDS[:, :PROMPT], b.new_state(1))
+def run(backend):
+    """Logits of IDS: prefill PROMPT tokens, then decode the rest one by one."""
+    logits, state = backend.prefill(IDS[:, :PROMPT], backend.new_state(1))
     out = [logits]
     for t in range(PROMPT, IDS.shape[1]):
-        step, state = b.decode(IDS[:, t], state)
+        step, state = backend.decode(IDS[:, t], state)
         out.append(step[:, None])
     return np.concatenate(out, 1)
 
@@ -81,10 +53,9 @@ def test_half_precision_artifact_matches_the_reference(checkpoint, dtype):
     art = Artifact.open(export(d / "ckpt", d / dtype, dtype=dtype, force=True))
     assert art.manifest["state"]["dtype"] == dtype and "gqa" not in art.attention_variants
     floor = 2 * torch_loss(d / "ckpt", dtype, want) + 1e-3
+    runs = {"onnx-reference (kvbuffer)": run(open_backend(art.path, "onnx-reference"))}
     if dtype == "float16":
-        runs = {a: run_with_onnx_runtime(art, a) for a in ("function", "kvbuffer")}
-    else:
-        runs = {"kvbuffer (onnx.reference)": run_with_reference_evaluator(art)}
+        runs.update({f"ort {a}": run(OrtBackend(art, 1, a)) for a in ("function", "kvbuffer")})
     for name, got in runs.items():
         diff = float(np.abs(got - want).max())
         print(f"{dtype} {name}: max|logits - float32 torch| = {diff:.2e} (bound {floor:.2e}, "

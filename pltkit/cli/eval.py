@@ -28,12 +28,13 @@ def heldout_windows(tokenizer_dir, seq_len: int, limit: int | None = None):
     return inputs.numpy()[:limit], targets.numpy()[:limit], prompts
 
 
-def accuracy_report(model, reference="default", threads=None, limit=None) -> dict:
+def accuracy_report(model, reference="default", threads=None, limit=None, backend=None) -> dict:
     from pltkit.model.paths import resolve_model_path
     from pltkit.runtime.backends import open_backend
     from pltkit.runtime.evaluate import compare
 
-    backend, ref = open_backend(model, threads=threads), open_backend(reference, threads=threads)
+    ref = open_backend(reference, threads=threads)
+    backend = open_backend(model, backend, threads=threads)
     seq_len = min(backend.config.max_position_embeddings, 512)
     inputs, targets, prompts = heldout_windows(resolve_model_path(model), seq_len, limit)
     return compare(backend, ref, inputs, targets, prompts)
@@ -46,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference", default="default", help="what an artifact is compared with")
     p.add_argument("--seq-len", type=int, help="evaluation window of a checkpoint (default: its context)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", help="what runs an artifact (default: ort; onnx-reference for bfloat16 on a CPU)")
+    p.add_argument("--windows", type=int, help="evaluate the first N held-out windows only")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -54,7 +57,11 @@ def main(argv=None) -> int:
 
     path = resolve_model_path(args.model)
     if is_artifact(path):
-        report = accuracy_report(path, args.reference, args.threads)
+        try:
+            report = accuracy_report(path, args.reference, args.threads, args.windows, args.backend)
+        except ValueError as e:
+            print(f"plt-eval: {e}", file=sys.stderr)
+            return 2
         print(json.dumps({"model": str(args.model), "reference": str(args.reference), **report}))
         return 0
 

@@ -62,7 +62,12 @@ def _trt(path: Path, threads: int | None):
         raise ValueError(f"the trt backend: {e}") from None
 
 
-BACKENDS = {"torch": _torch, "ort": _ort, "ort-cuda": _ort_cuda, "trt": _trt}
+def _onnx_reference(path: Path, threads: int | None):
+    from pltkit.runtime.onnx_reference import ReferenceBackend
+    return ReferenceBackend(Artifact.open(path), threads)
+
+
+BACKENDS = {"torch": _torch, "ort": _ort, "ort-cuda": _ort_cuda, "trt": _trt, "onnx-reference": _onnx_reference}
 
 
 def open_backend(model: str | os.PathLike = "default", backend: str | None = None, threads: int | None = None):

@@ -36,6 +36,18 @@ class OrtState:
     def zeros(like, shape):
         return np.zeros(shape, like.dtype)
 
+    @classmethod
+    def empty(cls, artifact: Artifact, batch: int) -> OrtState:
+        """No tokens yet: zero caches of no capacity (reserve grows them), empty rings, zero carries."""
+        names, shapes, dtype = artifact.manifest["state"]["names"], artifact.manifest["state"]["shapes"], \
+            state_dtype(artifact)
+
+        def size(d):
+            return batch if d == "batch" else 0 if isinstance(d, str) else d
+        arrays = {n: np.zeros([size(d) for d in shapes[n]], dtype) for n in names}
+        kv = {n: a for n, a in arrays.items() if n.startswith(("key.", "value."))}
+        return cls(0, kv, {n: a for n, a in arrays.items() if n not in kv})
+
     def clone(self) -> OrtState:
         return type(self)(self.pos, {k: self.copy(v) for k, v in self.kv.items()},
                           {k: self.copy(v) for k, v in self.other.items()})
@@ -63,6 +75,11 @@ class OrtState:
             self.kv[name] = grown
 
 
+def check_room(config, tokens: int) -> None:
+    if tokens > config.max_position_embeddings:
+        raise ValueError(f"context of {tokens} tokens exceeds the model's {config.max_position_embeddings}")
+
+
 def state_dtype(artifact: Artifact) -> np.dtype:
     """The numpy dtype of an artifact's state (its float type; logits are always float32)."""
     import ml_dtypes
@@ -85,8 +102,6 @@ class OrtBackend:
         except ImportError:
             raise ArtifactError("running an artifact needs onnxruntime: pip install onnxruntime") from None
         self.ort, self.artifact, self.config = ort, artifact, artifact.config
-        m = artifact.manifest
-        self.state_names, self.state_shapes = m["state"]["names"], m["state"]["shapes"]
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or physical_cores()
         so.inter_op_num_threads = 1
@@ -113,16 +128,10 @@ class OrtBackend:
         self.in_place = {p: "past_len" in {i.name for i in s.get_inputs()} for p, s in self.sessions.items()}
 
     def new_state(self, batch: int = 1) -> OrtState:
-        def size(d):
-            return batch if d == "batch" else 0 if isinstance(d, str) else d
-        arrays = {n: np.zeros([size(d) for d in self.state_shapes[n]], self.dtype) for n in self.state_names}
-        kv = {n: a for n, a in arrays.items() if n.startswith(("key.", "value."))}
-        return OrtState(0, kv, {n: a for n, a in arrays.items() if n not in kv})
+        return OrtState.empty(self.artifact, batch)
 
     def _check_room(self, state: OrtState, n: int) -> None:
-        if state.pos + n > self.config.max_position_embeddings:
-            raise ValueError(f"context of {state.pos + n} tokens exceeds the model's "
-                             f"{self.config.max_position_embeddings}")
+        check_room(self.config, state.pos + n)
 
     def _run_copying(self, phase: str, ids: np.ndarray, state: OrtState):
         """Run a graph that takes the valid cache and returns it extended."""
