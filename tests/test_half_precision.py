@@ -4,6 +4,9 @@ kernels there, so its graphs run on ONNX's reference evaluator (the onnx-referen
 every op to bfloat16. The bound: the artifact may differ from the float32 reference by at most twice what
 the torch reference itself loses in the same float type (plus a small floor)."""
 
+import json
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -68,8 +71,13 @@ def test_half_precision_artifact_matches_the_reference(checkpoint, dtype):
 def test_bfloat16_is_refused_on_the_cpu_and_dtype_with_quantization(checkpoint, tmp_path):
     d, _ = checkpoint
     export(d / "ckpt", tmp_path / "bf16", dtype="bfloat16")
-    with pytest.raises(ValueError, match="bfloat16.*--backend trt or ort-cuda"):
+    with pytest.raises(ValueError, match="bfloat16.*--backend trt or ort-cuda.*onnx-reference"):
         open_backend(tmp_path / "bf16", "ort")
+    cli = ["plt-complete", "--model", str(tmp_path / "bf16"), "--max-tokens", "4", "--json", "def f(x):"]
+    refused = subprocess.run(cli, capture_output=True, text=True)
+    assert refused.returncode == 2 and "onnx-reference" in refused.stderr and "Traceback" not in refused.stderr
+    done = subprocess.run(cli + ["--backend", "onnx-reference"], capture_output=True, text=True, check=True)
+    assert len(json.loads(done.stdout)["tokens"]) > 0
     from pltkit.quant.schemes import SCHEMES
     with pytest.raises(ExportError, match="float32"):
         export(d / "ckpt", tmp_path / "q", dtype="float16", quant=SCHEMES["int8"])

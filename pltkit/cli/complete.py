@@ -9,13 +9,16 @@ import logging
 import sys
 from pathlib import Path
 
+from pltkit.runtime.backends import BACKENDS
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="plt-complete", description=__doc__)
     p.add_argument("prompt", nargs="?", help="text before the cursor (default: read stdin)")
     p.add_argument("--model", default="default", help="checkpoint or artifact folder, or 'default'")
-    p.add_argument("--backend", choices=["torch", "ort", "ort-cuda", "trt"],
-                   help="default: ort for an artifact, torch for a checkpoint; ort-cuda and trt need an NVIDIA GPU")
+    p.add_argument("--backend", choices=list(BACKENDS),
+                   help="default: ort for an artifact, torch for a checkpoint; ort-cuda and trt need an NVIDIA GPU; "
+                        "onnx-reference is slow, for bfloat16 artifacts on a CPU")
     p.add_argument("--suffix", help="text after the cursor: infill with the model's FIM tokens")
     p.add_argument("--suffix-file", type=Path, help="read the text after the cursor from a file")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")

@@ -9,12 +9,15 @@ import logging
 import sys
 from pathlib import Path
 
+from pltkit.runtime.backends import BACKENDS
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="plt-serve", description=__doc__)
     p.add_argument("--model", default="default", help="artifact or checkpoint folder, or 'default'")
-    p.add_argument("--backend", choices=["torch", "ort", "ort-cuda", "trt"],
-                   help="default: ort for an artifact, torch for a checkpoint; ort-cuda and trt need an NVIDIA GPU")
+    p.add_argument("--backend", choices=list(BACKENDS),
+                   help="default: ort for an artifact, torch for a checkpoint; ort-cuda and trt need an NVIDIA GPU; "
+                        "onnx-reference is slow, for bfloat16 artifacts on a CPU")
     p.add_argument("--socket", type=Path, help="Unix socket path (the default when --port is not given: "
                                                "$XDG_RUNTIME_DIR/pltkit/plt-serve.sock)")
     p.add_argument("--port", type=int, help="also (or only) listen on TCP; llama.vim and llama.vscode expect 8012")

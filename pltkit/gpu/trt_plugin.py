@@ -137,20 +137,24 @@ def attributes(first_loop, kv_buffer, scale, window) -> dict:
 
 
 def driver_ptx_version() -> int | None:
-    """The newest PTX ISA this machine's CUDA driver loads (e.g. 84 for a CUDA 12.4 driver), or
-    None when unknown. TensorRT loads the AOT kernel's PTX through the driver, while Triton writes
-    the ISA of its own bundled ptxas, which can be newer than the driver."""
+    """The PTX ISA to write for this machine (e.g. 84 for a CUDA 12.4 driver): the newest one both
+    its CUDA driver and Triton's bundled ptxas accept; None (Triton's default) when unknown.
+    TensorRT loads the AOT kernel's PTX through the driver, while Triton writes the ISA of its own
+    ptxas, which can be newer than the driver."""
     import ctypes
+    import re
 
-    from triton.backends.nvidia.compiler import ptx_get_version
+    try:  # Triton's own table from CUDA versions to PTX ISAs (internal API: any failure is "unknown")
+        from triton.backends.nvidia.compiler import get_ptxas_version, ptx_get_version
 
-    try:
         version = ctypes.c_int()
         if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) != 0:
             return None
-    except OSError:
+        driver = ptx_get_version(f"{version.value // 1000}.{version.value % 1000 // 10}")
+        ptxas = ptx_get_version(re.search(r"release (\d+\.\d+)", get_ptxas_version(90)).group(1))
+        return min(driver, ptxas)
+    except Exception:
         return None
-    return ptx_get_version(f"{version.value // 1000}.{version.value % 1000 // 10}")
 
 
 def kernel_dtype(trt, dtype) -> str:

@@ -114,7 +114,8 @@ class OrtBackend:
         self.dtype = state_dtype(artifact)
         if self.dtype.name == "bfloat16" and device == "cpu":
             raise ArtifactError(f"{artifact.path} is bfloat16, which ONNX Runtime's CPU provider cannot run: use "
-                                f"--backend trt or ort-cuda on a GPU, or export float32 / float16 for the CPU")
+                                f"--backend trt or ort-cuda on a GPU, or onnx-reference (slow) on a CPU, or "
+                                f"export float32 / float16 for the CPU")
         if attention == "auto":  # GroupQueryAttention is float32 on the CPU only
             attention = "gqa" if "gqa" in variants and device == "cpu" else "function"
         self.attention, self.device = attention, device
