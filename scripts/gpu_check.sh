@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: the GPU checks and a short decode benchmark, at most 7.5 minutes.
+# On a machine with an NVIDIA GPU: the GPU checks and a short decode benchmark. Its three steps are
+# capped at 7.5 minutes together (plus a pip install of pltkit's pure-Python needs where missing).
 # Prints what it ran and what it could not run (and why). Run from anywhere:
 #   bash scripts/gpu_check.sh
 # Uses the machine's torch, triton and onnxruntime; installs only what pltkit needs besides them.

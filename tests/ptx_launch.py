@@ -1,7 +1,6 @@
 """Launch a PTX kernel through the CUDA driver API (ctypes on libcuda), the way TensorRT runs an
 ahead-of-time plugin's kernel: its parameters are the plugin's inputs, the int32 scalars and the
-outputs, in that order. Triton's two trailing scratch pointers get null (the kernel uses none).
-For tests on a CUDA machine only."""
+outputs, in that order, and nothing else. For tests on a CUDA machine only."""
 
 import ctypes
 
@@ -12,13 +11,13 @@ def _check(result: int, what: str) -> None:
 
 
 def launch(ptx: str, name: str, grid: int, block: int, shared: int, pointers_in, scalars, pointers_out,
-           stream: int, scratch: int = 2) -> None:
+           stream: int) -> None:
     cuda = ctypes.CDLL("libcuda.so.1")
     module, function = ctypes.c_void_p(), ctypes.c_void_p()
     _check(cuda.cuModuleLoadData(ctypes.byref(module), ptx.encode() + b"\0"), "cuModuleLoadData")
     _check(cuda.cuModuleGetFunction(ctypes.byref(function), module, name.encode()), "cuModuleGetFunction")
     values = ([ctypes.c_void_p(p) for p in pointers_in] + [ctypes.c_int32(s) for s in scalars]
-              + [ctypes.c_void_p(p) for p in pointers_out] + [ctypes.c_void_p(0) for _ in range(scratch)])
+              + [ctypes.c_void_p(p) for p in pointers_out])
     params = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
     cuda.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
     _check(cuda.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, shared, stream, params, None), "cuLaunchKernel")

@@ -145,8 +145,9 @@ def test_interrupted_export_leaves_nothing(tmp_path):
 
 @pytest.mark.parametrize("attention", ["gqa", "kvbuffer"])
 def test_in_place_graphs_update_the_cache_in_place(exported, attention):
-    """The GQA decode and the kvbuffer graphs write the new keys into the same buffers (no
-    per-step copy of the cache), and the cache they build equals the function path's."""
+    """The GQA decode and the kvbuffer graphs write the new keys into the buffers the state
+    already holds (no new cache per step): read back from those same buffers, the cache equals
+    the function path's."""
     _, art = exported
     fast, slow = (OrtBackend(Artifact.open(art), 1, a) for a in (attention, "function"))
     assert fast.in_place == {"prefill": attention == "kvbuffer", "decode": True}

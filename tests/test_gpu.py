@@ -94,8 +94,8 @@ def test_profiles_cover_the_graphs_dimensions(artifact):
 
 def test_inlined_fallback_graph_runs_like_the_original(artifact, tmp_path):
     """Without the plugin, TensorRT gets the kvbuffer graph with plugin_namespace removed (the
-    parser then inlines the function): it must compute the same thing (checked with ONNX
-    Runtime, the cache buffers written in place as the TensorRT backend binds them)."""
+    parser then inlines the function). What can be checked here: the edited graph is still valid
+    and computes the same, on ONNX Runtime (which inlines the function either way)."""
     import onnx
 
     from pltkit.gpu.trt_engine import GRAPHS, _graph_for_tensorrt
@@ -125,7 +125,6 @@ def test_plugin_shapes_and_grid_follow_the_op(artifact):
 
     from pltkit.gpu import trt_plugin
     from pltkit.gpu.loop_attention_ref import reference
-    from pltkit.gpu.triton_loop_attention import programs
 
     class Desc:
         def __init__(self, shape, aliased_to=None):
@@ -149,16 +148,36 @@ def test_plugin_shapes_and_grid_follow_the_op(artifact):
             outs = trt_plugin.output_descs(IntShapes, d["query"], d["key"], d["past_key"], d["past_value"],
                                            d["ring_key"], d["ring_value"], first_loop=attrs["first_loop"],
                                            window=attrs["window"], kv_buffer=kv_buffer)
-            want = reference(*x.values(), **attrs)
-            assert [o.shape_expr for o in outs] == [tuple(w.shape) for w in want], (case, kv_buffer)
-            assert (outs[1].aliased_to is d["past_key"] and outs[2].aliased_to is d["past_value"]) == bool(kv_buffer)
-            grid, scalars = trt_plugin.launch(IntShapes, d["query"], d["past_key"], d["ring_key"],
-                                              first_loop=attrs["first_loop"], kv_buffer=kv_buffer)
+            want = [tuple(w.shape) for w in reference(*x.values(), **attrs)]
+            writes = attrs["first_loop"] == 0
+            if kv_buffer and not writes:  # present = past, never read: empty on TensorRT
+                want[1] = want[2] = want[1][:2] + (0,) + want[1][3:]
+            assert [o.shape_expr for o in outs] == want, (case, kv_buffer)
+            aliased = outs[1].aliased_to is d["past_key"] and outs[2].aliased_to is d["past_value"]
+            assert aliased == bool(kv_buffer and writes)
+            _, scalars = trt_plugin.launch(IntShapes, d["query"], d["past_key"], d["ring_key"],
+                                           first_loop=attrs["first_loop"], kv_buffer=kv_buffer)
             R, B, H, S, _ = x["query"].shape
-            C, W = x["past_key"].shape[2], x["ring_key"].shape[3]
-            assert scalars == (R, B, H, x["key"].shape[2], S, C, W)
-            assert grid == programs(R, B, H, x["key"].shape[2], S, C, n0=int(attrs["first_loop"] == 0),
-                                    kv_buffer=bool(kv_buffer))
+            assert scalars == (R, B, H, x["key"].shape[2], S, x["past_key"].shape[2], x["ring_key"].shape[3])
+
+
+def test_no_graph_reads_what_a_loop_above_0_passes_on_as_its_cache(artifact):
+    """The TensorRT plugin leaves a kv_buffer node of loops >= 1 without present outputs (they
+    equal its past): sound only if no graph reads them."""
+    import onnx
+
+    from pltkit.gpu.trt_engine import GRAPHS
+
+    art = Artifact.open(artifact)
+    for phase in ("prefill", "decode"):
+        g = onnx.load(art.graph_path(phase, GRAPHS), load_external_data=False).graph
+        read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        nodes = [n for n in g.node if n.op_type == "LoopAttention"]
+        assert nodes and all(next(a.i for a in n.attribute if a.name == "kv_buffer") == 1 for n in nodes)
+        above_0 = [n for n in nodes if next(a.i for a in n.attribute if a.name == "first_loop") > 0]
+        assert len(above_0) == (art.config.num_hidden_layers * (art.config.plt_num_loops - 1)
+                                if phase == "prefill" else 0)
+        assert not any(o in read for n in above_0 for o in n.output[1:3])
 
 
 def test_ort_forms_are_refused_for_tensorrt(tmp_path):

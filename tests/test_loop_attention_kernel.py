@@ -24,7 +24,7 @@ CASES = [  # (first_loop, rows, S, P before the call, ring length W, window)
     (0, 2, 1, 70, 3, 3),    # a cache longer than one block of the kernel (64 keys)
 ]
 H, HKV, D = 4, 2, 16
-SPARE = 3  # buffer positions beyond what the call needs: random values the op must never read
+SPARE = 3  # buffer positions beyond what the call needs: NaN, which the op must never read
 
 
 def inputs(first_loop, R, S, P, W, window, kv_buffer=0, seed=0, dtype=torch.float32):
@@ -34,8 +34,11 @@ def inputs(first_loop, R, S, P, W, window, kv_buffer=0, seed=0, dtype=torch.floa
     rr = R - n0
     cache = P + (n0 * S + SPARE if kv_buffer else 0)
     t = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    past_k, past_v = t(1, HKV, cache, D), t(1, HKV, cache, D)
+    if kv_buffer:  # positions the cache holds: pos0 + S (loop >= 1) or pos0 before the write
+        past_k[:, :, P:], past_v[:, :, P:] = float("nan"), float("nan")
     return dict(query=t(R, 1, H, S, D), key=t(R, 1, HKV, S, D), value=t(R, 1, HKV, S, D),
-                past_key=t(1, HKV, cache, D), past_value=t(1, HKV, cache, D), ring_key=t(rr, 1, HKV, W, D),
+                past_key=past_k, past_value=past_v, ring_key=t(rr, 1, HKV, W, D),
                 ring_value=t(rr, 1, HKV, W, D), gate=torch.rand(rr, 1, H, S, generator=g).to(dtype),
                 pos0=torch.tensor(pos0)), \
         dict(first_loop=first_loop, window=window, scale=D ** -0.5, kv_buffer=kv_buffer)
@@ -43,6 +46,14 @@ def inputs(first_loop, R, S, P, W, window, kv_buffer=0, seed=0, dtype=torch.floa
 
 def _as_f64(x):
     return {k: (v.double() if v.is_floating_point() else v) for k, v in x.items()}
+
+
+def max_diff(got, want) -> float:
+    """max |got - want|, NaN where both are NaN counting as equal (a buffer's unused positions)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    both = np.isnan(got) & np.isnan(want)
+    d = np.abs(np.where(both, 0, got - want))
+    return float(np.where(np.isnan(d), np.inf, d).max()) if d.size else 0.0
 
 
 @pytest.mark.parametrize("kv_buffer", [0, 1])
@@ -65,7 +76,7 @@ def test_reference_equals_the_exported_function(case, kv_buffer):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {k: v.numpy() for k, v in x.items()})
     want = reference(*_as_f64(x).values(), **attrs)
-    diffs = [float(np.abs(g - w.numpy()).max()) if g.size else 0.0 for g, w in zip(got, want)]
+    diffs = [max_diff(g, w.numpy()) for g, w in zip(got, want)]
     print(case, f"kv_buffer {kv_buffer}", "max|diff| per output", [f"{d:.1e}" for d in diffs])
     assert all(g.shape == tuple(w.shape) for g, w in zip(got, want)) and max(diffs) < 1e-5
 
@@ -96,44 +107,51 @@ def test_triton_kernel_equals_reference(case, kv_buffer):
         got = k.loop_attention(*dev.values(), **attrs)
         if kv_buffer:  # the present cache is the past buffer, written in place
             assert got[1] is dev["past_key"] and got[2] is dev["past_value"]
-        diff = float((got[0].double().cpu() - want[0]).abs().max())
+        diff = max_diff(got[0].double().cpu(), want[0])
         print(case, f"kv_buffer {kv_buffer}", device, dtype, f"output max|diff| {diff:.1e}")
         assert diff < DTYPES[dtype]
-        for g, w in zip(got[1:], want[1:]):  # cache and rings: copies, exact
-            assert g.shape == w.shape and torch.equal(g.cpu().double(), w)
+        for g, w in zip(got[1:], want[1:]):  # cache and rings: copies, exact (unused positions stay NaN)
+            assert g.shape == w.shape and max_diff(g.double().cpu(), w) == 0
 
 
 def test_kernel_compiles_ahead_of_time_to_ptx_for_tensorrt(tmp_path):
     """What the AOT plugin hands TensorRT: PTX whose entry takes the op's 9 inputs, 7 int32
-    scalars and 5 outputs in that order. Triton adds two trailing scratch pointers, which the
-    kernel must never use (no scratch memory), since TensorRT does not pass them. Compiled in a
-    process without TRITON_INTERPRET (which turns kernels into Python functions)."""
+    scalars and 5 outputs in that order, and nothing else (Triton's two trailing scratch pointers,
+    which TensorRT does not pass, are cut: the kernel uses no scratch memory). ptxas, Triton's own,
+    must still assemble it for sm_90a. Compiled in a process without TRITON_INTERPRET (which turns
+    kernels into Python functions); no GPU needed."""
     pytest.importorskip("triton", reason="triton is not installed")
     code = """if 1:
         import json, sys
-        from pltkit.gpu.triton_loop_attention import compile_ptx
-        out = {}
+        from pltkit.gpu.triton_loop_attention import aot_ptx, compile_ptx
+        from triton.backends.nvidia.compiler import get_ptxas
+        out = {"ptxas": get_ptxas(90).path}
         for kv_buffer, first_loop, dtype, ptx in ((1, 0, "float16", None), (1, 1, "bfloat16", 84), (0, 0, "float32", None)):
             k = compile_ptx(dtype, first_loop=first_loop, window=64, scale=0.088, head_dim=128,
                             kv_buffer=kv_buffer, capability=(9, 0), ptx_version=ptx)
             m = k.metadata
-            out[f"{kv_buffer}-{first_loop}-{dtype}"] = dict(
-                name=m.name, ptx=k.asm["ptx"], warps=m.num_warps, shared=m.shared,
-                scratch=[getattr(m, "global_scratch_size", 0), getattr(m, "profile_scratch_size", 0)])
+            out[f"{kv_buffer}-{first_loop}-{dtype}"] = dict(name=m.name, triton_ptx=k.asm["ptx"], ptx=aot_ptx(k),
+                                                          warps=m.num_warps, shared=m.shared)
         json.dump(out, open(sys.argv[1], "w"))
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "ptx.json")], check=True, env=env, timeout=300)
-    for variant, k in json.loads((tmp_path / "ptx.json").read_text()).items():
-        entry = re.search(r"\.entry\s+(\w+)\s*\((.*?)\)", k["ptx"], re.S)
-        params = re.findall(r"\.param\s+\.(\w+)", entry.group(2))
-        print(variant, k["name"], f"{len(params)} params, {k['warps']} warps, {k['shared']} bytes shared, "
-                                  f"PTX {len(k['ptx'])} chars")
-        assert entry.group(1) == k["name"] and ".target sm_90" in k["ptx"]
-        assert params[:9] == ["u64"] * 9 and params[9:16] == ["u32"] * 7 and params[16:21] == ["u64"] * 5
-        assert len(params) <= 23  # + global and profile scratch pointers (Triton >= 3.3)
-        assert k["scratch"] == [0, 0] and k["warps"] == 4
-    assert ".version 8.4" in json.loads((tmp_path / "ptx.json").read_text())["1-1-bfloat16"]["ptx"]  # an older driver
+    compiled = json.loads((tmp_path / "ptx.json").read_text())
+    ptxas = compiled.pop("ptxas")
+    for variant, k in compiled.items():
+        params = {}
+        for key in ("triton_ptx", "ptx"):
+            entry = re.search(r"\.entry\s+(\w+)\s*\((.*?)\)", k[key], re.S)
+            assert entry.group(1) == k["name"] and ".target sm_90" in k[key]
+            params[key] = re.findall(r"\.param\s+\.(\w+)", entry.group(2))
+        print(variant, k["name"], f"{len(params['triton_ptx'])} params from Triton, {len(params['ptx'])} for "
+              f"TensorRT, {k['warps']} warps, {k['shared']} bytes shared, PTX {len(k['ptx'])} chars")
+        assert params["ptx"] == ["u64"] * 9 + ["u32"] * 7 + ["u64"] * 5
+        assert params["triton_ptx"][:21] == params["ptx"] and k["warps"] == 4
+        (tmp_path / f"{variant}.ptx").write_text(k["ptx"])
+        subprocess.run([ptxas, "-arch=sm_90a", str(tmp_path / f"{variant}.ptx"), "-o", str(tmp_path / "k.cubin")],
+                       check=True, capture_output=True, timeout=120)
+    assert ".version 8.4" in compiled["1-1-bfloat16"]["ptx"]  # capped for an older driver
 
 
 @pytest.mark.gpu
@@ -147,7 +165,7 @@ def test_ahead_of_time_ptx_launched_as_tensorrt_does_equals_reference(kv_buffer)
 
     from pltkit.gpu import trt_plugin
     from pltkit.gpu.loop_attention_ref import reference
-    from pltkit.gpu.triton_loop_attention import TRITON_DTYPES, compile_ptx, programs
+    from pltkit.gpu.triton_loop_attention import TRITON_DTYPES, aot_ptx, compile_ptx, programs
 
     names = {getattr(torch, n): n for n in TRITON_DTYPES}
     for case in CASES:
@@ -159,15 +177,16 @@ def test_ahead_of_time_ptx_launched_as_tensorrt_does_equals_reference(kv_buffer)
             if kv_buffer:  # the present cache aliases the past buffer
                 out[1], out[2] = dev["past_key"], dev["past_value"]
             kernel = compile_ptx(names[dtype], **attrs, head_dim=D, ptx_version=trt_plugin.driver_ptx_version())
+            ptx = aot_ptx(kernel)  # exactly the 21 parameters TensorRT passes
             R, B, _, S, _ = x["query"].shape
             C, W = x["past_key"].shape[2], x["ring_key"].shape[3]
             grid = programs(R, B, H, HKV, S, C, n0=int(attrs["first_loop"] == 0), kv_buffer=bool(kv_buffer))
-            launch(kernel.asm["ptx"], kernel.metadata.name, grid, kernel.metadata.num_warps * 32, kernel.metadata.shared,
+            launch(ptx, kernel.metadata.name, grid, kernel.metadata.num_warps * 32, kernel.metadata.shared,
                    [t.data_ptr() for t in dev.values()], (R, B, H, HKV, S, C, W), [t.data_ptr() for t in out],
                    torch.cuda.current_stream().cuda_stream)
             torch.cuda.synchronize()
-            diff = float((out[0].double().cpu() - want[0]).abs().max())
+            diff = max_diff(out[0].double().cpu(), want[0])
             print(case, f"kv_buffer {kv_buffer}", dtype, f"AOT PTX output max|diff| {diff:.1e}")
             assert diff < DTYPES[dtype]
             for g, w in zip(out[1:], want[1:]):
-                assert torch.equal(g.cpu().double(), w)
+                assert g.shape == w.shape and max_diff(g.double().cpu(), w) == 0

@@ -93,14 +93,17 @@ def function_proto(opset: int, dtype: str = "float32") -> onnx.FunctionProto:
 
     present_k, present_v = write(k, past_k), write(v, past_v)
 
-    # 2. global branch, every row: causal over the global cache by position.
+    # 2. global branch, every row: causal over the global cache by position. Only positions up to
+    # pos0 + S - 1 can be visible: the rest of a buffer is never read (nor its cost paid).
     s = g.op("Squeeze", g.op("Slice", k_shape, g.const([3]), g.const([4])), zero)
     q_pos = g.op("Add", g.op("Range", g.const(0), s, g.const(1)), pos0)
-    total = g.op("Squeeze", g.op("Slice", g.op("Shape", present_k), g.const([2]), g.const([3])), zero)
+    seen = g.op("Unsqueeze", g.op("Add", pos0, s), zero)
+    glob_k, glob_v = (g.op("Slice", x, zero, seen, g.const([2])) for x in (present_k, present_v))
+    total = g.op("Squeeze", g.op("Slice", g.op("Shape", glob_k), g.const([2]), g.const([3])), zero)
     k_pos = g.op("Range", g.const(0), total, g.const(1))
     q_col = g.op("Unsqueeze", q_pos, one)
     causal = g.op("LessOrEqual", g.op("Unsqueeze", k_pos, zero), q_col)
-    y_global = _attend(g, q, g.op("Unsqueeze", present_k, zero), g.op("Unsqueeze", present_v, zero),
+    y_global = _attend(g, q, g.op("Unsqueeze", glob_k, zero), g.op("Unsqueeze", glob_v, zero),
                        causal, scale, q_shape, hkv, ft)
 
     # 3. local branch, rows of loops >= 1: the row's ring plus its own keys, inside the window.

@@ -95,7 +95,7 @@ def loop_attention_kernel(
         zero = tl.sum(q, axis=0) * 0.0
         # global branch: the cache before this call's write, then row 0's new keys if it is loop 0
         kv = (b * HKV + hk).to(tl.int64)
-        cached = pos0 if N0 else C
+        cached = pos0 if N0 else tl.minimum(C, pos0 + S)  # no later position is visible
         m, l, acc = _attend(q, kc_ptr + kv * C * D, vc_ptr + kv * C * D, cached, 0, t, WINDOW, False, SCALE,
                             zero - float("inf"), zero, tl.zeros([BLOCK_D], dtype=tl.float32), offs_d, d_mask,
                             D, BLOCK)
@@ -186,6 +186,7 @@ def loop_attention(query, key, value, past_key, past_value, ring_key, ring_value
 
 
 SCALARS = ("R", "B", "H", "HKV", "S", "C", "W")
+N_ARGS = 9 + len(SCALARS) + 5  # the AOT calling convention: the op's inputs, int32 scalars, the op's outputs
 
 
 def compile_ptx(dtype: str, *, first_loop: int, window: int, scale: float, kv_buffer: int, head_dim: int,
@@ -208,3 +209,20 @@ def compile_ptx(dtype: str, *, first_loop: int, window: int, scale: float, kv_bu
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32) if capability else None
     options = {"num_warps": NUM_WARPS, **({"ptx_version": ptx_version} if ptx_version else {})}
     return triton.compile(src, target=target, options=options)
+
+
+def aot_ptx(kernel) -> str:
+    """A compiled kernel's PTX with exactly the AOT calling convention's N_ARGS parameters. Triton
+    (3.3+) appends scratch pointers (global, profile) that TensorRT does not pass; they are
+    removed, which is sound only when the kernel uses no scratch memory and never reads them."""
+    import re
+
+    meta, ptx = kernel.metadata, kernel.asm["ptx"]
+    if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
+        raise RuntimeError(f"{meta.name} uses scratch memory, which a TensorRT AOT plugin cannot pass")
+    entry = re.search(rf"\.entry\s+{meta.name}\s*\((.*?)\)", ptx, re.S)
+    params = entry.group(1).split(",")
+    for extra in params[N_ARGS:]:
+        if re.search(rf"\[{re.escape(extra.split()[-1])}\]", ptx):
+            raise RuntimeError(f"{meta.name} reads its extra parameter {extra.split()[-1]}")
+    return ptx[:entry.start(1)] + ",".join(params[:N_ARGS]).rstrip() + "\n" + ptx[entry.end(1):]

@@ -5,8 +5,9 @@ The engines are the artifact's `kvbuffer` graphs: prefill (loops one after anoth
 chunk) and the CLP decode step, over the same global cache buffers as ONNX Runtime's in-place
 path (pltkit.runtime.ort_backend.OrtState, here with torch CUDA tensors). Each call binds a
 buffer as both `past_key.i` and `present_key.i` and the engine writes the new positions into it
-at `past_len`: the cache is updated in place, not copied. Rings and carries are small and come
-back as new tensors. The completion engine runs on top unchanged.
+at `past_len`: the cache is updated in place (with the plugin, only those positions are written).
+Rings and carries are small and come back as new tensors. The completion engine runs on top
+unchanged.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 - The engines are built from the `kvbuffer` graphs (prefill.kvbuffer.onnx, decode.kvbuffer.onnx):
   the global cache is a buffer of `capacity` positions that each call writes in place at
-  `past_len`, so a decode step does not copy the cache.
+  `past_len`. With the plugin a decode step writes only its own positions; the inlined function
+  (no plugin) rewrites the buffer.
 - The network is strongly typed: precision comes from the graph. That is the artifact's float
   type, or the Q/DQ of the `int8-qdq` / `fp8` exports (`plt-export --int8 --target trt`, `--fp8`).
   ONNX Runtime's contrib ops (MatMulNBits, GroupQueryAttention) are not TensorRT's, so the

@@ -11,9 +11,11 @@ Both implementations run the one Triton kernel of pltkit.gpu.triton_loop_attenti
   TensorRT supports it (network flag PREFER_AOT_PYTHON_PLUGINS);
 - just in time (`@trtp.impl`): TensorRT calls back into Python, which launches the kernel.
 
-With kv_buffer = 1 the present cache outputs are declared aliases of the past cache inputs (I/O
-aliasing, preview feature ALIASED_PLUGIN_IO_10_03): the kernel writes the new positions into the
-caller's buffer. Outputs have the input dtypes: the network's types decide the precision.
+With kv_buffer = 1 the present cache outputs of a loop-0 node are declared aliases of the past
+cache inputs (I/O aliasing, preview feature ALIASED_PLUGIN_IO_10_03): the kernel writes the new
+positions into the caller's buffer. A node of loops >= 1 writes nothing; its present outputs
+(equal to past, never read by pltkit's graphs) are empty. Outputs have the input dtypes: the
+network's types decide the precision.
 
 No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions'
 annotations as classes. The attributes are 1-element numpy arrays (int32, float32), the type the
@@ -36,8 +38,12 @@ def output_descs(trtp, query, key, past_key, past_value, ring_key, ring_value, *
                  kv_buffer: int):
     """The five output descriptors, from the input descriptors (shape expressions)."""
     n0 = first_loop == 0
-    if kv_buffer:
+    if kv_buffer and n0:
         present_k, present_v = past_key.aliased(), past_value.aliased()
+    elif kv_buffer:  # writes nothing (present = past) and pltkit's graphs never read it: empty, so that
+        e = past_key.shape_expr  # TensorRT needs no alias, hence no copy, of a cache other nodes read
+        present_k, present_v = (trtp.from_shape_expr((e[0], e[1], 0, e[3]), dtype=d.dtype)
+                                for d in (past_key, past_value))
     else:
         e = past_key.shape_expr
         length = e[2] + key.shape_expr[3] if n0 else e[2]
@@ -101,7 +107,7 @@ def register() -> bool:
                      gate: TD, pos0: TD, first_loop: I32, kv_buffer: I32, scale: F32, window: I32,
                      outputs: Tuple[TD, TD, TD, TD, TD], tactic: int
                      ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
-            from pltkit.gpu.triton_loop_attention import compile_ptx
+            from pltkit.gpu.triton_loop_attention import aot_ptx, compile_ptx
 
             a = attributes(first_loop, kv_buffer, scale, window)
             head = query.shape_expr[4]
@@ -116,7 +122,7 @@ def register() -> bool:
             params.block_x = kernel.metadata.num_warps * 32
             params.shared_mem = kernel.metadata.shared
             extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
-            return kernel.metadata.name, kernel.asm["ptx"], params, extra
+            return kernel.metadata.name, aot_ptx(kernel), params, extra
 
     _registered = True
     return True

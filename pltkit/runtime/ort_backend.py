@@ -2,9 +2,11 @@
 
 The global KV cache lives in buffers allocated once per state (grown by doubling), `pos`
 entries valid. The GQA decode graph and the kvbuffer graphs write into them in place: the
-buffers are bound with IO binding as both `past_key.i` and `present_key.i`, so a step does not
-copy the cache. The function graphs (prefill, and decode when the fast path is off) take the
-valid part and their new entries are written back into the buffers.
+buffers are bound with IO binding as both `past_key.i` and `present_key.i`, so a step allocates
+no cache. GQA writes only the new positions; the kvbuffer graphs' standard-op function body
+rewrites the whole buffer (it is TensorRT's plugin that writes only the new positions there).
+The function graphs (prefill, and decode when the fast path is off) take the valid part and
+their new entries are written back into the buffers.
 """
 
 from __future__ import annotations
@@ -114,8 +116,8 @@ class OrtBackend:
         self.dtype = state_dtype(artifact)
         if self.dtype.name == "bfloat16" and device == "cpu":
             raise ArtifactError(f"{artifact.path} is bfloat16, which ONNX Runtime's CPU provider cannot run: use "
-                                f"--backend trt or ort-cuda on a GPU, or onnx-reference (slow) on a CPU, or "
-                                f"export float32 / float16 for the CPU")
+                                f"--backend trt on a GPU, or onnx-reference (slow) on a CPU, or export float32 / "
+                                f"float16 for the CPU")
         if attention == "auto":  # GroupQueryAttention is float32 on the CPU only
             attention = "gqa" if "gqa" in variants and device == "cpu" else "function"
         self.attention, self.device = attention, device
