@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pltkit.export.graph import FLOAT_TYPES
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="plt-export", description=__doc__)
@@ -22,7 +24,7 @@ def main(argv=None) -> int:
     precision.add_argument("--fp8", dest="quant", action="store_const", const="fp8",
                            help="float8e4m3fn Q/DQ for TensorRT on Hopper/Ada (emulated by ONNX Runtime on CPU)")
     p.add_argument("--target", choices=["ort", "trt"], default="ort", help="runtime the int8 form is for")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+    p.add_argument("--dtype", choices=list(FLOAT_TYPES), default="float32",
                    help="float type of an unquantized export: weights, activations and cache (half types are for "
                         "GPUs: TensorRT, ONNX Runtime CUDA)")
     p.add_argument("--engine", choices=["trt"], help="also build TensorRT engines for this machine's GPU (needs an "
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
             return build_engines(Path(str(args.checkpoint)))
 
     try:
-        from pltkit.export.artifact import PRECISION, ExportError, export
+        from pltkit.export.artifact import ExportError, export
     except ImportError as e:
         print(f"plt-export: needs PyTorch ({e.name} is not installed): pip install 'pltkit[torch]'", file=sys.stderr)
         return 2
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
     from pltkit.quant.schemes import QDQ_SCHEMES, SCHEMES
 
     scheme_name = "int8-qdq" if args.quant == "int8" and args.target == "trt" else args.quant
-    out = args.out or Path(f"{Path(str(args.checkpoint)).name}-{scheme_name or PRECISION[args.dtype]}")
+    out = args.out or Path(f"{Path(str(args.checkpoint)).name}-{scheme_name or FLOAT_TYPES[args.dtype][2]}")
     try:
         scheme = None
         if scheme_name in QDQ_SCHEMES:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import pltkit
 from pltkit.export import loop_attention as la
-from pltkit.export.graph import float_type
+from pltkit.export.graph import FLOAT_TYPES, float_type
 from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables, state_names, state_shapes
 from pltkit.model.checkpoint import TOKENIZER_FILES, open_checkpoint, read_tensor, weight_map
 from pltkit.model.paths import resolve_model_path
@@ -55,7 +55,6 @@ GRAPHS = [("prefill.onnx", "prefill", "function", prefill_graph), ("decode.onnx"
           ("prefill.kvbuffer.onnx", "prefill", "kvbuffer", prefill_graph),
           ("decode.kvbuffer.onnx", "decode", "kvbuffer", decode_graph)]
 PORTABLE = ("function", "kvbuffer")  # graph sets of standard ops and LoopAttention only
-PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # the manifest's name of a float export
 
 
 class ExportError(Exception):
@@ -191,7 +190,7 @@ def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
         "format": FORMAT, "format_version": FORMAT_VERSION, "pltkit_version": pltkit.__version__,
         "config": cfg.to_dict(),
         "source": {"name": src.name, "sha256": checkpoint_sha256(src)},
-        "precision": quant.name if quant else PRECISION[dtype], "quantization": quant.manifest() if quant else None,
+        "precision": quant.name if quant else FLOAT_TYPES[dtype][2], "quantization": quant.manifest() if quant else None,
         "opset": OPSET, "ir_version": IR_VERSION,
         "custom_ops": [{"domain": la.DOMAIN, "op": la.OP, "version": la.VERSION,
                         "plugin_namespace": la.PLUGIN_NAMESPACE, "plugin_version": la.PLUGIN_VERSION,

@@ -49,7 +49,6 @@ class _Builder:
         linear layer (see pltkit.quant.schemes). dtype: the float type of weights, activations and
         state (float32, float16, bfloat16); norms are computed in float32, logits are float32."""
         self.cfg, self.store, self.g, self.attention, self.quant = cfg, store, Graph(opset), attention, quant
-        self.dtype = dtype
         self.ft, self.np_ft = float_type(dtype)
         # the GQA decode and the kvbuffer graphs update the global cache in place (a buffer of
         # `capacity` positions and a `past_len` input)

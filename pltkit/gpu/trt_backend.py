@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from pltkit.gpu.trt_engine import GRAPHS, PHASES, build, require
+from pltkit.gpu.trt_engine import PHASES, build, require
 from pltkit.runtime.artifact import Artifact
-from pltkit.runtime.ort_backend import OrtState
+from pltkit.runtime.ort_backend import OrtState, check_room
 
 
 class TrtState(OrtState):
     """OrtState over torch CUDA tensors."""
+
+    @staticmethod
+    def new(shape, dtype: str):
+        import torch
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device="cuda")
 
     @staticmethod
     def copy(a):
@@ -44,22 +49,12 @@ class TrtBackend:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {p: runtime.deserialize_cuda_engine((folder / f"{p}.plan").read_bytes()) for p in PHASES}
         self.contexts = {p: e.create_execution_context() for p, e in self.engines.items()}
-        self.state_names = artifact.manifest["state"]["names"]
-        self.state_shapes = artifact.manifest["graphs"][GRAPHS]["decode"]["inputs"]
         self.dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
                        trt.int64: torch.int64, trt.int32: torch.int32}
         self._empty = torch.empty(1, device="cuda")  # an address for zero-size tensors
 
     def new_state(self, batch: int = 1) -> TrtState:
-        engine = self.engines["decode"]
-
-        def size(d):
-            return batch if d == "batch" else 0 if isinstance(d, str) else d
-        tensors = {n: self.torch.zeros([size(d) for d in self.state_shapes["past_" + n]], device="cuda",
-                                       dtype=self.dtypes[engine.get_tensor_dtype("past_" + n)])
-                   for n in self.state_names}
-        kv = {n: t for n, t in tensors.items() if n.startswith(("key.", "value."))}
-        return TrtState(0, kv, {n: t for n, t in tensors.items() if n not in kv})
+        return TrtState.empty(self.artifact, batch)
 
     def _address(self, t) -> int:
         return t.data_ptr() if t.numel() else self._empty.data_ptr()
@@ -67,9 +62,7 @@ class TrtBackend:
     def _run(self, phase: str, ids: np.ndarray, state: TrtState):
         torch, trt = self.torch, self.trt
         new = ids.shape[-1] if phase == "prefill" else 1
-        if state.pos + new > self.config.max_position_embeddings:
-            raise ValueError(f"context of {state.pos + new} tokens exceeds the model's "
-                             f"{self.config.max_position_embeddings}")
+        check_room(self.config, state.pos + new)
         state.reserve(state.pos + new, self.config.max_position_embeddings)
         engine, ctx = self.engines[phase], self.contexts[phase]
         feed = {"input_ids": torch.as_tensor(np.ascontiguousarray(ids, np.int64), device="cuda"),

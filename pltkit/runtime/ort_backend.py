@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pltkit.export.graph import float_type
 from pltkit.runtime.artifact import Artifact, ArtifactError
 from pltkit.runtime.backends import physical_cores
 
@@ -25,10 +26,14 @@ PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", 
 @dataclass
 class OrtState:
     """The decode state with the global cache in buffers: numpy here; the TensorRT backend's
-    subclass holds torch CUDA tensors (`copy` and `zeros` are the only array calls)."""
+    subclass holds torch CUDA tensors (`new`, `copy` and `zeros` are the only array calls)."""
     pos: int  # valid positions in the global cache
     kv: dict[str, np.ndarray]  # key.i / value.i: [B, Hkv, capacity, Dh] buffers
     other: dict[str, np.ndarray]  # rings and carry, exactly as the graphs take them
+
+    @staticmethod
+    def new(shape, dtype: str):
+        return np.zeros(shape, float_type(dtype)[1])
 
     @staticmethod
     def copy(a):
@@ -41,12 +46,12 @@ class OrtState:
     @classmethod
     def empty(cls, artifact: Artifact, batch: int) -> OrtState:
         """No tokens yet: zero caches of no capacity (reserve grows them), empty rings, zero carries."""
-        names, shapes, dtype = artifact.manifest["state"]["names"], artifact.manifest["state"]["shapes"], \
-            state_dtype(artifact)
+        state = artifact.manifest["state"]
 
         def size(d):
             return batch if d == "batch" else 0 if isinstance(d, str) else d
-        arrays = {n: np.zeros([size(d) for d in shapes[n]], dtype) for n in names}
+        arrays = {n: cls.new([size(d) for d in state["shapes"][n]], state.get("dtype", "float32"))
+                  for n in state["names"]}
         kv = {n: a for n, a in arrays.items() if n.startswith(("key.", "value."))}
         return cls(0, kv, {n: a for n, a in arrays.items() if n not in kv})
 
@@ -82,14 +87,6 @@ def check_room(config, tokens: int) -> None:
         raise ValueError(f"context of {tokens} tokens exceeds the model's {config.max_position_embeddings}")
 
 
-def state_dtype(artifact: Artifact) -> np.dtype:
-    """The numpy dtype of an artifact's state (its float type; logits are always float32)."""
-    import ml_dtypes
-
-    name = artifact.manifest["state"].get("dtype", "float32")
-    return np.dtype({"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[name])
-
-
 class OrtBackend:
     name = "ort"
 
@@ -113,8 +110,7 @@ class OrtBackend:
         if providers[0] not in ort.get_available_providers():
             raise ArtifactError(f"ONNX Runtime's {providers[0]} is not available: on a machine with an NVIDIA GPU, "
                                 f"pip uninstall onnxruntime && pip install onnxruntime-gpu")
-        self.dtype = state_dtype(artifact)
-        if self.dtype.name == "bfloat16" and device == "cpu":
+        if artifact.manifest["state"].get("dtype") == "bfloat16" and device == "cpu":
             raise ArtifactError(f"{artifact.path} is bfloat16, which ONNX Runtime's CPU provider cannot run: use "
                                 f"--backend trt on a GPU, or onnx-reference (slow) on a CPU, or export float32 / "
                                 f"float16 for the CPU")
