@@ -5,6 +5,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from serving import HANG
 from synth import make_checkpoint, make_config
 
 from pltkit.runtime.backends import open_backend
@@ -29,7 +30,7 @@ def test_plt_bench_smoke(tmp_path):
     out = subprocess.run(["plt-bench", "--shape", "default", "--forms", "torch-fp32", "ort-fp32", "--contexts", "32",
                           "96", "--steps", "2", "--repeats", "1", "--no-llamacpp", "--threads", "1",
                           "--workdir", str(tmp_path), "--plot", str(tmp_path / "chart.png")],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     print(out.stderr[-1500:])

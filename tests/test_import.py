@@ -357,7 +357,7 @@ def test_cli_imports_then_completes(tiny_gguf, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "m")
     assert complete_cli.main(["--model", str(tmp_path / "m"), "--json", "--max-tokens", "4", "def fib(n):"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert len(result["tokens"]) == 4 and result["backend"] == "torch"
+    assert len(result["tokens"]) == 4 and result["backend"] == "ort"  # from its cached artifact
 
     assert import_cli.main([str(src), "-o", str(tmp_path / "m")]) == 2  # not empty, no --force
     for bad in (tmp_path / "missing.gguf", tmp_path / "m" / "config.json"):

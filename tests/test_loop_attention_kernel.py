@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from serving import HANG
 
 CASES = [  # (first_loop, rows, S, P before the call, ring length W, window)
     (0, 2, 1, 9, 3, 3),     # decode, L = 2, ring full
@@ -135,7 +136,7 @@ def test_kernel_compiles_ahead_of_time_to_ptx_for_tensorrt(tmp_path):
         json.dump(out, open(sys.argv[1], "w"))
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "ptx.json")], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "ptx.json")], check=True, env=env, timeout=HANG)
     compiled = json.loads((tmp_path / "ptx.json").read_text())
     ptxas = compiled.pop("ptxas")
     for variant, k in compiled.items():
@@ -150,7 +151,7 @@ def test_kernel_compiles_ahead_of_time_to_ptx_for_tensorrt(tmp_path):
         assert params["triton_ptx"][:21] == params["ptx"] and k["warps"] == 4
         (tmp_path / f"{variant}.ptx").write_text(k["ptx"])
         subprocess.run([ptxas, "-arch=sm_90a", str(tmp_path / f"{variant}.ptx"), "-o", str(tmp_path / "k.cubin")],
-                       check=True, capture_output=True, timeout=120)
+                       check=True, capture_output=True, timeout=HANG)
     assert ".version 8.4" in compiled["1-1-bfloat16"]["ptx"]  # capped for an older driver
 
 

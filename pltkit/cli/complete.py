@@ -7,38 +7,41 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
+from pltkit.cli import args as types
+from pltkit.cli.args import HelpFormatter, message, one_line_errors
 from pltkit.runtime.backends import BACKENDS
 
 
+@one_line_errors("plt-complete")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="plt-complete", description=__doc__)
+    p = argparse.ArgumentParser(prog="plt-complete", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("prompt", nargs="?", help="text before the cursor (default: read stdin)")
     p.add_argument("--model", default="default", help="checkpoint or artifact folder, or 'default'")
     p.add_argument("--backend", choices=list(BACKENDS),
-                   help="default: ort for an artifact, torch for a checkpoint; ort-cuda and trt need an NVIDIA GPU; "
-                        "onnx-reference is slow, for bfloat16 artifacts on a CPU")
+                   help="default: ort (a checkpoint is exported once to the user cache; torch runs it directly); "
+                        "ort-cuda and trt need an NVIDIA GPU; onnx-reference is slow, for bfloat16 artifacts on a CPU")
     p.add_argument("--suffix", help="text after the cursor: infill with the model's FIM tokens")
-    p.add_argument("--suffix-file", type=Path, help="read the text after the cursor from a file")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--n-indent", type=int, default=0, help="stop at a new line indented less than this")
+    p.add_argument("--suffix-file", type=types.existing_file, help="read the text after the cursor from a file")
+    p.add_argument("--stop", action="append", default=[], type=types.nonempty, help="stop string (repeatable)")
+    p.add_argument("--n-indent", type=types.nonneg_int, default=0, help="stop at a new line indented less than this")
     p.add_argument("--single-line", action="store_true", help="stop at the end of the line")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, help="default: the physical cores")
+    p.add_argument("--max-tokens", type=types.max_tokens, default=64, help="tokens to generate at most (-1: no limit)")
+    p.add_argument("--temperature", type=types.nonneg_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=types.nonneg_int, default=0, help="sample from the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=types.probability, default=1.0,
+                   help="sample from the likeliest tokens whose probabilities add up to p (1: all)")
+    p.add_argument("--seed", type=types.nonneg_int, help="sampling seed (default: a random one)")
+    p.add_argument("--threads", type=types.positive_int, help="default: the physical cores")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from pltkit.model.config import ConfigError
-    from pltkit.model.paths import CheckpointError, resolve_model_path
+    from pltkit.model.paths import CheckpointError
     from pltkit.model.tokenizer import PLTTokenizer
     from pltkit.runtime.artifact import ArtifactError
-    from pltkit.runtime.backends import open_backend
+    from pltkit.runtime.backends import open_fastest
     from pltkit.runtime.completion import CompletionRequest
     from pltkit.runtime.engine import Engine
 
@@ -48,12 +51,12 @@ def main(argv=None) -> int:
         req = CompletionRequest(prefix=prefix, suffix=suffix, stop=tuple(args.stop), n_indent=args.n_indent,
                                 single_line=args.single_line, n_predict=args.max_tokens,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        backend = open_backend(args.model, args.backend, args.threads)
-        engine = Engine(backend, PLTTokenizer.from_dir(resolve_model_path(args.model)))
+        backend, path = open_fastest(args.model, args.backend, args.threads)
+        engine = Engine(backend, PLTTokenizer.from_dir(path))
         stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
         result = engine.complete(req, on_text=stream)
     except (OSError, ValueError, ArtifactError, CheckpointError, ConfigError) as e:
-        print(f"plt-complete: {e}", file=sys.stderr)
+        print(f"plt-complete: {message(e)}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stop_type": result.stop_type,

@@ -4,6 +4,10 @@ default model was trained with).
 A checkpoint: per-token loss and perplexity with the torch reference. An artifact: its
 perplexity, next-token top-1 agreement and mean greedy-match length against a reference
 (`--reference`, default: the default model), as written into quantized artifacts at export.
+
+Both measure a fixed sample of held-out windows spread evenly over the set (the same ones every
+run; seconds); `--windows all` measures every one (a minute or more). The output says how many
+windows and tokens it measured.
 """
 
 from __future__ import annotations
@@ -13,9 +17,25 @@ import json
 import logging
 import sys
 
+from pltkit.cli import args as types
+from pltkit.cli.args import HelpFormatter, message, one_line_errors
+from pltkit.runtime.backends import BACKENDS
+
+SAMPLE_WINDOWS = 8  # held-out windows measured by default: about 4k tokens of the ~94k
 
 
-def heldout_windows(tokenizer_dir, seq_len: int, limit: int | None = None):
+def window_count(text: str) -> int | None:
+    """An argparse type: a positive number of windows, or 'all' (None)."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', not {text!r}")
+    return int(text)
+
+
+def heldout_windows(tokenizer_dir, seq_len: int, windows: int | None = SAMPLE_WINDOWS):
+    """(inputs, targets, prompts, total): `windows` of the `total` held-out windows, spread evenly
+    (all when None), and the 8 greedy prompts."""
     from tokenizers import Tokenizer
 
     from pltkit.train import data
@@ -25,42 +45,50 @@ def heldout_windows(tokenizer_dir, seq_len: int, limit: int | None = None):
     _, heldout = data.stdlib_split()
     inputs, targets = data.eval_sequences(heldout, tok, seq_len)
     prompts = [tok.encode(p["prefix"]).ids[-seq_len // 2:] for p in held_out_prompts(8)]
-    return inputs.numpy()[:limit], targets.numpy()[:limit], prompts
+    sample = data.spread(len(inputs), windows)
+    return inputs.numpy()[sample], targets.numpy()[sample], prompts, len(inputs)
 
 
-def accuracy_report(model, reference="default", threads=None, limit=None, backend=None) -> dict:
+def accuracy_report(model, reference="default", threads=None, windows=SAMPLE_WINDOWS, backend=None) -> dict:
     from pltkit.model.paths import resolve_model_path
     from pltkit.runtime.backends import open_backend
     from pltkit.runtime.evaluate import compare
 
-    ref = open_backend(reference, threads=threads)
+    # the torch reference on one thread unless told: on 2 cores two threads ran its windows 1.6x faster at
+    # best, and 2-16x slower whenever other work shared the cores (its small steps wait on the busy core)
+    ref = open_backend(reference, threads=threads or 1)
     backend = open_backend(model, backend, threads=threads)
     seq_len = min(backend.config.max_position_embeddings, 512)
-    inputs, targets, prompts = heldout_windows(resolve_model_path(model), seq_len, limit)
-    return compare(backend, ref, inputs, targets, prompts)
+    inputs, targets, prompts, total = heldout_windows(resolve_model_path(model), seq_len, windows)
+    return {**compare(backend, ref, inputs, targets, prompts), "windows": len(inputs), "windows_total": total,
+            "seq_len": seq_len}
 
 
+@one_line_errors("plt-eval")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="plt-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="plt-eval", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("model", nargs="?", default="default", help="checkpoint or artifact folder, or 'default'")
     p.add_argument("--reference", default="default", help="what an artifact is compared with")
-    p.add_argument("--seq-len", type=int, help="evaluation window of a checkpoint (default: its context)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--backend", help="what runs an artifact (default: ort; onnx-reference for bfloat16 on a CPU)")
-    p.add_argument("--windows", type=int, help="evaluate the first N held-out windows only")
+    p.add_argument("--seq-len", type=types.positive_int,
+                   help="evaluation window of a checkpoint (default: its context)")
+    p.add_argument("--threads", type=types.positive_int, help="default: the physical cores")
+    p.add_argument("--backend", choices=list(BACKENDS),
+                   help="what runs an artifact (default: ort; onnx-reference for bfloat16 on a CPU)")
+    p.add_argument("--windows", type=window_count, default=SAMPLE_WINDOWS, metavar="N|all",
+                   help="held-out windows to measure, spread evenly over the set, or 'all'")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
     from pltkit.model.paths import resolve_model_path
     from pltkit.runtime.artifact import is_artifact
+    from pltkit.runtime.backends import physical_cores
 
     path = resolve_model_path(args.model)
     if is_artifact(path):
         try:
             report = accuracy_report(path, args.reference, args.threads, args.windows, args.backend)
         except ValueError as e:
-            print(f"plt-eval: {e}", file=sys.stderr)
+            print(f"plt-eval: {message(e)}", file=sys.stderr)
             return 2
         print(json.dumps({"model": str(args.model), "reference": str(args.reference), **report}))
         return 0
@@ -72,12 +100,12 @@ def main(argv=None) -> int:
     from pltkit.train import data
     from pltkit.train.evaluate import heldout_loss
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or physical_cores())
     model = load_model(path)
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     _, heldout = data.stdlib_split()
     seq_len = args.seq_len or model.config.max_position_embeddings
-    result = heldout_loss(model, tokenizer, heldout, seq_len)
+    result = heldout_loss(model, tokenizer, heldout, seq_len, windows=args.windows)
     print(json.dumps({"model": str(args.model), "loops": model.config.plt_num_loops, "seq_len": seq_len,
                       "heldout_files": len(heldout), **result}))
     return 0

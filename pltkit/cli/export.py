@@ -7,11 +7,15 @@ import logging
 import sys
 from pathlib import Path
 
+from pltkit.cli import args as types
+from pltkit.cli.args import HelpFormatter, one_line_errors
+from pltkit.cli.eval import SAMPLE_WINDOWS, window_count
 from pltkit.export.graph import FLOAT_TYPES
 
 
+@one_line_errors("plt-export")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="plt-export", description=__doc__)
+    p = argparse.ArgumentParser(prog="plt-export", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="default", help="checkpoint folder or 'default'")
     p.add_argument("-o", "--out", type=Path, help="artifact folder (default: ./<checkpoint name>-fp32)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
@@ -29,15 +33,20 @@ def main(argv=None) -> int:
                         "GPUs: TensorRT, ONNX Runtime CUDA)")
     p.add_argument("--engine", choices=["trt"], help="also build TensorRT engines for this machine's GPU (needs an "
                                                      "NVIDIA GPU and TensorRT); given an artifact, only build them")
-    p.add_argument("--calib", type=Path, help="folder of .py files for calibration (default: the held-out split)")
+    p.add_argument("--calib", type=types.existing_dir,
+                   help="folder of .py files for calibration (default: the held-out split)")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy report of a quantized export")
-    p.add_argument("--eval-windows", type=int, help="evaluate on the first N held-out windows only")
+    p.add_argument("--eval-windows", type=window_count, default=SAMPLE_WINDOWS, metavar="N|all",
+                   help="held-out windows the accuracy report measures, spread evenly over the set (the same ones "
+                        "every run; seconds); 'all' measures every one (about 94k tokens: a minute or more)")
     args = p.parse_args(argv)
     if args.target == "trt" and args.quant in (None, "int4"):
         p.error("--target trt applies to --int8 (--fp8 is for TensorRT already)")
     if args.quant and args.dtype != "float32":
         p.error("--dtype applies to the unquantized export (quantized forms keep their float parts in float32)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from pltkit.model.paths import resolve_model_path
+    resolve_model_path(args.checkpoint)  # a bad path fails now, before torch is imported
     if args.engine:
         if args.quant == "int4":
             p.error("--engine trt builds float (--dtype), --int8 (Q/DQ) or --fp8 engines; int4 is for ONNX Runtime")
@@ -53,7 +62,7 @@ def main(argv=None) -> int:
             return build_engines(Path(str(args.checkpoint)))
 
     try:
-        from pltkit.export.artifact import ExportError, export
+        from pltkit.export.artifact import ExportError, check_output, export
     except ImportError as e:
         print(f"plt-export: needs PyTorch ({e.name} is not installed): pip install 'pltkit[torch]'", file=sys.stderr)
         return 2
@@ -64,6 +73,7 @@ def main(argv=None) -> int:
     scheme_name = "int8-qdq" if args.quant == "int8" and args.target == "trt" else args.quant
     out = args.out or Path(f"{Path(str(args.checkpoint)).name}-{scheme_name or FLOAT_TYPES[args.dtype][2]}")
     try:
+        check_output(out, args.force)  # before calibrating: a busy folder fails now, not minutes later
         scheme = None
         if scheme_name in QDQ_SCHEMES:
             scheme = QDQ_SCHEMES[scheme_name].with_calibration(calibrate(args.checkpoint, args.calib))
@@ -107,15 +117,15 @@ def calibrate(checkpoint, folder: Path | None, windows: int = 16) -> dict[str, f
     from pltkit.quant.calibrate import activation_amax
     from pltkit.train import data
 
-    path = resolve_model_path(checkpoint)
-    model = load_model(path)
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     if folder is None:
         _, files = data.stdlib_split()
     else:
         files = sorted(folder.rglob("*.py"))
         if not files:
             raise ValueError(f"--calib {folder}: no .py files")
+    path = resolve_model_path(checkpoint)
+    model = load_model(path)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     inputs, _ = data.eval_sequences(files, tok, min(512, model.config.max_position_embeddings))
     print(f"plt-export: calibrating on {min(windows, len(inputs))} windows of {len(files)} files", file=sys.stderr)
     return activation_amax(model, inputs[:windows])
@@ -130,8 +140,10 @@ def add_accuracy_report(artifact: Path, reference, windows: int | None) -> None:
     from pltkit.cli.eval import accuracy_report
     from pltkit.runtime.artifact import MANIFEST
 
-    print("plt-export: measuring accuracy against the float32 reference (--no-eval skips)", file=sys.stderr)
-    report = accuracy_report(artifact, reference, limit=windows)
+    sample = f"{windows} held-out windows (--eval-windows all: every one)" if windows else "every held-out window"
+    print(f"plt-export: measuring accuracy against the float32 reference on {sample}; --no-eval skips",
+          file=sys.stderr)
+    report = accuracy_report(artifact, reference, windows=windows)
     print(json.dumps(report), file=sys.stderr)
     manifest = json.loads((artifact / MANIFEST).read_text())
     manifest["accuracy"] = {"reference": "float32 checkpoint (torch)", **report}

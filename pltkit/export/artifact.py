@@ -18,7 +18,6 @@ place at the end, so a failed or interrupted export leaves no artifact behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,8 +33,8 @@ import pltkit
 from pltkit.export import loop_attention as la
 from pltkit.export.graph import FLOAT_TYPES, float_type
 from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables, state_names, state_shapes
-from pltkit.model.checkpoint import TOKENIZER_FILES, open_checkpoint, read_tensor, weight_map
-from pltkit.model.paths import resolve_model_path
+from pltkit.model.checkpoint import TOKENIZER_FILES, open_checkpoint, read_tensor
+from pltkit.model.paths import checkpoint_sha256, file_sha256, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -94,23 +93,6 @@ class WeightStore:
         self.file.close()
 
 
-def checkpoint_sha256(ckpt: Path) -> str:
-    """One digest over config.json and the weight files, in name order."""
-    h = hashlib.sha256()
-    for f in sorted({ckpt / "config.json", *weight_map(ckpt).values()}):
-        h.update(f.name.encode())
-        h.update(_sha256(f).encode())
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _model_proto(graph, name: str, dtype: str) -> onnx.ModelProto:
     return helper.make_model(
         graph.graph(name), producer_name="pltkit", producer_version=pltkit.__version__, ir_version=IR_VERSION,
@@ -139,8 +121,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
     except ValueError as e:
         raise ExportError(str(e)) from None
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ExportError(f"{out} exists and is not empty (use --force to replace it)")
+    check_output(out, force)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -156,9 +137,17 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
     return out
 
 
+def check_output(out: Path, force: bool) -> None:
+    """Refuse a non-empty output folder (or a file) unless forced: plt-export calls it before
+    calibrating too."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ExportError(f"{out} exists and is not empty (use --force to replace it)")
+
+
 def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
     graph_files = [g for g in GRAPHS if dtype == "float32" or g[2] != "gqa"]  # GQA's CPU kernel: float32
-    stages = tqdm(total=4 + len(graph_files) / 2, desc="export", unit="stage", bar_format="{l_bar}{bar}| {postfix}")
+    stages = tqdm(total=4 + len(graph_files) / 2, desc="export", unit="stage", bar_format="{l_bar}{bar}| {postfix}",
+                  disable=None)
     stages.set_postfix_str("validate")
     cfg, files = open_checkpoint(src)  # tensors are read one at a time while the graphs are written
     tables = rope_tables(cfg)
@@ -200,7 +189,7 @@ def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
         "max_context": cfg.max_position_embeddings,
         "tokenizer": [n for n in TOKENIZER_FILES if (tmp / n).is_file()],
     }
-    manifest["files"] = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    manifest["files"] = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
     stages.update()
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     stages.set_postfix_str("done")

@@ -135,7 +135,8 @@ def build(artifact_path, *, plugin: bool | None = None, max_batch: int = 1, max_
                                 ignore_mismatch=False)
         aot = plugin and hasattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS")
         how = "aot plugin" if aot else "jit plugin" if plugin else "inlined function"
-        for phase in (bar := tqdm(PHASES, desc=f"TensorRT engines (LoopAttention: {how})", unit="engine")):
+        for phase in (bar := tqdm(PHASES, desc=f"TensorRT engines (LoopAttention: {how})", unit="engine",
+                                  disable=None)):
             bar.set_postfix_str(phase)
             network = builder.create_network(_network_flags(trt, aot))
             parser = trt.OnnxParser(network, logger)

@@ -18,13 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pltkit.model.config import PLTConfig
-from pltkit.model.paths import CheckpointError, resolve_model_path
+from pltkit.model.paths import INDEX, SINGLE, CheckpointError, resolve_model_path
 from pltkit.model.plt import PLTForCausalLM
 
 log = logging.getLogger(__name__)
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json")
 STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

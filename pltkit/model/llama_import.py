@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,16 +30,17 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from pltkit.model.checkpoint import INDEX, SINGLE, STORED_DTYPES, TOKENIZER_FILES, open_checkpoint
 from pltkit.model.config import ConfigError, PLTConfig
+from pltkit.model.paths import GGUF_MAGIC
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SHARD_BYTES = 2 << 30
 HF_ARCHITECTURE = "LlamaForCausalLM"
-GGUF_MAGIC = b"GGUF"
 GGUF_PRE_TOKENIZERS = ("smollm",)  # pre-tokenizers rebuilt exactly; others fall back to plain ByteLevel
 
 
@@ -220,6 +223,9 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ImportModelError(f"{path}: not a GGUF file")
+    expected, size = gguf_size(path, gguf), path.stat().st_size
+    if expected is not None and size < expected:
+        raise ImportModelError(f"{path}: file truncated at byte {size}, expected {expected} bytes")
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # the reader raises ValueError, struct errors, ...
@@ -274,6 +280,67 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
     return _atomic_output(out_dir, write, force)
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_size(path: Path, gguf) -> int | None:
+    """The size a GGUF file's header says it has: where its last tensor's data ends (None for a
+    version or type this does not know: the reader reports those). gguf's reader fails on a
+    truncated file with numpy's messages; this names the byte instead."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        order = "<"
+
+        def read(fmt: str) -> tuple:
+            n = struct.calcsize(order + fmt)
+            if f.tell() + n > size:
+                raise ImportModelError(f"{path}: file truncated at byte {size}, inside its header")
+            return struct.unpack(order + fmt, f.read(n))
+
+        def skip(vtype: int):  # a metadata value; returns a scalar's value
+            if vtype == _GGUF_STRING:
+                f.seek(read("Q")[0], os.SEEK_CUR)  # past the end: the next read says so
+            elif vtype == _GGUF_ARRAY:
+                itype, n = read("IQ")
+                if itype in _GGUF_SCALARS:
+                    f.seek(n * struct.calcsize(order + _GGUF_SCALARS[itype]), os.SEEK_CUR)
+                else:
+                    for _ in range(n):
+                        skip(itype)
+            else:
+                return read(_GGUF_SCALARS[vtype])[0]
+
+        f.seek(4)
+        version = read("I")[0]
+        if not version & 0xFFFF:  # written on a big-endian machine
+            order, version = ">", int.from_bytes(version.to_bytes(4, "little"), "big")
+        if version not in (2, 3):
+            return None
+        n_tensors, n_kv = read("QQ")
+        alignment, ends = 32, [0]
+        try:
+            for _ in range(n_kv):
+                key = read(f"{read('Q')[0]}s")[0]
+                value = skip(read("I")[0])
+                if key == b"general.alignment":
+                    alignment = value
+            for _ in range(n_tensors):
+                f.seek(read("Q")[0], os.SEEK_CUR)
+                dims = read(f"{read('I')[0]}Q")
+                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(read("I")[0])]
+                ends.append(read("Q")[0] + math.prod(dims) * type_size // block)
+        except ImportModelError:
+            raise
+        except (KeyError, ValueError):  # a value or tensor type this does not know
+            return None
+        if f.tell() > size:
+            raise ImportModelError(f"{path}: file truncated at byte {size}, inside its header")
+        if not isinstance(alignment, int) or alignment <= 0:
+            return None
+        return -(-f.tell() // alignment) * alignment + max(ends)
 
 
 def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -514,10 +581,15 @@ def _write_weights(out: Path, sizes: Iterable[tuple[str, int]], tensor: Callable
         size += nbytes
         total += nbytes
     weight_map = {}
-    for k, names in enumerate(shards, 1):
-        fname = SINGLE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensor(n).contiguous() for n in names}, str(out / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, fname))
+    with tqdm(total=total, desc="import", unit="B", unit_scale=True, disable=None) as bar:
+        for k, names in enumerate(shards, 1):
+            fname = SINGLE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for n in names:
+                tensors[n] = tensor(n).contiguous()
+                bar.update(tensors[n].nbytes)
+            save_file(tensors, str(out / fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(names, fname))
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")

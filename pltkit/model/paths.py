@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from importlib import resources
 from pathlib import Path
+
+GGUF_MAGIC = b"GGUF"
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -30,5 +36,63 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         return path
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a model folder")
+        raise CheckpointError(f"{path}: not a model folder{_what_it_is(path)}")
     return path
+
+
+def _what_it_is(path: Path) -> str:
+    if not path.exists():
+        return " (it does not exist)"
+    if is_gguf(path):
+        return f" but a GGUF file: run `plt-import {path}` first and pass the folder it writes"
+    return " but a file"
+
+
+def is_gguf(path: Path) -> bool:
+    """A llama.cpp GGUF file, by name or by its first 4 bytes."""
+    if path.suffix == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def checkpoint_files(ckpt: Path) -> list[Path]:
+    """config.json and the weight files (model.safetensors, or the shards its index names), in
+    name order: the files that identify a checkpoint's exported artifacts."""
+    weights = [SINGLE]
+    if (ckpt / INDEX).is_file():
+        try:
+            weights = json.loads((ckpt / INDEX).read_text())["weight_map"].values()
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{ckpt / INDEX}: not a safetensors index ({e})") from None
+    return sorted({ckpt / "config.json", *(ckpt / w for w in weights)})
+
+
+def checkpoint_sha256(ckpt: Path) -> str:
+    """One digest over the checkpoint's files (reads every byte: seconds for a GB)."""
+    h = hashlib.sha256()
+    for f in checkpoint_files(ckpt):
+        h.update(f.name.encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def checkpoint_stamp(ckpt: Path) -> str:
+    """A digest of the checkpoint files' names, sizes and modification times: it changes whenever
+    a file is rewritten, and costs one stat a file (a cache key checked on every run)."""
+    h = hashlib.sha256()
+    for f in checkpoint_files(ckpt):
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pltkit.model.plt import PLTForCausalLM
 
@@ -34,8 +35,10 @@ def activation_amax(model: PLTForCausalLM, windows: torch.Tensor, batch: int = 4
     if model.lm_head is None:  # tied head: its input is model.norm's output
         handles.append(model.model.norm.register_forward_hook(record(head)))
     try:
-        for i in range(0, len(windows), batch):
-            model(windows[i:i + batch])
+        with tqdm(total=len(windows), desc="calibrate", unit="window", disable=None) as bar:
+            for i in range(0, len(windows), batch):
+                model(windows[i:i + batch])
+                bar.update(len(windows[i:i + batch]))
     finally:
         for h in handles:
             h.remove()

@@ -32,8 +32,8 @@ class CompletionRequest:
     n_indent: int = 0
     single_line: bool = False
     stop: tuple[str, ...] = ()
-    t_max_prompt_ms: float = 0.0  # 0: no budget
-    t_max_predict_ms: float = 0.0
+    t_max_prompt_ms: float = 0.0  # accepted and ignored, as llama.cpp does
+    t_max_predict_ms: float = 0.0  # 0: no limit; else stop past it once a newline was generated
     temperature: float = 0.0
     top_k: int = 40
     top_p: float = 0.95

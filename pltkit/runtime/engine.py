@@ -37,6 +37,10 @@ class Cancel:
     def cancelled(self) -> bool:
         return self._event.is_set()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until cancelled (True) or timeout seconds pass (False)."""
+        return self._event.wait(timeout)
+
 
 @dataclass
 class Result:
@@ -133,17 +137,13 @@ class Engine:
         slot.snapshots = {p: s for p, s in slot.snapshots.items() if p <= at}
         return at
 
-    def _feed(self, slot: _Slot, ids: list[int], cancel: Cancel | None, deadline: float | None = None,
-              marks: tuple[int, ...] = ()):
+    def _feed(self, slot: _Slot, ids: list[int], cancel: Cancel | None, marks: tuple[int, ...] = ()):
         """Prefill ids in chunks ending on multiples of `chunk` and on the positions `marks`, with a
-        snapshot at each; returns the last logits, or the reason it stopped early ("cancelled", or
-        "time" past the prompt's deadline)."""
+        snapshot at each; returns the last logits, or "cancelled" if it was cancelled first."""
         logits, pos = None, len(slot.ids)
         while ids:
             if cancel is not None and cancel.cancelled:
                 return "cancelled"
-            if deadline is not None and time.perf_counter() > deadline:
-                return "time"
             end = min((m for m in marks if m > pos), default=len(slot.ids) + len(ids))
             n = min(len(ids), self.chunk - pos % self.chunk, end - pos)
             out, slot.state = self.backend.prefill(np.asarray([ids[:n]], np.int64), slot.state)
@@ -197,8 +197,9 @@ class Engine:
         t0 = t0 or time.perf_counter()
         slot = self._pick(slot_id, ids)
         cached = self._restore(slot, ids)
-        deadline = t0 + req.t_max_prompt_ms / 1e3 if req.t_max_prompt_ms else None
-        logits = self._feed(slot, ids[cached:], cancel, deadline, marks)
+        # req.t_max_prompt_ms is accepted and ignored, as llama.cpp does: editors send 500 by default,
+        # and cutting the prompt short would answer a cold prompt with nothing
+        logits = self._feed(slot, ids[cached:], cancel, marks)
         t1 = time.perf_counter()
         evaluated = len(slot.ids) - cached
         if isinstance(logits, str):  # stopped before the prompt was in
@@ -244,8 +245,8 @@ class Engine:
                 result.tokens.append(token)
             text = self.tok.decode(result.tokens)
             safe = stopper.feed(token, text)
-            if not stopper.stop_type and req.t_max_predict_ms and \
-                    (time.perf_counter() - t_start) * 1e3 > req.t_max_predict_ms:
+            if not stopper.stop_type and req.t_max_predict_ms and "\n" in text and \
+                    (time.perf_counter() - t_start) * 1e3 > req.t_max_predict_ms:  # as llama.cpp: after a newline
                 safe = stopper.time_out(text)
             if not stopper.stop_type and len(slot.ids) + 1 >= self.context:
                 safe = stopper.context_full(text)

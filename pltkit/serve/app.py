@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pltkit.runtime.completion import InfillNotSupported, RequestError
-from pltkit.runtime.engine import Engine
+from pltkit.runtime.engine import Engine, Result
 from pltkit.serve.metrics import Metrics
 from pltkit.serve.protocols import COMPLETION_ROUTES, Call, LlamaCpp, Ollama
 from pltkit.serve.worker import Busy, Job, Worker
@@ -55,16 +55,22 @@ class HTTPError(Exception):
 
 
 class Server:
-    def __init__(self, load: Callable[[], Model], limits: Limits = Limits(), api_key: str | None = None):
-        self.load, self.limits, self.api_key = load, limits, api_key
+    """The model (loaded in the background: /health answers 503 until it is in) and its worker.
+    on_loaded(server) is called on the loading thread once loading succeeded or failed."""
+
+    def __init__(self, load: Callable[[], Model], limits: Limits = Limits(), api_key: str | None = None,
+                 on_loaded: Callable[[Server], None] | None = None):
+        self.load, self.limits, self.api_key, self.on_loaded = load, limits, api_key, on_loaded
         self.metrics = Metrics()
         self.model: Model | None = None
         self.worker: Worker | None = None
         self.load_error: str | None = None
         self.loaded = threading.Event()
+        self._loader: threading.Thread | None = None
 
     def start(self) -> None:
-        threading.Thread(target=self._load, name="pltkit-load", daemon=True).start()
+        self._loader = threading.Thread(target=self._load, name="pltkit-load", daemon=True)
+        self._loader.start()
 
     def _load(self) -> None:
         try:
@@ -73,25 +79,32 @@ class Server:
             self.worker = Worker(model.engine, self.limits.max_queue, self._finished)
             self.model = model
         except Exception as e:  # reported by /health and every route
-            log.exception("loading the model failed")
+            log.debug("loading the model failed", exc_info=True)
             self.load_error = f"loading the model failed: {e}"
         finally:
             self.loaded.set()
+        if self.on_loaded is not None:
+            self.on_loaded(self)
 
     def stop(self) -> None:
+        """Waits for a load in progress: exiting while native code (an export, ONNX Runtime's
+        session set-up) runs on another thread can abort the process."""
+        if self._loader is not None and self._loader.is_alive():
+            log.warning("waiting for the model to finish loading before exiting")
+            self._loader.join()
         if self.worker is not None:
             self.worker.close()
 
-    def _finished(self, job: Job, start: float) -> None:
-        """Called by the worker as it becomes free (start: time.perf_counter() the job began)."""
+    def _finished(self, job: Job, start: float, results: list[Result] | Exception) -> None:
+        """Called by the worker before it answers the job and frees itself (start: time.perf_counter()
+        the job began; results: the job's results, or the exception that ended it)."""
         end = time.perf_counter()
         self.metrics.job_seconds.observe(end - start)
         self.metrics.state_bytes.set(self.model.engine.state_bytes())  # on the worker thread: no race
         if job.superseded:
             self.metrics.superseded.inc()
-        if job.done.exception() is not None:
+        if isinstance(results, Exception):
             return
-        results = job.done.result()
         for r in results:
             self.metrics.completion(r)
         if results[0].stop_type == "cancelled":

@@ -9,9 +9,14 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pltkit.model.paths import user_cache_dir
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 class ListenError(Exception):
@@ -71,19 +76,31 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app, sockets: list[socket.socket], log_level: str = "warning") -> None:
-    """Run uvicorn on already bound sockets until interrupted; remove our socket files after."""
+def exit_on_signals() -> None:
+    """SIGTERM exits with 143 and SIGINT (Ctrl-C) with 0, through SystemExit, so that `finally`
+    blocks run: installed first thing, and again by uvicorn around its run, which shuts down
+    gracefully and then raises the signal again."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+
+
+def serve(app, sockets: list[socket.socket], log_level: str = "warning",
+          on_start: Callable[[uvicorn.Server], None] | None = None,
+          on_shutdown: Callable[[], None] | None = None) -> None:
+    """Run uvicorn on already bound sockets until a signal (or until whoever on_start gave the
+    uvicorn server sets its should_exit). on_shutdown runs as shutdown begins, before uvicorn waits
+    for the requests in flight: it should end their work. The caller removes its socket files."""
     import uvicorn
 
-    paths = [Path(s.getsockname()) for s in sockets if s.family == socket.AF_UNIX]
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            if on_shutdown is not None:
+                on_shutdown()
+            await super().shutdown(sockets)
+
     for s in sockets:
         s.listen(128)
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2)
-    # uvicorn shuts down gracefully on SIGTERM, then raises it again: make that an exit that
-    # runs the cleanup below rather than a kill
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    try:
-        uvicorn.Server(config).run(sockets=sockets)
-    finally:
-        for p in paths:
-            p.unlink(missing_ok=True)
+    server = Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2))
+    if on_start is not None:
+        on_start(server)
+    server.run(sockets=sockets)

@@ -38,19 +38,23 @@ class Job:
 
 
 class Worker:
-    def __init__(self, engine: Engine, max_queue: int = 16, on_finish: Callable[[Job, float], None] | None = None):
+    def __init__(self, engine: Engine, max_queue: int = 16, on_finish: Callable[[Job, float, list[Result] | Exception], None] | None = None):
         self.engine, self.max_queue, self.on_finish = engine, max_queue, on_finish
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # notified when a job starts or ends
         self._pending: list[Job] = []  # queued or running, oldest first
         self.running: Job | None = None
-        self.idle = threading.Event()
+        self.idle = threading.Event()  # set once every job is answered and accounted for
         self.idle.set()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="pltkit-decode", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> Job:
         with self._lock:
+            if self._closed:
+                raise Busy("the server is shutting down")
             for old in self._pending:
                 if old.slot == job.slot and not old.cancel.cancelled:
                     old.superseded = True
@@ -63,13 +67,20 @@ class Worker:
         self._queue.put(job)
         return job
 
+    def wait_for(self, predicate: Callable[[Worker], bool], timeout: float | None = None) -> bool:
+        """Block until predicate(self) holds, re-checked whenever a job starts or ends."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self), timeout)
+
     @property
     def queued(self) -> int:
         with self._lock:
             return sum(1 for j in self._pending if j is not self.running)
 
     def close(self) -> None:
+        """Cancels every job (each is answered with what it has) and stops the thread."""
         with self._lock:
+            self._closed = True
             for job in self._pending:
                 job.cancel.cancel()
         self._queue.put(None)
@@ -77,24 +88,34 @@ class Worker:
 
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
-            self.running = job
+            with self._changed:
+                self.running = job
+                self._changed.notify_all()
             start = time.perf_counter()
             try:
                 if job.cancel.cancelled:  # superseded or abandoned while waiting
-                    results = [Result("", [], "cancelled")]
+                    outcome = [Result("", [], "cancelled")]
                 else:
                     p = job.prompt
-                    results = self.engine.run_all(p.ids, job.req, job.slot, job.cancel, job.on_text, p.truncated,
+                    outcome = self.engine.run_all(p.ids, job.req, job.slot, job.cancel, job.on_text, p.truncated,
                                                   marks=p.marks)
-                job.done.set_result(results)
             except Exception as e:  # reported to the request as a 500; the worker goes on
                 log.exception("generation failed")
-                job.done.set_exception(e)
-            finally:
-                with self._lock:
-                    self._pending.remove(job)
-                    self.running = None
-                    if not self._pending:
-                        self.idle.set()
-                if self.on_finish is not None:
-                    self.on_finish(job, start)
+                outcome = e
+            # Accounting first, then the slot is freed and `idle` set, then the answer: whoever sees
+            # the answer or an idle worker also sees this job's metrics.
+            if self.on_finish is not None:
+                try:
+                    self.on_finish(job, start, outcome)
+                except Exception:
+                    log.exception("accounting for a finished job failed")
+            with self._changed:
+                self._pending.remove(job)
+                self.running = None
+                if not self._pending:
+                    self.idle.set()
+                self._changed.notify_all()
+            if isinstance(outcome, Exception):
+                job.done.set_exception(outcome)
+            else:
+                job.done.set_result(outcome)

@@ -485,7 +485,7 @@ def eval_sequences(
     The files, in the given order, each followed by ``<|endoftext|>``, form
     one stream that starts with ``<|endoftext|>``; every token of the files
     and every separator is a target exactly once (the last window is padded
-    with IGNORE_INDEX targets).
+    with IGNORE_INDEX targets). A sample of them: :func:`spread`.
     """
     texts = [read_source(path) for path in files]
     encodings = _text_encoder(tokenizer).encode_batch(texts, add_special_tokens=False)
@@ -495,6 +495,14 @@ def eval_sequences(
     padded[: len(stream)] = stream
     windows = np.arange(n_windows)[:, None] * seq_len + np.arange(seq_len + 1)
     return _inputs_and_targets(padded[windows])
+
+
+def spread(n: int, k: int | None) -> np.ndarray:
+    """k distinct indices of range(n), evenly spaced from 0 to n - 1 (the same on every run): a
+    fixed sample of n evaluation windows. All n when k is None or k >= n."""
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.arange(k) * (n - 1) // max(k - 1, 1)
 
 
 def _inputs_and_targets(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,18 +8,22 @@ import math
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from pltkit.model.plt import PLTForCausalLM
 from pltkit.train import data
 
 
 @torch.no_grad()
-def heldout_loss(model: PLTForCausalLM, tokenizer: Tokenizer, files, seq_len: int, batch_size: int = 8) -> dict:
+def heldout_loss(model: PLTForCausalLM, tokenizer: Tokenizer, files, seq_len: int, batch_size: int = 8,
+                 windows: int | None = None) -> dict:
     """Mean next-token cross-entropy over every token of `files` (windows of seq_len, each
-    evaluated from an empty state)."""
+    evaluated from an empty state), or of `windows` windows spread evenly over them."""
     inputs, targets = data.eval_sequences(files, tokenizer, seq_len)
+    total_windows, sample = len(inputs), data.spread(len(inputs), windows)
+    inputs, targets = inputs[sample], targets[sample]
     total, count = 0.0, 0
-    for i in range(0, len(inputs), batch_size):
+    for i in tqdm(range(0, len(inputs), batch_size), desc="held-out loss", unit="batch", disable=None):
         logits = model(inputs[i:i + batch_size])
         t = targets[i:i + batch_size]
         total += F.cross_entropy(logits.flatten(0, 1).float(), t.flatten(), ignore_index=data.IGNORE_INDEX,
@@ -28,4 +32,5 @@ def heldout_loss(model: PLTForCausalLM, tokenizer: Tokenizer, files, seq_len: in
     if count == 0:
         raise ValueError("no held-out tokens to evaluate")
     loss = total / count
-    return {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3), "tokens": count}
+    return {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3), "tokens": count,
+            "windows": len(inputs), "windows_total": total_windows}

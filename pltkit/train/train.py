@@ -107,7 +107,7 @@ def train(tc: TrainConfig, out: Path, tokenizer_dir: Path | None = None, root: s
 
     history, start = [], time.time()
     batches = data.batches(train_files, tokenizer, tc.seq_len, tc.batch_size, tc.seed, tc.fim_rate)
-    bar = tqdm(range(tc.steps), desc=f"train PLT-{tc.loops}", unit="step")
+    bar = tqdm(range(tc.steps), desc=f"train PLT-{tc.loops}", unit="step", disable=None)
     model.train()
     for step in bar:
         inputs, targets = next(batches)
