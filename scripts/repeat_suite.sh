@@ -1,24 +1,23 @@
 #!/usr/bin/env bash
-# The test suite N times in a row (default 20) while a second copy of it runs beside as load, the
-# way CI meets a busy machine. One line per run; exits 1 if any measured run failed.
-#   bash scripts/repeat_suite.sh [N]
+# The test suite N times (default 20), J copies at a time (default 2), so that every run meets
+# the load of the others, as CI meets a busy machine. Every run counts: one line each, and the
+# exit code is 1 if any failed.
+#   bash scripts/repeat_suite.sh [N] [J]
 set -uo pipefail
 n=${1:-20}
+j=${2:-2}
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
-setsid bash -c "while true; do python -m pytest -q -p no:cacheprovider --basetemp='$work/load' > '$work/load.log' 2>&1; done" &
-load=$!  # its own process group: the trap ends it and the suite it is running
-trap 'kill -- -$load 2>/dev/null' EXIT
-failed=0
+run() {  # run I: its own temporary folder, log and result line
+  local start=$SECONDS result=passed
+  python -m pytest -q -p no:cacheprovider --basetemp="$work/t$1" > "$work/run-$1.log" 2>&1 || result=FAILED
+  echo "run $1: $result in $((SECONDS - start)) s: $(tail -n 1 "$work/run-$1.log")" | tee -a "$work/results"
+}
 for i in $(seq 1 "$n"); do
-  start=$SECONDS
-  if python -m pytest -q -p no:cacheprovider --basetemp="$work/run" > "$work/run-$i.log" 2>&1; then
-    result=passed
-  else
-    result=FAILED
-    failed=$((failed + 1))
-  fi
-  echo "run $i: $result in $((SECONDS - start)) s: $(tail -n 1 "$work/run-$i.log")"
+  run "$i" &
+  while [ "$(jobs -rp | wc -l)" -ge "$j" ]; do wait -n; done
 done
-echo "$n runs under load, $failed failed (logs: $work)"
+wait
+failed=$(grep -c FAILED "$work/results")
+echo "$n runs, $j at a time, $failed failed (logs: $work)"
 [ "$failed" -eq 0 ]
