@@ -205,11 +205,12 @@ _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 
 def make_checkpoint(path, cfg: dict | None = None, *, seed: int = 0, shards: int = 1,
-                    dtype: str = "float32", weights: dict | None = None) -> dict:
+                    dtype: str = "float32", weights: dict | None = None, tokenizer=None) -> dict:
     """Write a complete synthetic checkpoint folder and return its config.
 
     `cfg` defaults to TINY and is written as given (fields left out stay
-    out), except that its bos/eos ids are replaced by the tokenizer's.
+    out), except that its bos/eos ids are replaced by the tokenizer's. `tokenizer(path)` writes the
+    tokenizer files and returns those ids (default: write_tokenizer).
     Tensors are `weights` if given (possibly broken on purpose), else
     `random_weights(cfg, seed)`, stored as `dtype`. With `shards` > 1 they
     are split into HF-named shard files plus model.safetensors.index.json.
@@ -217,7 +218,7 @@ def make_checkpoint(path, cfg: dict | None = None, *, seed: int = 0, shards: int
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = make_config() if cfg is None else json.loads(json.dumps(cfg))
-    cfg.update(write_tokenizer(path))
+    cfg.update((tokenizer or write_tokenizer)(path))
     cfg["torch_dtype"] = dtype
     _write_json(path / "config.json", cfg)
 

@@ -5,8 +5,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import pltkit
 from pltkit.model.tokenizer import PLTTokenizer
-from pltkit.runtime.completion import (CompletionRequest, InfillNotSupported, RequestError, Stopper, layout,
-                                       trim_suffix_repeat)
+from pltkit.runtime.completion import CompletionRequest, RequestError, Stopper, layout, trim_suffix_repeat
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +94,45 @@ def test_extra_chunks_with_file_names(tok):
     assert tok.fim.file_sep not in small.ids
 
 
-def test_infill_without_fim_tokens_is_refused(tmp_path):
+def test_infill_without_fim_tokens_continues_the_prefix(tmp_path):
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(InfillNotSupported, match="infill not supported"):
-        layout(PLTTokenizer.from_dir(tmp_path), CompletionRequest(prefix="a", suffix="b"), 100)
+    tok = PLTTokenizer.from_dir(tmp_path)
+    p = layout(tok, CompletionRequest(prefix="ab", prompt="c", suffix="zz"), 100)
+    assert p.ids == tok.encode("abc") and p.parts["prefix_only"]
+
+
+def feed_text(stopper: Stopper, text: str, step: int = 1) -> tuple[int, str]:
+    """Feed text a few characters per token; (shown length at the end, final text or "")."""
+    safe = 0
+    for end in range(step, len(text) + step, step):
+        safe = stopper.feed(5, text[:end])
+        if stopper.stop_type:
+            return safe, stopper.text_final
+    return safe, ""
+
+
+@pytest.mark.parametrize("prefix, suffix, generated, want", [
+    # the suffix starts on the next line: cut before the newline that leads to it
+    ("def f(x):\n    y = ", "\n    return y\n", "x + 1\n    return y\n", "x + 1"),
+    # the cursor is at a line start and the suffix starts there: cut at the line start
+    ("def f(x):\n", "    return y\n", "    y = x\n    return y + 0\n", "    y = x\n"),
+    # the generated line equals the suffix's first non-empty line, after blank lines
+    ("a = 1\n", "\n\nprint(a)\n", "b = 2\nprint(a)\n", "b = 2"),
+])
+def test_a_prefix_only_infill_stops_where_the_suffix_begins(prefix, suffix, generated, want):
+    req = CompletionRequest(prefix=prefix, suffix=suffix, n_predict=-1)
+    stopper = Stopper(req, [], prefix_only=True)
+    safe, final = feed_text(stopper, generated)
+    assert (stopper.stop_type, final) == ("word", want) and safe == len(want)
+
+
+def test_a_prefix_only_infill_holds_back_a_line_that_may_become_the_suffix():
+    req = CompletionRequest(prefix="x = 1\n", suffix="return x\n", n_predict=-1)
+    stopper = Stopper(req, [], prefix_only=True)
+    assert stopper.feed(5, "y = 2\nret") == len("y = 2\n")  # "ret" may be the start of "return x"
+    assert stopper.feed(5, "y = 2\nretry()") == len("y = 2\nretry()") and not stopper.stop_type
 
 
 def test_request_from_infill_body():

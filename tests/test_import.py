@@ -133,9 +133,10 @@ def gguf_name(hf_name: str) -> str:
 
 
 def write_gguf(file: Path, hf: dict, w: dict, tokenizer_dir: Path, *, q8=(), arch="llama", tokenizer_model="gpt2",
-               pre="gpt2"):
+               pre="gpt2", vocab=None):
     """A GGUF file as llama.cpp's converter writes a Llama model: F32 tensors with q/k permuted, the
-    tensors named in `q8` quantized to Q8_0, and the byte-level BPE vocabulary as gpt2 tokenizer metadata."""
+    tensors named in `q8` quantized to Q8_0, and the byte-level BPE vocabulary as gpt2 tokenizer metadata
+    (or `vocab`: SentencePiece (tokens, scores, types) as llama tokenizer metadata)."""
     H, Hkv = hf["num_attention_heads"], hf["num_key_value_heads"]
     wr = gguf.GGUFWriter(str(file), arch)
     wr.add_name("tiny-llama")
@@ -150,22 +151,26 @@ def write_gguf(file: Path, hf: dict, w: dict, tokenizer_dir: Path, *, q8=(), arc
     wr.add_vocab_size(hf["vocab_size"])
     wr.add_rope_dimension_count(hf["hidden_size"] // H)
 
-    tok = json.loads((tokenizer_dir / "tokenizer.json").read_text())
-    by_id = {i: t for t, i in tok["model"]["vocab"].items()}
-    specials = {a["id"] for a in tok["added_tokens"] if a["special"]}
-    tokens, types = [], []
-    for i in range(hf["vocab_size"]):  # the converter pads the vocabulary to the embedding's rows
-        tokens.append(by_id.get(i, f"[PAD{i}]"))
-        types.append(gguf.TokenType.CONTROL if i in specials else
-                     gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED)
     wr.add_tokenizer_model(tokenizer_model)
-    wr.add_tokenizer_pre(pre)
+    if vocab is None:
+        tok = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+        by_id = {i: t for t, i in tok["model"]["vocab"].items()}
+        specials = {a["id"] for a in tok["added_tokens"] if a["special"]}
+        tokens, types = [], []
+        for i in range(hf["vocab_size"]):  # the converter pads the vocabulary to the embedding's rows
+            tokens.append(by_id.get(i, f"[PAD{i}]"))
+            types.append(gguf.TokenType.CONTROL if i in specials else
+                         gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED)
+        wr.add_tokenizer_pre(pre)
+        wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    else:
+        tokens, scores, types = vocab
+        wr.add_token_scores(scores)
     wr.add_token_list(tokens)
     wr.add_token_types(types)
-    wr.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
     wr.add_bos_token_id(hf["bos_token_id"])
     wr.add_eos_token_id(hf["eos_token_id"][0])
-    wr.add_add_bos_token(False)
+    wr.add_add_bos_token(vocab is not None)
 
     for name, a in w.items():
         a = a.astype(np.float32)
@@ -318,8 +323,12 @@ def test_gguf_refuses_other_architectures_and_tokenizers(tiny_gguf, tmp_path):
     with pytest.raises(ImportModelError, match="general.architecture is 'qwen2'") as e:
         import_gguf(tmp_path / "qwen.gguf", tmp_path / "out")
     print(e.value)
-    write_gguf(tmp_path / "spm.gguf", hf, w, tok_dir, tokenizer_model="llama")
-    with pytest.raises(ImportModelError, match="tokenizer.ggml.model is 'llama'.*only 'gpt2'") as e:
+    write_gguf(tmp_path / "bert.gguf", hf, w, tok_dir, tokenizer_model="bert")
+    with pytest.raises(ImportModelError, match="tokenizer.ggml.model is 'bert'.*only 'gpt2'") as e:
+        import_gguf(tmp_path / "bert.gguf", tmp_path / "out")
+    print(e.value)
+    write_gguf(tmp_path / "spm.gguf", hf, w, tok_dir, tokenizer_model="llama")  # no scores
+    with pytest.raises(ImportModelError, match="needs tokenizer.ggml.tokens and tokenizer.ggml.scores") as e:
         import_gguf(tmp_path / "spm.gguf", tmp_path / "out")
     print(e.value)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -339,7 +339,9 @@ def test_a_failure_inside_generation_is_a_500_and_the_next_request_works(srv):
     assert ok.status_code == 200 and ok.json()["tokens_predicted"] == 4
 
 
-def test_infill_on_a_model_without_fim_tokens_is_501(artifact, tmp_path):
+def test_infill_on_a_model_without_fim_tokens_continues_the_prefix(artifact, tmp_path):
+    """Served as a plain completion of the prefix, cut where it reaches the suffix's text, and
+    marked as such."""
     def load():
         model = open_model(artifact, threads=1)
         model.engine.tok.fim = None
@@ -347,11 +349,21 @@ def test_infill_on_a_model_without_fim_tokens_is_501(artifact, tmp_path):
 
     running = Running(Server(load), tmp_path / "nofim.sock")
     try:
-        for stream in (False, True):  # streaming too: refused before the stream starts
-            r = running.clients["tcp"].post("/infill", json={"input_prefix": "a", "input_suffix": "b",
-                                                             "stream": stream})
-            assert r.status_code == 501 and "infill not supported" in r.json()["error"]["message"]
-        assert running.clients["tcp"].post("/completion", json={"prompt": "a", "n_predict": 2}).status_code == 200
+        c = running.clients["tcp"]
+        body = {"input_prefix": PREFIX, "prompt": "        ", "input_suffix": SUFFIX, "n_predict": 24}
+        r = c.post("/infill", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        plain = c.post("/completion", json={"prompt": PREFIX + "        ", "n_predict": 24}).json()
+        assert out["infill"] == "prefix-only" and "infill" not in plain
+        assert plain["content"].startswith(out["content"])  # the same continuation, maybe cut
+        assert not any(line.strip().startswith("def main") for line in out["content"].split("\n"))
+        streamed = c.post("/infill", json={**body, "stream": True}).text
+        pieces = [json.loads(e) for e in sse_events(streamed)]
+        assert "".join(p["content"] for p in pieces[:-1]) == out["content"] and pieces[-1]["infill"] == "prefix-only"
+        assert running.clients["tcp"].get("/props").json()["infill"] is False
+        o = c.post("/v1/completions", json={"prompt": "a", "suffix": "b", "max_tokens": 2})
+        assert o.status_code == 200, o.text
     finally:
         running.stop()
 

@@ -36,12 +36,11 @@ def window_count(text: str) -> int | None:
 def heldout_windows(tokenizer_dir, seq_len: int, windows: int | None = SAMPLE_WINDOWS):
     """(inputs, targets, prompts, total): `windows` of the `total` held-out windows, spread evenly
     (all when None), and the 8 greedy prompts."""
-    from tokenizers import Tokenizer
-
+    from pltkit.model.tokenizer import text_tokenizer
     from pltkit.train import data
     from pltkit.train.samples import held_out_prompts
 
-    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok = text_tokenizer(tokenizer_dir)
     _, heldout = data.stdlib_split()
     inputs, targets = data.eval_sequences(heldout, tok, seq_len)
     prompts = [tok.encode(p["prefix"]).ids[-seq_len // 2:] for p in held_out_prompts(8)]
@@ -94,15 +93,15 @@ def main(argv=None) -> int:
         return 0
 
     import torch
-    from tokenizers import Tokenizer
 
     from pltkit.model.checkpoint import load_model
+    from pltkit.model.tokenizer import text_tokenizer
     from pltkit.train import data
     from pltkit.train.evaluate import heldout_loss
 
     torch.set_num_threads(args.threads or physical_cores())
     model = load_model(path)
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer = text_tokenizer(path)
     _, heldout = data.stdlib_split()
     seq_len = args.seq_len or model.config.max_position_embeddings
     result = heldout_loss(model, tokenizer, heldout, seq_len, windows=args.windows)

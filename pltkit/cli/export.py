@@ -110,10 +110,9 @@ def build_engines(artifact: Path) -> int:
 def calibrate(checkpoint, folder: Path | None, windows: int = 16) -> dict[str, float]:
     """Activation amax of every linear layer over `windows` windows of code: the files of
     `folder`, or the default model's held-out split."""
-    from tokenizers import Tokenizer
-
     from pltkit.model.checkpoint import load_model
     from pltkit.model.paths import resolve_model_path
+    from pltkit.model.tokenizer import text_tokenizer
     from pltkit.quant.calibrate import activation_amax
     from pltkit.train import data
 
@@ -125,7 +124,7 @@ def calibrate(checkpoint, folder: Path | None, windows: int = 16) -> dict[str, f
             raise ValueError(f"--calib {folder}: no .py files")
     path = resolve_model_path(checkpoint)
     model = load_model(path)
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok = text_tokenizer(path)
     inputs, _ = data.eval_sequences(files, tok, min(512, model.config.max_position_embeddings))
     print(f"plt-export: calibrating on {min(windows, len(inputs))} windows of {len(files)} files", file=sys.stderr)
     return activation_amax(model, inputs[:windows])

@@ -14,8 +14,9 @@ from pltkit.cli.args import HelpFormatter, one_line_errors
 @one_line_errors("plt-import")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="plt-import", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("source", type=Path, help="a .gguf file (architecture llama, gpt2 tokenizer) or a Hugging Face "
-                                             "Llama folder (config.json, safetensors, tokenizer.json)")
+    p.add_argument("source", type=Path, help="a .gguf file (architecture llama, gpt2 or llama tokenizer) or a Hugging "
+                                             "Face Llama folder (config.json, safetensors, tokenizer.json or "
+                                             "tokenizer.model)")
     p.add_argument("-o", "--out", type=Path, help="checkpoint folder to write (default: ./<source name>-plt)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],

@@ -79,9 +79,12 @@ def run(args, ours: list[Path]) -> int:
             failed.append(server.load_error)
             uv[0].should_exit = True
             return
-        d = server.model.details
-        print(f"plt-serve: ready: {server.model.name} ({d['format']} {d['precision']}, backend {d['backend']}, "
-              f"{args.threads or physical_cores()} threads, {server.model.engine.context}-token context) "
+        m = server.model
+        d, serves = m.details, ["completion"]
+        serves += ["infill" if m.engine.tok.fim is not None else "infill (prefix only)"]
+        serves += ["chat"] if m.chat is not None else []
+        print(f"plt-serve: ready: {m.name} ({d['format']} {d['precision']}, backend {d['backend']}, "
+              f"{args.threads or physical_cores()} threads, {m.engine.context}-token context; {', '.join(serves)}) "
               f"on {' and '.join(where)}", file=sys.stderr, flush=True)
 
     limits = Limits(max_body=args.max_body, max_predict=args.max_predict, slots=args.slots, max_queue=args.max_queue)

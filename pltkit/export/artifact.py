@@ -10,7 +10,8 @@
                         both graphs with the global cache as buffers written in place
                         (LoopAttention kv_buffer = 1): what TensorRT engines are built from
       weights.bin       the initializers of both graphs, stored once (ONNX external data)
-      tokenizer.json, tokenizer_config.json, generation_config.json
+      tokenizer.json or tokenizer.model, tokenizer_config.json, generation_config.json,
+      special_tokens_map.json, added_tokens.json, chat_template.jinja (those the checkpoint has)
 
 Everything is written into a hidden temporary folder beside the target and renamed into
 place at the end, so a failed or interrupted export leaves no artifact behind.

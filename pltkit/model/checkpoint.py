@@ -23,8 +23,10 @@ from pltkit.model.plt import PLTForCausalLM
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json")
+# what a runtime reads of a tokenizer: tokenizer.json, or a SentencePiece tokenizer.model with the slow
+# tokenizer's files (never its tokenization_*.py: checkpoint code is not run)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 

@@ -4,11 +4,12 @@ A PLT model with `plt_num_loops = 1` is an ordinary Llama transformer with the s
 names, so an import maps the config, carries the weights over and brings the tokenizer:
 
 - `import_hf_llama`: a Hugging Face `LlamaForCausalLM` folder (config.json, safetensors
-  weights, tokenizer.json). Tensor names are kept; only the config is translated.
+  weights, tokenizer.json or tokenizer.model). Tensor names are kept; only the config is translated.
 - `import_gguf`: a llama.cpp GGUF file of architecture `llama`. Every tensor is dequantized
   to float with gguf's own code, renamed to the Hugging Face name, and the q/k rows are put
   back in Hugging Face's rotate-half order (llama.cpp's converter interleaves them). The
-  tokenizer.json is rebuilt from the byte-level BPE vocabulary stored in the file.
+  tokenizer.json is rebuilt from the byte-level BPE vocabulary stored in the file, or a SentencePiece
+  tokenizer.model from a `llama` (SPM) vocabulary.
 
 The output is written into a temporary sibling folder, checked with `open_checkpoint` and
 renamed at the end, so a failed or interrupted import leaves nothing behind.
@@ -67,9 +68,8 @@ def import_hf_llama(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, d
     if not isinstance(hf, dict):
         raise ImportModelError(f"{src / 'config.json'}: expected a JSON object")
     cfg = hf_llama_config(hf, where=str(src / "config.json"))
-    if not (src / "tokenizer.json").is_file():
-        raise ImportModelError(f"{src}: no tokenizer.json (pltkit reads Hugging Face tokenizers' tokenizer.json; "
-                               "a sentencepiece tokenizer.model alone is not supported)")
+    if not any((src / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        raise ImportModelError(f"{src}: no tokenizer.json or SentencePiece tokenizer.model")
 
     files = _hf_weight_files(src)
     plan, skipped = [], []
@@ -209,7 +209,7 @@ _GGUF_SKIPPED = ("rope_freqs", "attn_rot_embd")
 
 def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
                 force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Import a llama.cpp GGUF file of architecture `llama` (gpt2/byte-level BPE tokenizer) as a PLT
+    """Import a llama.cpp GGUF file of architecture `llama` (gpt2 or llama/SentencePiece tokenizer) as a PLT
     checkpoint with one loop. Tensors are dequantized to float32 and stored as `dtype`."""
     try:
         import gguf
@@ -237,10 +237,9 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
         raise ImportModelError(f"{path}: general.architecture is {arch!r}; only 'llama' GGUF files are imported")
     tensors = {t.name: t for t in reader.tensors}
     cfg = _gguf_config(meta, tensors, path)
-    tokenizer, tok_files = _gguf_tokenizer(meta, path)
-    if tokenizer.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
-        raise ImportModelError(f"{path}: the tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} "
-                               f"tokens, the model {cfg.vocab_size} embeddings")
+    n_tokens, tok_files = _gguf_tokenizer(meta, path)
+    if n_tokens > cfg.vocab_size:
+        raise ImportModelError(f"{path}: the tokenizer has {n_tokens} tokens, the model {cfg.vocab_size} embeddings")
 
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     plan = []  # (hf name, gguf tensor, heads of the rotary permutation or None)
@@ -275,9 +274,11 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
     def write(tmp: Path):
         _write_weights(tmp, sizes, tensor, max_shard_bytes)
         cfg.to_json(tmp / "config.json")
-        tokenizer.save(str(tmp / "tokenizer.json"))
         for name, obj in tok_files.items():
-            (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+            if isinstance(obj, bytes):
+                (tmp / name).write_bytes(obj)
+            else:
+                (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
     return _atomic_output(out_dir, write, force)
 
@@ -488,16 +489,24 @@ def _gguf_config(meta: _GGUFMeta, tensors: dict, path: Path) -> PLTConfig:
         raise ImportModelError(f"{path}: {e}") from None
 
 
-def _gguf_tokenizer(meta: _GGUFMeta, path: Path):
-    """tokenizer.json (a `tokenizers.Tokenizer`) and the files beside it, rebuilt from the byte-level BPE
-    vocabulary of a GGUF file (tokenizer.ggml.model 'gpt2')."""
+def _gguf_tokenizer(meta: _GGUFMeta, path: Path) -> tuple[int, dict]:
+    """(the number of tokens, {file name: bytes or JSON object}): the tokenizer files rebuilt from a GGUF
+    file's vocabulary, a byte-level BPE (tokenizer.ggml.model 'gpt2': tokenizer.json) or a SentencePiece
+    one ('llama': tokenizer.model, pltkit.model.gguf_spm)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        from pltkit.model.gguf_spm import SentencePieceImportError, gguf_sentencepiece
+
+        try:
+            return gguf_sentencepiece(meta, path)
+        except SentencePieceImportError as e:
+            raise ImportModelError(str(e)) from None
     if kind != "gpt2":
-        what = {"llama": "a sentencepiece (SPM) tokenizer", None: "no tokenizer"}.get(kind, "a tokenizer")
+        what = {None: "no tokenizer"}.get(kind, "a tokenizer")
         raise ImportModelError(f"{path}: tokenizer.ggml.model is {kind!r} ({what}); only 'gpt2' "
-                               "(byte-level BPE) tokenizers are imported")
+                               "(byte-level BPE) and 'llama' (SentencePiece) tokenizers are imported")
     tokens = meta.get("tokenizer.ggml.tokens")
     merges = meta.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
@@ -563,7 +572,9 @@ def _gguf_tokenizer(meta: _GGUFMeta, path: Path):
     if meta.get("tokenizer.chat_template"):
         tcfg["chat_template"] = meta.get("tokenizer.chat_template")
     gen = {k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos)) if v is not None}
-    return tok, {"tokenizer_config.json": tcfg, "generation_config.json": gen}
+    return tok.get_vocab_size(with_added_tokens=True), {
+        "tokenizer.json": tok.to_str(pretty=True).encode(), "tokenizer_config.json": tcfg,
+        "generation_config.json": gen}
 
 
 # --- writing ----------------------------------------------------------------------------------------------

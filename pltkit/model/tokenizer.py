@@ -1,5 +1,6 @@
-"""The tokenizer of a checkpoint: HF `tokenizers` tokenizer.json, with the special
-tokens a runtime needs (bos, every eos, FIM tokens) read from the files beside it."""
+"""The tokenizer of a checkpoint, with the special tokens a runtime needs (bos, every eos, FIM
+tokens) read from the files beside it. Backends, the first whose file the folder has:
+HF `tokenizers` tokenizer.json, or a SentencePiece tokenizer.model (pltkit.model.sp_tokenizer)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tokenizers import Tokenizer
 
@@ -34,23 +36,73 @@ class FimTokens:
     eot: int | None = None  # an end token of the infill besides eos
 
 
-class PLTTokenizer:
-    def __init__(self, tokenizer: Tokenizer, bos_id: int | None, eos_ids: tuple[int, ...]):
+class JsonTokenizer:
+    """The backend for tokenizer.json: a `tokenizers.Tokenizer`."""
+
+    prefix_ids = suffix_ids = ()  # prompts are laid out without bos, as they always were
+
+    def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
         self._plain = Tokenizer.from_str(tokenizer.to_str())
         self._plain.encode_special_tokens = True  # user text never turns into control tokens
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_dir(cls, path: Path, tcfg: dict) -> JsonTokenizer:
+        return cls(Tokenizer.from_file(str(path / "tokenizer.json")))
+
+    def encode(self, text: str) -> list[int]:
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    encode_continuation = encode
+
+    def count_batch(self, texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    decode_continuation = decode
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(i)
+
+
+def _sentencepiece(path: Path, tcfg: dict):
+    from pltkit.model.sp_tokenizer import SentencePieceTokenizer  # sentencepiece is only needed here
+
+    return SentencePieceTokenizer.from_dir(path, tcfg)
+
+
+# the file a tokenizer is read from -> its backend, the first found wins
+BACKENDS = {"tokenizer.json": JsonTokenizer.from_dir, "tokenizer.model": _sentencepiece}
+
+
+class PLTTokenizer:
+    def __init__(self, backend, bos_id: int | None, eos_ids: tuple[int, ...]):
+        self._tok = backend
         self.bos_id = bos_id
         self.eos_ids = eos_ids
-        self.fim = _find_fim(tokenizer)
+        # what the tokenizer's config puts around a text (a SentencePiece model's bos)
+        self.prefix_ids, self.suffix_ids = tuple(backend.prefix_ids), tuple(backend.suffix_ids)
+        self.add_bos = bool(self.prefix_ids) and bos_id is not None  # prompts start with bos
+        self.fim = _find_fim(backend)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> PLTTokenizer:
         path = Path(path)
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{path}: no tokenizer.json")
-        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        load = next((f for name, f in BACKENDS.items() if (path / name).is_file()), None)
+        if load is None:
+            raise FileNotFoundError(f"{path}: no {' or '.join(BACKENDS)}")
         tcfg, gen, cfg = (_read_json(path / n) for n in ("tokenizer_config.json", "generation_config.json",
                                                           "config.json"))
+        tok = load(path, tcfg)
         eos = []
         for ids in (gen.get("eos_token_id"), cfg.get("eos_token_id"), _token_id(tok, tcfg.get("eos_token"))):
             for i in ([] if ids is None else [ids] if isinstance(ids, int) else ids):
@@ -61,22 +113,37 @@ class PLTTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        return self._tok.vocab_size
 
     def encode(self, text: str) -> list[int]:
         """Text as plain tokens: no bos added, special-token names in the text stay text."""
-        return self._plain.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """As encode, for text that continues other text: a SentencePiece tokenizer puts no "▁"
+        (its dummy prefix) in front, so encode(a) + encode_continuation(b) reads as the text a + b."""
+        return self._tok.encode_continuation(text)
 
     def count_batch(self, texts: list[str]) -> list[int]:
         """Token counts of several texts, each encoded alone (in parallel)."""
-        return [len(e.ids) for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+        return self._tok.count_batch(texts)
 
     def encode_with_specials(self, text: str) -> list[int]:
         """Text in which special-token names (e.g. <|fim_prefix|>) become those tokens."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode_with_specials(text)
+
+    def add_special_tokens(self, ids: list[int]) -> list[int]:
+        """`ids` with bos (and eos) around them where the tokenizer's config asks for them, as
+        transformers' encode(add_special_tokens=True) does."""
+        return [*self.prefix_ids, *ids, *self.suffix_ids]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_continuation(self, ids: list[int]) -> str:
+        """The text of tokens that continue a text: as decode, but a SentencePiece tokenizer keeps the
+        leading space that it drops at the start of a text."""
+        return self._tok.decode_continuation(list(ids))
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -85,17 +152,44 @@ class PLTTokenizer:
         return self._tok.id_to_token(i)
 
 
+class _Encoding(NamedTuple):
+    ids: list[int]
+
+
+class PlainEncoder:
+    """A PLTTokenizer's plain encoding behind the part of the `tokenizers.Tokenizer` interface that
+    evaluation and calibration use (encode, encode_batch: objects with .ids)."""
+
+    def __init__(self, tok: PLTTokenizer):
+        self.tok = tok
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> _Encoding:
+        return _Encoding(self.tok.encode(text))
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[_Encoding]:
+        return [_Encoding(self.tok.encode(t)) for t in texts]
+
+
+def text_tokenizer(path: str | os.PathLike):
+    """The tokenizer code windows are cut with: tokenizer.json as a `tokenizers.Tokenizer`, or else
+    a PlainEncoder (a SentencePiece tokenizer.model)."""
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    return PlainEncoder(PLTTokenizer.from_dir(path))
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _token_id(tok: Tokenizer, token) -> int | None:
+def _token_id(tok, token) -> int | None:
     if isinstance(token, dict):  # {"content": "<|endoftext|>", ...}
         token = token.get("content")
     return tok.token_to_id(token) if isinstance(token, str) else None
 
 
-def _find_fim(tok: Tokenizer) -> FimTokens | None:
+def _find_fim(tok) -> FimTokens | None:
     for name, names in FIM_FORMATS.items():
         ids = {role: tok.token_to_id(t) for role, t in names.items()}
         if all(ids[r] is not None for r in ("prefix", "suffix", "middle")):

@@ -14,10 +14,6 @@ class RequestError(ValueError):
     """A request that cannot be served; the message names the field."""
 
 
-class InfillNotSupported(RequestError):
-    """The model's tokenizer has no FIM tokens."""
-
-
 @dataclass(frozen=True)
 class CompletionRequest:
     """Field names follow llama.cpp's /infill (input_prefix -> prefix, input_suffix -> suffix,
@@ -41,6 +37,7 @@ class CompletionRequest:
     n_cmpl: int = 1
     fim_order: str = "psm"  # or "spm" (suffix first)
     special: bool = False  # a plain prompt's special-token names become those tokens (llama.cpp's /completion)
+    end_ids: tuple[int, ...] = ()  # tokens that end the completion besides eos (a chat's end of turn)
 
     def __post_init__(self):
         checks = {
@@ -59,6 +56,7 @@ class CompletionRequest:
             "n_cmpl": _int(self.n_cmpl) and 1 <= self.n_cmpl <= 16,
             "fim_order": self.fim_order in FIM_ORDERS,
             "extra": all(isinstance(t, str) and (f is None or isinstance(f, str)) for f, t in self.extra),
+            "end_ids": all(_int(i) for i in self.end_ids),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -70,7 +68,7 @@ class CompletionRequest:
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
         renames = {"input_prefix": "prefix", "input_suffix": "suffix", "input_extra": "extra"}
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"end_ids"}  # set by the server, never by a request
         args = {}
         for key, value in body.items():
             name = renames.get(key, key)
@@ -126,12 +124,15 @@ def layout(tok: PLTTokenizer, req: CompletionRequest, budget: int) -> Prompt:
     chunks (most recent last) fill what is left, in front."""
     line = tok.encode(req.prompt)
     if req.suffix is None:  # plain completion
-        ids = tok.encode_with_specials(req.prefix + req.prompt) if req.special else tok.encode(req.prefix) + line
+        rest = tok.encode_continuation(req.prompt) if req.prefix else line  # no SentencePiece "▁" in between
+        ids = tok.encode_with_specials(req.prefix + req.prompt) if req.special else tok.encode(req.prefix) + rest
         keep = ids[-budget:] if budget > 0 else []
         return Prompt(keep, len(keep) < len(ids), {"prefix": len(keep), "given": len(ids)})
     fim = tok.fim
-    if fim is None:
-        raise InfillNotSupported("this model's tokenizer has no fill-in-the-middle tokens: infill not supported")
+    if fim is None:  # no FIM tokens: continue the prefix; the Stopper cuts where the suffix begins
+        ids = tok.encode(req.prefix + req.prompt)
+        keep = ids[-budget:] if budget > 0 else []
+        return Prompt(keep, len(keep) < len(ids), {"prefix": len(keep), "prefix_only": True})
     suffix = tok.encode(req.suffix)
     prefix = tok.encode(req.prefix)
     room = budget - len(line) - 3
@@ -159,6 +160,18 @@ def layout(tok: PLTTokenizer, req: CompletionRequest, budget: int) -> Prompt:
     marks = (first - 1, first, len(head) + len(body) - len(line))
     return Prompt(head + body, truncated, marks=marks, parts={"prefix": len(prefix_kept), "suffix": len(suffix_kept),
                                            "extra": len(head)})
+
+
+def layout_with_bos(tok: PLTTokenizer, req: CompletionRequest, budget: int) -> Prompt:
+    """layout(), behind the bos token where the tokenizer's config adds one (SentencePiece models)."""
+    lead = [tok.bos_id] if tok.add_bos else []
+    if not lead:
+        return layout(tok, req, budget)
+    p = layout(tok, req, budget - len(lead))
+    p.ids, p.marks = lead + p.ids, tuple(m + len(lead) for m in p.marks)
+    if "given" in p.parts:
+        p.parts["given"] += len(lead)
+    return p
 
 
 def stable_tail(tok: PLTTokenizer, text: str, ids: list[int], budget: int) -> list[int]:
@@ -198,8 +211,11 @@ class Stopper:
     held back) and sets `stop_type` ("eos", "word", "limit") and `stopping_word` when done,
     with `text_final` the completion to report."""
 
-    def __init__(self, req: CompletionRequest, end_ids):
+    def __init__(self, req: CompletionRequest, end_ids, prefix_only: bool = False):
+        """prefix_only: an infill served without FIM tokens, as a plain continuation of the
+        prefix; it stops where the generated text reaches the suffix (suffix_cut)."""
         self.req, self.end_ids = req, set(end_ids)
+        self.anchor = _suffix_anchor(req.suffix) if prefix_only else None
         self.stop_type: str | None = None
         self.stopping_word = ""
         self.text_final = ""
@@ -220,9 +236,17 @@ class Stopper:
         cut = self._line_rule(text)
         if cut is not None:
             return self._done("limit", text[:cut])
+        if self.anchor is not None:
+            cut = self._suffix_cut(text)
+            if cut is not None:
+                return self._done("word", text[:cut], self.anchor[1])
         if self.req.n_predict >= 0 and self.n >= self.req.n_predict:
             return self._done("limit", text)
         safe = len(text) - _held_back(text, self.req.stop)
+        if self.anchor is not None:  # a line that may become the suffix's first line
+            start = self._line_start(text, len(text))
+            if start is not None and self.anchor[1].startswith(text[start:].lstrip(" \t")):
+                safe = min(safe, start - 1 if self.anchor[0] and start > 0 else start)
         if self.req.n_indent > 0:  # a new line's indentation is unknown until its text starts
             nl = text.rfind("\n")
             if nl >= 0 and not text[nl + 1:].strip():
@@ -245,11 +269,40 @@ class Stopper:
                 start = line_start
         return None
 
+    def _line_start(self, text: str, end: int) -> int | None:
+        """Where the line holding text[end - 1] starts; None for the first line of a completion
+        that started mid-line (the cursor's line)."""
+        nl = text.rfind("\n", 0, end)
+        if nl >= 0:
+            return nl + 1
+        before = self.req.prefix + self.req.prompt
+        return 0 if not before or before.endswith("\n") else None
+
+    def _suffix_cut(self, text: str) -> int | None:
+        """The end of the completion when a generated line reaches the suffix's first non-empty
+        line (the model going on into text that is already there); before the newline when the
+        suffix brings its own."""
+        newline_first, first = self.anchor
+        starts = [0] if self._line_start(text, 0) == 0 else []
+        starts += [i + 1 for i, c in enumerate(text) if c == "\n"]
+        for start in starts:
+            if text[start:].lstrip(" \t").startswith(first):
+                return start - 1 if newline_first and start > 0 else start
+        return None
+
     def context_full(self, text: str) -> int:
         return self._done("limit", text)
 
     def time_out(self, text: str) -> int:
         return self._done("time", text[:len(text) - _held_back(text, self.req.stop)])
+
+
+def _suffix_anchor(suffix: str | None) -> tuple[bool, str] | None:
+    """(whether a newline comes before it, the suffix's first non-empty line, stripped)."""
+    for i, line in enumerate((suffix or "").split("\n")):
+        if line.strip():
+            return i > 0, line.strip()
+    return None
 
 
 def _held_back(text: str, stops) -> int:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pltkit.model.tokenizer import PLTTokenizer
-from pltkit.runtime.completion import CompletionRequest, Prompt, RequestError, Stopper, layout, trim_suffix_repeat
+from pltkit.runtime.completion import (CompletionRequest, Prompt, RequestError, Stopper, layout_with_bos,
+                                       trim_suffix_repeat)
 from pltkit.runtime.sampling import SamplingParams, sample
 
 
@@ -171,7 +172,7 @@ class Engine:
         context (an infill's prefix is cut to fit instead). RequestError otherwise."""
         if ids is None:
             n_predict = req.n_predict if req.n_predict >= 0 else self.context
-            prompt = layout(self.tok, req, self.context - max(1, min(n_predict, self.context // 4)))
+            prompt = layout_with_bos(self.tok, req, self.context - max(1, min(n_predict, self.context // 4)))
             given = prompt.parts.get("given", len(prompt.ids))
         else:
             vocab = self.tok.vocab_size
@@ -231,19 +232,19 @@ class Engine:
     def _generate(self, req, slot, logits, cancel, on_text, result, t_start, seed):
         params = SamplingParams(req.temperature, req.top_k, req.top_p)
         rng = np.random.default_rng(seed)
-        end = set(self.tok.eos_ids)
+        end = set(self.tok.eos_ids) | set(req.end_ids)
         if self.tok.fim is not None:  # a FIM end token ends the infill too
             end |= {t for t in (self.tok.fim.eot, self.tok.fim.pad) if t is not None}
-        stopper = Stopper(req, end)
+        stopper = Stopper(req, end, prefix_only=req.suffix is not None and self.tok.fim is None)
         shown = 0
         while True:
             if cancel is not None and cancel.cancelled:
-                result.stop_type, result.text = "cancelled", self.tok.decode(result.tokens)
+                result.stop_type, result.text = "cancelled", self.tok.decode_continuation(result.tokens)
                 break
             token = sample(logits, params, rng)
             if token not in end:
                 result.tokens.append(token)
-            text = self.tok.decode(result.tokens)
+            text = self.tok.decode_continuation(result.tokens)
             safe = stopper.feed(token, text)
             if not stopper.stop_type and req.t_max_predict_ms and "\n" in text and \
                     (time.perf_counter() - t_start) * 1e3 > req.t_max_predict_ms:  # as llama.cpp: after a newline

@@ -22,8 +22,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pltkit.runtime.completion import InfillNotSupported, RequestError
+from pltkit.runtime.chat import ChatTemplate
+from pltkit.runtime.completion import RequestError
 from pltkit.runtime.engine import Engine, Result
+from pltkit.serve.chat import CHAT_ROUTES, chat_prompt
 from pltkit.serve.metrics import Metrics
 from pltkit.serve.protocols import COMPLETION_ROUTES, Call, LlamaCpp, Ollama
 from pltkit.serve.worker import Busy, Job, Worker
@@ -46,6 +48,7 @@ class Model:
     engine: Engine
     name: str
     details: dict
+    chat: ChatTemplate | None = None  # None: the model has no chat template, no chat routes
 
 
 class HTTPError(Exception):
@@ -149,11 +152,14 @@ def slot_key(call: Call, request: Request) -> Hashable:
 # --- completion routes --------------------------------------------------------------------
 async def complete(request: Request) -> Response:
     server: Server = request.app.state.server
-    proto = COMPLETION_ROUTES[request.url.path]
+    proto = PROTOCOLS[request.url.path]
     model = server.ready()
     call = proto.parse(await read_json(request, server.limits.max_body))
+    if call.chat is not None:
+        chat_prompt(model, call)
     check_limits(call, server.limits)
     prompt = model.engine.prompt(call.req, call.ids)  # a bad prompt is a 400 before any streaming starts
+    call.state["prefix_only"] = prompt.parts.get("prefix_only", False)
     slot = slot_key(call, request)
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
@@ -183,7 +189,8 @@ async def stream(proto, call: Call, job: Job, pieces: asyncio.Queue, name: str, 
     watcher in `complete` (the job stops within one decode step), and Starlette stops this."""
     try:
         while (text := await pieces.get()) is not None:
-            yield proto.piece(call, text, name, slot)
+            if chunk := proto.piece(call, text, name, slot):
+                yield chunk
         try:
             results = job.done.result()
         except Exception as e:
@@ -207,6 +214,9 @@ def check_limits(call: Call, limits: Limits) -> None:
         raise HTTPError(400, f"id_slot {call.id_slot} out of range: this server has slots 0..{limits.slots - 1}")
 
 
+PROTOCOLS = {**COMPLETION_ROUTES, **CHAT_ROUTES}
+
+
 # --- other routes -------------------------------------------------------------------------
 async def health(request: Request) -> Response:
     server: Server = request.app.state.server
@@ -214,8 +224,14 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+def abilities(model: Model) -> dict:
+    """What the model can serve: chat (it has a chat template) and infill with FIM tokens."""
+    return {"chat": model.chat is not None, "infill": model.engine.tok.fim is not None}
+
+
 def model_entry(model: Model) -> dict:
-    return {"id": model.name, "object": "model", "created": 0, "owned_by": "pltkit", "meta": model.details}
+    return {"id": model.name, "object": "model", "created": 0, "owned_by": "pltkit",
+            "meta": {**model.details, **abilities(model)}}
 
 
 async def models(request: Request) -> Response:
@@ -228,7 +244,7 @@ async def props(request: Request) -> Response:
     model = server.ready()
     return JSONResponse({"model_path": model.name, "total_slots": server.limits.slots,
                          "n_ctx": model.engine.context, "build_info": "pltkit",
-                         "infill": model.engine.tok.fim is not None,
+                         **abilities(model), "chat_template": model.chat.source if model.chat else "",
                          "default_generation_settings": {"n_ctx": model.engine.context, "n_predict": 128,
                                                          "temperature": 0.0, "top_k": 40, "top_p": 0.95},
                          "limits": {"max_body": server.limits.max_body, "max_predict": server.limits.max_predict,
@@ -244,7 +260,7 @@ async def tokenize(request: Request) -> Response:
         raise HTTPError(400, "tokenize needs {\"content\": string}")
     ids = tok.encode_with_specials(content) if body.get("parse_special") else tok.encode(content)
     if body.get("with_pieces"):
-        return JSONResponse({"tokens": [{"id": i, "piece": tok.decode([i])} for i in ids]})
+        return JSONResponse({"tokens": [{"id": i, "piece": tok.decode_continuation([i])} for i in ids]})
     return JSONResponse({"tokens": ids})
 
 
@@ -294,7 +310,8 @@ async def ollama_show(request: Request) -> Response:
     server: Server = request.app.state.server
     model = server.ready()
     await read_json(request, server.limits.max_body)  # {"model": ...}: there is one model
-    caps = ["completion", "insert"] if model.engine.tok.fim is not None else ["completion"]
+    caps = ["completion"] + ["insert"] * (model.engine.tok.fim is not None) + \
+        ["tools"] * bool(model.chat and model.chat.uses_tools)
     return JSONResponse({"template": ollama_template(model), "capabilities": caps, "parameters": "",
                          "license": "", "modelfile": "", "details": ollama_details(model),
                          "model_info": {"general.architecture": "plt", "plt.context_length": model.engine.context,
@@ -310,7 +327,7 @@ ROUTES = [
     Route("/health", health), Route("/props", props), Route("/v1/models", models), Route("/models", models),
     Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"]),
     Route("/metrics", metrics),
-    *(Route(path, complete, methods=["POST"]) for path in COMPLETION_ROUTES),
+    *(Route(path, complete, methods=["POST"]) for path in PROTOCOLS),
     Route("/api/tags", ollama_tags), Route("/api/show", ollama_show, methods=["POST"]),
     Route("/api/version", ollama_version),
 ]
@@ -326,8 +343,6 @@ def error_response(request: Request, status: int, message: str) -> JSONResponse:
 async def on_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPError):
         return error_response(request, exc.status, exc.message)
-    if isinstance(exc, InfillNotSupported):
-        return error_response(request, 501, str(exc))
     if isinstance(exc, RequestError):
         return error_response(request, 400, str(exc))
     if isinstance(exc, Busy):

@@ -13,6 +13,7 @@ from pathlib import Path
 from pltkit.model.tokenizer import PLTTokenizer
 from pltkit.runtime.artifact import Artifact, is_artifact
 from pltkit.runtime.backends import open_fastest
+from pltkit.runtime.chat import ChatTemplate
 from pltkit.runtime.engine import Engine
 from pltkit.serve.app import Model
 
@@ -28,4 +29,4 @@ def open_model(model: str = "default", backend: str | None = None, threads: int 
     details = {"format": "onnx" if artifact else "safetensors", "precision": precision, "backend": engine.backend.name,
                "loops": cfg.plt_num_loops, "n_ctx_train": cfg.max_position_embeddings, "n_vocab": cfg.vocab_size,
                "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
-    return Model(engine, name, details)
+    return Model(engine, name, details, ChatTemplate.from_dir(path))

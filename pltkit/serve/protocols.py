@@ -31,6 +31,8 @@ class Call:
     include_usage: bool = False
     id: str = field(default_factory=lambda: "cmpl-" + uuid.uuid4().hex[:24])
     created: float = field(default_factory=time.time)
+    chat: dict | None = None  # a chat request: messages, tools and request fields, rendered by the server
+    state: dict = field(default_factory=dict)  # a protocol's notes while it streams
 
 
 def _object(body) -> dict:
@@ -120,6 +122,7 @@ class LlamaCpp:
                "tokens_evaluated": r.tokens_evaluated, "tokens_cached": r.tokens_cached, "truncated": r.truncated,
                "stop_type": STOP_TYPES[r.stop_type], "stopping_word": r.stopping_word,
                "has_new_line": "\n" in r.text, "timings": t,
+               **({"infill": "prefix-only"} if call.state.get("prefix_only") else {}),
                "generation_settings": {"n_predict": req.n_predict, "temperature": req.temperature,
                                        "top_k": req.top_k, "top_p": req.top_p, "seed": req.seed,
                                        "n_indent": req.n_indent, "stop": list(req.stop),

@@ -238,7 +238,10 @@ def _tokenizer_config(model_max_length: int) -> dict:
 
 
 def _text_encoder(tokenizer: Tokenizer) -> Tokenizer:
-    """A copy of ``tokenizer`` that tokenizes special-token strings in text as plain text."""
+    """A copy of ``tokenizer`` that tokenizes special-token strings in text as plain text (a
+    PlainEncoder of pltkit.model.tokenizer already does)."""
+    if not isinstance(tokenizer, Tokenizer):
+        return tokenizer
     encoder = Tokenizer.from_str(tokenizer.to_str())
     encoder.encode_special_tokens = True
     return encoder
