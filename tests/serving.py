@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -39,3 +40,15 @@ class Running:
             c.close()
         self.uvicorn.should_exit = True
         self.thread.join(timeout=10)
+
+
+def torch_hidden(folder: Path) -> str:
+    """A PYTHONPATH entry under which a child process cannot import torch (a sitecustomize.py that
+    refuses it), as on a machine without the torch extra."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\nclass _NoTorch:\n    def find_spec(self, name, *a):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n")
+    return str(folder)

@@ -8,6 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from serving import torch_hidden
 from synth import make_checkpoint, make_config
 from tokenizers import Tokenizer
 
@@ -36,14 +37,7 @@ def test_plt_complete_exports_a_checkpoint_once_then_runs_the_cached_artifact(tm
     stamp = (artifacts[0] / "pltkit.json").stat().st_mtime_ns
 
     # later runs: no export, and no torch needed (here it cannot be imported); the same tokens
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\nclass _NoTorch:\n    def find_spec(self, name, *a):\n"
-        "        if name.split('.')[0] == 'torch':\n"
-        "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
-        "sys.meta_path.insert(0, _NoTorch())\n")
-    second = run_complete(tmp_path / "ckpt", cache, env={"PYTHONPATH": str(blocker)})
+    second = run_complete(tmp_path / "ckpt", cache, env={"PYTHONPATH": torch_hidden(tmp_path / "blocker")})
     assert "exporting" not in second.stderr
     assert (artifacts[0] / "pltkit.json").stat().st_mtime_ns == stamp
     assert json.loads(second.stdout)["tokens"] == json.loads(first.stdout)["tokens"]

@@ -11,7 +11,7 @@ import threading
 
 import httpx
 import pytest
-from serving import HANG
+from serving import HANG, torch_hidden
 
 from pltkit.model.paths import resolve_model_path
 from pltkit.runtime.backends import cached_artifact
@@ -87,14 +87,7 @@ def test_refusals(tmp_path):
 def test_a_model_that_cannot_load_exits_2_with_one_line(tmp_path):
     """Without torch a checkpoint cannot be exported: plt-serve says so and exits, rather than
     answering every request with 500. (Here torch is hidden from the child process.)"""
-    blocker = tmp_path / "blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\nclass _NoTorch:\n    def find_spec(self, name, *a):\n"
-        "        if name.split('.')[0] == 'torch':\n"
-        "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
-        "sys.meta_path.insert(0, _NoTorch())\n")
-    env = {**os.environ, "PYTHONPATH": str(blocker), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {**os.environ, "PYTHONPATH": torch_hidden(tmp_path / "blocker"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     r = subprocess.run(["plt-serve", "--socket", str(tmp_path / "s.sock")], capture_output=True, text=True,
                        env=env, timeout=HANG)
     print(r.stderr)
