@@ -128,6 +128,14 @@ def test_a_prefix_only_infill_stops_where_the_suffix_begins(prefix, suffix, gene
     assert (stopper.stop_type, final) == ("word", want) and safe == len(want)
 
 
+def test_a_prefix_only_infill_cut_when_one_token_brings_several_lines():
+    req = CompletionRequest(prefix="a = 1\n", suffix="\nprint(a)\n", n_predict=-1)
+    stopper = Stopper(req, [], prefix_only=True)
+    stopper.feed(5, "b")
+    stopper.feed(5, "b = 2\nprint(a)\nc")  # the line "b = 2" was open at the last call
+    assert (stopper.stop_type, stopper.text_final) == ("word", "b = 2")
+
+
 def test_a_prefix_only_infill_holds_back_a_line_that_may_become_the_suffix():
     req = CompletionRequest(prefix="x = 1\n", suffix="return x\n", n_predict=-1)
     stopper = Stopper(req, [], prefix_only=True)

@@ -216,6 +216,7 @@ class Stopper:
         prefix; it stops where the generated text reaches the suffix (suffix_cut)."""
         self.req, self.end_ids = req, set(end_ids)
         self.anchor = _suffix_anchor(req.suffix) if prefix_only else None
+        self._scanned = 0  # where _suffix_cut starts looking for lines
         self.stop_type: str | None = None
         self.stopping_word = ""
         self.text_final = ""
@@ -283,8 +284,10 @@ class Stopper:
         line (the model going on into text that is already there); before the newline when the
         suffix brings its own."""
         newline_first, first = self.anchor
-        starts = [0] if self._line_start(text, 0) == 0 else []
-        starts += [i + 1 for i, c in enumerate(text) if c == "\n"]
+        # called at every token: lines before the one the previous text ended in were checked then
+        starts = [0] if self._scanned == 0 and self._line_start(text, 0) == 0 else []
+        starts += [i + 1 for i in range(self._scanned, len(text)) if text[i] == "\n"]
+        self._scanned = max(text.rfind("\n"), 0)
         for start in starts:
             if text[start:].lstrip(" \t").startswith(first):
                 return start - 1 if newline_first and start > 0 else start
