@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -52,3 +54,32 @@ def torch_hidden(folder: Path) -> str:
         "            raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n"
         "sys.meta_path.insert(0, _NoTorch())\n")
     return str(folder)
+
+
+def wait_idle(server) -> float:
+    """Seconds until the worker has answered and accounted for every job."""
+    start = time.perf_counter()
+    assert server.worker.idle.wait(HANG)
+    return time.perf_counter() - start
+
+
+@contextmanager
+def held(server, which=lambda job: True, until=lambda job: job.cancel, step: str = "decode"):
+    """Jobs that `which` picks are held at each `step` ("decode", or "prefill": before anything is
+    generated) until `until(job)` (an Event, or the job's Cancel: by default they wait to be
+    cancelled) is set: whatever the machine's load, they cannot finish before the test
+    disconnects, supersedes or releases them."""
+    backend, worker = server.model.engine.backend, server.worker
+    real = getattr(backend, step)
+
+    def hold(*args, **kw):
+        job = worker.running
+        if which(job):
+            assert until(job).wait(HANG), "a held job was never released"
+        return real(*args, **kw)
+
+    setattr(backend, step, hold)
+    try:
+        yield
+    finally:
+        setattr(backend, step, real)

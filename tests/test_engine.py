@@ -65,7 +65,7 @@ def test_cancel_stops_within_one_decode_step():
     e = Engine(open_backend("default", threads=1), pltkit.load_tokenizer("default"))
     cancel, seen, when = Cancel(), [], []
 
-    def on_text(piece):
+    def on_text(piece, result):
         seen.append(piece)
         if len(seen) == 3:
             when.append(time.perf_counter())

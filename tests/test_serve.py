@@ -7,14 +7,13 @@ import os
 import socket
 import stat
 import threading
-import time
-from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
-from serving import HANG, Running
+from serving import HANG, Running, held, wait_idle
 
 from pltkit.export.artifact import export
-from pltkit.runtime.completion import CompletionRequest
+from pltkit.serve.protocols import LlamaCpp
 from pltkit.serve.app import Limits, Server
 from pltkit.serve.model import open_model
 
@@ -47,7 +46,7 @@ def test_llama_vim_infill_and_cache_reuse(srv, via):
     c = srv.clients[via]
     body = {"id_slot": {"uds": 0, "tcp": 3}[via], "input_prefix": PREFIX * 4, "input_suffix": SUFFIX, "prompt": "        ",
             "input_extra": [{"filename": "util.py", "text": "def helper():\n    return 1\n"}],
-            "n_predict": 128, "n_indent": 8, "top_k": 40, "top_p": 0.90, "samplers": ["top_k", "top_p", "infill"],
+            "n_predict": 128, "n_indent": 8, "top_k": 40, "top_p": 0.90, "samplers": ["top_k", "top_p", "infill"], "seed": 1,
             "stream": False, "cache_prompt": True, "t_max_prompt_ms": 500, "t_max_predict_ms": 1000,
             "response_fields": ["content", "timings/prompt_n", "timings/predicted_n", "timings/predicted_ms",
                                 "truncated", "tokens_cached"]}
@@ -55,10 +54,9 @@ def test_llama_vim_infill_and_cache_reuse(srv, via):
     assert r.status_code == 200, r.text
     first = r.json()
     assert set(first) == set(body["response_fields"]) and isinstance(first["content"], str)
-    # the same completion as the engine gives directly (greedy)
+    # the same completion as the engine gives directly (the same seed)
     engine = open_model(srv.server.model.engine.backend.artifact.path, threads=1).engine
-    want = engine.complete(CompletionRequest.from_infill({k: v for k, v in body.items()
-                                                          if k not in ("stream", "t_max_predict_ms")}))
+    want = engine.complete(replace(LlamaCpp(infill=True).parse(body).req, t_max_predict_ms=0))
     # t_max_predict_ms may cut the served completion after a newline on a loaded machine, never before
     cut = first["timings/predicted_ms"] > body["t_max_predict_ms"] and "\n" in first["content"]
     assert first["content"] == want.text or (cut and want.text.startswith(first["content"])), first
@@ -97,14 +95,14 @@ def stream_text(c, path, body, piece) -> tuple[str, list]:
 
 
 PROTOCOLS = {  # route: (body, text of a response, text of a streamed event)
-    "/completion": ({"prompt": PREFIX, "n_predict": 24, "frequency_penalty": 0, "presence_penalty": 0},  # Continue
-                    lambda o: o["content"], lambda e: e["content"]),
-    "/infill": ({"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 24}, lambda o: o["content"],
-                lambda e: e["content"]),
+    "/completion": ({"prompt": PREFIX, "n_predict": 24, "frequency_penalty": 0, "presence_penalty": 0,  # Continue
+                     "seed": 1}, lambda o: o["content"], lambda e: e["content"]),
+    "/infill": ({"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 24, "temperature": 0},
+                lambda o: o["content"], lambda e: e["content"]),
     "/v1/completions": ({"model": "x", "prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 24, "temperature": 0},
                         lambda o: o["choices"][0]["text"], lambda e: e["choices"][0]["text"]),
-    "/api/generate": ({"model": "x", "prompt": PREFIX, "suffix": SUFFIX, "options": {"num_predict": 24}},
-                      lambda o: o["response"], lambda e: e["response"]),
+    "/api/generate": ({"model": "default-fp32", "prompt": PREFIX, "suffix": SUFFIX,
+                       "options": {"num_predict": 24, "seed": 1}}, lambda o: o["response"], lambda e: e["response"]),
 }
 
 
@@ -132,10 +130,10 @@ def test_openai_and_ollama_shapes(srv):
     o = c.post("/v1/completions", json={"model": "m", "prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 8}).json()
     assert o["object"] == "text_completion" and o["usage"]["completion_tokens"] <= 8
     assert o["choices"][0]["finish_reason"] in ("stop", "length")
-    g = c.post("/api/generate", json={"model": "m", "prompt": "def f(", "suffix": "):\n", "stream": False,
+    g = c.post("/api/generate", json={"model": "default-fp32", "prompt": "def f(", "suffix": "):\n", "stream": False,
                                       "options": {"num_predict": 4}}).json()
     assert g["done"] is True and g["eval_count"] <= 4
-    show = c.post("/api/show", json={"model": "m"}).json()
+    show = c.post("/api/show", json={"model": "default-fp32"}).json()
     assert ".Suffix" in show["template"] and "insert" in show["capabilities"]
     assert c.get("/api/tags").json()["models"][0]["name"] == srv.server.model.name
     assert c.get("/v1/models").json()["data"][0]["id"] == srv.server.model.name
@@ -149,9 +147,9 @@ def test_a_fim_template_in_a_plain_prompt_equals_infill(srv):
     model's special tokens (llama.cpp parses them there); /infill's fields stay plain text."""
     c = srv.clients["tcp"]
     templated = c.post("/completion", json={"prompt": f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>",
-                                            "n_predict": 12, "id_slot": 4}).json()
+                                            "n_predict": 12, "id_slot": 4, "seed": 5}).json()
     infill = c.post("/infill", json={"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 12,
-                                     "id_slot": 4}).json()
+                                     "id_slot": 4, "seed": 5}).json()
     assert templated["content"] == infill["content"]
     assert templated["tokens_evaluated"] + templated["tokens_cached"] == \
         infill["tokens_evaluated"] + infill["tokens_cached"]
@@ -170,33 +168,6 @@ def test_cache_warming_and_metrics(srv):
     metrics = c.get("/metrics").text
     assert 'pltkit_requests_total{route="/infill",status="200"}' in metrics
     assert "pltkit_cache_hits_total" in metrics and "pltkit_request_seconds_bucket" in metrics
-
-
-def wait_idle(server) -> float:
-    """Seconds until the worker has answered and accounted for every job."""
-    start = time.perf_counter()
-    assert server.worker.idle.wait(HANG)
-    return time.perf_counter() - start
-
-
-@contextmanager
-def held(server, which=lambda job: True):
-    """Jobs that `which` picks are held at their first decode step until they are cancelled:
-    whatever the machine's load, they cannot finish before the test disconnects or supersedes them."""
-    backend, worker = server.model.engine.backend, server.worker
-    real = backend.decode
-
-    def decode(*args, **kw):
-        job = worker.running
-        if which(job):
-            assert job.cancel.wait(HANG), "a held job was never cancelled"
-        return real(*args, **kw)
-
-    backend.decode = decode
-    try:
-        yield
-    finally:
-        backend.decode = real
 
 
 def completions(server, stop_type: str) -> float:
@@ -224,9 +195,10 @@ def test_a_job_is_accounted_for_before_it_is_answered_or_the_worker_idles(srv):
 
 @pytest.mark.parametrize("path", ["/completion", "/v1/completions", "/api/generate"])
 def test_disconnect_cancels_the_work(srv, path):
-    body = {"/completion": {"prompt": "def f(x):\n", "n_predict": -1},
-            "/v1/completions": {"prompt": "def f(x):\n", "max_tokens": 500},
-            "/api/generate": {"prompt": "def f(x):\n", "options": {"num_predict": 500}}}[path]
+    body = {"/completion": {"prompt": "def f(x):\n", "n_predict": -1, "temperature": 0},  # greedy: not ended at once
+            "/v1/completions": {"prompt": "def f(x):\n", "max_tokens": 500, "temperature": 0},
+            "/api/generate": {"model": "default-fp32", "prompt": "def f(x):\n",
+                              "options": {"num_predict": 500, "temperature": 0}}}[path]
     wait_idle(srv.server)
     before = completions(srv.server, "cancelled")
     c = srv.client("tcp")
@@ -242,7 +214,7 @@ def test_disconnect_cancels_the_work(srv, path):
 def test_non_streaming_disconnect_cancels_too(srv):
     wait_idle(srv.server)
     before = completions(srv.server, "cancelled")
-    body = json.dumps({"prompt": "def f(x):\n", "n_predict": -1}).encode()
+    body = json.dumps({"prompt": "def f(x):\n", "n_predict": -1, "temperature": 0}).encode()
     with held(srv.server), socket.create_connection(("127.0.0.1", srv.port)) as s:
         s.sendall(b"POST /completion HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -250,29 +222,6 @@ def test_non_streaming_disconnect_cancels_too(srv):
         s.close()  # the client gives up while its job runs
         wait_idle(srv.server)
     assert completions(srv.server, "cancelled") == before + 1
-
-
-def test_a_newer_request_on_a_slot_supersedes_the_running_one(srv):
-    c = srv.clients["tcp"]
-    wait_idle(srv.server)
-    full = c.post("/completion", json={"prompt": "class A:\n", "n_predict": 400, "id_slot": 5}).json()
-    results = {}
-
-    def old():
-        with srv.client("tcp") as c2:
-            results["old"] = c2.post("/completion", json={"prompt": "class A:\n", "n_predict": 400,
-                                                          "id_slot": 5}).json()
-
-    with held(srv.server, lambda job: job.req.prefix == "class A:\n"):
-        th = threading.Thread(target=old)
-        th.start()
-        assert srv.server.worker.wait_for(lambda w: w.running is not None, HANG)
-        new = c.post("/completion", json={"prompt": "class B:\n", "n_predict": 4, "id_slot": 5}).json()
-        th.join()
-    print(f"uncancelled: {full['tokens_predicted']} tokens; superseded after {results['old']['tokens_predicted']}")
-    assert results["old"]["stop_type"] == "none" and results["old"]["tokens_predicted"] < full["tokens_predicted"]
-    assert new["tokens_predicted"] == 4 and new["stop_type"] == "limit"
-    assert srv.server.metrics.superseded._value.get() >= 1
 
 
 BAD = [  # (route, body bytes, status, words in the message)
@@ -331,11 +280,13 @@ def test_a_failure_inside_generation_is_a_500_and_the_next_request_works(srv):
     wait_idle(srv.server)
     backend.decode = failing
     try:
-        r = srv.clients["tcp"].post("/completion", json={"prompt": "def", "n_predict": 4, "id_slot": 6})
+        r = srv.clients["tcp"].post("/completion", json={"prompt": "def", "n_predict": 4, "id_slot": 6,
+                                                                     "temperature": 0})
     finally:
         backend.decode = real
     assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
-    ok = srv.clients["tcp"].post("/completion", json={"prompt": "def", "n_predict": 4, "id_slot": 6})
+    ok = srv.clients["tcp"].post("/completion", json={"prompt": "def", "n_predict": 4, "id_slot": 6,
+                                                                     "temperature": 0})
     assert ok.status_code == 200 and ok.json()["tokens_predicted"] == 4
 
 
@@ -350,11 +301,11 @@ def test_infill_on_a_model_without_fim_tokens_continues_the_prefix(artifact, tmp
     running = Running(Server(load), tmp_path / "nofim.sock")
     try:
         c = running.clients["tcp"]
-        body = {"input_prefix": PREFIX, "prompt": "        ", "input_suffix": SUFFIX, "n_predict": 24}
+        body = {"input_prefix": PREFIX, "prompt": "        ", "input_suffix": SUFFIX, "n_predict": 24, "temperature": 0}
         r = c.post("/infill", json=body)
         assert r.status_code == 200, r.text
         out = r.json()
-        plain = c.post("/completion", json={"prompt": PREFIX + "        ", "n_predict": 24}).json()
+        plain = c.post("/completion", json={"prompt": PREFIX + "        ", "n_predict": 24, "temperature": 0}).json()
         assert out["infill"] == "prefix-only" and "infill" not in plain
         assert plain["content"].startswith(out["content"])  # the same continuation, maybe cut
         assert not any(line.strip().startswith("def main") for line in out["content"].split("\n"))

@@ -68,7 +68,7 @@ def sse_json(text: str) -> list:
 
 def test_openai_chat_completion(srv, artifacts):
     c = srv.clients["tcp"]
-    r = c.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "max_tokens": 12})
+    r = c.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "max_tokens": 12, "temperature": 0})
     assert r.status_code == 200, r.text
     o = r.json()
     choice = o["choices"][0]
@@ -79,9 +79,8 @@ def test_openai_chat_completion(srv, artifacts):
     assert u["prompt_tokens"] == len(prompt) and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
     # the end of turn (eos here) stops it before the limit; else the limit does
     assert (choice["finish_reason"], u["completion_tokens"] < 12) in (("stop", True), ("length", False))
-    # the same tokens as a plain completion of the rendered prompt (greedy: the default model's
-    # generation_config.json has no sampling settings)
-    plain = c.post("/completion", json={"prompt": prompt, "n_predict": 12}).json()
+    # the same tokens as a plain completion of the rendered prompt (both greedy)
+    plain = c.post("/completion", json={"prompt": prompt, "n_predict": 12, "temperature": 0}).json()
     assert plain["content"] == choice["message"]["content"] and plain["tokens_predicted"] == u["completion_tokens"]
 
 
@@ -110,10 +109,11 @@ def fake_reply(srv, text):
 
     def run_all(ids, req, slot, cancel=None, on_text=None, *a, **kw):
         engine.run_all = real
+        result = Result(text, list(range(7)), "eos", tokens_evaluated=len(ids))
         if on_text is not None:
-            on_text(text[:9])
-            on_text(text[9:])
-        return [Result(text, list(range(7)), "eos", tokens_evaluated=len(ids))]
+            on_text(text[:9], result)
+            on_text(text[9:], result)
+        return [result]
 
     engine.run_all = run_all
 
@@ -173,17 +173,17 @@ def test_the_openai_client(srv):
 
 def test_ollama_chat_and_its_client(srv):
     ollama = pytest.importorskip("ollama")
-    raw = srv.clients["tcp"].post("/api/chat", json={"model": "m", "messages": MESSAGES, "stream": False,
-                                                     "options": {"num_predict": 6}}).json()
+    raw = srv.clients["tcp"].post("/api/chat", json={"model": "chat", "messages": MESSAGES, "stream": False,
+                                                     "options": {"num_predict": 6, "seed": 2}}).json()
     assert raw["done"] is True and raw["message"]["role"] == "assistant" and raw["eval_count"] <= 6
     assert raw["done_reason"] in ("stop", "length") and raw["prompt_eval_count"] > 0
     client = ollama.Client(host=f"http://127.0.0.1:{srv.port}")
-    whole = client.chat(model="default", messages=MESSAGES, options={"num_predict": 6})
+    whole = client.chat(model="chat", messages=MESSAGES, options={"num_predict": 6, "seed": 2})
     assert whole.message.content == raw["message"]["content"] and whole.done
-    parts = list(client.chat(model="default", messages=MESSAGES, options={"num_predict": 6}, stream=True))
+    parts = list(client.chat(model="chat", messages=MESSAGES, options={"num_predict": 6, "seed": 2}, stream=True))
     assert "".join(p.message.content for p in parts) == whole.message.content and parts[-1].done
     fake_reply(srv, TOOL_REPLY)
-    called = client.chat(model="default", messages=MESSAGES, tools=[WEATHER])
+    called = client.chat(model="chat", messages=MESSAGES, tools=[WEATHER])
     assert called.message.tool_calls[0].function.name == "get_weather"
     assert called.message.tool_calls[0].function.arguments == {"city": "Zürich"}
 
@@ -193,16 +193,17 @@ def test_metadata_says_chat(srv):
     assert c.get("/v1/models").json()["data"][0]["meta"]["chat"] is True
     props = c.get("/props").json()
     assert props["chat"] is True and props["infill"] is True and props["chat_template"] == TEMPLATE
-    assert "tools" in c.post("/api/show", json={"model": "m"}).json()["capabilities"]
+    assert "tools" in c.post("/api/show", json={"model": "chat"}).json()["capabilities"]
 
 
 def test_sampling_defaults_come_from_generation_config(srv):
     model = srv.server.model
     template = ChatTemplate(TEMPLATE, {"eos_token": "<|endoftext|>"}, {"temperature": 0.6, "top_p": 0.85, "top_k": 20})
-    call = Call(None, chat={"messages": MESSAGES, "tools": None, "args": {"top_k": 5}})
+    call = Call(None, chat={"messages": MESSAGES, "tools": None, "args": {"top_k": 5},
+                            "defaults": {"temperature": 1.0, "top_p": 1.0, "min_p": 0.0}})  # the protocol's
     from pltkit.serve.chat import chat_prompt
     chat_prompt(type("M", (), {"chat": template, "engine": model.engine, "name": "m"}), call)
-    assert (call.req.temperature, call.req.top_p, call.req.top_k) == (0.6, 0.85, 5)
+    assert (call.req.temperature, call.req.top_p, call.req.top_k, call.req.min_p) == (0.6, 0.85, 5, 0.0)
     assert 0 in call.req.end_ids and call.ids[-1] != 0
 
 
@@ -211,7 +212,7 @@ def test_a_model_without_a_chat_template(artifacts, tmp_path):
     try:
         c = running.clients["tcp"]
         for path, stream in (("/v1/chat/completions", False), ("/v1/chat/completions", True), ("/api/chat", True)):
-            r = c.post(path, json={"model": "m", "messages": MESSAGES, "stream": stream})
+            r = c.post(path, json={"model": "plain", "messages": MESSAGES, "stream": stream})
             err = r.json()["error"]
             message = err if isinstance(err, str) else err["message"]
             assert r.status_code == 400 and "has no chat template" in message, r.text

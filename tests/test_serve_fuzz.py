@@ -64,5 +64,5 @@ def test_any_bytes(srv, route, raw):
 def test_still_serving_afterwards(srv):
     c = srv.clients["tcp"]
     assert c.get("/health").json() == {"status": "ok"}
-    r = c.post("/completion", json={"prompt": "def f(x):", "n_predict": 4})
+    r = c.post("/completion", json={"prompt": "def f(x):", "n_predict": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["tokens_predicted"] == 4

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                                 **sampling, **given)
         backend, path = open_fastest(args.model, args.backend, args.threads)
         engine = Engine(backend, PLTTokenizer.from_dir(path))
-        stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        stream = None if args.json else (lambda piece, _: (sys.stdout.write(piece), sys.stdout.flush()))
         if args.chat:
             ids, req = chat_request(path, engine, req, prefix, args.system, given)
             result = engine.run(engine.prompt(req, ids).ids, req, on_text=stream)

@@ -173,9 +173,11 @@ class SentencePieceTokenizer:
                 text = text.replace(a, b)
         return text
 
-    def decode_continuation(self, ids: list[int]) -> str:
+    def decode_continuation(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """The text of tokens that follow others: SentencePiece drops the leading space of a text's
         first piece ("▁def" -> "def"), which a continuation keeps."""
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
         text = self.decode(ids)
         if ids and ids[0] not in self.by_id and 0 <= ids[0] < self.sp.get_piece_size():
             piece = self.sp.id_to_piece(ids[0])

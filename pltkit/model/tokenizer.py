@@ -140,10 +140,19 @@ class PLTTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def decode_continuation(self, ids: list[int]) -> str:
+    def decode_continuation(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """The text of tokens that continue a text: as decode, but a SentencePiece tokenizer keeps the
         leading space that it drops at the start of a text."""
-        return self._tok.decode_continuation(list(ids))
+        return self._tok.decode_continuation(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def eog_ids(self) -> frozenset[int]:
+        """The tokens that end a generation, as llama.cpp's end-of-generation set: every eos, and a
+        code model's FIM tokens and file and repo separators (the model moving on to another hole or
+        file: nothing to put at the cursor)."""
+        fim = [getattr(self.fim, f) for f in ("prefix", "suffix", "middle", "pad", "eot", "file_sep", "repo_name")
+               ] if self.fim else []
+        return frozenset(self.eos_ids) | {i for i in fim if i is not None}
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

@@ -38,7 +38,7 @@ class ChatTemplateError(RequestError):
 class ChatTemplate:
     source: str
     special: dict[str, str] = field(default_factory=dict)  # bos_token etc., as text
-    sampling: dict = field(default_factory=dict)  # temperature, top_k, top_p of generation_config.json
+    sampling: dict = field(default_factory=dict)  # request fields from generation_config.json
     tool_source: str | None = None  # a separate "tool_use" template, for requests with tools
 
     @classmethod
@@ -64,7 +64,9 @@ class ChatTemplate:
             value = value if value is not None else _token_text(smap.get(name))
             if value is not None:
                 special[name] = value
-        sampling = {k: gen[k] for k in ("temperature", "top_k", "top_p") if gen.get(k) is not None}
+        names = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                 "repetition_penalty": "repeat_penalty"}  # generation_config.json's -> a request's
+        sampling = {ours: gen[theirs] for theirs, ours in names.items() if gen.get(theirs) is not None}
         if gen.get("do_sample") is False:
             sampling = {"temperature": 0.0}
         return cls(source, special, sampling, tool_source if isinstance(tool_source, str) else None)

@@ -8,6 +8,7 @@ import zlib
 from dataclasses import dataclass, field, fields
 
 from pltkit.model.tokenizer import PLTTokenizer
+from pltkit.runtime.sampling import DEFAULT_SAMPLERS, SamplingParams, sampler_names
 
 
 class RequestError(ValueError):
@@ -30,9 +31,16 @@ class CompletionRequest:
     stop: tuple[str, ...] = ()
     t_max_prompt_ms: float = 0.0  # accepted and ignored, as llama.cpp does
     t_max_predict_ms: float = 0.0  # 0: no limit; else stop past it once a newline was generated
+    # sampling (pltkit.runtime.sampling): greedy unless asked; each protocol of plt-serve sets its own defaults
     temperature: float = 0.0
     top_k: int = 40
     top_p: float = 0.95
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    samplers: tuple[str, ...] = DEFAULT_SAMPLERS
     seed: int | None = None
     n_cmpl: int = 1
     fim_order: str = "psm"  # or "spm" (suffix first)
@@ -61,6 +69,13 @@ class CompletionRequest:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise RequestError(f"invalid {bad[0]}: {getattr(self, bad[0])!r}")
+        try:
+            self.sampling()
+        except (TypeError, ValueError) as e:
+            raise RequestError(f"invalid sampling parameters: {e}") from None
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(**{name: getattr(self, name) for name in SAMPLING})
 
     @classmethod
     def from_infill(cls, body: dict) -> CompletionRequest:
@@ -81,6 +96,14 @@ class CompletionRequest:
             if not isinstance(chunks, list) or not all(isinstance(c, dict) and "text" in c for c in chunks):
                 raise RequestError("invalid input_extra: a list of {filename?, text} objects")
             args["extra"] = tuple((c.get("filename"), c["text"]) for c in chunks)
+        if "samplers" in args:  # llama.cpp's names, canonical ones and others ("top-k", "temp", ...)
+            names = args["samplers"]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise RequestError(f"invalid samplers: {names!r} (expected a list of sampler names)")
+            try:
+                args["samplers"] = sampler_names(names)
+            except ValueError as e:
+                raise RequestError(f"invalid samplers: {e}") from None
         if "stop" in args:
             if isinstance(args["stop"], str):
                 args["stop"] = [args["stop"]]
@@ -91,6 +114,9 @@ class CompletionRequest:
             return cls(**args)
         except TypeError as e:
             raise RequestError(str(e)) from None
+
+
+SAMPLING = [f.name for f in fields(SamplingParams)]  # the request fields that are sampling parameters
 
 
 def _int(x) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 from pltkit.model.tokenizer import PLTTokenizer
 from pltkit.runtime.completion import (CompletionRequest, Prompt, RequestError, Stopper, layout_with_bos,
                                        trim_suffix_repeat)
-from pltkit.runtime.sampling import SamplingParams, sample
+from pltkit.runtime.sampling import TokenInfo, sample
 
 
 class Cancel:
@@ -155,12 +155,12 @@ class Engine:
         return logits
 
     def complete(self, req: CompletionRequest, slot_id: Hashable = 0, cancel: Cancel | None = None,
-                 on_text: Callable[[str], None] | None = None) -> Result:
+                 on_text: Callable[[str, Result], None] | None = None) -> Result:
         """The first completion of a request (streamed through on_text)."""
         return self.complete_all(req, slot_id, cancel, on_text)[0]
 
     def complete_all(self, req: CompletionRequest, slot_id: Hashable = 0, cancel: Cancel | None = None,
-                     on_text: Callable[[str], None] | None = None) -> list[Result]:
+                     on_text: Callable[[str, Result], None] | None = None) -> list[Result]:
         """All req.n_cmpl completions of a request."""
         t0 = time.perf_counter()
         prompt = self.prompt(req)
@@ -186,15 +186,17 @@ class Engine:
         return prompt
 
     def run(self, ids: list[int], req: CompletionRequest, slot_id: Hashable = 0, cancel: Cancel | None = None,
-            on_text: Callable[[str], None] | None = None) -> Result:
+            on_text: Callable[[str, Result], None] | None = None) -> Result:
         """Complete the token ids `ids` (a laid-out prompt) on a slot: the first of req.n_cmpl."""
         return self.run_all(ids, req, slot_id, cancel, on_text)[0]
 
     def run_all(self, ids: list[int], req: CompletionRequest, slot_id: Hashable = 0, cancel: Cancel | None = None,
-                on_text: Callable[[str], None] | None = None, truncated: bool = False,
+                on_text: Callable[[str, Result], None] | None = None, truncated: bool = False,
                 t0: float | None = None, marks: tuple[int, ...] = ()) -> list[Result]:
         """req.n_cmpl completions of one prefilled prompt (seeds seed, seed+1, ...). The others run
-        on copies of the state; the first runs last on the slot, which keeps it, and is streamed."""
+        on copies of the state; the first runs last on the slot, which keeps it, and is streamed:
+        on_text(piece, result) gets each new piece of its text and the result so far (its tokens,
+        tokens_evaluated), on this thread."""
         t0 = t0 or time.perf_counter()
         slot = self._pick(slot_id, ids)
         cached = self._restore(slot, ids)
@@ -209,7 +211,7 @@ class Engine:
         for i in reversed(range(req.n_cmpl)):
             on_slot = i == 0
             target = slot if on_slot else _Slot(list(slot.ids), slot.state.clone(), {})
-            r = Result("", [], "none")
+            r = Result("", [], "none", tokens_cached=cached, tokens_evaluated=evaluated)
             if req.n_predict != 0:
                 seed = None if req.seed is None else req.seed + i
                 self._generate(req, target, logits, cancel, on_text if on_slot else None, r, time.perf_counter(),
@@ -224,27 +226,29 @@ class Engine:
             r.text = trim_suffix_repeat(r.text, req.suffix)
         n = len(r.tokens)
         r.tokens_cached, r.tokens_evaluated, r.truncated = cached, evaluated, truncated
-        r.timings = {"cache_n": cached, "prompt_n": evaluated, "prompt_ms": round((t1 - t0) * 1e3, 3),
-                     "predicted_n": n, "predicted_ms": round((t2 - t1) * 1e3, 3),
+        prompt_ms, predicted_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        r.timings = {"cache_n": cached, "prompt_n": evaluated, "prompt_ms": round(prompt_ms, 3),
+                     "prompt_per_token_ms": round(prompt_ms / evaluated, 3) if evaluated else None,
+                     "predicted_n": n, "predicted_ms": round(predicted_ms, 3),
+                     "predicted_per_token_ms": round(predicted_ms / n, 3) if n else None,
                      "predicted_per_second": round(n / (t2 - t1), 2) if n and t2 > t1 else None}
         return r
 
     def _generate(self, req, slot, logits, cancel, on_text, result, t_start, seed):
-        params = SamplingParams(req.temperature, req.top_k, req.top_p)
+        params = req.sampling()
         rng = np.random.default_rng(seed)
-        end = set(self.tok.eos_ids) | set(req.end_ids)
-        if self.tok.fim is not None:  # a FIM end token ends the infill too
-            end |= {t for t in (self.tok.fim.eot, self.tok.fim.pad) if t is not None}
+        end = self.tok.eog_ids | set(req.end_ids)
+        info = TokenInfo(frozenset(end), self.tok.id_to_token)
         stopper = Stopper(req, end, prefix_only=req.suffix is not None and self.tok.fim is None)
         shown = 0
         while True:
             if cancel is not None and cancel.cancelled:
-                result.stop_type, result.text = "cancelled", self.tok.decode_continuation(result.tokens)
+                result.stop_type, result.text = "cancelled", self._text(result.tokens)
                 break
-            token = sample(logits, params, rng)
+            token = sample(logits, params, rng, slot.ids, info)
             if token not in end:
                 result.tokens.append(token)
-            text = self.tok.decode_continuation(result.tokens)
+            text = self._text(result.tokens)
             safe = stopper.feed(token, text)
             if not stopper.stop_type and req.t_max_predict_ms and "\n" in text and \
                     (time.perf_counter() - t_start) * 1e3 > req.t_max_predict_ms:  # as llama.cpp: after a newline
@@ -252,7 +256,7 @@ class Engine:
             if not stopper.stop_type and len(slot.ids) + 1 >= self.context:
                 safe = stopper.context_full(text)
             if on_text is not None and safe > shown and not text[:safe].endswith("\ufffd"):
-                on_text(text[shown:safe])
+                on_text(text[shown:safe], result)
                 shown = safe
             if stopper.stop_type:
                 result.text, result.stop_type, result.stopping_word = (stopper.text_final, stopper.stop_type,
@@ -263,3 +267,8 @@ class Engine:
             if len(slot.ids) % self.chunk == 0:
                 slot.snapshots[len(slot.ids)] = slot.state.snapshot()
             logits = out[0]
+
+    def _text(self, tokens: list[int]) -> str:
+        """The text of generated tokens: control tokens render as nothing, as in llama.cpp (a model's
+        <|im_start|> or <|fim_suffix|> never reaches the user's buffer as text)."""
+        return self.tok.decode_continuation(tokens, skip_special_tokens=True)

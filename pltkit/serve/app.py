@@ -14,12 +14,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pltkit.runtime.chat import ChatTemplate
@@ -27,7 +27,7 @@ from pltkit.runtime.completion import RequestError
 from pltkit.runtime.engine import Engine, Result
 from pltkit.serve.chat import CHAT_ROUTES, chat_prompt
 from pltkit.serve.metrics import Metrics
-from pltkit.serve.protocols import COMPLETION_ROUTES, Call, LlamaCpp, Ollama
+from pltkit.serve.protocols import COMPLETION_ROUTES, Call, LlamaCpp, Ollama, model_name
 from pltkit.serve.worker import Busy, Job, Worker
 
 log = logging.getLogger(__name__)
@@ -155,16 +155,22 @@ async def complete(request: Request) -> Response:
     proto = PROTOCOLS[request.url.path]
     model = server.ready()
     call = proto.parse(await read_json(request, server.limits.max_body))
+    if call.model is not None:
+        check_model_name(call.model, model)
+    if call.load:
+        return JSONResponse(proto.loaded(call, model.name))
     if call.chat is not None:
         chat_prompt(model, call)
     check_limits(call, server.limits)
+    call.state["n_ctx"] = model.engine.context
     prompt = model.engine.prompt(call.req, call.ids)  # a bad prompt is a 400 before any streaming starts
     call.state["prefix_only"] = prompt.parts.get("prefix_only", False)
     slot = slot_key(call, request)
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
-    on_text = (lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)) if call.stream else None
-    job = Job(call.req, slot, prompt, on_text)
+    on_text = (lambda text, r: loop.call_soon_threadsafe(pieces.put_nowait, (text, len(r.tokens), r.tokens_evaluated))
+               ) if call.stream else None
+    job = Job(call.req, slot, prompt, on_text, editor=call.chat is None)
     server.worker.submit(job)
     server.metrics.queue.set(server.worker.queued)
     shown_slot = call.id_slot if call.id_slot is not None else -1
@@ -188,7 +194,8 @@ async def stream(proto, call: Call, job: Job, pieces: asyncio.Queue, name: str, 
     """The response body of a streaming request. A disconnect cancels the job through the
     watcher in `complete` (the job stops within one decode step), and Starlette stops this."""
     try:
-        while (text := await pieces.get()) is not None:
+        while (item := await pieces.get()) is not None:
+            text, call.state["tokens_predicted"], call.state["tokens_evaluated"] = item
             if chunk := proto.piece(call, text, name, slot):
                 yield chunk
         try:
@@ -208,6 +215,9 @@ def error_event(proto, status: int, message: str) -> bytes:
 
 
 def check_limits(call: Call, limits: Limits) -> None:
+    """Refuses what exceeds the limits; n_predict -1 (until something else stops it) means the limit."""
+    if call.req.n_predict == -1:
+        call.req = replace(call.req, n_predict=limits.max_predict)
     if call.req.n_predict > limits.max_predict:
         raise HTTPError(400, f"n_predict {call.req.n_predict} exceeds this server's limit of {limits.max_predict}")
     if call.id_slot is not None and call.id_slot >= limits.slots:
@@ -239,14 +249,26 @@ async def models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [model_entry(model)]})
 
 
+async def model_by_id(request: Request) -> Response:
+    model = request.app.state.server.ready()
+    if request.path_params["id"] != model.name:
+        raise HTTPError(404, f"model {request.path_params['id']!r} not found: this server has {model.name!r}")
+    return JSONResponse(model_entry(model))
+
+
+def check_model_name(name: str, model: Model) -> None:
+    """Ollama's names carry a tag (":latest" when none is given); an unknown name is a 404, as there."""
+    if name not in (model.name, f"{model.name}:latest"):
+        raise HTTPError(404, f"model {name!r} not found: this server has {model.name!r}")
+
+
 async def props(request: Request) -> Response:
     server: Server = request.app.state.server
     model = server.ready()
     return JSONResponse({"model_path": model.name, "total_slots": server.limits.slots,
                          "n_ctx": model.engine.context, "build_info": "pltkit",
                          **abilities(model), "chat_template": model.chat.source if model.chat else "",
-                         "default_generation_settings": {"n_ctx": model.engine.context, "n_predict": 128,
-                                                         "temperature": 0.0, "top_k": 40, "top_p": 0.95},
+                         "default_generation_settings": {"n_ctx": model.engine.context, **LlamaCpp.defaults},
                          "limits": {"max_body": server.limits.max_body, "max_predict": server.limits.max_predict,
                                     "max_queue": server.limits.max_queue}})
 
@@ -309,13 +331,19 @@ async def ollama_tags(request: Request) -> Response:
 async def ollama_show(request: Request) -> Response:
     server: Server = request.app.state.server
     model = server.ready()
-    await read_json(request, server.limits.max_body)  # {"model": ...}: there is one model
+    body = await read_json(request, server.limits.max_body)
+    check_model_name(model_name(body if isinstance(body, dict) else {}), model)
     caps = ["completion"] + ["insert"] * (model.engine.tok.fim is not None) + \
         ["tools"] * bool(model.chat and model.chat.uses_tools)
     return JSONResponse({"template": ollama_template(model), "capabilities": caps, "parameters": "",
                          "license": "", "modelfile": "", "details": ollama_details(model),
                          "model_info": {"general.architecture": "plt", "plt.context_length": model.engine.context,
                                         **{f"plt.{k}": v for k, v in model.details.items()}}})
+
+
+async def ollama_root(request: Request) -> Response:
+    """Ollama answers its root so; some clients check it to find the server."""
+    return PlainTextResponse("Ollama is running")
 
 
 async def ollama_version(request: Request) -> Response:
@@ -329,7 +357,8 @@ ROUTES = [
     Route("/metrics", metrics),
     *(Route(path, complete, methods=["POST"]) for path in PROTOCOLS),
     Route("/api/tags", ollama_tags), Route("/api/show", ollama_show, methods=["POST"]),
-    Route("/api/version", ollama_version),
+    Route("/api/version", ollama_version), Route("/", ollama_root, methods=["GET", "HEAD"]),
+    Route("/v1/models/{id:path}", model_by_id),
 ]
 KNOWN_PATHS = {r.path for r in ROUTES}
 

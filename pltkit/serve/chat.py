@@ -13,8 +13,8 @@ from pltkit.runtime.chat import (NoChatTemplate, end_of_turn_ids, held_for_tools
                                  prompt_ids)
 from pltkit.runtime.completion import CompletionRequest, RequestError
 from pltkit.runtime.engine import Result
-from pltkit.serve.protocols import (OLLAMA_OPTIONS, Call, Ollama, OpenAI, _check, _object, _stop_list, _unsupported,
-                                    ndjson, sse)
+from pltkit.serve.protocols import (OLLAMA_DEFAULTS, UNIMPLEMENTED_SAMPLING, Call, Ollama, OpenAI, _check, _object, _stop_list, _unsupported,
+                                    model_name, ndjson, ollama_options, sse)
 
 
 def _messages(value) -> list[dict]:
@@ -55,7 +55,8 @@ def chat_prompt(model, call: Call) -> None:
         messages.append(m)
     text = template.render(messages, call.chat["tools"], add_generation_prompt=True)
     call.ids = prompt_ids(model.engine.tok, text)
-    req = CompletionRequest.from_infill({"n_predict": -1, **template.sampling, **call.chat["args"]})
+    req = CompletionRequest.from_infill({"n_predict": -1, **call.chat["defaults"], **template.sampling,
+                                         **call.chat["args"]})
     call.req = replace(req, end_ids=end_of_turn_ids(model.engine.tok))
 
 
@@ -99,9 +100,9 @@ class OpenAIChat:
     unsupported = {"logprobs": lambda v: not v, "top_logprobs": lambda v: not v, "logit_bias": lambda v: not v,
                    "response_format": lambda v: not v or v.get("type") == "text",
                    "tool_choice": lambda v: v in (None, "auto", "none"), "audio": lambda v: not v,
-                   "modalities": lambda v: not v or v == ["text"]}
-    renames = {"max_tokens": "n_predict", "max_completion_tokens": "n_predict", "n": "n_cmpl",
-               "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed"}
+                   "modalities": lambda v: not v or v == ["text"], **UNIMPLEMENTED_SAMPLING}
+    renames = {**OpenAI.renames, "max_completion_tokens": "n_predict"}
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}  # OpenAI's
 
     def parse(self, body) -> Call:
         body = _object(body)
@@ -114,7 +115,8 @@ class OpenAIChat:
         options = body.get("stream_options") or {}
         _check(isinstance(options, dict), "stream_options", options, "an object")
         call = Call(CompletionRequest(), stream=stream, include_usage=bool(options.get("include_usage")),
-                    chat={"messages": _messages(body.get("messages")), "tools": tools, "args": args})
+                    chat={"messages": _messages(body.get("messages")), "tools": tools, "args": args,
+                          "defaults": self.defaults})
         call.id = "chatcmpl-" + call.id.removeprefix("cmpl-")
         return call
 
@@ -178,17 +180,20 @@ class OllamaChat(Ollama):
     def parse(self, body) -> Call:
         body = _object(body)
         _unsupported(body, self.unsupported)
+        if not body.get("messages"):
+            return self.load_call(body)
         messages = _messages(body.get("messages"))
         if any(m.get("images") for m in messages):
             raise RequestError("images are not supported by this server")
-        options = body.get("options") or {}
-        _check(isinstance(options, dict), "options", options, "an object")
-        args = {ours: options[theirs] for theirs, ours in OLLAMA_OPTIONS.items() if options.get(theirs) is not None}
-        args["stop"] = _stop_list(options.get("stop"))
         stream = body.get("stream", True)
         _check(isinstance(stream, bool), "stream", stream, "a boolean")
-        return Call(CompletionRequest(), stream=stream,
-                    chat={"messages": messages, "tools": _tools(body.get("tools")), "args": args})
+        return Call(CompletionRequest(), stream=stream, model=model_name(body),
+                    chat={"messages": messages, "tools": _tools(body.get("tools")), "args": ollama_options(body),
+                          "defaults": OLLAMA_DEFAULTS})
+
+    def loaded(self, call: Call, model: str) -> dict:
+        return {"model": model, "created_at": self._now(), "message": self._message("", []), "done": True,
+                "done_reason": call.load}
 
     def _message(self, content: str, calls: list[dict]) -> dict:
         message = {"role": "assistant", "content": content}

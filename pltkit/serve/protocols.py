@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from pltkit.runtime.completion import CompletionRequest, RequestError
@@ -33,6 +34,8 @@ class Call:
     created: float = field(default_factory=time.time)
     chat: dict | None = None  # a chat request: messages, tools and request fields, rendered by the server
     state: dict = field(default_factory=dict)  # a protocol's notes while it streams
+    model: str | None = None  # the model a request names, where the protocol checks it (Ollama)
+    load: str | None = None  # Ollama's "load" / "unload" request: no prompt, answered at once
 
 
 def _object(body) -> dict:
@@ -54,6 +57,18 @@ def _unsupported(body: dict, names: dict) -> None:
             raise RequestError(f"{name} is not supported by this server")
 
 
+def _neutral(value) -> Callable[[object], bool]:
+    """A predicate: the option has its neutral value (it changes nothing), or is absent (None)."""
+    return lambda v: v is None or v == value
+
+
+# Options of llama.cpp's server (and of Ollama) that this server does not implement: a request
+# that sets one to anything but its neutral value is refused with a 400 that names it.
+UNIMPLEMENTED_SAMPLING = {"typical_p": _neutral(1.0), "mirostat": _neutral(0), "dry_multiplier": _neutral(0.0),
+                          "xtc_probability": _neutral(0.0), "top_n_sigma": lambda v: v is None or v <= 0,
+                          "dynatemp_range": _neutral(0.0), "tfs_z": _neutral(1.0), "ignore_eos": lambda v: not v}
+
+
 def _stop_list(value, name: str = "stop"):
     if value is None:
         return []
@@ -71,7 +86,11 @@ class LlamaCpp:
     media_type = "text/event-stream"
     unsupported = {"grammar": lambda v: not v, "json_schema": lambda v: not v, "n_probs": lambda v: not v,
                    "logit_bias": lambda v: not v, "lora": lambda v: not v, "image_data": lambda v: not v,
-                   "multimodal_data": lambda v: not v, "post_sampling_probs": lambda v: not v}
+                   "multimodal_data": lambda v: not v, "post_sampling_probs": lambda v: not v,
+                   **UNIMPLEMENTED_SAMPLING}
+    # llama.cpp server's defaults for the fields a request leaves out (common_params_sampling)
+    defaults = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
+                "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0, "n_predict": -1}
 
     def __init__(self, infill: bool):
         self.infill = infill
@@ -81,6 +100,7 @@ class LlamaCpp:
         _unsupported(body, self.unsupported)
         if "max_tokens" in body and "n_predict" not in body:
             body["n_predict"] = body["max_tokens"]
+        body = {**self.defaults, **{k: v for k, v in body.items() if v is not None}}
         call = Call(CompletionRequest())
         ids = None
         if not self.infill:  # plain completion of `prompt`: text, or token ids
@@ -107,9 +127,6 @@ class LlamaCpp:
         _check(fields_ is None or isinstance(fields_, list) and all(isinstance(f, str) for f in fields_),
                "response_fields", fields_, "a list of strings")
         call.response_fields = fields_ or None
-        samplers = body.get("samplers", [])
-        _check(isinstance(samplers, list) and all(isinstance(s, str) for s in samplers), "samplers", samplers,
-               "a list of sampler names")
         return call
 
     def result(self, call: Call, r: Result, index: int, model: str, slot) -> dict:
@@ -123,11 +140,7 @@ class LlamaCpp:
                "stop_type": STOP_TYPES[r.stop_type], "stopping_word": r.stopping_word,
                "has_new_line": "\n" in r.text, "timings": t,
                **({"infill": "prefix-only"} if call.state.get("prefix_only") else {}),
-               "generation_settings": {"n_predict": req.n_predict, "temperature": req.temperature,
-                                       "top_k": req.top_k, "top_p": req.top_p, "seed": req.seed,
-                                       "n_indent": req.n_indent, "stop": list(req.stop),
-                                       "t_max_prompt_ms": req.t_max_prompt_ms,
-                                       "t_max_predict_ms": req.t_max_predict_ms, "n_cmpl": req.n_cmpl}}
+               "generation_settings": {"n_ctx": call.state.get("n_ctx"), **settings(req)}}
         return select_fields(out, call.response_fields)
 
     def response(self, call: Call, results: list[Result], model: str, slot) -> dict | list:
@@ -135,7 +148,8 @@ class LlamaCpp:
         return out[0] if len(out) == 1 else out
 
     def piece(self, call: Call, text: str, model: str, slot) -> bytes:
-        return sse({"index": 0, "content": text, "tokens": [], "stop": False, "id_slot": slot})
+        return sse({"index": 0, "content": text, "tokens": [], "stop": False, "id_slot": slot,
+                    "tokens_predicted": call.state["tokens_predicted"], "tokens_evaluated": call.state["tokens_evaluated"]})
 
     def end(self, call: Call, results: list[Result], model: str, slot) -> bytes:
         """The last events: the streamed completion's stats (content already sent), and the other
@@ -151,6 +165,15 @@ class LlamaCpp:
         kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                  413: "invalid_request_error", 501: "not_supported_error", 503: "unavailable_error"}
         return {"error": {"code": status, "message": message, "type": kinds.get(status, "server_error")}}
+
+
+def settings(req: CompletionRequest) -> dict:
+    """llama.cpp's generation_settings: the request's parameters as the server applied them."""
+    return {"n_predict": req.n_predict, "temperature": req.temperature, "top_k": req.top_k, "top_p": req.top_p,
+            "min_p": req.min_p, "repeat_penalty": req.repeat_penalty, "repeat_last_n": req.repeat_last_n,
+            "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+            "samplers": list(req.samplers), "seed": req.seed, "n_indent": req.n_indent, "stop": list(req.stop),
+            "t_max_prompt_ms": req.t_max_prompt_ms, "t_max_predict_ms": req.t_max_predict_ms, "n_cmpl": req.n_cmpl}
 
 
 def select_fields(out: dict, paths: list[str] | None) -> dict:
@@ -182,7 +205,14 @@ class OpenAI:
 
     media_type = "text/event-stream"
     unsupported = {"echo": lambda v: not v, "logprobs": lambda v: v is None or v == 0,
-                   "best_of": lambda v: v in (None, 1), "logit_bias": lambda v: not v}
+                   "best_of": lambda v: v in (None, 1), "logit_bias": lambda v: not v, **UNIMPLEMENTED_SAMPLING}
+    # OpenAI's defaults (its API reference for /v1/completions); no top-k, no min-p
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "n_predict": 16}
+    # OpenAI's fields, then llama.cpp's extensions of its OpenAI routes (llama.vim's chat sends them)
+    renames = {"max_tokens": "n_predict", "n": "n_cmpl", "temperature": "temperature", "top_p": "top_p",
+               "seed": "seed", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+               **{name: name for name in ("n_predict", "top_k", "min_p", "repeat_penalty", "repeat_last_n",
+                                          "samplers")}}
 
     def parse(self, body) -> Call:
         body = _object(body)
@@ -191,11 +221,9 @@ class OpenAI:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         _check(isinstance(prompt, str), "prompt", prompt, "a string (one prompt per request)")
-        args = {"input_prefix": prompt, "input_suffix": body.get("suffix"), "stop": _stop_list(body.get("stop")),
-                "special": body.get("suffix") is None}
-        renames = {"max_tokens": "n_predict", "n": "n_cmpl", "temperature": "temperature", "top_p": "top_p",
-                   "top_k": "top_k", "seed": "seed"}
-        args.update({ours: body[theirs] for theirs, ours in renames.items() if body.get(theirs) is not None})
+        args = {**self.defaults, "input_prefix": prompt, "input_suffix": body.get("suffix"),
+                "stop": _stop_list(body.get("stop")), "special": body.get("suffix") is None}
+        args.update({ours: body[theirs] for theirs, ours in self.renames.items() if body.get(theirs) is not None})
         stream = body.get("stream", False)
         _check(isinstance(stream, bool), "stream", stream, "a boolean")
         options = body.get("stream_options") or {}
@@ -237,29 +265,55 @@ class OpenAI:
 
 # --- Ollama -------------------------------------------------------------------------------
 OLLAMA_OPTIONS = {"num_predict": "n_predict", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-                  "seed": "seed"}
+                  "min_p": "min_p", "seed": "seed", "repeat_penalty": "repeat_penalty",
+                  "repeat_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
+                  "frequency_penalty": "frequency_penalty"}
+# Ollama's defaults (api/types.go DefaultOptions)
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0,
+                   "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0, "n_predict": -1}
+
+
+def ollama_options(body: dict) -> dict:
+    """The request fields an Ollama body's `options` set; options this server does not implement are
+    refused unless neutral (those about memory and threads, such as num_ctx, change no result)."""
+    options = body.get("options") or {}
+    _check(isinstance(options, dict), "options", options, "an object")
+    _unsupported(options, UNIMPLEMENTED_SAMPLING)
+    args = {"stop": _stop_list(options.get("stop"))}
+    args.update({ours: options[theirs] for theirs, ours in OLLAMA_OPTIONS.items() if options.get(theirs) is not None})
+    return args
 
 
 class Ollama:
     """POST /api/generate: NDJSON streaming, on by default."""
 
     media_type = "application/x-ndjson"
-    unsupported = {"images": lambda v: not v, "format": lambda v: not v, "context": lambda v: not v}
+    # `raw` is accepted either way: this route applies no template but the FIM one /api/show reports
+    unsupported = {"images": lambda v: not v, "format": lambda v: not v, "context": lambda v: not v,
+                   "system": lambda v: not v, "template": lambda v: not v, "think": lambda v: not v}
 
     def parse(self, body) -> Call:
         body = _object(body)
         _unsupported(body, self.unsupported)
         prompt, suffix = body.get("prompt", ""), body.get("suffix")
         _check(isinstance(prompt, str), "prompt", prompt, "a string")
-        options = body.get("options") or {}
-        _check(isinstance(options, dict), "options", options, "an object")
-        args = {"input_prefix": prompt, "input_suffix": suffix or None, "stop": _stop_list(options.get("stop")),
-                "special": not suffix}
-        args.update({ours: options[theirs] for theirs, ours in OLLAMA_OPTIONS.items()
-                     if options.get(theirs) is not None})
+        if not prompt and not suffix:
+            return self.load_call(body)
+        _check(isinstance(body.get("raw", False), bool), "raw", body.get("raw"), "a boolean")
+        args = {**OLLAMA_DEFAULTS, **ollama_options(body), "input_prefix": prompt, "input_suffix": suffix or None, "special": not suffix}
         stream = body.get("stream", True)
         _check(isinstance(stream, bool), "stream", stream, "a boolean")
-        return Call(CompletionRequest.from_infill(args), stream=stream)
+        return Call(CompletionRequest.from_infill(args), stream=stream, model=model_name(body))
+
+    @staticmethod
+    def load_call(body: dict) -> Call:
+        """Ollama's answer to a request without a prompt: the model is loaded (or, with keep_alive 0,
+        unloaded: here it stays, there is one)."""
+        return Call(CompletionRequest(), model=model_name(body),
+                    load="unload" if body.get("keep_alive") in (0, "0", "0s", "0m") else "load")
+
+    def loaded(self, call: Call, model: str) -> dict:
+        return {"model": model, "created_at": self._now(), "response": "", "done": True, "done_reason": call.load}
 
     @staticmethod
     def _now() -> str:
@@ -286,6 +340,12 @@ class Ollama:
     @staticmethod
     def error(status: int, message: str) -> dict:
         return {"error": message}
+
+
+def model_name(body: dict) -> str:
+    name = body.get("model") or body.get("name")  # Continue asks /api/show with "name", as older Ollamas did
+    _check(isinstance(name, str) and name != "", "model", name, "the name of a model, as /api/tags lists them")
+    return name
 
 
 def ndjson(obj) -> bytes:

@@ -1,9 +1,10 @@
 """One decode worker: a thread that runs completion jobs from a queue, one at a time (the CPU
 is the bottleneck, and the engine's slots are not shared across threads).
 
-A job on a slot supersedes the slot's queued or running job (a newer keystroke makes the
-older completion worthless): the older job is cancelled and ends within one prefill chunk
-or decode step. A full queue refuses new jobs instead of growing without bound.
+An editor's completion supersedes the stale completion of the same client (`stale`): the older
+job is cancelled and ends within one prefill chunk or decode step. Nothing else cancels a job
+but its own client's disconnect: a warm-up, another editor's request or a chat waits its turn.
+A full queue refuses new jobs instead of growing without bound.
 """
 
 from __future__ import annotations
@@ -31,10 +32,27 @@ class Job:
     req: CompletionRequest
     slot: Hashable
     prompt: Prompt  # laid out and checked by Engine.prompt before queueing
-    on_text: Callable[[str], None] | None = None  # called on the worker thread
+    on_text: Callable[[str, Result], None] | None = None  # called on the worker thread
+    editor: bool = False  # a completion route's request: may supersede, or be superseded by, a stale one
     cancel: Cancel = field(default_factory=Cancel)
     superseded: bool = False
     done: Future = field(default_factory=Future)  # -> list[Result]
+
+
+def stale(old: Job, new: Job) -> bool:
+    """Whether `new` makes `old` worthless: both are editors' completions on the same slot, `new`
+    generates (a warm-up, n_predict 0, never supersedes), and `new` is the same text a keystroke
+    later: its prompt differs from the old one's but shares at least half of it from the start.
+    Slots are shared (llama.vim and llama.vscode both send id_slot 0; clients without one are
+    told apart only by address and user agent), so the text decides: another editor's file, or
+    the same prompt sent again, supersedes nothing."""
+    if not (old.editor and new.editor and old.slot == new.slot and new.req.n_predict != 0):
+        return False
+    a, b = old.prompt.ids, new.prompt.ids
+    if a == b:
+        return False
+    common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return 2 * common >= len(a)
 
 
 class Worker:
@@ -56,7 +74,7 @@ class Worker:
             if self._closed:
                 raise Busy("the server is shutting down")
             for old in self._pending:
-                if old.slot == job.slot and not old.cancel.cancelled:
+                if not old.cancel.cancelled and stale(old, job):
                     old.superseded = True
                     old.cancel.cancel()
             waiting = sum(1 for j in self._pending if j is not self.running and not j.cancel.cancelled)
