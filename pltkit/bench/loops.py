@@ -27,7 +27,10 @@ VARIANTS = ("plain", "serial2", "plt2")
 # reads rather than per-node overhead (as a real code model's is)
 SHAPES = {"default": None,
           "medium": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
-                         num_key_value_heads=4, head_dim=64)}
+                         num_key_value_heads=4, head_dim=64),
+          # about 0.8 B parameters: even int4 weights (0.4 GB) far exceed any L3 cache, as a 7B model's do
+          "large": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                        num_key_value_heads=4, head_dim=128, vocab_size=32000)}
 
 
 def make_checkpoints(workdir: Path, max_positions: int, shape: str = "medium") -> dict[str, Path]:
@@ -182,6 +185,7 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
             for v in VARIANTS:
                 tps[v].append(prefill_tps(backends[v], ids))
         out["prefill_tps"][form] = {v: statistics.median(r) for v, r in tps.items()}
+        del backends, states  # before the next form's sessions open (at --shape large: GBs each)
     out["peak_rss_mb"] = peak_rss(checkpoints, max(contexts), threads, [f for f in forms if f in rss_forms])
     return out
 

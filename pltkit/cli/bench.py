@@ -33,9 +33,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="plt-bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--forms", nargs="+", default=FORMS, choices=FORMS, metavar="FORM",
                    help="runtimes and precisions to measure")
-    p.add_argument("--shape", choices=["medium", "default"], default="medium",
-                   help="medium: random weights, d 768 x 8 layers (53 M parameters), bound by weight reads like a "
-                        "real code model; default: the shipped 4 M-parameter model, bound by per-node overhead")
+    p.add_argument("--shape", choices=["large", "medium", "default"], default="medium",
+                   help="large: random weights, d 2048 x 16 layers (0.8 B parameters), far larger than any cache, "
+                        "like a 7B model; medium: d 768 x 8 layers (53 M), bound by weight reads; default: the "
+                        "shipped 4 M-parameter model, bound by per-node overhead")
     p.add_argument("--contexts", nargs="+", type=types.positive_int, default=[256, 1024, 4096],
                    help="context lengths in tokens that decode is measured at")
     p.add_argument("--steps", type=types.integer(1, 56), default=16, help="decoded tokens per measurement (at most 56)")

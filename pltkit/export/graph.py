@@ -18,6 +18,7 @@ class Graph:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._scope: list[str] = [prefix] if prefix else []
         self._consts: dict[tuple, str] = {}
+        self._shared: dict = {}
         self._count = 0
 
     # -- naming -----------------------------------------------------------------
@@ -34,6 +35,13 @@ class Graph:
         outs = [f"{name}/out{i}" if n_out > 1 else f"{name}/out" for i in range(n_out)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, domain=domain, **attrs))
         return outs if n_out > 1 else outs[0]
+
+    def shared(self, key, build) -> str:
+        """A value built once per graph and reused: shape arithmetic that every layer repeats (the
+        layers' caches and rings have the same shapes), so the graph runs it once per step."""
+        if key not in self._shared:
+            self._shared[key] = build()
+        return self._shared[key]
 
     def const(self, value, dtype=np.int64) -> str:
         """A small constant (shapes, axes, scalars) as a Constant node, shared by value."""

@@ -161,12 +161,16 @@ def loop_attention_gqa_decode(g: Graph, inputs: list[str], *, rows: int, window:
         y = g.op("Reshape", y, g.const([0, 0, heads, -1]))
         return g.op("Unsqueeze", g.op("Transpose", y, perm=[0, 2, 1, 3]), zero)
 
-    def gqa(query, key, value, pk, pv, n_heads, window_size=-1, total=None, caches=()):
-        batch = g.op("Slice", g.op("Shape", query), zero, g.const([1]))
-        if total is None:  # not shared: the past holds exactly its valid entries
-            total = g.op("Add", g.op("Gather", g.op("Shape", pk), g.const(2)), g.const(1))
+    def lengths(batch, total):  # GQA's total_sequence_length and seqlens_k
         total32 = g.op("Cast", total, to=6)
-        seqlens = g.op("Expand", g.op("Sub", total32, g.const(1, np.int32)), batch)
+        return total32, g.op("Expand", g.op("Sub", total32, g.const(1, np.int32)), batch)
+
+    def ring_total(r, pk):  # keys of a local call: the ring's valid entries + 1
+        return g.shared(("gqa.ring.total", r), lambda: g.op("Add", g.op("Gather", g.op("Shape", pk), g.const(2)),
+                                                           g.const(1)))
+
+    def gqa(query, key, value, pk, pv, n_heads, lens, window_size=-1, caches=()):
+        total32, seqlens = lens
         extra = dict(do_rotary=1, rotary_interleaved=0) if caches else {}
         return g.op("GroupQueryAttention", query, key, value, pk, pv, seqlens, total32, *caches, n_out=3,
                     domain="com.microsoft", num_heads=n_heads, kv_num_heads=kv_heads, scale=scale,
@@ -176,21 +180,26 @@ def loop_attention_gqa_decode(g: Graph, inputs: list[str], *, rows: int, window:
     # global: q [R, B, H, 1, Dh] -> [B, 1, Hkv * R * rep * Dh], grouped by kv head
     qg = g.op("Reshape", g.op("Transpose", q_glob, perm=[1, 3, 0, 2, 4]), g.const([0, 0, rows, kv_heads, rep, -1]))
     qg = g.op("Reshape", g.op("Transpose", qg, perm=[0, 1, 3, 2, 4, 5]), g.const([0, 0, -1]))
-    yg, present_k, present_v = gqa(qg, row(k_glob, 0), row(v, 0), past_k, past_v, rows * heads,
-                                   total=g.op("Add", pos0, g.const(1)), caches=caches)
+    # the lengths are the same in every layer (the caches, and the rings, have one length): built once
+    batch = g.shared("gqa.batch", lambda: g.op("Slice", g.op("Shape", qg), zero, g.const([1])))
+    lens = g.shared("gqa.global.lengths", lambda: lengths(batch, g.op("Add", pos0, g.const(1))))
+    yg, present_k, present_v = gqa(qg, row(k_glob, 0), row(v, 0), past_k, past_v, rows * heads, lens, caches=caches)
     yg = g.op("Transpose", g.op("Reshape", yg, g.const([0, 0, kv_heads, rows, rep, -1])), perm=[0, 1, 3, 2, 4, 5])
     y_global = g.op("Transpose", g.op("Reshape", yg, g.const([0, 0, rows, heads, -1])), perm=[2, 0, 3, 1, 4])
 
     outs, rings_k, rings_v = [g.op("Slice", y_global, zero, g.const([1]), zero)], [], []
     for r in range(1, rows):
         rk, rv = g.op("Gather", ring_k, g.const(r - 1), axis=0), g.op("Gather", ring_v, g.const(r - 1), axis=0)
-        y_local, loc_k, loc_v = gqa(row(q, r), row(k, r), row(v, r), rk, rv, heads, window_size=window + 1)
+        total = ring_total(r, rk)
+        y_local, loc_k, loc_v = gqa(row(q, r), row(k, r), row(v, r), rk, rv, heads,
+                                    g.shared(("gqa.ring.lengths", r), lambda: lengths(batch, total)),
+                                    window_size=window + 1)
         gt = g.op("Unsqueeze", g.op("Gather", gate, g.const(r - 1), axis=0), g.const([0, -1]))
         y_g = g.op("Slice", y_global, g.const([r]), g.const([r + 1]), zero)
         outs.append(g.op("Add", g.op("Mul", gt, y_g),
                          g.op("Mul", g.op("Sub", g.const(1.0, np.float32), gt), unrow(y_local))))
-        n_loc = g.op("Gather", g.op("Shape", loc_k), g.const(2))
-        keep = g.op("Unsqueeze", g.op("Max", g.const(0), g.op("Sub", n_loc, g.const(window))), zero)
+        keep = g.shared(("gqa.ring.keep", r),  # the local call's keys (total of them) -> the newest `window`
+                        lambda: g.op("Unsqueeze", g.op("Max", g.const(0), g.op("Sub", total, g.const(window))), zero))
         rings_k.append(g.op("Unsqueeze", g.op("Slice", loc_k, keep, big, g.const([2])), zero))
         rings_v.append(g.op("Unsqueeze", g.op("Slice", loc_v, keep, big, g.const([2])), zero))
     out = outs[0] if rows == 1 else g.op("Concat", *outs, axis=0)
