@@ -28,7 +28,7 @@ def test_serial_loops_cost_model(tmp_path):
 
 def test_plt_bench_smoke(tmp_path):
     out = subprocess.run(["plt-bench", "--shape", "default", "--forms", "torch-fp32", "ort-fp32", "--contexts", "32",
-                          "96", "--steps", "2", "--repeats", "1", "--no-llamacpp", "--threads", "1",
+                          "96", "--steps", "2", "--repeats", "1", "--no-llamacpp", "--no-ortgenai", "--threads", "1",
                           "--workdir", str(tmp_path), "--plot", str(tmp_path / "chart.png")],
                          capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -137,6 +137,20 @@ def prompt_ids(artifact: Path, n: int) -> list[int]:
     return ids[:n]
 
 
+def timed(systems: dict, ids: list[int], steps: int, repeats: int) -> dict:
+    """{"prefill_tps": {name: tokens/s}, "decode_ms": {name: ms}} of Runners, the systems run
+    interleaved in every repeat, medians."""
+    prefill = {name: [] for name in systems}
+    decode = {name: [] for name in systems}
+    for _ in range(repeats):
+        for name, s in systems.items():
+            prefill[name].append(len(ids) / s.prefill(ids))
+            times, _ = s.decode(steps)
+            decode[name].append(statistics.median(times) * 1e3)
+    return {"prefill_tps": {n: statistics.median(v) for n, v in prefill.items()},
+            "decode_ms": {n: statistics.median(v) for n, v in decode.items()}}
+
+
 def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=print) -> dict:
     arts, ggufs = prepare(workdir, log)
     ids = prompt_ids(arts["int8"], ctx)
@@ -144,16 +158,7 @@ def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=pri
     for prec, kind in PAIRS.items():
         systems[f"pltkit-{prec}"] = PltkitRunner(arts[prec], threads)
         systems[f"llamacpp-{kind}"] = LlamaCppRunner(ggufs[kind], threads, ctx + steps + 8)
-    prefill = {name: [] for name in systems}
-    decode = {name: [] for name in systems}
-    for _ in range(repeats):  # interleaved
-        for name, s in systems.items():
-            prefill[name].append(ctx / s.prefill(ids))
-            times, _ = s.decode(steps)
-            decode[name].append(statistics.median(times) * 1e3)
-    out = {"ctx": ctx, "steps": steps, "threads": threads,
-           "prefill_tps": {n: statistics.median(v) for n, v in prefill.items()},
-           "decode_ms": {n: statistics.median(v) for n, v in decode.items()},
+    out = {"ctx": ctx, "steps": steps, "threads": threads, **timed(systems, ids, steps, repeats),
            "top1_agreement": {prec: agreement(systems[f"pltkit-{prec}"].backend, ggufs[kind], ids[:256], threads)
                               for prec, kind in PAIRS.items()}}
     out["profile"] = ort_profile(systems["pltkit-int8"].backend, ids, threads)

