@@ -387,3 +387,23 @@ def test_what_ollama_and_openai_clients_read(srv):
     assert oa.models.retrieve(name).id == name
     with pytest.raises(openai.NotFoundError):
         oa.models.retrieve("nosuch")
+
+
+def test_the_stale_rule():
+    """worker.stale, case by case: only an editor's generating request for the same text a
+    keystroke later replaces an older one on its slot."""
+    from pltkit.runtime.completion import CompletionRequest, Prompt
+    from pltkit.serve.worker import Job, stale
+
+    def job(ids, n_predict=8, slot=0, editor=True):
+        return Job(CompletionRequest(n_predict=n_predict), slot, Prompt(list(ids)), editor=editor)
+
+    old = job(range(100))
+    typed = list(range(99)) + [7, 8]
+    assert stale(old, job(typed))
+    assert not stale(old, job(typed, n_predict=0))  # a warm-up
+    assert not stale(old, job(range(100)))  # the same prompt again
+    assert not stale(old, job(typed, slot=1))
+    assert not stale(old, job(typed, editor=False)) and not stale(job(range(100), editor=False), job(typed))
+    assert not stale(old, job(list(range(40)) + [0] * 60))  # shares less than half: another text
+    assert stale(old, job(list(range(50)) + [0] * 60))  # half

@@ -29,24 +29,31 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def prepare(workdir: Path, log=print) -> tuple[dict, dict]:
-    """({"int8": artifact, "int4": artifact}, {"q8_0": gguf, "q4_1": gguf}), made once in workdir."""
+def prepare_pltkit(workdir: Path, log=print) -> tuple[Path, dict]:
+    """(the imported checkpoint, {"int8": artifact, "int4": artifact}) of SmolLM2-135M, made once in
+    workdir: the pltkit side of every peer comparison."""
     from pltkit.export.artifact import export
     from pltkit.model.llama_import import import_gguf
     from pltkit.quant.schemes import SCHEMES
     from pltkit.runtime.artifact import is_artifact
 
-    src = smollm2_gguf()
     ckpt = workdir / "smollm2-135m"
     if not (ckpt / "config.json").is_file():
-        log(f"importing {src.name}")
-        import_gguf(src, ckpt)
+        log(f"importing {GGUF_NAME}")
+        import_gguf(smollm2_gguf(), ckpt)
     arts = {}
     for prec in PAIRS:
         arts[prec] = workdir / f"smollm2-135m-{prec}"
         if not is_artifact(arts[prec]):
             log(f"exporting smollm2-135m --{prec}")
             export(ckpt, arts[prec], force=True, quant=SCHEMES[prec])
+    return ckpt, arts
+
+
+def prepare(workdir: Path, log=print) -> tuple[dict, dict]:
+    """({"int8": artifact, "int4": artifact}, {"q8_0": gguf, "q4_1": gguf}), made once in workdir."""
+    _, arts = prepare_pltkit(workdir, log)
+    src = smollm2_gguf()
     q8 = workdir / "smollm2-135m-q8_0.gguf"
     if not q8.is_file():
         log("llama.cpp: requantizing to Q8_0")

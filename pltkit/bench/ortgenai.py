@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pltkit.bench.llamacpp import GGUF_NAME, PAIRS, PltkitRunner, Runner, prompt_ids, smollm2_gguf, timed
+from pltkit.bench.llamacpp import PltkitRunner, Runner, prepare_pltkit, prompt_ids, timed
 
 PRECISIONS = ("int8", "int4")
 BUILD_OPTIONS = {"int8": ["accuracy_level=4", "block_size=32"],
@@ -91,26 +91,6 @@ def set_threads(model_dir: Path, threads: int) -> None:
     if opts.get("intra_op_num_threads") != threads or opts.get("inter_op_num_threads") != 1:
         opts.update(intra_op_num_threads=threads, inter_op_num_threads=1)
         path.write_text(json.dumps(cfg, indent=4))
-
-
-def prepare_pltkit(workdir: Path, log=print) -> tuple[Path, dict]:
-    """The llama.cpp comparison's import and artifacts (shared when run in the same workdir)."""
-    from pltkit.export.artifact import export
-    from pltkit.model.llama_import import import_gguf
-    from pltkit.quant.schemes import SCHEMES
-    from pltkit.runtime.artifact import is_artifact
-
-    ckpt = workdir / "smollm2-135m"
-    if not (ckpt / "config.json").is_file():
-        log(f"importing {GGUF_NAME}")
-        import_gguf(smollm2_gguf(), ckpt)
-    arts = {}
-    for prec in PAIRS:
-        arts[prec] = workdir / f"smollm2-135m-{prec}"
-        if not is_artifact(arts[prec]):
-            log(f"exporting smollm2-135m --{prec}")
-            export(ckpt, arts[prec], force=True, quant=SCHEMES[prec])
-    return ckpt, arts
 
 
 def prepare(workdir: Path, log=print) -> tuple[dict, dict]:

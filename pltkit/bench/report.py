@@ -32,11 +32,7 @@ def tables(results: dict) -> str:
                      f"plt2/plain {r['plt2'] / r['plain']:.4f}")
     if "llamacpp" in results:
         lc = results["llamacpp"]
-        lines.append("")
-        lines.append(f"SmolLM2-135M, {lc['threads']} threads, prompt {lc['ctx']} tokens: "
-                     f"{'prefill tok/s':>14} {'decode ms':>10}")
-        for name in lc["decode_ms"]:
-            lines.append(f"{name:>16} {lc['prefill_tps'][name]:>14.0f} {lc['decode_ms'][name]:>10.2f}")
+        lines += peer_table("SmolLM2-135M", lc)
         lines.append(f"next-token top-1 agreement with llama.cpp at the comparable type (256 teacher-forced "
                      f"positions): {lc['top1_agreement']}")
         prof = lc["profile"]
@@ -45,14 +41,16 @@ def tables(results: dict) -> str:
                      ", ".join(f"{op} {share:.0%}" for op, share in prof["op_share"].items()))
     if "ortgenai" in results:
         og = results["ortgenai"]
-        lines.append("")
-        lines.append(f"SmolLM2-135M against onnxruntime-genai, {og['threads']} threads, prompt {og['ctx']} tokens: "
-                     f"{'prefill tok/s':>14} {'decode ms':>10}")
-        for name in og["decode_ms"]:
-            lines.append(f"{name:>16} {og['prefill_tps'][name]:>14.0f} {og['decode_ms'][name]:>10.2f}")
+        lines += peer_table("SmolLM2-135M against onnxruntime-genai", og)
         lines.append(f"next-token top-1 agreement with onnxruntime-genai: {og['top1_agreement']}")
     lines.append(f"\n({results['seconds']} s)")
     return "\n".join(lines)
+
+
+def peer_table(title: str, r: dict) -> list[str]:
+    """A peer comparison's prefill and decode speed, a line per system."""
+    lines = ["", f"{title}, {r['threads']} threads, prompt {r['ctx']} tokens: {'prefill tok/s':>14} {'decode ms':>10}"]
+    return lines + [f"{name:>16} {r['prefill_tps'][name]:>14.0f} {r['decode_ms'][name]:>10.2f}" for name in r["decode_ms"]]
 
 
 def summary(results: dict, args) -> dict:

@@ -102,7 +102,7 @@ class OpenAIChat:
                    "tool_choice": lambda v: v in (None, "auto", "none"), "audio": lambda v: not v,
                    "modalities": lambda v: not v or v == ["text"], **UNIMPLEMENTED_SAMPLING}
     renames = {**OpenAI.renames, "max_completion_tokens": "n_predict"}
-    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}  # OpenAI's
+    defaults = {k: v for k, v in OpenAI.defaults.items() if k != "n_predict"}  # OpenAI's; no token cap
 
     def parse(self, body) -> Call:
         body = _object(body)
