@@ -37,4 +37,7 @@ def test_plt_bench_smoke(tmp_path):
     for key in ("plt2_over_plain_decode", "serial2_over_plt2_decode", "plt2_over_plain_kv_bytes"):
         assert summary[key] > 0
     assert summary["plt2_over_plain_kv_bytes"] > 1  # the ring and carry of the second loop
+    # the second loop's ring attention, gate and carry are nodes of every layer
+    assert summary["nodes_per_layer_plt2_fp32"] > summary["nodes_per_layer_plain_fp32"] > 0
+    assert "nodes per decoder layer" in out.stderr
     assert (tmp_path / "chart.png").stat().st_size > 1000

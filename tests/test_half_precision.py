@@ -54,11 +54,11 @@ def run(backend):
 def test_half_precision_artifact_matches_the_reference(checkpoint, dtype):
     d, want = checkpoint
     art = Artifact.open(export(d / "ckpt", d / dtype, dtype=dtype, force=True))
-    assert art.manifest["state"]["dtype"] == dtype and "gqa" not in art.attention_variants
+    assert art.manifest["state"]["dtype"] == dtype and ("gqa" in art.attention_variants) == (dtype == "float16")
     floor = 2 * torch_loss(d / "ckpt", dtype, want) + 1e-3
     runs = {"onnx-reference (kvbuffer)": run(open_backend(art.path, "onnx-reference"))}
     if dtype == "float16":
-        runs.update({f"ort {a}": run(OrtBackend(art, 1, a)) for a in ("function", "kvbuffer")})
+        runs.update({f"ort {a}": run(OrtBackend(art, 1, a)) for a in ("function", "kvbuffer", "gqa")})
     for name, got in runs.items():
         diff = float(np.abs(got - want).max())
         print(f"{dtype} {name}: max|logits - float32 torch| = {diff:.2e} (bound {floor:.2e}, "

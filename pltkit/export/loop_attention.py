@@ -141,33 +141,28 @@ def function_proto(opset: int, dtype: str = "float32") -> onnx.FunctionProto:
 
 # --- fast path: decode on com.microsoft.GroupQueryAttention ----------------------------------
 def loop_attention_gqa_decode(g: Graph, inputs: list[str], *, rows: int, window: int, scale: float,
-                              heads: int, kv_heads: int, rotary: tuple | None = None) -> list[str]:
+                              heads: int, kv_heads: int, head_dim: int, rotary: tuple | None = None) -> list[str]:
     """LoopAttention of a decode step (first_loop = 0, S = 1) on ONNX Runtime's GroupQueryAttention
-    kernels. Global branch: ONE call for all rows, the rows' query heads stacked as extra heads
-    of each kv group, appending loop 0's key to the global cache in place (past_key is a buffer of
-    `capacity` positions shared with present_key; pos0 valid entries). Local branch: one call per
-    extra loop over its ring (local_window_size = window + 1 keys including the current one).
+    kernels, in the projections' own layout: q [R, B, 1, H*Dh], k and v [R, B, 1, Hkv*Dh], output
+    [R, B, 1, H*Dh] (no head transposes). gate [R-1, B, H, 1].
 
-    rotary: (cos_cache, sin_cache, q, k) with q, k NOT rotated: the global call rotates them at
-    the token's position itself (do_rotary); the rows of `inputs` then only serve the rings."""
+    Global branch: ONE call for all rows, the rows' query heads stacked as extra heads of each kv
+    group, appending loop 0's key to the global cache in place (past_key is a buffer of `capacity`
+    positions shared with present_key; pos0 valid entries). Local branch: one call per extra loop
+    over its ring (local_window_size = window + 1 keys including the current one).
+
+    rotary: (cos_cache, sin_cache) when q and k are NOT rotated: every call rotates them at the
+    token's position itself (do_rotary; the ring calls get it as position_ids)."""
     q, k, v, past_k, past_v, ring_k, ring_v, gate, pos0 = inputs
     zero, big, rep = g.const([0]), g.const([2**62]), heads // kv_heads
+    caches = tuple(rotary or ())
 
-    def row(x, r):  # [R, B, n, 1, Dh] -> row r as [B, 1, n*Dh]
-        x = g.op("Transpose", g.op("Gather", x, g.const(r), axis=0), perm=[0, 2, 1, 3])
-        return g.op("Reshape", x, g.const([0, 0, -1]))
-
-    def unrow(y):  # [B, 1, H*Dh] -> [1, B, H, 1, Dh]
-        y = g.op("Reshape", y, g.const([0, 0, heads, -1]))
-        return g.op("Unsqueeze", g.op("Transpose", y, perm=[0, 2, 1, 3]), zero)
+    def take(x, r):  # row r: [R, ...] -> [...]
+        return g.op("Gather", x, g.const(r), axis=0)
 
     def lengths(batch, total):  # GQA's total_sequence_length and seqlens_k
         total32 = g.op("Cast", total, to=6)
         return total32, g.op("Expand", g.op("Sub", total32, g.const(1, np.int32)), batch)
-
-    def ring_total(r, pk):  # keys of a local call: the ring's valid entries + 1
-        return g.shared(("gqa.ring.total", r), lambda: g.op("Add", g.op("Gather", g.op("Shape", pk), g.const(2)),
-                                                           g.const(1)))
 
     def gqa(query, key, value, pk, pv, n_heads, lens, window_size=-1, caches=()):
         total32, seqlens = lens
@@ -176,33 +171,44 @@ def loop_attention_gqa_decode(g: Graph, inputs: list[str], *, rows: int, window:
                     domain="com.microsoft", num_heads=n_heads, kv_num_heads=kv_heads, scale=scale,
                     local_window_size=window_size, **extra)
 
-    q_glob, k_glob, caches = (rotary[2], rotary[3], rotary[:2]) if rotary else (q, k, ())
-    # global: q [R, B, H, 1, Dh] -> [B, 1, Hkv * R * rep * Dh], grouped by kv head
-    qg = g.op("Reshape", g.op("Transpose", q_glob, perm=[1, 3, 0, 2, 4]), g.const([0, 0, rows, kv_heads, rep, -1]))
-    qg = g.op("Reshape", g.op("Transpose", qg, perm=[0, 1, 3, 2, 4, 5]), g.const([0, 0, -1]))
+    # global: the rows' heads grouped by kv head, [B, 1, Hkv * R * rep * Dh]
+    if rows == 1:
+        qg = take(q, 0)
+    else:
+        qg = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, kv_heads, -1])), perm=[1, 2, 0, 3])
+        qg = g.op("Reshape", qg, g.const([0, 1, -1]))
     # the lengths are the same in every layer (the caches, and the rings, have one length): built once
-    batch = g.shared("gqa.batch", lambda: g.op("Slice", g.op("Shape", qg), zero, g.const([1])))
+    batch = g.shared("gqa.batch", lambda: g.op("Slice", g.op("Shape", v), g.const([1]), g.const([2])))
     lens = g.shared("gqa.global.lengths", lambda: lengths(batch, g.op("Add", pos0, g.const(1))))
-    yg, present_k, present_v = gqa(qg, row(k_glob, 0), row(v, 0), past_k, past_v, rows * heads, lens, caches=caches)
-    yg = g.op("Transpose", g.op("Reshape", yg, g.const([0, 0, kv_heads, rows, rep, -1])), perm=[0, 1, 3, 2, 4, 5])
-    y_global = g.op("Transpose", g.op("Reshape", yg, g.const([0, 0, rows, heads, -1])), perm=[2, 0, 3, 1, 4])
+    yg, present_k, present_v = gqa(qg, take(k, 0), take(v, 0), past_k, past_v, rows * heads, lens, caches=caches)
+    if rows == 1:
+        return [g.op("Unsqueeze", yg, zero), present_k, present_v, None, None]  # no rings
+    yg = g.op("Transpose", g.op("Reshape", yg, g.const([0, kv_heads, rows, -1])), perm=[2, 0, 1, 3])
+    y_rows = g.op("Reshape", yg, g.const([0, 0, heads, head_dim]))  # [R, B, H, Dh]
 
-    outs, rings_k, rings_v = [g.op("Slice", y_global, zero, g.const([1]), zero)], [], []
+    def positions():  # a ring call's keys are relative: the token's position, [B, 1]
+        return g.shared("gqa.position_ids", lambda: g.op("Expand", g.op("Reshape", pos0, g.const([1, 1])),
+                                                         g.op("Concat", batch, g.const([1]), axis=0)))
+
+    locals_, rings_k, rings_v = [], [], []
     for r in range(1, rows):
-        rk, rv = g.op("Gather", ring_k, g.const(r - 1), axis=0), g.op("Gather", ring_v, g.const(r - 1), axis=0)
-        total = ring_total(r, rk)
-        y_local, loc_k, loc_v = gqa(row(q, r), row(k, r), row(v, r), rk, rv, heads,
+        rk = take(ring_k, r - 1)
+        total = g.shared(("gqa.ring.total", r), lambda: g.op("Add", g.op("Gather", g.op("Shape", rk), g.const(2)),
+                                                             g.const(1)))
+        y_local, loc_k, loc_v = gqa(take(q, r), take(k, r), take(v, r), rk, take(ring_v, r - 1), heads,
                                     g.shared(("gqa.ring.lengths", r), lambda: lengths(batch, total)),
-                                    window_size=window + 1)
-        gt = g.op("Unsqueeze", g.op("Gather", gate, g.const(r - 1), axis=0), g.const([0, -1]))
-        y_g = g.op("Slice", y_global, g.const([r]), g.const([r + 1]), zero)
-        outs.append(g.op("Add", g.op("Mul", gt, y_g),
-                         g.op("Mul", g.op("Sub", g.const(1.0, np.float32), gt), unrow(y_local))))
+                                    window_size=window + 1, caches=caches and (*caches, positions()))
+        locals_.append(g.op("Reshape", y_local, g.const([1, -1, heads, head_dim])))
         keep = g.shared(("gqa.ring.keep", r),  # the local call's keys (total of them) -> the newest `window`
                         lambda: g.op("Unsqueeze", g.op("Max", g.const(0), g.op("Sub", total, g.const(window))), zero))
         rings_k.append(g.op("Unsqueeze", g.op("Slice", loc_k, keep, big, g.const([2])), zero))
         rings_v.append(g.op("Unsqueeze", g.op("Slice", loc_v, keep, big, g.const([2])), zero))
-    out = outs[0] if rows == 1 else g.op("Concat", *outs, axis=0)
-    ring_out_k = g.op("Concat", *rings_k, axis=0) if rings_k else g.op("Identity", ring_k)
-    ring_out_v = g.op("Concat", *rings_v, axis=0) if rings_v else g.op("Identity", ring_v)
+    y_local = locals_[0] if rows == 2 else g.op("Concat", *locals_, axis=0)
+    # rows >= 1: g * global + (1 - g) * local = local + g * (global - local)
+    y_g = g.op("Slice", y_rows, g.const([1]), big, zero)
+    mixed = g.op("Add", y_local, g.op("Mul", gate, g.op("Sub", y_g, y_local)))
+    out = g.op("Concat", g.op("Slice", y_rows, zero, g.const([1]), zero), mixed, axis=0)
+    out = g.op("Reshape", out, g.const([0, 0, 1, -1]))
+    ring_out_k = rings_k[0] if rows == 2 else g.op("Concat", *rings_k, axis=0)
+    ring_out_v = rings_v[0] if rows == 2 else g.op("Concat", *rings_v, axis=0)
     return [out, present_k, present_v, ring_out_k, ring_out_v]

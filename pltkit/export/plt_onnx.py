@@ -115,41 +115,14 @@ class _Builder:
 
     def layer(self, i: int, x: str, first_loop: int, rope: tuple[str, str], pos0: str,
               kv: tuple[str, str], ring: tuple[str, str] | None) -> tuple[str, list[str]]:
+        """One decoder layer; returns its output and the attention's state outputs (present key,
+        value, ring key, ring value)."""
         g, c = self.g, self.cfg
         p = f"model.layers.{i}"
         with g.scope(f"layers.{i}"):
             h = self.rmsnorm(x, p + ".input_layernorm.weight")
-            q_raw = self.heads(self.linear(h, p + ".self_attn.q_proj", c.attention_bias), c.num_attention_heads)
-            k_raw = self.heads(self.linear(h, p + ".self_attn.k_proj", c.attention_bias), c.num_key_value_heads)
-            v = self.heads(self.linear(h, p + ".self_attn.v_proj", c.attention_bias), c.num_key_value_heads)
-            start = 1 if first_loop == 0 else 0  # rows with a ring and a gate
-            # rows in this call: all L loops in decode, one loop in prefill
-            rows = c.plt_num_loops if first_loop == 0 and ring is not None else 1
-            # one row (one loop): the GQA decode rotates queries and keys itself. With more rows the
-            # ring attention and the query-mode gate need them rotated here anyway (measured: letting
-            # GQA rotate the global call as well was no faster on the default model)
-            rotary = self.rotary_in_gqa() and rows == 1
-            q, k = q_raw, k_raw  # (shapes only, when rotary and one row)
-            if not rotary or rows > 1:
-                q, k = self.rope(q_raw, *rope), self.rope(k_raw, *rope)
-            if ring is None:  # no loop >= 1 rows in this call: empty ring and gate
-                no_rows = g.op("Slice", k, g.const([0]), g.const([0]), g.const([0]))
-                ring = (g.op("Slice", no_rows, g.const([0]), g.const([0]), g.const([3])),) * 2
-                gate = g.op("ReduceSum", g.op("Slice", q, g.const([0]), g.const([0]), g.const([0])),
-                            g.const([-1]), keepdims=0)
-            else:
-                gate = self.gate(i, x, q, start)
-            args = [q, k, v, *kv, *ring, gate, pos0]
-            if self.attention == "gqa":  # decode only
-                caches = (self.rope_half("cos"), self.rope_half("sin"), q_raw, k_raw) if rotary else None
-                out, *state = loop_attention_gqa_decode(g, args, rows=rows, window=c.window_left,
-                                                        scale=1 / math.sqrt(c.head_dim),
-                                                        heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
-                                                        rotary=caches)
-            else:
-                out, *state = loop_attention(g, args, first_loop=first_loop, window=c.window_left,
-                                             scale=1 / math.sqrt(c.head_dim), kv_buffer=self.kv_buffer)
-            y = g.op("Reshape", g.op("Transpose", out, perm=[0, 1, 3, 2, 4]), g.const([0, 0, 0, -1]))
+            attention = self.attention_gqa if self.attention == "gqa" else self.attention_loop
+            y, state = attention(i, x, h, first_loop, rope, pos0, kv, ring)
             x = g.op("Add", x, self.linear(y, p + ".self_attn.o_proj", c.attention_bias))
             h = self.rmsnorm(x, p + ".post_attention_layernorm.weight")
             mlp = p + ".mlp"
@@ -157,6 +130,54 @@ class _Builder:
             up = g.op("Mul", g.op("Mul", gp, g.op("Sigmoid", gp)), self.linear(h, mlp + ".up_proj", c.mlp_bias))
             x = g.op("Add", x, self.linear(up, mlp + ".down_proj", c.mlp_bias))
         return x, state
+
+    def qkv(self, i: int, h: str) -> list[str]:
+        """[R, B, S, n*Dh] projections q, k, v."""
+        return [self.linear(h, f"model.layers.{i}.self_attn.{n}_proj", self.cfg.attention_bias) for n in "qkv"]
+
+    def attention_loop(self, i, x_in, h, first_loop, rope, pos0, kv, ring) -> tuple[str, list[str]]:
+        """Attention as one LoopAttention node, on heads [R, B, H, S, Dh] (prefill and decode)."""
+        g, c = self.g, self.cfg
+        q, k, v = (self.heads(t, n) for t, n in zip(self.qkv(i, h), (c.num_attention_heads, c.num_key_value_heads,
+                                                                      c.num_key_value_heads)))
+        q, k = self.rope(q, *rope), self.rope(k, *rope)
+        if ring is None:  # no loop >= 1 rows in this call: empty ring and gate
+            no_rows = g.op("Slice", k, g.const([0]), g.const([0]), g.const([0]))
+            ring = (g.op("Slice", no_rows, g.const([0]), g.const([0]), g.const([3])),) * 2
+            gate = g.op("ReduceSum", g.op("Slice", q, g.const([0]), g.const([0]), g.const([0])),
+                        g.const([-1]), keepdims=0)
+        else:
+            gate = self.gate(i, x_in, q, 1 if first_loop == 0 else 0)
+        out, *state = loop_attention(g, [q, k, v, *kv, *ring, gate, pos0], first_loop=first_loop,
+                                     window=c.window_left, scale=1 / math.sqrt(c.head_dim), kv_buffer=self.kv_buffer)
+        return g.op("Reshape", g.op("Transpose", out, perm=[0, 1, 3, 2, 4]), g.const([0, 0, 0, -1])), state
+
+    def attention_gqa(self, i, x_in, h, first_loop, rope, pos0, kv, ring) -> tuple[str, list[str]]:
+        """Decode attention on GroupQueryAttention, in the projections' layout [R, B, 1, n*Dh]: all
+        L loops as rows (a ring per extra loop), RoPE inside the kernel where head_dim allows."""
+        c = self.cfg
+        H, Hkv = c.num_attention_heads, c.num_key_value_heads
+        q, k, v = self.qkv(i, h)
+        rotary = self.rotary_in_gqa()
+        if not rotary:
+            q, k = self.rope_tokens(q, H, rope), self.rope_tokens(k, Hkv, rope)
+        gate = None
+        if ring is not None:
+            q_gate = None
+            if not c.plt_gate_use_hidden_states:  # the query-mode gate reads the rotated query heads
+                q_gate = self.heads(q, H)
+                q_gate = self.rope(q_gate, *rope) if rotary else q_gate
+            gate = self.gate(i, x_in, q_gate, 1)
+        out, *state = loop_attention_gqa_decode(
+            self.g, [q, k, v, *kv, *(ring or (None, None)), gate, pos0], rows=c.plt_num_loops if ring else 1,
+            window=c.window_left, scale=1 / math.sqrt(c.head_dim), heads=H, kv_heads=Hkv, head_dim=c.head_dim,
+            rotary=(self.rope_half("cos"), self.rope_half("sin")) if rotary else None)
+        return out, state
+
+    def rope_tokens(self, x: str, n: int, rope: tuple[str, str]) -> str:
+        """RoPE on one token's [R, B, 1, n*Dh] (viewed as [R, B, n, Dh])."""
+        y = self.rope(self.g.op("Reshape", x, self.g.const([0, 0, n, self.cfg.head_dim])), *rope)
+        return self.g.op("Reshape", y, self.g.const([0, 0, 1, -1]))
 
     def logits(self, x: str) -> str:
         """x [..., D] -> logits [..., V] through model.norm and lm_head (or the tied embeddings)."""
@@ -204,7 +225,7 @@ class _Builder:
         """GQA's cos/sin cache: [positions, head_dim / 2] (our tables repeat the half)."""
         half = self.cfg.head_dim // 2
         return self.use_initializer(*self.store.derived(f"rope.{which}.half",
-                                                        lambda: self.store.source(f"rope.{which}")[:, :half]))
+                                                        lambda: self.store.source(f"rope.{which}")[:, :half].astype(self.np_ft)))
 
     def rope_tables(self, positions: str) -> tuple[str, str]:
         g = self.g

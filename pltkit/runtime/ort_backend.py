@@ -114,7 +114,7 @@ class OrtBackend:
             raise ArtifactError(f"{artifact.path} is bfloat16, which ONNX Runtime's CPU provider cannot run: use "
                                 f"--backend trt on a GPU, or onnx-reference (slow) on a CPU, or export float32 / "
                                 f"float16 for the CPU")
-        if attention == "auto":  # GroupQueryAttention is float32 on the CPU only
+        if attention == "auto":  # the GroupQueryAttention graph is the CPU fast path
             attention = "gqa" if "gqa" in variants and device == "cpu" else "function"
         self.attention, self.device = attention, device
         if self.attention not in variants:

@@ -1,0 +1,80 @@
+"""Nodes per decoder layer of a decode graph as ONNX Runtime runs it: after its graph
+optimizations (ORT_ENABLE_ALL, CPU), all nodes divided by the layer count. Each node is a kernel
+call per decoded token, so at small sizes this count, not the weights, sets the decode time.
+
+Counted from the optimized model ONNX Runtime writes when a session is created
+(SessionOptions.optimized_model_filepath, initializers to a side file), in a temporary folder:
+nothing is run.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+LEVELS = {"all": "ORT_ENABLE_ALL", "none": "ORT_DISABLE_ALL"}
+
+
+def count_nodes(graph) -> int:
+    """Nodes of an ONNX graph, those of its subgraphs (If, Loop, Scan bodies) included."""
+    return sum(1 + sum(count_nodes(a.g) + sum(count_nodes(s) for s in a.graphs) for a in n.attribute)
+               for n in graph.node)
+
+
+def optimized_nodes(model: str | Path, level: str = "all") -> int:
+    """Nodes of an ONNX model after ONNX Runtime's CPU graph optimizations at `level` ("all":
+    ORT_ENABLE_ALL, as the backends run; "none": ORT_DISABLE_ALL, the model as loaded)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="pltkit-nodes-") as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[level])
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        so.log_severity_level = 3  # not the warning that an ENABLE_ALL model is specific to this machine
+        so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        return count_nodes(onnx.load(so.optimized_model_filepath, load_external_data=False).graph)
+
+
+def decode_graph(artifact: str | Path) -> tuple[Path, int]:
+    """(the decode graph the ONNX Runtime backend runs on a CPU, decoder layers) of a pltkit artifact."""
+    from pltkit.runtime.artifact import Artifact
+
+    a = Artifact.open(artifact)
+    attention = "gqa" if "gqa" in a.attention_variants else "function"  # OrtBackend's "auto" on a CPU
+    return a.graph_path("decode", attention), a.config.num_hidden_layers
+
+
+def genai_graph(model_dir: str | Path) -> tuple[Path, int]:
+    """(the decoder model, decoder layers) of an onnxruntime-genai model folder."""
+    decoder = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
+    return Path(model_dir) / decoder["filename"], decoder["num_hidden_layers"]
+
+
+def per_layer(graph: tuple[Path, int], level: str = "all") -> float:
+    """Nodes per decoder layer of (model, layers), after ONNX Runtime's optimizations, to 0.1."""
+    model, layers = graph
+    return round(optimized_nodes(model, level) / layers, 1)
+
+
+def peer_nodes(artifacts: dict, genai_models: dict) -> dict:
+    """{"pltkit-int8": n, "genai-int8": n, ...}: nodes per layer of pltkit's decode graphs and
+    onnxruntime-genai's models, by precision."""
+    out = {}
+    for prec in artifacts:
+        out[f"pltkit-{prec}"] = per_layer(decode_graph(artifacts[prec]))
+        out[f"genai-{prec}"] = per_layer(genai_graph(genai_models[prec]))
+    return out
+
+
+def loop_nodes(artifacts: dict) -> dict:
+    """{precision: {variant: n}}: nodes per layer of the loop benchmark's decode graphs, from its
+    {(variant, precision): artifact}."""
+    out = {}
+    for (variant, prec), art in sorted(artifacts.items(), key=lambda kv: kv[0][::-1]):
+        out.setdefault(prec, {})[variant] = per_layer(decode_graph(art))
+    return out
