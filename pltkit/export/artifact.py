@@ -65,9 +65,22 @@ class WeightStore:
     """Initializers written once to weights.bin, handed to every graph that uses them."""
 
     def __init__(self, path: Path, source):
-        self.path, self.source = path, source
+        self.path, self._source = path, source
         self.file = open(path, "wb")
         self.protos: dict[str, TensorProto] = {}
+        self._packed: dict[str, list[str]] = {}
+
+    def source(self, name: str) -> np.ndarray:
+        """A tensor of the checkpoint, or of a packed projection (see pack)."""
+        parts = self._packed.get(name)
+        return np.concatenate([self._source(p) for p in parts]) if parts else self._source(name)
+
+    def pack(self, prefixes: list[str]) -> str:
+        """The prefix of one projection whose weight (and bias) rows are those of `prefixes`, in order."""
+        name = "+".join(prefixes)
+        for t in (".weight", ".bias"):
+            self._packed[name + t] = [p + t for p in prefixes]
+        return name
 
     def get(self, name: str, transpose: bool = False, dtype=np.float32) -> tuple[str, TensorProto]:
         """A tensor of the checkpoint in float `dtype` (transposed for MatMul when asked)."""

@@ -126,14 +126,23 @@ class _Builder:
             x = g.op("Add", x, self.linear(y, p + ".self_attn.o_proj", c.attention_bias))
             h = self.rmsnorm(x, p + ".post_attention_layernorm.weight")
             mlp = p + ".mlp"
-            gp = self.linear(h, mlp + ".gate_proj", c.mlp_bias)
-            up = g.op("Mul", g.op("Mul", gp, g.op("Sigmoid", gp)), self.linear(h, mlp + ".up_proj", c.mlp_bias))
+            gp, up = self.linears(h, [mlp + ".gate_proj", mlp + ".up_proj"], c.mlp_bias)
+            up = g.op("Mul", g.op("Mul", gp, g.op("Sigmoid", gp)), up)
             x = g.op("Add", x, self.linear(up, mlp + ".down_proj", c.mlp_bias))
         return x, state
 
+    def linears(self, x: str, prefixes: list[str], bias: bool) -> list[str]:
+        """Projections of one input as ONE packed layer, split after: its weights are those of the
+        layers stacked along the outputs (a scheme may refuse packing: `packable`)."""
+        if not getattr(self.quant, "packable", True):
+            return [self.linear(x, p, bias) for p in prefixes]
+        sizes = [self.store.source(p + ".weight").shape[0] for p in prefixes]
+        y = self.linear(x, self.store.pack(prefixes), bias)
+        return self.g.op("Split", y, self.g.const(sizes), axis=-1, n_out=len(prefixes))
+
     def qkv(self, i: int, h: str) -> list[str]:
         """[R, B, S, n*Dh] projections q, k, v."""
-        return [self.linear(h, f"model.layers.{i}.self_attn.{n}_proj", self.cfg.attention_bias) for n in "qkv"]
+        return self.linears(h, [f"model.layers.{i}.self_attn.{n}_proj" for n in "qkv"], self.cfg.attention_bias)
 
     def attention_loop(self, i, x_in, h, first_loop, rope, pos0, kv, ring) -> tuple[str, list[str]]:
         """Attention as one LoopAttention node, on heads [R, B, H, S, Dh] (prefill and decode)."""

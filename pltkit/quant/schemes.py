@@ -128,6 +128,7 @@ class StaticQDQ:
     Layers whose names start with a `keep_float` prefix stay float (the first layer: its
     activations cost fp8 the most agreement, see docs/design.md)."""
 
+    packable = False  # calibrated per layer: a packed projection would have no calibration range
     name: str
     qtype: int  # onnx TensorProto element type of the quantized values
     qmax: float
