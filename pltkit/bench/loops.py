@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pltkit.bench import export_stamp
+
 VARIANTS = ("plain", "serial2", "plt2")
 
 
@@ -84,7 +86,7 @@ def make_artifacts(checkpoints: dict[str, Path], workdir: Path, precisions) -> d
     out = {}
     for name, ckpt in checkpoints.items():
         for prec in precisions:
-            art = workdir / f"{ckpt.name}-{prec}"
+            art = workdir / f"{ckpt.name}-{prec}-{export_stamp()}"
             if not is_artifact(art):
                 export(ckpt, art, force=True, quant=SCHEMES.get(prec))
             out[name, prec] = art

@@ -1,0 +1,78 @@
+"""What a second row costs ONNX Runtime's MatMulNBits: the floor under PLT-2 / plain decode.
+
+PLT-2 decodes its two loops as two rows of one pass, so every quantized linear layer runs with
+M = 2 instead of M = 1 while reading the same weights. This times a graph of 24 MatMulNBits nodes
+(K 2048, N 5632: the large benchmark shape's MLP layers, ~280 MB of int8 weights, far beyond the
+L3 cache) at M = 1..4 rows, int8 and int4 (pltkit's schemes: block 32, accuracy_level 4),
+interleaved, medians. Prints a table, then one JSON line.
+
+    python benchmarks/matmul_rows.py [--threads 2] [--repeats 15] [--cpu-time]
+
+--cpu-time measures process CPU time with ONNX Runtime's thread spinning off, which is stable on
+a machine that other work shares (wall time is not); without it, wall time with spinning on, as
+the runtime runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from pltkit.quant.schemes import SCHEMES
+
+K, N, NODES, ROWS = 2048, 5632, 24, (1, 2, 3, 4)
+
+
+def session(scheme, threads: int, spinning: bool):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+    for i in range(NODES):
+        packed, scales = scheme.pack((rng.standard_normal((K, N)) * 0.02).astype(np.float32))
+        inits += [numpy_helper.from_array(packed, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
+        nodes.append(helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
+                                      K=K, N=N, bits=scheme.bits, block_size=scheme.block_size,
+                                      accuracy_level=scheme.accuracy_level))
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(NODES)]
+    graph = helper.make_graph(nodes, "rows", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--cpu-time", action="store_true", help="process CPU time, spinning off (shared machines)")
+    args = ap.parse_args(argv)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    rng, out = np.random.default_rng(1), {}
+    for name in ("int8", "int4"):
+        s = session(SCHEMES[name], args.threads, spinning=not args.cpu_time)
+        xs = {m: rng.standard_normal((m, K)).astype(np.float32) for m in ROWS}
+        times = {m: [] for m in ROWS}
+        for _ in range(args.repeats):
+            for m, x in xs.items():
+                start = clock()
+                s.run(None, {"x": x})
+                times[m].append(clock() - start)
+        ms = {m: statistics.median(t) * 1e3 for m, t in times.items()}
+        out[name] = {"ms": ms, "over_one_row": {m: ms[m] / ms[1] for m in ROWS}}
+        print(f"{name}: " + "  ".join(f"M={m} {ms[m]:.2f} ms ({ms[m] / ms[1]:.2f}x)" for m in ROWS))
+    print(json.dumps({"threads": args.threads, "cpu_time": args.cpu_time, "nodes": NODES, "K": K, "N": N, **out}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
