@@ -26,6 +26,22 @@ def test_serial_loops_cost_model(tmp_path):
         SerialLoops(open_backend(tmp_path / "two", "torch", 1), 2)
 
 
+def test_kv_bytes_count_the_entries_not_the_room_to_grow(tmp_path):
+    """plt-bench's KV bytes are the same on ONNX Runtime (cache buffers with spare capacity) as
+    the torch reference's exact tensors, for PLT-2 (global cache, rings, carries)."""
+    from pltkit.bench.loops import kv_bytes
+    from pltkit.export.artifact import export
+
+    make_checkpoint(tmp_path / "two", make_config(plt_num_loops=2), seed=1)
+    export(tmp_path / "two", tmp_path / "art")
+    ids = np.arange(4, 14)[None]
+    states = {b: open_backend(tmp_path / d, b, 1) for b, d in (("torch", "two"), ("ort", "art"))}
+    states = {b: be.decode(np.asarray([5]), be.prefill(ids, be.new_state(1))[1])[1] for b, be in states.items()}
+    assert states["ort"].nbytes() > kv_bytes(states["ort"]) == kv_bytes(states["torch"]) > 0
+    print(f"PLT-2 state after 11 tokens: {kv_bytes(states['torch'])} bytes "
+          f"(ONNX Runtime buffers: {states['ort'].nbytes()})")
+
+
 def test_plt_bench_smoke(tmp_path):
     out = subprocess.run(["plt-bench", "--shape", "default", "--forms", "torch-fp32", "ort-fp32", "--contexts", "32",
                           "96", "--steps", "2", "--repeats", "1", "--no-llamacpp", "--no-ortgenai", "--threads", "1",

@@ -170,8 +170,8 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
         states = {v: prefilled(backends[v], prompt, contexts) for v in ("plain", "plt2")}
         # the serial loops' passes see the same tokens: each starts from a copy of the plain state
         states["serial2"] = {c: SerialState([s.clone(), s.clone()]) for c, s in states["plain"].items()}
-        if form == "torch-fp32":  # exact tensor sizes (ONNX Runtime's buffers grow by doubling)
-            out["kv_bytes"] = {c: {v: states[v][c].nbytes() for v in VARIANTS} for c in contexts}
+        if not out["kv_bytes"]:
+            out["kv_bytes"] = {c: {v: kv_bytes(states[v][c]) for v in VARIANTS} for c in contexts}
         out["decode_ms"][form] = {}
         for ctx in contexts:
             runs = {v: [] for v in VARIANTS}
@@ -190,6 +190,20 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
         del backends, states  # before the next form's sessions open (at --shape large: GBs each)
     out["peak_rss_mb"] = peak_rss(checkpoints, max(contexts), threads, [f for f in forms if f in rss_forms])
     return out
+
+
+def kv_bytes(state) -> int:
+    """Bytes of a decode state's entries: caches, rings and carries (ONNX Runtime's cache buffers
+    also have room to grow, by doubling: that room is not counted)."""
+    from pltkit.runtime.ort_backend import OrtState
+    from pltkit.runtime.serial import SerialState
+
+    if isinstance(state, SerialState):
+        return sum(kv_bytes(s) for s in state.states)
+    if isinstance(state, OrtState):
+        return (sum(b[:, :, :state.pos].nbytes for b in state.kv.values())
+                + sum(a.nbytes for a in state.other.values()))
+    return state.nbytes()
 
 
 def peak_rss(checkpoints, ctx: int, threads: int, forms) -> dict:
