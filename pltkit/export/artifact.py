@@ -47,11 +47,11 @@ MANIFEST = "pltkit.json"
 WEIGHTS = "weights.bin"
 ALIGN = 64
 # Graph sets: "function" (LoopAttention nodes with their function body: portable, the reference),
-# "gqa" (decode on ONNX Runtime's GroupQueryAttention kernels, the fast path there; its CPU
-# kernel refuses a chunk of S > 1 tokens after a past for batch > 1, so prefill stays "function")
-# and "kvbuffer" (LoopAttention over cache buffers updated in place: the TensorRT form).
+# "gqa" (ONNX Runtime's GroupQueryAttention kernels for decode and prefill's loop 0, over cache
+# buffers updated in place: the fast path there) and "kvbuffer" (LoopAttention over cache buffers
+# updated in place: the TensorRT form).
 GRAPHS = [("prefill.onnx", "prefill", "function", prefill_graph), ("decode.onnx", "decode", "function", decode_graph),
-          ("decode.gqa.onnx", "decode", "gqa", decode_graph),
+          ("prefill.gqa.onnx", "prefill", "gqa", prefill_graph), ("decode.gqa.onnx", "decode", "gqa", decode_graph),
           ("prefill.kvbuffer.onnx", "prefill", "kvbuffer", prefill_graph),
           ("decode.kvbuffer.onnx", "decode", "kvbuffer", decode_graph)]
 PORTABLE = ("function", "kvbuffer")  # graph sets of standard ops and LoopAttention only
@@ -174,8 +174,6 @@ def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
         g = build(cfg, store, OPSET, attention, quant, dtype)
         onnx.save_model(_model_proto(g, f"pltkit_{phase}", dtype), tmp / file)
         graphs[attention][phase] = {"file": file, **_io(g)}
-        if attention == "function" and phase == "prefill" and "gqa" in graphs:  # GQA has no batched chunked prefill
-            graphs["gqa"][phase] = graphs[attention][phase]
         stages.update(0.5)
     store.close()
 

@@ -140,11 +140,12 @@ def function_proto(opset: int, dtype: str = "float32") -> onnx.FunctionProto:
 
 
 # --- fast path: decode on com.microsoft.GroupQueryAttention ----------------------------------
-def loop_attention_gqa_decode(g: Graph, inputs: list[str], *, rows: int, window: int, scale: float,
-                              heads: int, kv_heads: int, head_dim: int, rotary: tuple | None = None) -> list[str]:
-    """LoopAttention of a decode step (first_loop = 0, S = 1) on ONNX Runtime's GroupQueryAttention
-    kernels, in the projections' own layout: q [R, B, 1, H*Dh], k and v [R, B, 1, Hkv*Dh], output
-    [R, B, 1, H*Dh] (no head transposes). gate [R-1, B, H, 1].
+def loop_attention_gqa(g: Graph, inputs: list[str], *, rows: int, window: int, scale: float,
+                       heads: int, kv_heads: int, head_dim: int, rotary: tuple | None = None) -> list[str]:
+    """LoopAttention with first_loop = 0 on ONNX Runtime's GroupQueryAttention kernels, in the
+    projections' own layout: q [R, B, S, H*Dh], k and v [R, B, S, Hkv*Dh], output [R, B, S, H*Dh]
+    (no head transposes). One row (loop 0 alone: a prefill chunk, or a one-loop model's decode
+    step), or all L loops of a decode step (S = 1) with gate [R-1, B, H, 1].
 
     Global branch: ONE call for all rows, the rows' query heads stacked as extra heads of each kv
     group, appending loop 0's key to the global cache in place (past_key is a buffer of `capacity`
@@ -179,7 +180,8 @@ def loop_attention_gqa_decode(g: Graph, inputs: list[str], *, rows: int, window:
         qg = g.op("Reshape", qg, g.const([0, 1, -1]))
     # the lengths are the same in every layer (the caches, and the rings, have one length): built once
     batch = g.shared("gqa.batch", lambda: g.op("Slice", g.op("Shape", v), g.const([1]), g.const([2])))
-    lens = g.shared("gqa.global.lengths", lambda: lengths(batch, g.op("Add", pos0, g.const(1))))
+    lens = g.shared("gqa.global.lengths",  # the cache holds pos0 + S keys after the call
+                    lambda: lengths(batch, g.op("Add", pos0, g.op("Gather", g.op("Shape", v), g.const(2)))))
     yg, present_k, present_v = gqa(qg, take(k, 0), take(v, 0), past_k, past_v, rows * heads, lens, caches=caches)
     if rows == 1:
         return [g.op("Unsqueeze", yg, zero), present_k, present_v, None, None]  # no rings

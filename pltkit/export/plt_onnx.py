@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pltkit.export.graph import FLOAT, INT64, Graph, float_type
-from pltkit.export.loop_attention import loop_attention, loop_attention_gqa_decode
+from pltkit.export.loop_attention import loop_attention, loop_attention_gqa
 from pltkit.model.config import PLTConfig
 from pltkit.model.plt import rope_cos_sin
 
@@ -121,7 +121,10 @@ class _Builder:
         p = f"model.layers.{i}"
         with g.scope(f"layers.{i}"):
             h = self.rmsnorm(x, p + ".input_layernorm.weight")
-            attention = self.attention_gqa if self.attention == "gqa" else self.attention_loop
+            # GQA runs decode (all loops as rows) and prefill's loop 0; prefill's later loops read
+            # the cache loop 0 wrote (LoopAttention over the in-place buffer)
+            gqa = self.attention == "gqa" and first_loop == 0
+            attention = self.attention_gqa if gqa else self.attention_loop
             y, state = attention(i, x, h, first_loop, rope, pos0, kv, ring)
             x = g.op("Add", x, self.linear(y, p + ".self_attn.o_proj", c.attention_bias))
             h = self.rmsnorm(x, p + ".post_attention_layernorm.weight")
@@ -162,8 +165,9 @@ class _Builder:
         return g.op("Reshape", g.op("Transpose", out, perm=[0, 1, 3, 2, 4]), g.const([0, 0, 0, -1])), state
 
     def attention_gqa(self, i, x_in, h, first_loop, rope, pos0, kv, ring) -> tuple[str, list[str]]:
-        """Decode attention on GroupQueryAttention, in the projections' layout [R, B, 1, n*Dh]: all
-        L loops as rows (a ring per extra loop), RoPE inside the kernel where head_dim allows."""
+        """Attention on GroupQueryAttention, in the projections' layout [R, B, S, n*Dh], RoPE inside
+        the kernel where head_dim allows: decode (S = 1, all L loops as rows, a ring per extra loop)
+        or prefill's loop 0 (one row, S tokens)."""
         c = self.cfg
         H, Hkv = c.num_attention_heads, c.num_key_value_heads
         q, k, v = self.qkv(i, h)
@@ -177,16 +181,18 @@ class _Builder:
                 q_gate = self.heads(q, H)
                 q_gate = self.rope(q_gate, *rope) if rotary else q_gate
             gate = self.gate(i, x_in, q_gate, 1)
-        out, *state = loop_attention_gqa_decode(
+        out, *state = loop_attention_gqa(
             self.g, [q, k, v, *kv, *(ring or (None, None)), gate, pos0], rows=c.plt_num_loops if ring else 1,
             window=c.window_left, scale=1 / math.sqrt(c.head_dim), heads=H, kv_heads=Hkv, head_dim=c.head_dim,
             rotary=(self.rope_half("cos"), self.rope_half("sin")) if rotary else None)
         return out, state
 
     def rope_tokens(self, x: str, n: int, rope: tuple[str, str]) -> str:
-        """RoPE on one token's [R, B, 1, n*Dh] (viewed as [R, B, n, Dh])."""
-        y = self.rope(self.g.op("Reshape", x, self.g.const([0, 0, n, self.cfg.head_dim])), *rope)
-        return self.g.op("Reshape", y, self.g.const([0, 0, 1, -1]))
+        """RoPE on [R, B, S, n*Dh] (viewed as [R, B, S, n, Dh])."""
+        g = self.g
+        cos, sin = (g.shared(("rope.tokens", t), lambda t=t: g.op("Unsqueeze", t, g.const([-2]))) for t in rope)
+        y = self.rope(g.op("Reshape", x, g.const([0, 0, 0, n, self.cfg.head_dim])), cos, sin)
+        return g.op("Reshape", y, g.const([0, 0, 0, -1]))
 
     def logits(self, x: str) -> str:
         """x [..., D] -> logits [..., V] through model.norm and lm_head (or the tied embeddings)."""

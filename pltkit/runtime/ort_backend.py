@@ -119,9 +119,10 @@ class OrtBackend:
         self.attention, self.device = attention, device
         if self.attention not in variants:
             raise ArtifactError(f"{artifact.path} has no {self.attention!r} graphs (it has: {', '.join(variants)})")
-        self.sessions = {phase: ort.InferenceSession(str(artifact.graph_path(phase, self.attention)), so,
-                                                     providers=providers)
-                         for phase in ("prefill", "decode")}
+        self._open = lambda phase, attention: ort.InferenceSession(str(artifact.graph_path(phase, attention)), so,
+                                                                  providers=providers)
+        self.sessions = {phase: self._open(phase, self.attention) for phase in ("prefill", "decode")}
+        self._batched_prefill = None
         self.outputs = {p: [o.name for o in s.get_outputs()] for p, s in self.sessions.items()}
         # graphs that take the cache buffers whole (`past_len` valid) and write into them
         self.in_place = {p: "past_len" in {i.name for i in s.get_inputs()} for p, s in self.sessions.items()}
@@ -146,10 +147,20 @@ class OrtBackend:
         state.pos = new_pos
         return out["logits"], state
 
+    def _session(self, phase: str, batch: int):
+        """The phase's session; GroupQueryAttention takes a chunk after a past for batch 1 only, so
+        a batched prefill runs the kvbuffer graph (same inputs and state, opened when first needed)."""
+        if phase == "prefill" and batch > 1 and self.attention == "gqa":
+            if self._batched_prefill is None:
+                self._batched_prefill = self._open(phase, "kvbuffer")
+            return self._batched_prefill
+        return self.sessions[phase]
+
     def _run_in_place(self, phase: str, ids: np.ndarray, state: OrtState):
         new = ids.shape[1] if phase == "prefill" else 1
         state.reserve(state.pos + new, self.config.max_position_embeddings)
-        io = self.sessions[phase].io_binding()
+        session = self._session(phase, ids.shape[0])
+        io = session.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("past_len", np.array(state.pos, np.int64))
         for n, buf in state.kv.items():
@@ -161,7 +172,7 @@ class OrtBackend:
             io.bind_cpu_input("past_" + n, a)
         for name in fetched:
             io.bind_output(name)
-        self.sessions[phase].run_with_iobinding(io)
+        session.run_with_iobinding(io)
         values = {name: v for name, v in zip([*("present_" + n for n in state.kv), *fetched], io.get_outputs())}
         out = {name: values[name].numpy() for name in fetched}
         state.other = {n: out["present_" + n] for n in state.other}
