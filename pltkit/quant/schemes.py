@@ -12,6 +12,12 @@ that the tests hold the packed tensors to (scales exactly; codes to within one s
 rounding boundaries, where ONNX Runtime's float arithmetic rounds differently from numpy's
 in about 0.02 % of the weights of the default model).
 
+`int4-asym` (AsymmetricNBits) gives each block an offset as well (min/max blocks, w = q * s + lo):
+the form that keeps llama.cpp Q4_1's weights (x = q * d + m) as they are, for the llama.cpp
+comparison. It runs as MatMulNBits plus a block-sum correction (see the class), computes in float32
+(accuracy_level 0), and its 8-bit head keeps Q8_0's grid (s = max|w| / 127): slower than int4 on one
+token (1.4x on SmolLM2-135M), so `--int4` stays symmetric.
+
 Embeddings are stored in float16 (a gather reads one row per token, then casts). The
 output head is 8-bit in both schemes: 4 bits there cost int4 most of its next-token
 agreement (measured on the default model: 91.8 % top-1 with a 4-bit head).
@@ -34,6 +40,13 @@ class WeightOnlyNBits:
     block_size: int
     accuracy_level: int = 4
     head: WeightOnlyNBits | None = None  # another scheme for the output head (None: this one)
+    # False: s = amax / (2^(bits-1) - 1) and codes within +-(2^(bits-1) - 1), the grid of llama.cpp's Q8_0
+    # (8 bits only: the bytes are the codes, there is nothing to lay out)
+    full_range: bool = True
+
+    def __post_init__(self):
+        if not self.full_range and self.bits != 8:
+            raise ValueError("full_range=False is for 8 bits")
 
     @property
     def zero_point(self) -> int:
@@ -49,10 +62,13 @@ class WeightOnlyNBits:
         pad = self.blocks(k) * self.block_size - k
         blocks = np.pad(w, ((0, pad), (0, 0))).T.reshape(n, self.blocks(k), self.block_size)
         hi, lo = blocks.max(-1), blocks.min(-1)
-        v = np.where(np.abs(hi) > np.abs(lo), hi, lo)  # a tie in magnitude takes the negative one
-        scales = (v / -self.zero_point).astype(np.float32)
+        if self.full_range:
+            v = np.where(np.abs(hi) > np.abs(lo), hi, lo)  # a tie in magnitude takes the negative one
+            scales = (v / -self.zero_point).astype(np.float32)
+        else:
+            scales = (np.maximum(np.abs(hi), np.abs(lo)) / np.float32(self.zero_point - 1)).astype(np.float32)
         safe = np.where(scales == 0, 1, scales)
-        q = np.clip(np.round(blocks / safe[..., None]), -self.zero_point, self.zero_point - 1)
+        q = np.clip(np.round(blocks / safe[..., None]), -self.zero_point + (not self.full_range), self.zero_point - 1)
         return q.astype(np.int32), scales
 
     def unpack(self, packed: np.ndarray) -> np.ndarray:
@@ -74,6 +90,9 @@ class WeightOnlyNBits:
         from onnxruntime.capi import _pybind_state as kernels
 
         k, n = w.shape
+        if not self.full_range:  # 8 bits: ONNX Runtime's layout is the codes' bytes, [N, blocks, block_size]
+            q, scales = self.reference_quantize(np.asarray(w, np.float32))
+            return (q + self.zero_point).astype(np.uint8), scales
         per_byte = 8 // self.bits
         packed = np.zeros((n, self.blocks(k), self.block_size // per_byte), np.uint8)
         scales = np.zeros((n, self.blocks(k)), np.float32)
@@ -88,7 +107,7 @@ class WeightOnlyNBits:
         the packed tensors are written once and shared by every graph of the artifact."""
         if self.head is not None and weight in HEAD_WEIGHTS:
             return self.head.linear(builder, x, weight)
-        store, key = builder.store, f"{weight}.q{self.bits}"
+        store, key = builder.store, f"{weight}.q{self.bits}" + ("" if self.full_range else "-127")
         n, k = store.source(weight).shape
         if key not in store.protos:
             packed, scales = self.pack(store.source(weight).T)
@@ -106,8 +125,123 @@ class WeightOnlyNBits:
                 "kept_float32": "norms, loop gates, activations"}
 
 
+@dataclass(frozen=True)
+class AsymmetricNBits:
+    """Weight-only n-bit with an offset per block (min/max): each block of `block_size` weights along
+    K of output column n gets, from its smallest and largest entries lo and hi, s = (hi - lo) / (2^bits - 1)
+    (s = 1 where hi == lo) and q = clip(round((w - lo) / s), 0, 2^bits - 1), stored as unsigned bits (two
+    4-bit values a byte, low nibble first); the weights are w = q * s + lo. lo and hi are weights of the
+    block, so its codes include 0 and 2^bits - 1, and weights that lie on an evenly spaced grid of 2^bits
+    points per block (llama.cpp's Q4_1: x = q * d + m) come back to within float rounding.
+
+    In the graph: MatMulNBits with zero points 0 computes x @ (q * s), and the offsets are added as
+    (x @ E) @ lo: E [K, blocks] sums x over each block (shared by the layers that read the same x),
+    lo [blocks, N] float32. Measured and rejected (docs/benchmarks.md): MatMulNBits' own zero points.
+    Float ones are exact, but ONNX Runtime 1.32's CPU kernel dequantizes the whole weight each call
+    (60x slower per layer); uint8 ones round Q4_1's offset to a whole step (no better than symmetric).
+
+    Codes are laid out by ONNX Runtime's quantizer kernel (given the codes minus 2^(bits-1), whose
+    symmetric scale is then exactly 1); `reference_quantize`/`dequantize` are the numpy statement of
+    the format that the tests hold the packed tensors to."""
+
+    name: str
+    bits: int
+    block_size: int
+    accuracy_level: int = 4
+    head: WeightOnlyNBits | None = None  # another scheme for the output head (None: this one)
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+    def blocks(self, k: int) -> int:
+        return -(-k // self.block_size)
+
+    # -- the format, in numpy -------------------------------------------------------
+    def reference_quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """W [K, N] -> (q [N, blocks, block_size] unsigned ints, scales [N, blocks], lo [blocks, N]); a
+        partial last block repeats its last row, which leaves its min and max as they are."""
+        k, n = w.shape
+        pad = self.blocks(k) * self.block_size - k
+        blocks = np.pad(np.asarray(w, np.float32), ((0, pad), (0, 0)), mode="edge").T.reshape(
+            n, self.blocks(k), self.block_size)
+        lo, hi = blocks.min(-1), blocks.max(-1)
+        scales = ((hi - lo) / np.float32(self.levels)).astype(np.float32)
+        scales = np.where(scales == 0, np.float32(1), scales)
+        q = np.clip(np.round((blocks - lo[..., None]) / scales[..., None]), 0, self.levels)
+        return q.astype(np.int32), scales, np.ascontiguousarray(lo.T)
+
+    def unpack(self, packed: np.ndarray) -> np.ndarray:
+        """packed [N, blocks, bytes] uint8 -> q [N, blocks, block_size] unsigned ints."""
+        if self.bits == 8:
+            return packed.astype(np.int32)
+        return np.stack([packed & 0x0F, packed >> 4], -1).reshape(*packed.shape[:2], -1).astype(np.int32)
+
+    def dequantize(self, packed: np.ndarray, scales: np.ndarray, lo: np.ndarray, k: int) -> np.ndarray:
+        """The weights the layer computes with, W [K, N], from what `pack` stores."""
+        w = self.unpack(packed).astype(np.float32) * scales[..., None] + lo.T[..., None]
+        return w.reshape(w.shape[0], -1)[:, :k].T
+
+    # -- packing with ONNX Runtime's kernels -------------------------------------------
+    def pack(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """W [K, N] float32 -> (packed [N, blocks, block_size*bits/8] uint8, scales [N, blocks], lo [blocks, N])."""
+        from onnxruntime.capi import _pybind_state as kernels
+
+        k, n = w.shape
+        quantize = {8: kernels.quantize_matmul_8bits, 4: kernels.quantize_matmul_4bits}[self.bits]
+        packed = np.zeros((n, self.blocks(k), self.block_size * self.bits // 8), np.uint8)
+        scales = np.zeros((n, self.blocks(k)), np.float32)
+        zero_points = np.zeros((n, -(-self.blocks(k) * self.bits // 8)), np.uint8)
+        # ONNX Runtime has no kernel for min/max blocks without 0 in the range: the codes come from numpy
+        # and its symmetric kernel lays them out (every block holds code 0, so its scale is exactly 1)
+        q, float_scales, lo = self.reference_quantize(w)
+        codes = (q - (1 << (self.bits - 1))).astype(np.float32).reshape(n, -1)[:, :k].T
+        quantize(packed, np.ascontiguousarray(codes), scales, zero_points, self.block_size, n, k, True)
+        if not (scales == 1).all():
+            raise AssertionError("ONNX Runtime's quantizer did not keep the codes as they are")
+        return packed, float_scales, lo
+
+    def block_sums(self, k: int) -> np.ndarray:
+        """E [K, blocks]: x @ E sums x over each block."""
+        return (np.arange(k)[:, None] // self.block_size == np.arange(self.blocks(k))).astype(np.float32)
+
+    # -- the graph ------------------------------------------------------------------
+    def linear(self, builder, x: str, weight: str) -> str:
+        """x @ W.T for the checkpoint tensor `weight` ([N, K] as stored): MatMulNBits with zero points 0
+        plus the block-sum correction; the packed tensors are written once and shared by every graph."""
+        if self.head is not None and weight in HEAD_WEIGHTS:
+            return self.head.linear(builder, x, weight)
+        g, store, key = builder.g, builder.store, f"{weight}.q{self.bits}a"
+        n, k = store.source(weight).shape
+        parts = (key, key + ".scales", key + ".offsets")
+        if key not in store.protos:
+            for name, t in zip(parts, self.pack(store.source(weight).T)):
+                store.derived(name, lambda t=t: t)
+        packed, scales, lo = (builder.use_initializer(*store.derived(name, None)) for name in parts)
+        shape = (n, -(-self.blocks(k) * self.bits // 8))
+        zeros = builder.use_initializer(*store.derived(f"zero_points.{shape[0]}x{shape[1]}",
+                                                       lambda: np.zeros(shape, np.uint8)))
+        e = builder.use_initializer(*store.derived(f"block_sums.{k}.{self.block_size}", lambda: self.block_sums(k)))
+        sums = g.shared(("block_sums", x, self.block_size), lambda: g.op("MatMul", x, e))
+        y = g.op("MatMulNBits", x, packed, scales, zeros, domain="com.microsoft", K=k, N=n, bits=self.bits,
+                 block_size=self.block_size, accuracy_level=self.accuracy_level)
+        return g.op("Add", y, g.op("MatMul", sums, lo))
+
+    def manifest(self) -> dict:
+        return {"scheme": self.name, "kind": "weight-only", "target": "onnxruntime",
+                "op": "com.microsoft.MatMulNBits + block offsets", "bits": self.bits, "block_size": self.block_size,
+                "symmetric": False, "accuracy_level": self.accuracy_level,
+                "output_head": (self.head or self).name, "embeddings": "float16",
+                "kept_float32": "norms, loop gates, activations, block offsets"}
+
+
 INT8 = WeightOnlyNBits("int8", 8, 32)
-SCHEMES = {"int8": INT8, "int4": WeightOnlyNBits("int4", 4, 32, head=INT8)}
+# int4-asym computes in float32 (accuracy_level 0) and its 8-bit head on Q8_0's grid: on SmolLM2-135M's Q4_1
+# file, int8 compute in the linear layers or the int8 head's -2^7 scale each cost about 1-5 points of
+# top-1 agreement with llama.cpp (docs/benchmarks.md)
+SCHEMES = {"int8": INT8, "int4": WeightOnlyNBits("int4", 4, 32, head=INT8),
+           "int4-asym": AsymmetricNBits("int4-asym", 4, 32, accuracy_level=0,
+                                        head=WeightOnlyNBits("int8-127", 8, 32, full_range=False))}
 
 
 # --- static Q/DQ schemes for TensorRT (strongly typed: precision comes from Q/DQ) ---------------
