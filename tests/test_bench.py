@@ -56,4 +56,7 @@ def test_plt_bench_smoke(tmp_path):
     # the second loop's ring attention, gate and carry are nodes of every layer
     assert summary["nodes_per_layer_plt2_fp32"] > summary["nodes_per_layer_plain_fp32"] > 0
     assert "nodes per decoder layer" in out.stderr
+    # a fresh process per variant measured the peak RSS (it finds the artifacts the run exported)
+    rss = summary["results"]["loops"]["peak_rss_mb"]["ort-fp32"]
+    assert all(rss[v] > 0 for v in ("plain", "serial2", "plt2")), rss
     assert (tmp_path / "chart.png").stat().st_size > 1000

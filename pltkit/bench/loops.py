@@ -77,6 +77,11 @@ def make_checkpoints(workdir: Path, max_positions: int, shape: str = "medium") -
     return out
 
 
+def artifact_dir(ckpt: Path, prec: str, workdir: Path) -> Path:
+    """Where a checkpoint's artifact of one precision is kept (named for the export code)."""
+    return workdir / f"{ckpt.name}-{prec}-{export_stamp()}"
+
+
 def make_artifacts(checkpoints: dict[str, Path], workdir: Path, precisions) -> dict[tuple[str, str], Path]:
     """(variant checkpoint, precision) -> an exported artifact, kept in workdir between runs."""
     from pltkit.export.artifact import export
@@ -86,7 +91,7 @@ def make_artifacts(checkpoints: dict[str, Path], workdir: Path, precisions) -> d
     out = {}
     for name, ckpt in checkpoints.items():
         for prec in precisions:
-            art = workdir / f"{ckpt.name}-{prec}-{export_stamp()}"
+            art = artifact_dir(ckpt, prec, workdir)
             if not is_artifact(art):
                 export(ckpt, art, force=True, quant=SCHEMES.get(prec))
             out[name, prec] = art
@@ -222,7 +227,7 @@ def peak_rss(checkpoints, ctx: int, threads: int, forms) -> dict:
 def _rss_child(form: str, variant: str, ctx: int, threads: int, plain: Path, plt2: Path) -> float:
     checkpoints = {"plain": plain, "plt2": plt2}
     prec = form.split("-")[1]
-    artifacts = {(n, prec): p.parent / f"{p.name}-{prec}" for n, p in checkpoints.items()}
+    artifacts = {(n, prec): artifact_dir(p, prec, p.parent) for n, p in checkpoints.items()}
     backend = open_form(form, checkpoints, artifacts, threads, (variant,))[variant]
     state = prefill_chunked(backend, np.random.default_rng(0).integers(10, 4000, (1, ctx)), backend.new_state(1))
     for t in range(8):
