@@ -1,10 +1,10 @@
 """What a second row costs ONNX Runtime's MatMulNBits: the floor under PLT-2 / plain decode.
 
 PLT-2 decodes its two loops as two rows of one pass, so every quantized linear layer runs with
-M = 2 instead of M = 1 while reading the same weights. This times a graph of 24 MatMulNBits nodes
-(K 2048, N 5632: the large benchmark shape's MLP layers, ~280 MB of int8 weights, far beyond the
-L3 cache) at M = 1..4 rows, int8 and int4 (pltkit's schemes: block 32, accuracy_level 4),
-interleaved, medians. Prints a table, then one JSON line.
+M = 2 instead of M = 1 while reading the same weights. This times a graph of 64 MatMulNBits nodes
+(K 2048, N 5632: the large benchmark shape's MLP layers; 738 MB of int8 and 369 MB of int4 weights,
+more than a 300 MB L3 holds) at M = 1..4 rows, int8 and int4 (pltkit's schemes: block 32,
+accuracy_level 4), interleaved, medians. Prints a table, then one JSON line.
 
     python benchmarks/matmul_rows.py [--threads 2] [--repeats 15] [--cpu-time]
 
@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pltkit.quant.schemes import SCHEMES
 
-K, N, NODES, ROWS = 2048, 5632, 24, (1, 2, 3, 4)
+K, N, NODES, ROWS = 2048, 5632, 64, (1, 2, 3, 4)
 
 
 def session(scheme, threads: int, spinning: bool):

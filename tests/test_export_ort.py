@@ -1,6 +1,7 @@
 """plt-export artifacts on a real ONNX Runtime session, checked against the torch reference."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -24,7 +25,9 @@ CASES = {"L1": dict(plt_num_loops=1), "L2-hidden": dict(plt_num_loops=2),
                                  plt_hidden_scale=0.053, tie_word_embeddings=True),
          # head_dim 16 and one loop: the GQA decode applies RoPE itself (do_rotary)
          "L1-rotary-linear": dict(plt_num_loops=1, head_dim=16, rope_scaling={"rope_type": "linear", "factor": 2.0}),
-         "L2-hd16": dict(plt_num_loops=2, head_dim=16)}
+         "L2-hd16": dict(plt_num_loops=2, head_dim=16),
+         # GQA rotates q and k itself; the query-mode gate reads its own rotated query heads
+         "L2-hd16-query": dict(plt_num_loops=2, head_dim=16, plt_gate_use_hidden_states=False)}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -61,6 +64,8 @@ def test_logits_prefill_chunks_and_decode_match_reference(exported, attention, b
     print(attention, f"batch {batch}:", ", ".join(f"{k} max|ort - torch| = {v:.2e}" for k, v in worst.items()))
     assert max(worst.values()) < TOL
     assert state.pos == 16
+    # GQA takes a chunk after a past at batch 1 only: a batched prefill ran the kvbuffer graph
+    assert (ort._batched_prefill is not None) == (attention == "gqa" and batch > 1)
 
 
 def test_greedy_64_tokens_equal_reference(exported):
@@ -169,6 +174,34 @@ def test_in_place_graphs_update_the_cache_in_place(exported, attention):
     diff = max(np.abs(states[0].kv[k][:, :, :9] - states[1].kv[k][:, :, :9]).max() for k in states[0].kv)
     print(f"max|cache {attention} - cache function| = {diff:.2e}")
     assert diff < 1e-5 and states[0].pos == states[1].pos == 9
+
+
+def test_format_1_artifacts_still_run(exported, tmp_path):
+    """An artifact of format 1 has no prefill.gqa.onnx: its gqa set prefills on the function graph
+    (copying). It still opens and matches the reference at batch 1 and 2."""
+    ckpt, art = exported
+    old = tmp_path / "v1"
+    shutil.copytree(art, old)
+    manifest = json.loads((old / "pltkit.json").read_text())
+    manifest["format_version"] = 1
+    manifest["graphs"]["gqa"]["prefill"] = manifest["graphs"]["function"]["prefill"]
+    (old / "prefill.gqa.onnx").unlink()
+    del manifest["files"]["prefill.gqa.onnx"]
+    (old / "pltkit.json").write_text(json.dumps(manifest))
+    backend, ref = OrtBackend(Artifact.open(old), 1, "gqa"), open_backend(ckpt, threads=1)
+    assert backend.in_place == {"prefill": False, "decode": True}
+    for batch in (1, 2):
+        ids = np.random.default_rng(batch).integers(0, 300, (batch, 10))
+        with torch.no_grad():
+            want = ref.model(torch.from_numpy(ids)).numpy()
+        logits, state = backend.prefill(ids[:, :6], backend.new_state(batch))
+        got = [logits]
+        for t in range(6, 10):
+            step, state = backend.decode(ids[:, t], state)
+            got.append(step[:, None])
+        diff = np.abs(np.concatenate(got, 1) - want).max()
+        print(f"format 1, batch {batch}: max|ort - torch| = {diff:.2e}")
+        assert diff < TOL
 
 
 def test_cli_infill_json_fields():

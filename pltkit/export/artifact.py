@@ -5,7 +5,9 @@
                         opset, custom ops, graph I/O, sha256 of every file
       prefill.onnx      chunk of S tokens, loops one after another
       decode.onnx       one token, the L loops as L rows of one pass
-      decode.gqa.onnx   the decode graph on ONNX Runtime's GroupQueryAttention kernels
+      prefill.gqa.onnx, decode.gqa.onnx
+                        both graphs on ONNX Runtime's GroupQueryAttention kernels, the
+                        global cache as buffers written in place (the CPU fast path)
       prefill.kvbuffer.onnx, decode.kvbuffer.onnx
                         both graphs with the global cache as buffers written in place
                         (LoopAttention kv_buffer = 1): what TensorRT engines are built from
@@ -40,7 +42,7 @@ from pltkit.model.paths import checkpoint_sha256, file_sha256, resolve_model_pat
 log = logging.getLogger(__name__)
 
 FORMAT = "pltkit-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prefill.gqa.onnx (in version 1 the gqa set's prefill is prefill.onnx)
 OPSET = 21
 IR_VERSION = 10
 MANIFEST = "pltkit.json"

@@ -139,7 +139,7 @@ def function_proto(opset: int, dtype: str = "float32") -> onnx.FunctionProto:
                                 [helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES))
 
 
-# --- fast path: decode on com.microsoft.GroupQueryAttention ----------------------------------
+# --- fast path: com.microsoft.GroupQueryAttention (decode, prefill's loop 0) --------------------
 def loop_attention_gqa(g: Graph, inputs: list[str], *, rows: int, window: int, scale: float,
                        heads: int, kv_heads: int, head_dim: int, rotary: tuple | None = None) -> list[str]:
     """LoopAttention with first_loop = 0 on ONNX Runtime's GroupQueryAttention kernels, in the
@@ -155,7 +155,7 @@ def loop_attention_gqa(g: Graph, inputs: list[str], *, rows: int, window: int, s
     rotary: (cos_cache, sin_cache) when q and k are NOT rotated: every call rotates them at the
     token's position itself (do_rotary; the ring calls get it as position_ids)."""
     q, k, v, past_k, past_v, ring_k, ring_v, gate, pos0 = inputs
-    zero, big, rep = g.const([0]), g.const([2**62]), heads // kv_heads
+    zero, big = g.const([0]), g.const([2**62])
     caches = tuple(rotary or ())
 
     def take(x, r):  # row r: [R, ...] -> [...]

@@ -5,8 +5,9 @@ prefill: a chunk of S >= 1 tokens after P cached ones, loops one after another o
 decode:  one token per sequence, the L loops as L rows of one pass.
 
 Hidden states travel as [R, B, S, D]: R rows (loops) of B sequences of S tokens. Each
-layer's attention is one plt.ops::LoopAttention node. Both graphs read the same
-initializers, stored once as external data (see pltkit.export.artifact).
+layer's attention is one plt.ops::LoopAttention node, or in the "gqa" graphs ONNX Runtime's
+GroupQueryAttention (decode, and prefill's loop 0). All graphs read the same initializers,
+stored once as external data (see pltkit.export.artifact).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class _Builder:
         state (float32, float16, bfloat16); norms are computed in float32, logits are float32."""
         self.cfg, self.store, self.g, self.attention, self.quant = cfg, store, Graph(opset), attention, quant
         self.ft, self.np_ft = float_type(dtype)
-        # the GQA decode and the kvbuffer graphs update the global cache in place (a buffer of
+        # the GQA and the kvbuffer graphs update the global cache in place (a buffer of
         # `capacity` positions and a `past_len` input)
         self.kv_buffer = attention in ("gqa", "kvbuffer")
         self._used: set[str] = set()
@@ -239,8 +240,9 @@ class _Builder:
     def rope_half(self, which: str) -> str:
         """GQA's cos/sin cache: [positions, head_dim / 2] (our tables repeat the half)."""
         half = self.cfg.head_dim // 2
-        return self.use_initializer(*self.store.derived(f"rope.{which}.half",
-                                                        lambda: self.store.source(f"rope.{which}")[:, :half].astype(self.np_ft)))
+        table = self.store.derived(f"rope.{which}.half",
+                                   lambda: self.store.source(f"rope.{which}")[:, :half].astype(self.np_ft))
+        return self.use_initializer(*table)
 
     def rope_tables(self, positions: str) -> tuple[str, str]:
         g = self.g
@@ -254,7 +256,7 @@ class _Builder:
             self.g.output(present[n], "present_" + n, self.ft, shape)
 
 
-# LoopAttention nodes (portable), ONNX Runtime GQA kernels (decode), or LoopAttention nodes over
+# LoopAttention nodes (portable), ONNX Runtime GQA kernels (decode, prefill's loop 0), or LoopAttention nodes over
 # in-place cache buffers (kv_buffer = 1; the TensorRT form)
 ATTENTION = ("function", "gqa", "kvbuffer")
 

@@ -135,8 +135,7 @@ class AsymmetricNBits:
     points per block (llama.cpp's Q4_1: x = q * d + m) come back to within float rounding.
 
     In the graph: MatMulNBits with zero points 0 computes x @ (q * s), and the offsets are added as
-    (x @ E) @ lo: E [K, blocks] sums x over each block (shared by the layers that read the same x),
-    lo [blocks, N] float32. Measured and rejected (docs/benchmarks.md): MatMulNBits' own zero points.
+    (x @ E) @ lo: E [K, blocks] sums x over each block, lo [blocks, N] float32. Measured and rejected (docs/benchmarks.md): MatMulNBits' own zero points.
     Float ones are exact, but ONNX Runtime 1.32's CPU kernel dequantizes the whole weight each call
     (60x slower per layer); uint8 ones round Q4_1's offset to a whole step (no better than symmetric).
 
@@ -222,7 +221,7 @@ class AsymmetricNBits:
         zeros = builder.use_initializer(*store.derived(f"zero_points.{shape[0]}x{shape[1]}",
                                                        lambda: np.zeros(shape, np.uint8)))
         e = builder.use_initializer(*store.derived(f"block_sums.{k}.{self.block_size}", lambda: self.block_sums(k)))
-        sums = g.shared(("block_sums", x, self.block_size), lambda: g.op("MatMul", x, e))
+        sums = g.op("MatMul", x, e)
         y = g.op("MatMulNBits", x, packed, scales, zeros, domain="com.microsoft", K=k, N=n, bits=self.bits,
                  block_size=self.block_size, accuracy_level=self.accuracy_level)
         return g.op("Add", y, g.op("MatMul", sums, lo))

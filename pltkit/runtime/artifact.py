@@ -11,7 +11,7 @@ from pltkit.model.config import PLTConfig
 
 MANIFEST = "pltkit.json"
 FORMAT = "pltkit-artifact"
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)
 
 
 class ArtifactError(ValueError):

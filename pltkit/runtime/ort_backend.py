@@ -1,12 +1,12 @@
 """ONNX Runtime backend: runs an artifact's prefill and decode graphs (no torch).
 
 The global KV cache lives in buffers allocated once per state (grown by doubling), `pos`
-entries valid. The GQA decode graph and the kvbuffer graphs write into them in place: the
+entries valid. The GQA graphs and the kvbuffer graphs write into them in place: the
 buffers are bound with IO binding as both `past_key.i` and `present_key.i`, so a step allocates
 no cache. GQA writes only the new positions; the kvbuffer graphs' standard-op function body
 rewrites the whole buffer (it is TensorRT's plugin that writes only the new positions there).
-The function graphs (prefill, and decode when the fast path is off) take the valid part and
-their new entries are written back into the buffers.
+The function graphs (and an artifact of format 1's GQA prefill, which is the function graph)
+take the valid part and their new entries are written back into the buffers.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ class OrtBackend:
 
     def __init__(self, artifact: Artifact, threads: int | None = None, attention: str = "auto",
                  device: str = "cpu"):
-        """attention: 'gqa' (decode on ONNX Runtime's GroupQueryAttention kernels, cache updated in
-        place), 'function' (the LoopAttention function body, portable), 'kvbuffer' (the function
+        """attention: 'gqa' (ONNX Runtime's GroupQueryAttention kernels, cache updated in place;
+        a batched prefill runs the kvbuffer graph), 'function' (the LoopAttention function body, portable), 'kvbuffer' (the function
         body over cache buffers updated in place: TensorRT's graphs), or 'auto' (gqa when the
         artifact has it)."""
         try:
