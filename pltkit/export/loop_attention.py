@@ -145,7 +145,8 @@ def loop_attention_gqa(g: Graph, inputs: list[str], *, rows: int, window: int, s
     """LoopAttention with first_loop = 0 on ONNX Runtime's GroupQueryAttention kernels, in the
     projections' own layout: q [R, B, S, H*Dh], k and v [R, B, S, Hkv*Dh], output [R, B, S, H*Dh]
     (no head transposes). One row (loop 0 alone: a prefill chunk, or a one-loop model's decode
-    step), or all L loops of a decode step (S = 1) with gate [R-1, B, H, 1].
+    step), or all L loops of a decode step (S = 1) with gate [R-1, B, H, 1]. One row may come
+    packed: q [1, B, S, (H + 2 Hkv)*Dh], k and v None.
 
     Global branch: ONE call for all rows, the rows' query heads stacked as extra heads of each kv
     group, appending loop 0's key to the global cache in place (past_key is a buffer of `capacity`
@@ -179,10 +180,11 @@ def loop_attention_gqa(g: Graph, inputs: list[str], *, rows: int, window: int, s
         qg = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, kv_heads, -1])), perm=[1, 2, 0, 3])
         qg = g.op("Reshape", qg, g.const([0, 1, -1]))
     # the lengths are the same in every layer (the caches, and the rings, have one length): built once
-    batch = g.shared("gqa.batch", lambda: g.op("Slice", g.op("Shape", v), g.const([1]), g.const([2])))
+    batch = g.shared("gqa.batch", lambda: g.op("Slice", g.op("Shape", q), g.const([1]), g.const([2])))
     lens = g.shared("gqa.global.lengths",  # the cache holds pos0 + S keys after the call
-                    lambda: lengths(batch, g.op("Add", pos0, g.op("Gather", g.op("Shape", v), g.const(2)))))
-    yg, present_k, present_v = gqa(qg, take(k, 0), take(v, 0), past_k, past_v, rows * heads, lens, caches=caches)
+                    lambda: lengths(batch, g.op("Add", pos0, g.op("Gather", g.op("Shape", q), g.const(2)))))
+    key, value = ("", "") if k is None else (take(k, 0), take(v, 0))
+    yg, present_k, present_v = gqa(qg, key, value, past_k, past_v, rows * heads, lens, caches=caches)
     if rows == 1:
         return [g.op("Unsqueeze", yg, zero), present_k, present_v, None, None]  # no rings
     yg = g.op("Transpose", g.op("Reshape", yg, g.const([0, kv_heads, rows, -1])), perm=[2, 0, 1, 3])

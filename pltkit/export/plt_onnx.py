@@ -135,18 +135,25 @@ class _Builder:
             x = g.op("Add", x, self.linear(up, mlp + ".down_proj", c.mlp_bias))
         return x, state
 
+    def packs(self) -> bool:
+        """Whether projections of one input run as ONE packed layer (a scheme may refuse: `packable`)."""
+        return getattr(self.quant, "packable", True)
+
     def linears(self, x: str, prefixes: list[str], bias: bool) -> list[str]:
-        """Projections of one input as ONE packed layer, split after: its weights are those of the
-        layers stacked along the outputs (a scheme may refuse packing: `packable`)."""
-        if not getattr(self.quant, "packable", True):
+        """Projections of one input, as one packed layer split after where packing applies: its
+        weights are those of the layers stacked along the outputs."""
+        if not self.packs():
             return [self.linear(x, p, bias) for p in prefixes]
         sizes = [self.store.source(p + ".weight").shape[0] for p in prefixes]
         y = self.linear(x, self.store.pack(prefixes), bias)
         return self.g.op("Split", y, self.g.const(sizes), axis=-1, n_out=len(prefixes))
 
+    def qkv_prefixes(self, i: int) -> list[str]:
+        return [f"model.layers.{i}.self_attn.{n}_proj" for n in "qkv"]
+
     def qkv(self, i: int, h: str) -> list[str]:
         """[R, B, S, n*Dh] projections q, k, v."""
-        return self.linears(h, [f"model.layers.{i}.self_attn.{n}_proj" for n in "qkv"], self.cfg.attention_bias)
+        return self.linears(h, self.qkv_prefixes(i), self.cfg.attention_bias)
 
     def attention_loop(self, i, x_in, h, first_loop, rope, pos0, kv, ring) -> tuple[str, list[str]]:
         """Attention as one LoopAttention node, on heads [R, B, H, S, Dh] (prefill and decode)."""
@@ -171,8 +178,11 @@ class _Builder:
         or prefill's loop 0 (one row, S tokens)."""
         c = self.cfg
         H, Hkv = c.num_attention_heads, c.num_key_value_heads
-        q, k, v = self.qkv(i, h)
         rotary = self.rotary_in_gqa()
+        if ring is None and rotary and self.packs():  # one row: GQA takes the packed q/k/v as they come
+            q, k, v = self.linear(h, self.store.pack(self.qkv_prefixes(i)), c.attention_bias), None, None
+        else:
+            q, k, v = self.qkv(i, h)
         if not rotary:
             q, k = self.rope_tokens(q, H, rope), self.rope_tokens(k, Hkv, rope)
         gate = None
