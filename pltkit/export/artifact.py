@@ -71,11 +71,19 @@ class WeightStore:
         self.file = open(path, "wb")
         self.protos: dict[str, TensorProto] = {}
         self._packed: dict[str, list[str]] = {}
+        self._shapes: dict[str, tuple] = {}
 
     def source(self, name: str) -> np.ndarray:
         """A tensor of the checkpoint, or of a packed projection (see pack)."""
         parts = self._packed.get(name)
         return np.concatenate([self._source(p) for p in parts]) if parts else self._source(name)
+
+    def shape(self, name: str) -> tuple:
+        """The shape of source(name), read once (every graph asks; a packed tensor is not concatenated for it)."""
+        if name not in self._shapes:
+            parts = [self.source(p).shape for p in self._packed.get(name, [name])]
+            self._shapes[name] = (sum(s[0] for s in parts), *parts[0][1:])
+        return self._shapes[name]
 
     def pack(self, prefixes: list[str]) -> str:
         """The prefix of one projection whose weight (and bias) rows are those of `prefixes`, in order."""

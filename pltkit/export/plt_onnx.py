@@ -144,7 +144,7 @@ class _Builder:
         weights are those of the layers stacked along the outputs."""
         if not self.packs():
             return [self.linear(x, p, bias) for p in prefixes]
-        sizes = [self.store.source(p + ".weight").shape[0] for p in prefixes]
+        sizes = [self.store.shape(p + ".weight")[0] for p in prefixes]
         y = self.linear(x, self.store.pack(prefixes), bias)
         return self.g.op("Split", y, self.g.const(sizes), axis=-1, n_out=len(prefixes))
 

@@ -108,7 +108,7 @@ class WeightOnlyNBits:
         if self.head is not None and weight in HEAD_WEIGHTS:
             return self.head.linear(builder, x, weight)
         store, key = builder.store, f"{weight}.q{self.bits}" + ("" if self.full_range else "-127")
-        n, k = store.source(weight).shape
+        n, k = store.shape(weight)
         if key not in store.protos:
             packed, scales = self.pack(store.source(weight).T)
             store.derived(key, lambda: packed)
@@ -211,7 +211,7 @@ class AsymmetricNBits:
         if self.head is not None and weight in HEAD_WEIGHTS:
             return self.head.linear(builder, x, weight)
         g, store, key = builder.g, builder.store, f"{weight}.q{self.bits}a"
-        n, k = store.source(weight).shape
+        n, k = store.shape(weight)
         parts = (key, key + ".scales", key + ".offsets")
         if key not in store.protos:
             for name, t in zip(parts, self.pack(store.source(weight).T)):
