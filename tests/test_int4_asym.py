@@ -115,10 +115,16 @@ def artifacts(tmp_path_factory):
     as int4-asym with int8 compute throughout (accuracy_level 4) and float32 throughout (0)."""
     from pltkit.export.artifact import export
 
+    import subprocess
+
     d = tmp_path_factory.mktemp("int4asym")
-    forms = {"int4-asym": ASYM, "int8 compute": replace(ASYM, accuracy_level=4),
+    forms = {"int8 compute": replace(ASYM, accuracy_level=4),
              "float32 compute": replace(ASYM, head=replace(ASYM.head, accuracy_level=0))}
-    return {name: export("default", d / name.replace(" ", "-"), quant=scheme) for name, scheme in forms.items()}
+    out = {name: export("default", d / name.replace(" ", "-"), quant=scheme) for name, scheme in forms.items()}
+    # the shipped form through the command line
+    subprocess.run(["plt-export", "default", "--int4-asym", "--no-eval", "-o", str(d / "int4-asym")], check=True,
+                   capture_output=True)
+    return {"int4-asym": d / "int4-asym", **out}
 
 
 @pytest.fixture(scope="module")

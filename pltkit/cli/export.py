@@ -25,6 +25,9 @@ def main(argv=None) -> int:
                                 "or calibrated Q/DQ for TensorRT (--target trt)")
     precision.add_argument("--int4", dest="quant", action="store_const", const="int4",
                            help="4-bit block-wise weight-only linear layers (MatMulNBits, block 32)")
+    precision.add_argument("--int4-asym", dest="quant", action="store_const", const="int4-asym",
+                           help="4-bit min/max blocks with offsets: keeps a llama.cpp Q4_1 import's weights as they "
+                                "are (float32 compute: about 1.4x slower decode than --int4)")
     precision.add_argument("--fp8", dest="quant", action="store_const", const="fp8",
                            help="float8e4m3fn Q/DQ for TensorRT on Hopper/Ada (emulated by ONNX Runtime on CPU)")
     p.add_argument("--target", choices=["ort", "trt"], default="ort", help="runtime the int8 form is for")
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
                    help="held-out windows the accuracy report measures, spread evenly over the set (the same ones "
                         "every run; seconds); 'all' measures every one (about 94k tokens: a minute or more)")
     args = p.parse_args(argv)
-    if args.target == "trt" and args.quant in (None, "int4"):
+    if args.target == "trt" and args.quant in (None, "int4", "int4-asym"):
         p.error("--target trt applies to --int8 (--fp8 is for TensorRT already)")
     if args.quant and args.dtype != "float32":
         p.error("--dtype applies to the unquantized export (quantized forms keep their float parts in float32)")
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
     from pltkit.model.paths import resolve_model_path
     resolve_model_path(args.checkpoint)  # a bad path fails now, before torch is imported
     if args.engine:
-        if args.quant == "int4":
+        if args.quant in ("int4", "int4-asym"):
             p.error("--engine trt builds float (--dtype), --int8 (Q/DQ) or --fp8 engines; int4 is for ONNX Runtime")
         from pltkit.gpu.trt_engine import GpuUnavailable, require
         try:
