@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pltkit.bench import export_stamp
+from pltkit.bench.nodes import loop_nodes
 
 VARIANTS = ("plain", "serial2", "plt2")
 
@@ -157,7 +158,8 @@ def prefilled(backend, prompt: np.ndarray, contexts) -> dict:
 def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, shape: str = "medium",
         rss_forms=("ort-fp32",), prefill_tokens: int = 512, log=print) -> dict:
     """{"decode_ms": {form: {ctx: {variant: ms}}}, "prefill_tps": {form: {variant: tokens/s}},
-    "kv_bytes": {ctx: {variant: bytes}}, "peak_rss_mb": {form: {variant: MB}}}: medians over
+    "kv_bytes": {ctx: {variant: bytes}}, "peak_rss_mb": {form: {variant: MB}}, "nodes_per_layer":
+    {precision: {variant: n}} (ONNX Runtime forms)}: medians over
     the interleaved repeats."""
     from pltkit.runtime.serial import SerialState
 
@@ -194,6 +196,8 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
         out["prefill_tps"][form] = {v: statistics.median(r) for v, r in tps.items()}
         del backends, states  # before the next form's sessions open (at --shape large: GBs each)
     out["peak_rss_mb"] = peak_rss(checkpoints, max(contexts), threads, [f for f in forms if f in rss_forms])
+    if artifacts:
+        out["nodes_per_layer"] = loop_nodes(artifacts)
     return out
 
 

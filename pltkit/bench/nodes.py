@@ -43,10 +43,10 @@ def optimized_nodes(model: str | Path, level: str = "all") -> int:
 def decode_graph(artifact: str | Path) -> tuple[Path, int]:
     """(the decode graph the ONNX Runtime backend runs on a CPU, decoder layers) of a pltkit artifact."""
     from pltkit.runtime.artifact import Artifact
+    from pltkit.runtime.ort_backend import auto_attention
 
     a = Artifact.open(artifact)
-    attention = "gqa" if "gqa" in a.attention_variants else "function"  # OrtBackend's "auto" on a CPU
-    return a.graph_path("decode", attention), a.config.num_hidden_layers
+    return a.graph_path("decode", auto_attention(a)), a.config.num_hidden_layers
 
 
 def genai_graph(model_dir: str | Path) -> tuple[Path, int]:

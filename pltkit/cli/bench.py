@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     except ImportError:
         print("plt-bench: needs PyTorch: pip install 'pltkit[torch]'", file=sys.stderr)
         return 2
-    from pltkit.bench import loops, nodes, report
+    from pltkit.bench import loops, report
     from pltkit.model.paths import user_cache_dir
     from pltkit.runtime.backends import physical_cores
 
@@ -73,11 +73,6 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = {"loops": loops.run(args.forms, args.contexts, args.steps, args.repeats, args.threads, workdir,
                                   args.shape, log=log)}
-    precisions = sorted({f.split("-")[1] for f in args.forms if f.startswith("ort-")})
-    if precisions:  # the artifacts loops.run exported (positions: the longest context + 64), found again
-        artifacts = loops.make_artifacts(loops.make_checkpoints(workdir, max(args.contexts) + 64, args.shape),
-                                         workdir, precisions)
-        results["loops"]["nodes_per_layer"] = nodes.loop_nodes(artifacts)
     if not args.no_llamacpp:
         try:
             from pltkit.bench import llamacpp

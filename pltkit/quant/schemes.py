@@ -33,6 +33,14 @@ import numpy as np
 HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")  # the output head (tied or not)
 
 
+def codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' packed bytes [N, blocks, bytes] -> the unsigned codes [N, blocks, block_size] (two
+    4-bit codes a byte, low nibble first)."""
+    if bits == 8:
+        return packed.astype(np.int32)
+    return np.stack([packed & 0x0F, packed >> 4], -1).reshape(*packed.shape[:2], -1).astype(np.int32)
+
+
 @dataclass(frozen=True)
 class WeightOnlyNBits:
     name: str
@@ -73,11 +81,7 @@ class WeightOnlyNBits:
 
     def unpack(self, packed: np.ndarray) -> np.ndarray:
         """packed [N, blocks, bytes] uint8 -> q [N, blocks, block_size] signed ints."""
-        if self.bits == 8:
-            q = packed.astype(np.int32)
-        else:
-            q = np.stack([packed & 0x0F, packed >> 4], -1).reshape(*packed.shape[:2], -1).astype(np.int32)
-        return q - self.zero_point
+        return codes(packed, self.bits) - self.zero_point
 
     def dequantize(self, packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
         """The weights MatMulNBits computes with: W [K, N]."""
@@ -172,9 +176,7 @@ class AsymmetricNBits:
 
     def unpack(self, packed: np.ndarray) -> np.ndarray:
         """packed [N, blocks, bytes] uint8 -> q [N, blocks, block_size] unsigned ints."""
-        if self.bits == 8:
-            return packed.astype(np.int32)
-        return np.stack([packed & 0x0F, packed >> 4], -1).reshape(*packed.shape[:2], -1).astype(np.int32)
+        return codes(packed, self.bits)
 
     def dequantize(self, packed: np.ndarray, scales: np.ndarray, lo: np.ndarray, k: int) -> np.ndarray:
         """The weights the layer computes with, W [K, N], from what `pack` stores."""

@@ -88,6 +88,12 @@ def check_room(config, tokens: int) -> None:
         raise ValueError(f"context of {tokens} tokens exceeds the model's {config.max_position_embeddings}")
 
 
+def auto_attention(artifact: Artifact, device: str = "cpu") -> str:
+    """The graph set the backend runs by default: GroupQueryAttention's, the CPU fast path, where the
+    artifact has it; else the LoopAttention function graphs."""
+    return "gqa" if "gqa" in artifact.attention_variants and device == "cpu" else "function"
+
+
 class OrtBackend:
     name = "ort"
 
@@ -115,8 +121,8 @@ class OrtBackend:
             raise ArtifactError(f"{artifact.path} is bfloat16, which ONNX Runtime's CPU provider cannot run: use "
                                 f"--backend trt on a GPU, or onnx-reference (slow) on a CPU, or export float32 / "
                                 f"float16 for the CPU")
-        if attention == "auto":  # the GroupQueryAttention graph is the CPU fast path
-            attention = "gqa" if "gqa" in variants and device == "cpu" else "function"
+        if attention == "auto":
+            attention = auto_attention(artifact, device)
         self.attention, self.device = attention, device
         if self.attention not in variants:
             raise ArtifactError(f"{artifact.path} has no {self.attention!r} graphs (it has: {', '.join(variants)})")
