@@ -28,6 +28,12 @@ def main(argv=None) -> int:
                    help="also (or only) listen on TCP; llama.vim and llama.vscode expect 8012")
     p.add_argument("--host", default="127.0.0.1", help="TCP host (a non-loopback host needs --api-key)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
+    p.add_argument("--allowed-hosts", nargs="+", metavar="HOST", default=[],
+                   help="Host names TCP requests may carry besides localhost, 127.0.0.1, ::1 and --host "
+                        "('*': any); others get 403 (a guard against DNS rebinding)")
+    p.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN", default=[],
+                   help="browser origins allowed to call the server, e.g. http://localhost:3000 ('*': any); "
+                        "by default a request with a foreign Origin header gets 403")
     p.add_argument("--threads", type=types.positive_int, help="decode threads (default: the physical cores)")
     p.add_argument("--slots", type=types.positive_int, default=16, help="id_slot values a client may use (0..N-1)")
     p.add_argument("--max-predict", type=types.positive_int, default=4096, help="largest n_predict accepted")
@@ -56,7 +62,7 @@ def main(argv=None) -> int:
 def run(args, ours: list[Path]) -> int:
     from pltkit.model.paths import resolve_model_path
     from pltkit.runtime.backends import physical_cores
-    from pltkit.serve.app import Limits, Server, create_app
+    from pltkit.serve.app import LOOPBACK_HOSTS, Access, Limits, Server, create_app
     from pltkit.serve.listen import bind_tcp, bind_unix, default_socket_path, serve
     from pltkit.serve.model import open_model
 
@@ -88,8 +94,10 @@ def run(args, ours: list[Path]) -> int:
               f"on {' and '.join(where)}", file=sys.stderr, flush=True)
 
     limits = Limits(max_body=args.max_body, max_predict=args.max_predict, slots=args.slots, max_queue=args.max_queue)
+    hosts = (*LOOPBACK_HOSTS, args.host.strip("[]").lower(), *(h.lower() for h in args.allowed_hosts))
+    access = Access(hosts, tuple(o.lower().rstrip("/") for o in args.allowed_origins))
     server = Server(lambda: open_model(args.model, args.backend, args.threads, args.cache_mb << 20), limits,
-                    args.api_key, on_loaded)
+                    args.api_key, on_loaded, access)
     serve(create_app(server), sockets, "info" if args.verbose else "warning", on_start=uv.append,
           on_shutdown=server.stop)  # work in flight ends at once: requests answer instead of being cut off
     if failed:

@@ -51,6 +51,41 @@ class Model:
     chat: ChatTemplate | None = None  # None: the model has no chat template, no chat routes
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class Access:
+    """Who may talk to the server over TCP, as a browser would show it. A web page can make the
+    browser send requests anywhere: a foreign Host header (DNS rebinding) or a foreign Origin (a
+    cross-origin page) gets 403. Host names are compared without their port; "*" allows any. A
+    request without an Origin (editors, curl) is not a browser's cross-origin request. Unix-socket
+    clients are not checked: browsers cannot reach them, and file permissions guard them."""
+
+    hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    origins: tuple[str, ...] = ()  # besides the server's own origin
+
+    def refusal(self, scope) -> str | None:
+        """Why a request is refused, or None."""
+        if (scope.get("server") or ("", 0))[1] is None:  # a Unix socket
+            return None
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+        if host and "*" not in self.hosts and host_name(host) not in self.hosts:
+            return f"Host {host!r} is not allowed (plt-serve --allowed-hosts)"
+        origin = headers.get(b"origin", b"").decode("latin-1").strip().lower().rstrip("/")
+        if origin and "*" not in self.origins and origin not in self.origins and origin != f"http://{host}":
+            return f"Origin {origin!r} is not allowed (plt-serve --allowed-origins)"
+        return None
+
+
+def host_name(host: str) -> str:
+    """A Host header's name without its port: 'localhost:8012' -> 'localhost', '[::1]:80' -> '::1'."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 class HTTPError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -62,8 +97,9 @@ class Server:
     on_loaded(server) is called on the loading thread once loading succeeded or failed."""
 
     def __init__(self, load: Callable[[], Model], limits: Limits = Limits(), api_key: str | None = None,
-                 on_loaded: Callable[[Server], None] | None = None):
+                 on_loaded: Callable[[Server], None] | None = None, access: Access = Access()):
         self.load, self.limits, self.api_key, self.on_loaded = load, limits, api_key, on_loaded
+        self.access = access
         self.metrics = Metrics()
         self.model: Model | None = None
         self.worker: Worker | None = None
@@ -380,7 +416,8 @@ async def on_error(request: Request, exc: Exception) -> Response:
 
 
 class Gate:
-    """ASGI middleware: the API key (when set; /health stays open) and per-route request metrics."""
+    """ASGI middleware: Host and Origin (Access), the API key (when set; /health stays open) and
+    per-route request metrics."""
 
     def __init__(self, app, server: Server):
         self.app, self.server = app, server
@@ -397,6 +434,9 @@ class Gate:
             await send(message)
 
         try:
+            refusal = self.server.access.refusal(scope)
+            if refusal:
+                return await error_response(Request(scope), 403, refusal)(scope, receive, send_status)
             key = self.server.api_key
             if key and path != "/health":
                 given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")

@@ -1,0 +1,116 @@
+"""plt-serve against web pages (over real sockets): a foreign Host header (DNS rebinding) or a foreign
+Origin (a cross-origin page) gets 403 JSON and the server goes on; loopback names, the server's own
+origin, editors (no Origin) and Unix-socket clients pass; --allowed-hosts / --allowed-origins widen it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from serving import HANG, Running
+
+from pltkit.export.artifact import export
+from pltkit.serve.app import Access, Server, host_name
+from pltkit.serve.model import open_model
+
+INFILL = {"input_prefix": "def add(a, b):\n    return ", "input_suffix": "\n", "n_predict": 2}
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    d = tmp_path_factory.mktemp("access") / "default-fp32"
+    export("default", d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def srv(artifact, tmp_path_factory):
+    running = Running(Server(lambda: open_model(artifact, threads=1)), tmp_path_factory.mktemp("sock") / "s.sock")
+    yield running
+    running.stop()
+
+
+def refused(r, what: str) -> None:
+    assert r.status_code == 403, (r.status_code, r.text)
+    error = r.json()["error"]  # in the route's protocol: Ollama's is a string
+    assert what in (error if isinstance(error, str) else error["message"])
+
+
+@pytest.mark.parametrize("path", ["/health", "/infill", "/v1/completions", "/api/generate", "/props"])
+def test_a_foreign_host_is_refused(srv, path):
+    tcp = srv.clients["tcp"]
+    get = path in ("/health", "/props")
+    call = tcp.get if get else tcp.post
+    kwargs = {} if get else {"json": {**INFILL, "prompt": "x", "model": "default"}}
+    for host in ("evil.example", f"evil.example:{srv.port}", "127.0.0.1.nip.io", "localhost.evil.example"):
+        refused(call(path, headers={"Host": host}, **kwargs), "Host")
+    assert tcp.get("/health").status_code == 200  # and the server goes on
+
+
+def test_loopback_names_and_the_unix_socket_pass(srv):
+    tcp = srv.clients["tcp"]
+    for host in (f"127.0.0.1:{srv.port}", f"localhost:{srv.port}", f"[::1]:{srv.port}", "LOCALHOST"):
+        assert tcp.post("/infill", json=INFILL, headers={"Host": host}).status_code == 200, host
+    # a Unix socket's clients name any host (curl --unix-socket ... http://plt/...)
+    assert srv.clients["uds"].post("/infill", json=INFILL, headers={"Host": "plt"}).status_code == 200
+
+
+def test_a_foreign_origin_is_refused(srv):
+    tcp = srv.clients["tcp"]
+    for origin in ("http://evil.example", "https://evil.example", "null", "http://localhost:3000"):
+        refused(tcp.post("/infill", json=INFILL, headers={"Origin": origin}), "Origin")
+        refused(tcp.get("/props", headers={"Origin": origin}), "Origin")
+    own = f"http://127.0.0.1:{srv.port}"
+    assert tcp.post("/infill", json=INFILL, headers={"Origin": own}).status_code == 200
+    assert tcp.post("/infill", json=INFILL).status_code == 200  # editors and curl send no Origin
+
+
+def test_allowed_hosts_and_origins_widen_it(artifact, tmp_path):
+    access = Access(hosts=("127.0.0.1", "devbox.lan"), origins=("http://localhost:3000",))
+    running = Running(Server(lambda: open_model(artifact, threads=1), access=access), tmp_path / "a.sock")
+    try:
+        tcp = running.clients["tcp"]
+        assert tcp.post("/infill", json=INFILL, headers={"Host": "devbox.lan:8012"}).status_code == 200
+        refused(tcp.post("/infill", json=INFILL, headers={"Host": "localhost"}), "Host")  # not listed here
+        assert tcp.post("/infill", json=INFILL, headers={"Origin": "http://localhost:3000"}).status_code == 200
+        refused(tcp.post("/infill", json=INFILL, headers={"Origin": "http://localhost:3001"}), "Origin")
+    finally:
+        running.stop()
+    anyone = Running(Server(lambda: open_model(artifact, threads=1), access=Access(hosts=("*",), origins=("*",))),
+                     tmp_path / "b.sock")
+    try:
+        r = anyone.clients["tcp"].post("/infill", json=INFILL, headers={"Host": "evil.example",
+                                                                        "Origin": "http://evil.example"})
+        assert r.status_code == 200
+    finally:
+        anyone.stop()
+
+
+def test_host_name_drops_the_port():
+    assert [host_name(h) for h in ("localhost:8012", "[::1]:80", "::1", "127.0.0.1", "a.b")] == \
+        ["localhost", "::1", "::1", "127.0.0.1", "a.b"]
+
+
+def test_cli_flags_reach_the_server(tmp_path):
+    """plt-serve --allowed-hosts / --allowed-origins, on a real port: the listed host and origin pass."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pltkit.cli.serve", "--port", str(port), "--threads", "1",
+                             "--allowed-hosts", "devbox.lan", "--allowed-origins", "http://localhost:3000/"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # wait for the event, not a time
+            if "ready:" in line or "plt-serve: " in line and proc.poll() is not None:
+                break
+        import httpx
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=HANG) as c:
+            assert c.get("/health", headers={"Host": "devbox.lan"}).status_code == 200
+            assert c.get("/health", headers={"Origin": "http://localhost:3000"}).status_code == 200
+            r = c.get("/props", headers={"Host": "evil.example"})
+            assert r.status_code == 403 and json.loads(r.text)["error"]
+    finally:
+        proc.terminate()
+        proc.wait(HANG)
