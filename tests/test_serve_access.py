@@ -65,6 +65,21 @@ def test_a_foreign_origin_is_refused(srv):
     assert tcp.post("/infill", json=INFILL).status_code == 200  # editors and curl send no Origin
 
 
+@pytest.mark.parametrize("path", ["/infill", "/completion", "/v1/completions", "/v1/chat/completions",
+                                  "/api/generate", "/tokenize", "/api/show"])
+def test_only_json_bodies_are_read(srv, path):
+    """A page can POST text/plain (or a form) anywhere without a CORS preflight: such bodies get 415."""
+    tcp, body = srv.clients["tcp"], json.dumps({**INFILL, "prompt": "x", "content": "x", "model": "default"})
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"content-type": ctype} if ctype else {}
+        r = tcp.post(path, content=body, headers=headers)
+        assert r.status_code == 415, (ctype, r.status_code, r.text)
+        error = r.json()["error"]
+        assert "application/json" in (error if isinstance(error, str) else error["message"])
+    r = tcp.post(path, content=body, headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert r.status_code != 415, r.text
+
+
 def test_allowed_hosts_and_origins_widen_it(artifact, tmp_path):
     access = Access(hosts=("127.0.0.1", "devbox.lan"), origins=("http://localhost:3000",))
     running = Running(Server(lambda: open_model(artifact, threads=1), access=access), tmp_path / "a.sock")

@@ -157,6 +157,11 @@ class Server:
 
 # --- helpers ------------------------------------------------------------------------------
 async def read_json(request: Request, limit: int):
+    # a page can POST text/plain anywhere without the browser asking first (a CORS "simple request"):
+    # a JSON API that takes only application/json is out of its reach
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise HTTPError(415, f"Content-Type must be application/json (got {media or 'none'!r})")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise HTTPError(413, f"request body of {length} bytes exceeds the limit of {limit}")
