@@ -10,7 +10,7 @@ import pytest
 from serving import HANG, Running
 
 from pltkit.export.artifact import export
-from pltkit.serve.app import Access, Server, host_name
+from pltkit.serve.app import Access, Server, host_name, key_matches
 from pltkit.serve.model import open_model
 
 INFILL = {"input_prefix": "def add(a, b):\n    return ", "input_suffix": "\n", "n_predict": 2}
@@ -101,6 +101,63 @@ def test_allowed_hosts_and_origins_widen_it(artifact, tmp_path):
         anyone.stop()
 
 
+def test_the_api_key_scheme_any_case_and_any_characters(artifact, tmp_path):
+    key = "s3cret-clé-ключ"  # not latin-1: sent as UTF-8 bytes
+    running = Running(Server(lambda: open_model(artifact, threads=1), api_key=key), tmp_path / "k.sock")
+    try:
+        tcp = running.clients["tcp"]
+        for auth in (b"Bearer " + key.encode(), b"bearer " + key.encode(), b"BEARER  " + key.encode()):
+            assert tcp.post("/infill", json=INFILL, headers={"Authorization": auth}).status_code == 200, auth
+        for auth in (b"Bearer s3cret", b"Basic " + key.encode(), key.encode(), b"Bearer"):
+            r = tcp.post("/infill", json=INFILL, headers={"Authorization": auth})
+            assert r.status_code == 401 and "API key" in r.json()["error"]["message"], auth
+    finally:
+        running.stop()
+    assert key_matches(b"bearer abc", "abc") and not key_matches(b"bearer abcd", "abc")
+
+
+def serve_process(port: int, *args: str, env=None):
+    """A real plt-serve on a TCP port, once it says it is ready (or has exited)."""
+    import os
+
+    proc = subprocess.Popen([sys.executable, "-m", "pltkit.cli.serve", "--port", str(port), "--threads", "1", *args],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    for line in proc.stderr:  # wait for the event, not a time
+        if "ready:" in line:
+            break
+    return proc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_api_key_from_the_environment_or_a_file(tmp_path):
+    """--api-key shows in ps: $PLTKIT_API_KEY and --api-key-file keep it out of the command line."""
+    import httpx
+
+    (tmp_path / "key").write_text("from-a-file\n")
+    for args, env, key in (((), {"PLTKIT_API_KEY": "from-env"}, "from-env"),
+                           (("--api-key-file", str(tmp_path / "key")), {"PLTKIT_API_KEY": ""}, "from-a-file")):
+        port = free_port()
+        proc = serve_process(port, *args, env=env)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=HANG) as c:
+                assert c.post("/infill", json=INFILL).status_code == 401
+                ok = c.post("/infill", json=INFILL, headers={"Authorization": f"Bearer {key}"})
+                assert ok.status_code == 200, ok.text
+        finally:
+            proc.terminate()
+            proc.wait(HANG)
+    bad = subprocess.run([sys.executable, "-m", "pltkit.cli.serve", "--port", "1", "--api-key-file",
+                          str(tmp_path / "missing")], capture_output=True, text=True, timeout=HANG)
+    assert bad.returncode == 2 and "--api-key-file" in bad.stderr
+
+
 def test_host_name_drops_the_port():
     assert [host_name(h) for h in ("localhost:8012", "[::1]:80", "::1", "127.0.0.1", "a.b")] == \
         ["localhost", "::1", "::1", "127.0.0.1", "a.b"]
@@ -108,18 +165,9 @@ def test_host_name_drops_the_port():
 
 def test_cli_flags_reach_the_server(tmp_path):
     """plt-serve --allowed-hosts / --allowed-origins, on a real port: the listed host and origin pass."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pltkit.cli.serve", "--port", str(port), "--threads", "1",
-                             "--allowed-hosts", "devbox.lan", "--allowed-origins", "http://localhost:3000/"],
-                            stderr=subprocess.PIPE, text=True)
+    port = free_port()
+    proc = serve_process(port, "--allowed-hosts", "devbox.lan", "--allowed-origins", "http://localhost:3000/")
     try:
-        for line in proc.stderr:  # wait for the event, not a time
-            if "ready:" in line or "plt-serve: " in line and proc.poll() is not None:
-                break
         import httpx
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=HANG) as c:
             assert c.get("/health", headers={"Host": "devbox.lan"}).status_code == 200

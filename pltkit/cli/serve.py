@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +28,9 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=types.port,
                    help="also (or only) listen on TCP; llama.vim and llama.vscode expect 8012")
     p.add_argument("--host", default="127.0.0.1", help="TCP host (a non-loopback host needs --api-key)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health (other "
+                                     "local users see it in ps: prefer --api-key-file or $PLTKIT_API_KEY)")
+    p.add_argument("--api-key-file", type=Path, help="read the API key from this file (its first line)")
     p.add_argument("--allowed-hosts", nargs="+", metavar="HOST", default=[],
                    help="Host names TCP requests may carry besides localhost, 127.0.0.1, ::1 and --host "
                         "('*': any); others get 403 (a guard against DNS rebinding)")
@@ -42,6 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--cache-mb", type=types.nonneg_int, default=256, help="memory for prefix states of earlier prompts")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = p.parse_args(argv)
+    try:
+        args.api_key = api_key(args)
+    except OSError as e:
+        p.error(f"--api-key-file: {e.strerror}: {e.filename}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
 
@@ -57,6 +64,14 @@ def main(argv=None) -> int:
     finally:
         for path in ours:
             path.unlink(missing_ok=True)
+
+
+def api_key(args) -> str | None:
+    """--api-key, else the first line of --api-key-file, else $PLTKIT_API_KEY (empty: none)."""
+    if args.api_key is None and args.api_key_file is not None:
+        lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
+        return lines[0].strip() if lines else None
+    return args.api_key or os.environ.get("PLTKIT_API_KEY") or None
 
 
 def run(args, ours: list[Path]) -> int:

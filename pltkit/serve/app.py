@@ -420,6 +420,13 @@ async def on_error(request: Request, exc: Exception) -> Response:
     return error_response(request, exc.status_code, exc.detail or "error")  # HTTPException
 
 
+def key_matches(authorization: bytes, key: str) -> bool:
+    """Whether an Authorization header is 'Bearer KEY' (the scheme in any case, KEY as UTF-8 bytes,
+    compared in constant time)."""
+    scheme, _, token = authorization.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode("utf-8"))
+
+
 class Gate:
     """ASGI middleware: Host and Origin (Access), the API key (when set; /health stays open) and
     per-route request metrics."""
@@ -444,8 +451,7 @@ class Gate:
                 return await error_response(Request(scope), 403, refusal)(scope, receive, send_status)
             key = self.server.api_key
             if key and path != "/health":
-                given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-                if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                if not key_matches(dict(scope["headers"]).get(b"authorization", b""), key):
                     request = Request(scope)
                     return await error_response(request, 401, "invalid or missing API key (Authorization: "
                                                               "Bearer KEY)")(scope, receive, send_status)
