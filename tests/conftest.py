@@ -20,3 +20,11 @@ def private_user_dirs(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def served_artifact(tmp_path_factory):
+    """The default model exported to ONNX Runtime (fp32), as a user would serve it; read-only."""
+    from pltkit.export.artifact import export
+
+    return export("default", tmp_path_factory.mktemp("served") / "default-fp32")

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from serving import HANG, Running, held, wait_idle
 
-from pltkit.export.artifact import export
 from pltkit.serve.app import Limits, Server
 from pltkit.serve.model import open_model
 
@@ -62,10 +61,8 @@ def at(lines: list[str], y: int, x: int | None = None) -> tuple[str, str, str]:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    d = tmp_path_factory.mktemp("editors") / "default"
-    export("default", d)
-    return d
+def artifact(served_artifact):
+    return served_artifact
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from dataclasses import replace
 import pytest
 from serving import HANG, Running, held, wait_idle
 
-from pltkit.export.artifact import export
 from pltkit.serve.protocols import LlamaCpp
 from pltkit.serve.app import Limits, Server
 from pltkit.serve.model import open_model
@@ -22,10 +21,8 @@ SUFFIX = "\n\ndef main():\n    print(read_lines('x'))\n"
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve") / "default-fp32"
-    export("default", d)
-    return d
+def artifact(served_artifact):
+    return served_artifact
 
 
 @pytest.fixture(scope="module")

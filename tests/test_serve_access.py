@@ -9,7 +9,6 @@ import sys
 import pytest
 from serving import HANG, Running
 
-from pltkit.export.artifact import export
 from pltkit.serve.app import Access, Server, host_name, key_matches
 from pltkit.serve.model import open_model
 
@@ -17,10 +16,8 @@ INFILL = {"input_prefix": "def add(a, b):\n    return ", "input_suffix": "\n", "
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    d = tmp_path_factory.mktemp("access") / "default-fp32"
-    export("default", d)
-    return d
+def artifact(served_artifact):
+    return served_artifact
 
 
 @pytest.fixture(scope="module")

@@ -162,6 +162,9 @@ def loop_attention_gqa(g: Graph, inputs: list[str], *, rows: int, window: int, s
     def take(x, r):  # row r: [R, ...] -> [...]
         return g.op("Gather", x, g.const(r), axis=0)
 
+    def rows_of(xs):  # [1, ...] pieces -> [len(xs), ...]
+        return xs[0] if len(xs) == 1 else g.op("Concat", *xs, axis=0)
+
     def lengths(batch, total):  # GQA's total_sequence_length and seqlens_k
         total32 = g.op("Cast", total, to=6)
         return total32, g.op("Expand", g.op("Sub", total32, g.const(1, np.int32)), batch)
@@ -207,12 +210,10 @@ def loop_attention_gqa(g: Graph, inputs: list[str], *, rows: int, window: int, s
                         lambda: g.op("Unsqueeze", g.op("Max", g.const(0), g.op("Sub", total, g.const(window))), zero))
         rings_k.append(g.op("Unsqueeze", g.op("Slice", loc_k, keep, big, g.const([2])), zero))
         rings_v.append(g.op("Unsqueeze", g.op("Slice", loc_v, keep, big, g.const([2])), zero))
-    y_local = locals_[0] if rows == 2 else g.op("Concat", *locals_, axis=0)
+    y_local = rows_of(locals_)
     # rows >= 1: g * global + (1 - g) * local = local + g * (global - local)
     y_g = g.op("Slice", y_rows, g.const([1]), big, zero)
     mixed = g.op("Add", y_local, g.op("Mul", gate, g.op("Sub", y_g, y_local)))
     out = g.op("Concat", g.op("Slice", y_rows, zero, g.const([1]), zero), mixed, axis=0)
     out = g.op("Reshape", out, g.const([0, 0, 1, -1]))
-    ring_out_k = rings_k[0] if rows == 2 else g.op("Concat", *rings_k, axis=0)
-    ring_out_v = rings_v[0] if rows == 2 else g.op("Concat", *rings_v, axis=0)
-    return [out, present_k, present_v, ring_out_k, ring_out_v]
+    return [out, present_k, present_v, rows_of(rings_k), rows_of(rings_v)]

@@ -266,8 +266,8 @@ class _Builder:
             self.g.output(present[n], "present_" + n, self.ft, shape)
 
 
-# LoopAttention nodes (portable), ONNX Runtime GQA kernels (decode, prefill's loop 0), or LoopAttention nodes over
-# in-place cache buffers (kv_buffer = 1; the TensorRT form)
+# LoopAttention nodes (portable), ONNX Runtime GQA kernels (decode, prefill's loop 0), or
+# LoopAttention nodes over in-place cache buffers (kv_buffer = 1; the TensorRT form)
 ATTENTION = ("function", "gqa", "kvbuffer")
 
 

@@ -139,7 +139,8 @@ class AsymmetricNBits:
     points per block (llama.cpp's Q4_1: x = q * d + m) come back to within float rounding.
 
     In the graph: MatMulNBits with zero points 0 computes x @ (q * s), and the offsets are added as
-    (x @ E) @ lo: E [K, blocks] sums x over each block, lo [blocks, N] float32. Measured and rejected (docs/benchmarks.md): MatMulNBits' own zero points.
+    (x @ E) @ lo: E [K, blocks] sums x over each block, lo [blocks, N] float32. Measured and rejected
+    (docs/benchmarks.md): MatMulNBits' own zero points.
     Float ones are exact, but ONNX Runtime 1.32's CPU kernel dequantizes the whole weight each call
     (60x slower per layer); uint8 ones round Q4_1's offset to a whole step (no better than symmetric).
 

@@ -100,9 +100,9 @@ class OrtBackend:
     def __init__(self, artifact: Artifact, threads: int | None = None, attention: str = "auto",
                  device: str = "cpu"):
         """attention: 'gqa' (ONNX Runtime's GroupQueryAttention kernels, cache updated in place;
-        a batched prefill runs the kvbuffer graph), 'function' (the LoopAttention function body, portable), 'kvbuffer' (the function
-        body over cache buffers updated in place: TensorRT's graphs), or 'auto' (gqa when the
-        artifact has it)."""
+        a batched prefill runs the kvbuffer graph), 'function' (the LoopAttention function body,
+        portable), 'kvbuffer' (the function body over cache buffers updated in place: TensorRT's
+        graphs), or 'auto' (auto_attention)."""
         try:
             import onnxruntime as ort
         except ImportError:
