@@ -11,19 +11,19 @@ import httpx
 import uvicorn
 
 from pltkit.serve.app import Server, create_app
-from pltkit.serve.listen import bind_tcp, bind_unix
+from pltkit.serve.listen import Connections, bind_tcp, bind_unix, uvicorn_config
 
 HANG = 600  # seconds after which a wait for an event counts as a hang: a guard, never a measurement
 
 
 class Running:
-    def __init__(self, server: Server, socket_path):
+    def __init__(self, server: Server, socket_path, connections: Connections = Connections()):
         self.server, self.socket_path = server, socket_path
         socks = [bind_unix(socket_path), bind_tcp("127.0.0.1", 0)]
         self.port = socks[1].getsockname()[1]
         for s in socks:
             s.listen(64)
-        self.uvicorn = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", lifespan="on"))
+        self.uvicorn = uvicorn.Server(uvicorn_config(create_app(server), connections=connections))
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": socks}, daemon=True)
         self.thread.start()
         self.clients = {"uds": self.client("uds"), "tcp": self.client("tcp")}

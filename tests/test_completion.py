@@ -5,7 +5,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import pltkit
 from pltkit.model.tokenizer import PLTTokenizer
-from pltkit.runtime.completion import CompletionRequest, RequestError, Stopper, layout, trim_suffix_repeat
+from pltkit.runtime.completion import CompletionRequest, RequestError, Stopper, clip, layout, trim_suffix_repeat
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +185,50 @@ def test_a_truncated_prefix_starts_at_the_same_place_while_the_user_types():
     print(f"prompt start moved {moves} times in {len(starts) - 1} steps (fixed token cut: {plain_moves}); "
           f"kept {sum(sizes) / len(sizes):.0f} of 300 tokens on average")
     assert moves <= len(starts) // 3 and plain_moves > len(starts) * 3 // 4
+
+
+def test_stop_strings_are_looked_for_only_at_the_tail():
+    """Each feed looks for the stop strings in the new text and the longest stop's length before
+    it, never again in the whole output; and it stops exactly where a full scan would."""
+    import random
+
+    class Seen(str):
+        starts: list = []
+
+        def find(self, sub, start=0, *rest):
+            Seen.starts.append((len(self), start))
+            return str.find(self, sub, start, *rest)
+
+    rng = random.Random(5)
+    for _ in range(300):
+        stops = tuple("".join(rng.choice("ab\n") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3)))
+        req = CompletionRequest(stop=stops, n_predict=-1)
+        tail, text = Stopper(req, ()), ""
+        Seen.starts = []
+        while not tail.stop_type and len(text) < 60:
+            text += rng.choice(["a", "b", "\n", "ab", "c"])
+            shown = tail.feed(1, Seen(text))
+            hits = [(text.find(s), s) for s in stops if s in text]
+            if hits:  # a full scan stops at the first occurrence of any stop string
+                assert (tail.stop_type, tail.text_final, tail.stopping_word) == ("word", text[:min(hits)[0]],
+                                                                               min(hits)[1])
+            else:
+                assert tail.stop_type is None and not any(text[:shown].endswith(s) for s in stops)
+        longest = max(map(len, stops))
+        assert all(start >= n - 1 - longest - 4 - 2 for n, start in Seen.starts)
+
+
+def test_stop_strings_are_capped():
+    CompletionRequest(stop=("s" * 256,) * 64)
+    for stop in (("x",) * 65, ("s" * 257,), ("",)):
+        with pytest.raises(RequestError, match="at most 64 strings of 1 to 256"):
+            CompletionRequest(stop=stop)
+
+
+def test_clip_cuts_texts_where_the_context_cannot_reach():
+    req = CompletionRequest(prefix="p" * 50, prompt="l" * 50, suffix="s" * 50, filename="f" * 50,
+                            extra=(("a" * 50, "t" * 50), (None, "u" * 5)))
+    cut, changed = clip(req, 10)
+    assert changed and (cut.prefix, cut.prompt, cut.suffix, cut.filename) == ("p" * 10, "l" * 10, "s" * 10, "f" * 10)
+    assert cut.extra == (("a" * 10, "t" * 10), (None, "u" * 5))
+    assert clip(req, 50) == (req, False)

@@ -138,6 +138,22 @@ def test_switching_files_and_back_reuses_the_earlier_state(ckpt):
     assert tight.run(back, GREEDY).tokens_cached == 0  # nothing kept within one byte
 
 
+def test_every_state_live_slots_included_stays_within_cache_bytes(ckpt):
+    """Many clients, each on a slot of its own: their states (not only the moved-on ones) stay
+    within cache_bytes plus the state of the slot that ran last; the oldest are dropped first."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(4, 300, 70).tolist() for _ in range(12)]
+    one = engine(ckpt)
+    one.run(prompts[0], GREEDY)
+    size = one.state_bytes()
+    e = Engine(one.backend, one.tok, chunk=16, cache_bytes=3 * size)
+    for i, ids in enumerate(prompts):
+        e.run(ids, GREEDY, slot_id=("client", i))
+        assert e.state_bytes() <= 3 * size + e.slots[("client", i)].nbytes(), i
+    assert 1 < len(e.slots) < 12 and ("client", 11) in e.slots and ("client", 0) not in e.slots
+    assert e.run(prompts[11] + [5], GREEDY, slot_id=("client", 11)).tokens_cached > 0  # the live one kept its cache
+
+
 @pytest.mark.parametrize("backend", ["torch", "ort"])
 def test_state_bytes_count_the_snapshots(ckpt, backend, tmp_path):
     path = ckpt

@@ -21,6 +21,12 @@ def test_temperature_zero_is_greedy():
     assert set(draws(SamplingParams(temperature=0), n=20)) == {1}
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    # 1e-310 is a subnormal: logits / temperature overflow to inf, and the softmax to NaN
+    for t in (1e-310, 5e-324, 1e-300):
+        assert set(draws(SamplingParams(temperature=t), n=20)) == {1}, t
+
+
 def test_greedy_is_exactly_argmax_with_neutral_penalties():
     rng = np.random.default_rng(0)
     for _ in range(20):

@@ -42,7 +42,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-predict", type=types.positive_int, default=4096, help="largest n_predict accepted")
     p.add_argument("--max-body", type=types.positive_int, default=4 << 20, help="largest request body in bytes")
     p.add_argument("--max-queue", type=types.nonneg_int, default=16, help="requests waiting before new ones get 503")
-    p.add_argument("--cache-mb", type=types.nonneg_int, default=256, help="memory for prefix states of earlier prompts")
+    p.add_argument("--cache-mb", type=types.nonneg_int, default=256,
+                   help="memory for the clients' prompt states (prefix caches), live ones included")
+    p.add_argument("--max-connections", type=types.positive_int, default=256,
+                   help="open connections at most (one more gets 503); lowered to fit the open-file limit")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = p.parse_args(argv)
     try:
@@ -78,7 +81,7 @@ def run(args, ours: list[Path]) -> int:
     from pltkit.model.paths import resolve_model_path
     from pltkit.runtime.backends import physical_cores
     from pltkit.serve.app import LOOPBACK_HOSTS, Access, Limits, Server, create_app
-    from pltkit.serve.listen import bind_tcp, bind_unix, default_socket_path, serve
+    from pltkit.serve.listen import Connections, bind_tcp, bind_unix, default_socket_path, fitting_connections, serve
     from pltkit.serve.model import open_model
 
     resolve_model_path(args.model)  # a bad path fails now, not in the background
@@ -113,8 +116,9 @@ def run(args, ours: list[Path]) -> int:
     access = Access(hosts, tuple(o.lower().rstrip("/") for o in args.allowed_origins))
     server = Server(lambda: open_model(args.model, args.backend, args.threads, args.cache_mb << 20), limits,
                     args.api_key, on_loaded, access)
+    connections = Connections(max_connections=fitting_connections(args.max_connections))
     serve(create_app(server), sockets, "info" if args.verbose else "warning", on_start=uv.append,
-          on_shutdown=server.stop)  # work in flight ends at once: requests answer instead of being cut off
+          on_shutdown=server.stop, connections=connections)  # work in flight ends at once: requests answer
     if failed:
         print(f"plt-serve: {' '.join(failed[0].split())}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ HF `tokenizers` tokenizer.json, or a SentencePiece tokenizer.model (pltkit.model
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -51,8 +52,10 @@ class JsonTokenizer:
     def from_dir(cls, path: Path, tcfg: dict) -> JsonTokenizer:
         return cls(Tokenizer.from_file(str(path / "tokenizer.json")))
 
+    # the *_batch calls release the GIL while they work, encode and decode do not: a long text
+    # tokenized on a server's thread would hold up every other thread, its event loop included
     def encode(self, text: str) -> list[int]:
-        return self._plain.encode(text, add_special_tokens=False).ids
+        return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
 
     encode_continuation = encode
 
@@ -60,10 +63,10 @@ class JsonTokenizer:
         return [len(e.ids) for e in self._plain.encode_batch(texts, add_special_tokens=False)]
 
     def encode_with_specials(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return self._tok.decode_batch([list(ids)], skip_special_tokens=skip_special_tokens)[0]
 
     decode_continuation = decode
 
@@ -159,6 +162,13 @@ class PLTTokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (its piece's length: a byte-level or byte
+        fallback piece is at least as long as its text). A text of n characters is at least
+        n / max_token_chars tokens: what lets a server cut an input before tokenizing it."""
+        return max(1, max(len(self.id_to_token(i) or "") for i in range(self.vocab_size)))
 
 
 class _Encoding(NamedTuple):

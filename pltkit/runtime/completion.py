@@ -4,8 +4,9 @@ when to stop. Pure functions and small classes; the engine that runs them sits o
 
 from __future__ import annotations
 
+import math
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from pltkit.model.tokenizer import PLTTokenizer
 from pltkit.runtime.sampling import DEFAULT_SAMPLERS, SamplingParams, sampler_names
@@ -13,6 +14,11 @@ from pltkit.runtime.sampling import DEFAULT_SAMPLERS, SamplingParams, sampler_na
 
 class RequestError(ValueError):
     """A request that cannot be served; the message names the field."""
+
+
+# Stop strings are checked at every generated token: their number and length are capped (OpenAI
+# takes 4; editors send a dozen short ones), so that one request cannot make each token cost seconds
+MAX_STOPS, MAX_STOP_CHARS = 64, 256
 
 
 @dataclass(frozen=True)
@@ -54,12 +60,17 @@ class CompletionRequest:
             "n_predict": _int(self.n_predict) and self.n_predict >= -1,
             "n_indent": _int(self.n_indent) and self.n_indent >= 0,
             "single_line": isinstance(self.single_line, bool), "special": isinstance(self.special, bool),
-            "stop": all(isinstance(s, str) and s for s in self.stop),
-            "t_max_prompt_ms": _num(self.t_max_prompt_ms) and self.t_max_prompt_ms >= 0,
-            "t_max_predict_ms": _num(self.t_max_predict_ms) and self.t_max_predict_ms >= 0,
-            "temperature": _num(self.temperature) and self.temperature >= 0,
+            "stop": len(self.stop) <= MAX_STOPS and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS
+                                                        for s in self.stop),
+            "t_max_prompt_ms": is_number(self.t_max_prompt_ms) and self.t_max_prompt_ms >= 0,
+            "t_max_predict_ms": is_number(self.t_max_predict_ms) and self.t_max_predict_ms >= 0,
+            "filename": self.filename is None or isinstance(self.filename, str),
+            "temperature": is_number(self.temperature) and self.temperature >= 0,
             "top_k": _int(self.top_k) and self.top_k >= 0,
-            "top_p": _num(self.top_p) and 0 < self.top_p <= 1,
+            "top_p": is_number(self.top_p) and 0 < self.top_p <= 1,
+            **{name: is_number(getattr(self, name)) for name in ("min_p", "repeat_penalty", "presence_penalty",
+                                                                 "frequency_penalty")},
+            "repeat_last_n": _int(self.repeat_last_n),
             "seed": self.seed is None or _int(self.seed) and self.seed >= 0,
             "n_cmpl": _int(self.n_cmpl) and 1 <= self.n_cmpl <= 16,
             "fim_order": self.fim_order in FIM_ORDERS,
@@ -67,8 +78,10 @@ class CompletionRequest:
             "end_ids": all(_int(i) for i in self.end_ids),
         }
         bad = [name for name, ok in checks.items() if not ok]
+        if bad == ["stop"] and all(isinstance(s, str) for s in self.stop):
+            raise RequestError(f"invalid stop: at most {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} characters")
         if bad:
-            raise RequestError(f"invalid {bad[0]}: {getattr(self, bad[0])!r}")
+            raise RequestError(f"invalid {bad[0]}: {_short(getattr(self, bad[0]))}")
         try:
             self.sampling()
         except (TypeError, ValueError) as e:
@@ -119,12 +132,20 @@ class CompletionRequest:
 SAMPLING = [f.name for f in fields(SamplingParams)]  # the request fields that are sampling parameters
 
 
+def _short(value, limit: int = 80) -> str:
+    """A value for an error message, cut short: a request's value may be megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def is_number(x) -> bool:
+    """A finite number (JSON's 1e400 parses as infinity, and Python's json takes Infinity and NaN)."""
+    return not isinstance(x, bool) and (isinstance(x, int) and abs(x) < 2**63 or isinstance(x, float)
+                                        and math.isfinite(x))
 
 
 # --- prompt layout ------------------------------------------------------------------------
@@ -188,6 +209,21 @@ def layout(tok: PLTTokenizer, req: CompletionRequest, budget: int) -> Prompt:
                                            "extra": len(head)})
 
 
+def clip(req: CompletionRequest, chars: int) -> tuple[CompletionRequest, bool]:
+    """The request with every text cut to `chars` characters (the prefix and current line keep
+    their ends, the rest their starts), and whether anything was cut. Given chars = context *
+    tok.max_token_chars, a text that long is already more tokens than the context holds, so the
+    layout of the cut request is that of the whole one, or the same "exceeds the context" error:
+    a megabyte of input costs no more than a context's worth of tokenizing."""
+    head, tail = slice(None, chars), slice(-chars, None)
+    cut = {"prefix": req.prefix[tail], "prompt": req.prompt[tail],
+           "suffix": req.suffix if req.suffix is None else req.suffix[head],
+           "filename": req.filename if req.filename is None else req.filename[head],
+           "extra": tuple((f if f is None else f[head], t[head]) for f, t in req.extra)}
+    changed = {k: v for k, v in cut.items() if v != getattr(req, k)}
+    return (replace(req, **changed), True) if changed else (req, False)
+
+
 def layout_with_bos(tok: PLTTokenizer, req: CompletionRequest, budget: int) -> Prompt:
     """layout(), behind the bos token where the tokenizer's config adds one (SentencePiece models)."""
     lead = [tok.bos_id] if tok.add_bos else []
@@ -243,6 +279,8 @@ class Stopper:
         self.req, self.end_ids = req, set(end_ids)
         self.anchor = _suffix_anchor(req.suffix) if prefix_only else None
         self._scanned = 0  # where _suffix_cut starts looking for lines
+        self._checked = 0  # length of the text the stop strings were looked for in
+        self._longest = max(map(len, req.stop), default=0)
         self.stop_type: str | None = None
         self.stopping_word = ""
         self.text_final = ""
@@ -256,7 +294,12 @@ class Stopper:
         self.n += 1
         if token in self.end_ids:
             return self._done("eos", text)
-        hits = [(text.find(s), s) for s in self.req.stop if s in text]
+        # a stop string inside the text that earlier calls saw would have stopped them: look only
+        # at the new text and the longest stop string's length before it (plus a few characters
+        # that the end of a multi-byte character may have changed)
+        start = max(0, self._checked - self._longest - 4)
+        self._checked = len(text)
+        hits = [(at, s) for s in self.req.stop if (at := text.find(s, start)) >= 0]
         if hits:
             at, word = min(hits)
             return self._done("word", text[:at], word)
@@ -335,13 +378,16 @@ def _suffix_anchor(suffix: str | None) -> tuple[bool, str] | None:
 
 
 def _held_back(text: str, stops) -> int:
-    """How many trailing characters of text could begin a stop string."""
+    """How many trailing characters of text could begin a stop string: the longest s[:k] (k <
+    len(s)) that text ends with, trying only the k where s[k - 1] is text's last character."""
     held = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                held = max(held, k)
+    for s in stops if text else ():
+        end = min(len(s) - 1, len(text))
+        while (i := s.rfind(text[-1], 0, end)) >= held:  # a candidate longer than `held`
+            if text.endswith(s[:i + 1]):
+                held = i + 1
                 break
+            end = i
     return held
 
 

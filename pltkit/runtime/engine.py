@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pltkit.model.tokenizer import PLTTokenizer
-from pltkit.runtime.completion import (CompletionRequest, Prompt, RequestError, Stopper, layout_with_bos,
+from pltkit.runtime.completion import (CompletionRequest, Prompt, RequestError, Stopper, clip, layout_with_bos,
                                        trim_suffix_repeat)
 from pltkit.runtime.sampling import TokenInfo, sample
 
@@ -79,9 +79,12 @@ def _nbytes(x) -> int:
 class Engine:
     def __init__(self, backend, tokenizer: PLTTokenizer, chunk: int = 64, cache_bytes: int = 256 << 20,
                  max_slots: int = 64):
-        """cache_bytes: memory for states kept after their slot moved on to an unrelated prompt
-        (an editor switching files and back), least recently used dropped first. max_slots: slots
-        (any hashable ids) holding a state; the least recently used one beyond it is kept like that."""
+        """cache_bytes: memory for every state: the slots' (any hashable ids: a client's prefix
+        cache) and those kept after their slot moved on to an unrelated prompt (an editor switching
+        files and back). Past it the least recently used state is dropped, but never the one a
+        request runs on: memory stays within cache_bytes plus one context's state (two while a
+        request's extra completions run on a copy). max_slots: slots holding a state; the least
+        recently used one beyond it is kept as a moved-on state."""
         self.backend, self.tok, self.chunk, self.cache_bytes = backend, tokenizer, chunk, cache_bytes
         self.max_slots = max_slots
         self.slots: dict = {}  # slot id -> _Slot, least recently used first
@@ -118,14 +121,24 @@ class Engine:
         self.slots[slot_id] = slot
         while len(self.slots) > self.max_slots:
             self._keep(self.slots.pop(next(iter(self.slots))))
+        self._trim(slot)
         return slot
 
     def _keep(self, slot: _Slot) -> None:
-        if slot.state is None or len(slot.ids) < self.chunk:
-            return
-        self.recent.append(slot)
-        while self.recent and sum(s.nbytes() for s in self.recent) > self.cache_bytes:
-            self.recent.pop(0)
+        if slot.state is not None and len(slot.ids) >= self.chunk:
+            self.recent.append(slot)
+
+    def _trim(self, active: _Slot) -> None:
+        """Drop states, least recently used first (moved-on ones, then other slots'), until all of
+        them fit in cache_bytes; `active` stays."""
+        sizes = {id(s): s.nbytes() for s in (*self.slots.values(), *self.recent)}
+        total = sum(sizes.values())
+        while total > self.cache_bytes and self.recent:
+            total -= sizes[id(self.recent.pop(0))]
+        for key in [k for k, s in self.slots.items() if s is not active]:
+            if total <= self.cache_bytes:
+                break
+            total -= sizes[id(self.slots.pop(key))]
 
     def _restore(self, slot: _Slot, ids: list[int]) -> int:
         """Rewind the slot to the longest snapshotted prefix of `ids`; returns the reused tokens."""
@@ -169,9 +182,12 @@ class Engine:
     def prompt(self, req: CompletionRequest, ids: list[int] | None = None) -> Prompt:
         """The request's prompt laid out within the context (or `ids`, a prompt given as token
         ids), checked: not empty, token ids in the vocabulary, and a plain prompt shorter than the
-        context (an infill's prefix is cut to fit instead). RequestError otherwise."""
+        context (an infill's prefix is cut to fit instead). RequestError otherwise. Texts are cut
+        to what the context can use before they are tokenized (`clip`)."""
+        cut = False
         if ids is None:
             n_predict = req.n_predict if req.n_predict >= 0 else self.context
+            req, cut = clip(req, self.context * self.tok.max_token_chars)
             prompt = layout_with_bos(self.tok, req, self.context - max(1, min(n_predict, self.context // 4)))
             given = prompt.parts.get("given", len(prompt.ids))
         else:
@@ -182,7 +198,8 @@ class Engine:
         if not prompt.ids:
             raise RequestError("the prompt is empty")
         if given >= self.context:
-            raise RequestError(f"prompt of {given} tokens exceeds the context of {self.context} tokens")
+            raise RequestError(f"prompt of {'at least ' * cut}{given} tokens exceeds the context of "
+                               f"{self.context} tokens")
         return prompt
 
     def run(self, ids: list[int], req: CompletionRequest, slot_id: Hashable = 0, cancel: Cancel | None = None,
@@ -206,6 +223,7 @@ class Engine:
         t1 = time.perf_counter()
         evaluated = len(slot.ids) - cached
         if isinstance(logits, str):  # stopped before the prompt was in
+            self._trim(slot)
             return [self._finish(Result("", [], logits), req, cached, evaluated, truncated, t0, t1)]
         results = []
         for i in reversed(range(req.n_cmpl)):
@@ -217,6 +235,7 @@ class Engine:
                 self._generate(req, target, logits, cancel, on_text if on_slot else None, r, time.perf_counter(),
                                seed)
             results.append(self._finish(r, req, cached, evaluated, truncated, t0, t1))
+        self._trim(slot)  # the slot grew by the prompt and the completion
         return results[::-1]
 
     @staticmethod

@@ -165,12 +165,15 @@ def _min_p(c: _Cands, params: SamplingParams, history, info) -> None:
 
 def _temperature(c: _Cands, params: SamplingParams, history, info) -> None:
     """llama_sampler_temp_impl: divide by temp; temp <= 0 keeps one candidate of highest logit (llama.cpp:
-    the first in its current order; here: the smallest id, as np.argmax, whatever the order)."""
-    if params.temperature <= 0:
+    the first in its current order; here: the smallest id, as np.argmax, whatever the order), and so
+    does a temperature too small for the division to stay finite (greedy is the limit as temp -> 0)."""
+    with np.errstate(over="ignore"):
+        scaled = c.logits / params.temperature if params.temperature > 0 else None
+    if scaled is None or not np.isfinite(scaled).all():  # a temperature so small (1e-310) that it overflows: its limit
         best = np.flatnonzero(c.logits == c.logits.max())
         c.keep([best[np.argmin(c.ids[best])]])
     else:
-        c.logits = c.logits / params.temperature
+        c.logits = scaled
 
 
 def _infill(c: _Cands, params: SamplingParams, history, info: TokenInfo | None) -> None:

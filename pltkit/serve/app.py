@@ -11,19 +11,22 @@ import asyncio
 import hmac
 import json
 import logging
+import math
+import re
 import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pltkit.runtime.chat import ChatTemplate
-from pltkit.runtime.completion import RequestError
+from pltkit.runtime.completion import Prompt, RequestError
 from pltkit.runtime.engine import Engine, Result
 from pltkit.serve.chat import CHAT_ROUTES, chat_prompt
 from pltkit.serve.metrics import Metrics
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Limits:
     max_body: int = 4 << 20  # bytes of a request body
+    body_timeout: float = 30.0  # seconds to receive a request body (a slow sender holds a connection, no more)
     max_predict: int = 4096  # n_predict / max_tokens / num_predict
     slots: int = 16  # id_slot values 0 .. slots-1 (clients without one get a slot of their own)
     max_queue: int = 16  # jobs waiting for the worker
@@ -114,7 +118,7 @@ class Server:
     def _load(self) -> None:
         try:
             model = self.load()
-            model.engine.max_slots = self.limits.slots + 64  # numbered slots, then clients
+            model.engine.max_slots = self.limits.slots + 64  # numbered slots, then clients (all within --cache-mb)
             self.worker = Worker(model.engine, self.limits.max_queue, self._finished)
             self.model = model
         except Exception as e:  # reported by /health and every route
@@ -156,25 +160,74 @@ class Server:
 
 
 # --- helpers ------------------------------------------------------------------------------
-async def read_json(request: Request, limit: int):
+# Work that takes CPU time in proportion to a request's size (JSON parsing, prompt layout and
+# tokenizing, which the tokenizers do with the GIL released) runs on worker threads, never on the
+# event loop: the loop only moves bytes, so a megabyte request holds up no other connection.
+off_loop = run_in_threadpool
+
+
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The body of a JSON request: application/json only, at most limits.max_body bytes, received
+    within limits.body_timeout seconds."""
     # a page can POST text/plain anywhere without the browser asking first (a CORS "simple request"):
     # a JSON API that takes only application/json is out of its reach
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "application/json":
         raise HTTPError(415, f"Content-Type must be application/json (got {media or 'none'!r})")
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise HTTPError(413, f"request body of {length} bytes exceeds the limit of {limit}")
-    body, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes")
-        body.append(chunk)
+    if length.isdigit() and int(length) > limits.max_body:
+        raise HTTPError(413, f"request body of {length} bytes exceeds the limit of {limits.max_body}")
+
+    async def receive() -> bytes:
+        body, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body:
+                raise HTTPError(413, f"request body exceeds the limit of {limits.max_body} bytes")
+            body.append(chunk)
+        return b"".join(body)
+
     try:
-        return json.loads(b"".join(body))
-    except (ValueError, UnicodeDecodeError) as e:
+        return await asyncio.wait_for(receive(), limits.body_timeout)
+    except asyncio.TimeoutError:
+        raise HTTPError(408, f"request body not received within {limits.body_timeout:g} s") from None
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _finite(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return x
+
+
+LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # only a \u escape can bring one into the text
+
+
+def parse_json(body: bytes):
+    """Strict JSON (no NaN or Infinity, no number beyond a float's range, text that is valid
+    Unicode: a lone surrogate escape has no UTF-8 form), or HTTPError 400."""
+    try:
+        # decoded here, strictly: json.loads(bytes) would let UTF-8-encoded surrogates through
+        value = json.loads(body.decode("utf-8"), parse_constant=_not_json, parse_float=_finite)
+        if LONE_SURROGATE.search(body):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        raise HTTPError(400, "malformed JSON: a \\u escape encodes a lone surrogate, which is not text") from None
+    except RecursionError:
+        raise HTTPError(400, "malformed JSON: nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise HTTPError(400, f"malformed JSON: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except ValueError as e:
         raise HTTPError(400, f"malformed JSON: {e}") from None
+
+
+async def read_json(request: Request, limits: Limits):
+    return await off_loop(parse_json, await read_body(request, limits))
 
 
 async def until_disconnect(request: Request) -> None:
@@ -195,17 +248,10 @@ async def complete(request: Request) -> Response:
     server: Server = request.app.state.server
     proto = PROTOCOLS[request.url.path]
     model = server.ready()
-    call = proto.parse(await read_json(request, server.limits.max_body))
-    if call.model is not None:
-        check_model_name(call.model, model)
-    if call.load:
+    body = await read_body(request, server.limits)
+    call, prompt = await off_loop(prepare, proto, body, model, server.limits)
+    if prompt is None:
         return JSONResponse(proto.loaded(call, model.name))
-    if call.chat is not None:
-        chat_prompt(model, call)
-    check_limits(call, server.limits)
-    call.state["n_ctx"] = model.engine.context
-    prompt = model.engine.prompt(call.req, call.ids)  # a bad prompt is a 400 before any streaming starts
-    call.state["prefix_only"] = prompt.parts.get("prefix_only", False)
     slot = slot_key(call, request)
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue = asyncio.Queue()
@@ -229,6 +275,23 @@ async def complete(request: Request) -> Response:
             job.cancel.cancel()
     results = await done
     return JSONResponse(proto.response(call, results, model.name, shown_slot))
+
+
+def prepare(proto, body: bytes, model: Model, limits: Limits) -> tuple[Call, Prompt | None]:
+    """A completion request's body parsed, checked and laid out as a prompt (None: a load request,
+    nothing to generate). Runs off the event loop; a bad request is a 4xx before any streaming."""
+    call = proto.parse(parse_json(body))
+    if call.model is not None:
+        check_model_name(call.model, model)
+    if call.load:
+        return call, None
+    if call.chat is not None:
+        chat_prompt(model, call)
+    check_limits(call, limits)
+    call.state["n_ctx"] = model.engine.context
+    prompt = model.engine.prompt(call.req, call.ids)
+    call.state["prefix_only"] = prompt.parts.get("prefix_only", False)
+    return call, prompt
 
 
 async def stream(proto, call: Call, job: Job, pieces: asyncio.Queue, name: str, slot):
@@ -314,28 +377,38 @@ async def props(request: Request) -> Response:
                                     "max_queue": server.limits.max_queue}})
 
 
+TOKENIZE_CONTEXTS = 4  # /tokenize takes texts of up to this many contexts' worth of characters
+
+
 async def tokenize(request: Request) -> Response:
     server: Server = request.app.state.server
-    tok = server.ready().engine.tok
-    body = await read_json(request, server.limits.max_body)
+    engine = server.ready().engine
+    tok = engine.tok
+    body = await read_json(request, server.limits)
     content = body.get("content") if isinstance(body, dict) else None
-    if not isinstance(content, str):
-        raise HTTPError(400, "tokenize needs {\"content\": string}")
-    ids = tok.encode_with_specials(content) if body.get("parse_special") else tok.encode(content)
+    if not isinstance(content, str) or any(not isinstance(body.get(k, False), bool)
+                                           for k in ("parse_special", "with_pieces")):
+        raise HTTPError(400, "tokenize needs {\"content\": string, \"parse_special\"?: bool, \"with_pieces\"?: bool}")
+    limit = TOKENIZE_CONTEXTS * engine.context * tok.max_token_chars
+    if len(content) > limit:  # more tokens than any prompt could use: not worth the time and memory
+        raise HTTPError(413, f"content of {len(content)} characters exceeds the limit of {limit} "
+                             f"({TOKENIZE_CONTEXTS} contexts of {engine.context} tokens)")
+    ids = await off_loop(tok.encode_with_specials if body.get("parse_special") else tok.encode, content)
     if body.get("with_pieces"):
-        return JSONResponse({"tokens": [{"id": i, "piece": tok.decode_continuation([i])} for i in ids]})
+        return JSONResponse(await off_loop(lambda: {"tokens": [{"id": i, "piece": tok.decode_continuation([i])}
+                                                               for i in ids]}))
     return JSONResponse({"tokens": ids})
 
 
 async def detokenize(request: Request) -> Response:
     server: Server = request.app.state.server
     tok = server.ready().engine.tok
-    body = await read_json(request, server.limits.max_body)
+    body = await read_json(request, server.limits)
     ids = body.get("tokens") if isinstance(body, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                           and 0 <= i < tok.vocab_size for i in ids):
+    if not isinstance(ids, list) or not await off_loop(lambda: all(type(i) is int and 0 <= i < tok.vocab_size
+                                                                   for i in ids)):
         raise HTTPError(400, f"detokenize needs {{\"tokens\": [ids in 0..{tok.vocab_size - 1}]}}")
-    return JSONResponse({"content": tok.decode(ids)})
+    return JSONResponse({"content": await off_loop(tok.decode, ids)})
 
 
 async def metrics(request: Request) -> Response:
@@ -372,8 +445,10 @@ async def ollama_tags(request: Request) -> Response:
 async def ollama_show(request: Request) -> Response:
     server: Server = request.app.state.server
     model = server.ready()
-    body = await read_json(request, server.limits.max_body)
-    check_model_name(model_name(body if isinstance(body, dict) else {}), model)
+    body = await read_json(request, server.limits)
+    if not isinstance(body, dict):
+        raise HTTPError(400, "the request body must be a JSON object")
+    check_model_name(model_name(body), model)
     caps = ["completion"] + ["insert"] * (model.engine.tok.fim is not None) + \
         ["tools"] * bool(model.chat and model.chat.uses_tools)
     return JSONResponse({"template": ollama_template(model), "capabilities": caps, "parameters": "",

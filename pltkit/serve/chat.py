@@ -26,12 +26,20 @@ def _messages(value) -> list[dict]:
         m = dict(m)
         if isinstance(m.get("content"), list):  # OpenAI's content parts: the text ones, joined
             parts = m["content"]
-            _check(all(isinstance(p, dict) and p.get("type") == "text" for p in parts), "content", parts,
-                   "a string or a list of text parts")
+            _check(all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text", ""), str)
+                       for p in parts), "content", parts, "a string or a list of text parts")
             m["content"] = "".join(p.get("text", "") for p in parts)
         _check(m.get("content") is None or isinstance(m["content"], str), "content", m.get("content"), "a string")
+        calls = m.get("tool_calls")
+        _check(calls is None or isinstance(calls, list) and all(map(_tool_call, calls)), "tool_calls", calls,
+               "a list of {function: {name: string, arguments: JSON text or object}} objects")
         out.append(m)
     return out
+
+
+def _tool_call(call) -> bool:
+    f = call.get("function") if isinstance(call, dict) else None
+    return isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments", {}), (str, dict))
 
 
 def _tools(value) -> list[dict] | None:
@@ -54,7 +62,10 @@ def chat_prompt(model, call: Call) -> None:
             m = {**m, "tool_calls": [_parsed_arguments(c) for c in calls]}
         messages.append(m)
     text = template.render(messages, call.chat["tools"], add_generation_prompt=True)
-    call.ids = prompt_ids(model.engine.tok, text)
+    engine = model.engine
+    if len(text) > engine.context * engine.tok.max_token_chars:  # more tokens than the context: not worth tokenizing
+        raise RequestError(f"the chat of {len(text)} characters exceeds the context of {engine.context} tokens")
+    call.ids = prompt_ids(engine.tok, text)
     req = CompletionRequest.from_infill({"n_predict": -1, **call.chat["defaults"], **template.sampling,
                                          **call.chat["args"]})
     call.req = replace(req, end_ids=end_of_turn_ids(model.engine.tok))
@@ -98,7 +109,7 @@ class OpenAIChat:
 
     media_type = "text/event-stream"
     unsupported = {"logprobs": lambda v: not v, "top_logprobs": lambda v: not v, "logit_bias": lambda v: not v,
-                   "response_format": lambda v: not v or v.get("type") == "text",
+                   "response_format": lambda v: not v or isinstance(v, dict) and v.get("type") == "text",
                    "tool_choice": lambda v: v in (None, "auto", "none"), "audio": lambda v: not v,
                    "modalities": lambda v: not v or v == ["text"], **UNIMPLEMENTED_SAMPLING}
     renames = {**OpenAI.renames, "max_completion_tokens": "n_predict"}

@@ -4,12 +4,16 @@ replaced, a live server's is not taken) and/or a TCP port, served by uvicorn."""
 from __future__ import annotations
 
 import ipaddress
+import logging
+import math
 import os
 import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +21,9 @@ from pltkit.model.paths import user_cache_dir
 
 if TYPE_CHECKING:
     import uvicorn
+
+
+log = logging.getLogger(__name__)
 
 
 class ListenError(Exception):
@@ -84,9 +91,117 @@ def exit_on_signals() -> None:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
 
 
+@dataclass(frozen=True)
+class Connections:
+    """Limits on connections that uvicorn does not set: a connection must send its request line
+    and headers within head_timeout seconds (each request's, on a kept-alive one; slowloris), and
+    at most max_connections are open (one more is answered 503 and closed at once, so idle ones
+    cannot use up the process's file descriptors)."""
+
+    max_connections: int = 256
+    head_timeout: float = 10.0
+
+
+BACKLOG = 64  # connections waiting in the kernel, and accepted at most per event-loop turn
+
+
+def fitting_connections(wanted: int) -> int:
+    """`wanted`, lowered (with a warning) to fit the process's open-file limit, after raising its
+    soft limit to the hard one (as Go's runtime does). Left free: 64 descriptors for the process
+    and room for the connections of four accept turns, which arrive before those over the limit
+    are closed. Past the limit accept() fails, and no one can connect."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        soft = min(hard, 1 << 16) if hard != resource.RLIM_INFINITY else 1 << 16
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    room = wanted if soft == resource.RLIM_INFINITY else min(wanted, max(1, soft - 64 - 4 * BACKLOG))
+    if room < wanted:
+        print(f"plt-serve: {room} connections at most: the open-file limit is {soft} (ulimit -n)", file=sys.stderr)
+    return room
+
+
+class AcceptErrors:
+    """An event loop's exception handler that logs a failed accept() (out of file descriptors) as one
+    line at most every 10 s: asyncio logs a traceback for every retry, up to the backlog in each
+    turn of the loop, which floods the log. Anything else goes to the default handler."""
+
+    def __init__(self):
+        self.last, self.count = -math.inf, 0
+
+    def __call__(self, loop, context) -> None:
+        if context.get("message") != "socket.accept() out of system resource":
+            return loop.default_exception_handler(context)
+        self.count += 1
+        if time.monotonic() - self.last >= 10:
+            log.warning("cannot accept connections (%s, %d times); asyncio retries every second",
+                        context.get("exception"), self.count)
+            self.last, self.count = time.monotonic(), 0
+
+
+def guarded_protocol(limits: Connections) -> type:
+    """uvicorn's HTTP/1.1 protocol (h11) under `limits`."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = b'{"error": {"code": 503, "message": "too many open connections", "type": "unavailable_error"}}'
+    too_many = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+    class Guarded(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport):
+            if not isinstance(self.loop.get_exception_handler(), AcceptErrors):
+                self.loop.set_exception_handler(AcceptErrors())  # before accept() can run out of descriptors
+            super().connection_made(transport)
+            if len(self.connections) > limits.max_connections:
+                transport.write(too_many)
+                transport.close()
+                return
+            self._watch_head()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch_head()
+
+        def connection_lost(self, exc) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _watch_head(self) -> None:
+            """A timer runs while the client owes a request head (h11: their state IDLE)."""
+            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+            if waiting and self._head_timer is None:
+                self._head_timer = self.loop.call_later(limits.head_timeout, self._head_late)
+            elif not waiting and self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch_head()  # kept alive: the next request's head is due (uvicorn's idle timer runs too)
+
+    return Guarded
+
+
+def uvicorn_config(app, log_level: str = "warning", connections: Connections = Connections()):
+    import uvicorn
+
+    return uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2,
+                          http=guarded_protocol(connections), backlog=BACKLOG)
+
+
 def serve(app, sockets: list[socket.socket], log_level: str = "warning",
           on_start: Callable[[uvicorn.Server], None] | None = None,
-          on_shutdown: Callable[[], None] | None = None) -> None:
+          on_shutdown: Callable[[], None] | None = None, connections: Connections = Connections()) -> None:
     """Run uvicorn on already bound sockets until a signal (or until whoever on_start gave the
     uvicorn server sets its should_exit). on_shutdown runs as shutdown begins, before uvicorn waits
     for the requests in flight: it should end their work. The caller removes its socket files."""
@@ -99,8 +214,8 @@ def serve(app, sockets: list[socket.socket], log_level: str = "warning",
             await super().shutdown(sockets)
 
     for s in sockets:
-        s.listen(128)
-    server = Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2))
+        s.listen(BACKLOG)
+    server = Server(uvicorn_config(app, log_level, connections))
     if on_start is not None:
         on_start(server)
     server.run(sockets=sockets)

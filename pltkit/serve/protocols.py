@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from pltkit.runtime.completion import CompletionRequest, RequestError
+from pltkit.runtime.completion import CompletionRequest, RequestError, is_number
 from pltkit.runtime.engine import Result
 
 # llama.cpp stop types; the engine's "time" is a limit, "cancelled" is none
@@ -65,8 +65,8 @@ def _neutral(value) -> Callable[[object], bool]:
 # Options of llama.cpp's server (and of Ollama) that this server does not implement: a request
 # that sets one to anything but its neutral value is refused with a 400 that names it.
 UNIMPLEMENTED_SAMPLING = {"typical_p": _neutral(1.0), "mirostat": _neutral(0), "dry_multiplier": _neutral(0.0),
-                          "xtc_probability": _neutral(0.0), "top_n_sigma": lambda v: v is None or v <= 0,
-                          "dynatemp_range": _neutral(0.0), "tfs_z": _neutral(1.0), "ignore_eos": lambda v: not v}
+                          "xtc_probability": _neutral(0.0), "dynatemp_range": _neutral(0.0), "tfs_z": _neutral(1.0),
+                          "top_n_sigma": lambda v: v is None or is_number(v) and v <= 0, "ignore_eos": lambda v: not v}
 
 
 def _stop_list(value, name: str = "stop"):
@@ -112,6 +112,7 @@ class LlamaCpp:
                 _check(bool(ids), "prompt", prompt, "a non-empty string or list of token ids")
                 prompt = ""
             _check(isinstance(prompt, str), "prompt", prompt, "a string or a list of token ids")
+            _check(isinstance(body.get("special", True), bool), "special", body.get("special"), "a boolean")
             body["input_prefix"], body["special"] = prompt, True  # as llama.cpp: FIM templates work
         elif "input_suffix" not in body:
             body["input_suffix"] = ""  # /infill always fills in the middle
@@ -309,6 +310,9 @@ class Ollama:
     def load_call(body: dict) -> Call:
         """Ollama's answer to a request without a prompt: the model is loaded (or, with keep_alive 0,
         unloaded: here it stays, there is one)."""
+        keep = body.get("keep_alive")
+        _check(keep is None or isinstance(keep, str) or is_number(keep), "keep_alive", keep,
+               "a duration: seconds, or a string such as \"5m\"")
         return Call(CompletionRequest(), model=model_name(body),
                     load="unload" if body.get("keep_alive") in (0, "0", "0s", "0m") else "load")
 
