@@ -5,7 +5,8 @@
           A sends maximal bodies (an /infill prefix, and /tokenize content, of --max-body minus
           1 KiB), B sends /completion with 2000 stop strings of 2000 characters (more than the
           engine takes) and with 64 of 256 (its limit), and --slowloris connections send a
-          request head one byte a second and never finish it.
+          request head one byte a second and never finish it (each reconnects when the server
+          cuts it, so that --slowloris are open all along).
   memory  a fresh server with --cache-mb: its RSS loaded, after one request, and after
           --clients distinct clients (User-Agent) each sent a distinct prompt of a few hundred
           tokens; its peak (VmHWM) and /metrics pltkit_state_bytes.
@@ -151,26 +152,29 @@ def looping(base: str, stop: threading.Event, timeout: float, requests: list, ou
 
 
 def slowloris(port: int, stop: threading.Event, out: list) -> None:
-    """A request head, one byte a second, never finished: when (if) the server closes the connection."""
+    """Keeps one slow connection open until `stop`: a request head, one byte a second, never
+    finished; when the server closes it, records after how long (and what it answered) and opens
+    the next."""
     head = b"POST /infill HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    start, sent, reply, closed = time.time(), 0, b"", None
-    try:
-        while not stop.is_set() and closed is None:
-            data = head[sent] if sent < len(head) else b"X-Slow: a\r\n"[(sent - len(head)) % 11]
-            try:
-                s.send(bytes([data]))
-                sent += 1
-                if select.select([s], [], [], 1.0)[0]:  # readable: an answer, or the server closed
-                    while chunk := s.recv(4096):
-                        reply += chunk
+    while not stop.is_set():
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        start, sent, reply, closed = time.time(), 0, b"", None
+        try:
+            while not stop.is_set() and closed is None:
+                data = head[sent] if sent < len(head) else b"X-Slow: a\r\n"[(sent - len(head)) % 11]
+                try:
+                    s.send(bytes([data]))
+                    sent += 1
+                    if select.select([s], [], [], 1.0)[0]:  # readable: an answer, or the server closed
+                        while chunk := s.recv(4096):
+                            reply += chunk
+                        closed = time.time() - start
+                except OSError:  # reset, broken pipe
                     closed = time.time() - start
-            except OSError:  # reset, broken pipe
-                closed = time.time() - start
-    finally:
-        s.close()
-    out.append({"closed_by_server": closed is not None, "after_s": closed and round(closed, 1),
-                "bytes_sent": sent, "reply": reply.split(b"\r\n", 1)[0].decode("latin-1")})
+        finally:
+            s.close()
+        out.append({"closed_by_server": closed is not None, "after_s": closed and round(closed, 1),
+                    "bytes_sent": sent, "reply": reply.split(b"\r\n", 1)[0].decode("latin-1")})
 
 
 def abuse(args) -> dict:
@@ -204,7 +208,8 @@ def abuse(args) -> dict:
         stop_server(proc)
     return {"max_body": args.max_body, "body_bytes": {label: len(data) for label, _, data in a_requests + b_requests},
             "quiet": quiet, "abused": loud, "a": {k: summary(r) for k, r in a.items()},
-            "b": {k: summary(r) for k, r in b.items()}, "slowloris": loris, "server_mb_loaded": loaded,
+            "b": {k: summary(r) for k, r in b.items()}, "slowloris": loris, "slowloris_open": args.slowloris,
+            "server_mb_loaded": loaded,
             "server_mb_end": server_mb, "error_examples": dict(ERRORS)}
 
 
@@ -274,8 +279,9 @@ def table(out: dict) -> None:
                 say(f"  {who.upper()} {label:10} {x['body_bytes'][label]:8} B  {s['count']:5} {s['p50_ms']:8} "
                     f"{s['p95_ms']:8} {s['max_ms']:8}  {s['statuses']}")
         closed = [c["after_s"] for c in x["slowloris"] if c["closed_by_server"]]
-        say(f"slowloris: {len(closed)} of {len(x['slowloris'])} closed by the server (after {closed} s; "
-            f"replies {sorted({c['reply'] for c in x['slowloris']})})")
+        say(f"slowloris ({out['abuse']['slowloris_open']} kept open): {len(x['slowloris'])} connections, "
+            f"{len(closed)} closed by the server, after {min(closed, default=0)} to {max(closed, default=0)} s "
+            f"(replies {sorted({c['reply'] for c in x['slowloris']})})")
         say(f"server memory: loaded {x['server_mb_loaded']}, end {x['server_mb_end']} (MB)")
         for key, message in x["error_examples"].items():
             say(f"  {key}: {message[:160]}")

@@ -163,9 +163,10 @@ class LlamaCpp:
 
     @staticmethod
     def error(status: int, message: str) -> dict:
-        kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 413: "invalid_request_error", 501: "not_supported_error", 503: "unavailable_error"}
-        return {"error": {"code": status, "message": message, "type": kinds.get(status, "server_error")}}
+        kinds = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                 501: "not_supported_error", 503: "unavailable_error"}  # llama.cpp's error_type
+        kind = kinds.get(status, "invalid_request_error" if status < 500 else "server_error")
+        return {"error": {"code": status, "message": message, "type": kind}}
 
 
 def settings(req: CompletionRequest) -> dict:
