@@ -8,10 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from pltkit.serve.app import Server, create_app
-from pltkit.serve.listen import Connections, bind_tcp, bind_unix, uvicorn_config
+from pltkit.serve.listen import Connections, bind_tcp, bind_unix, uvicorn_server
 
 HANG = 600  # seconds after which a wait for an event counts as a hang: a guard, never a measurement
 
@@ -23,7 +22,7 @@ class Running:
         self.port = socks[1].getsockname()[1]
         for s in socks:
             s.listen(64)
-        self.uvicorn = uvicorn.Server(uvicorn_config(create_app(server), connections=connections))
+        self.uvicorn = uvicorn_server(create_app(server), connections=connections)
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": socks}, daemon=True)
         self.thread.start()
         self.clients = {"uds": self.client("uds"), "tcp": self.client("tcp")}

@@ -232,3 +232,32 @@ def test_clip_cuts_texts_where_the_context_cannot_reach():
     assert changed and (cut.prefix, cut.prompt, cut.suffix, cut.filename) == ("p" * 10, "l" * 10, "s" * 10, "f" * 10)
     assert cut.extra == (("a" * 10, "t" * 10), (None, "u" * 5))
     assert clip(req, 50) == (req, False)
+
+
+@pytest.mark.parametrize("fim", [True, False])
+def test_clip_leaves_the_layout_as_it_was(fim):
+    """Cut to context * max_token_chars characters, a request lays out as the whole one: the FIM
+    layout (prefix tail, suffix head, extra chunks, file name) and the prefix-only one."""
+    import copy
+    import random
+    import sysconfig
+
+    from pltkit.model.paths import resolve_model_path
+
+    tok = PLTTokenizer.from_dir(resolve_model_path("default"))
+    if not fim:
+        tok = copy.copy(tok)
+        tok.fim = None
+    rng = random.Random(0)
+    deep = "".join("\n" + " " * rng.choice([40, 42, 44]) + rng.choice("abcxyz") for _ in range(4000))  # 16 chars/token
+    code = open(sysconfig.get_paths()["stdlib"] + "/argparse.py").read() * 2 + deep
+    context = 512
+    chars = context * tok.max_token_chars
+    for at in range(chars, len(code) - 3000, 39113):  # in the library's code and in the deep lines
+        req = CompletionRequest(prefix=code[:at], prompt="    ", suffix=code[at:at + chars + 5000],
+                                extra=(("a.py", code[:chars + 10]), ("b.py", code[at - 900:at])), filename="c.py")
+        cut, changed = clip(req, chars)
+        assert changed
+        for budget in (context - 128, context - 1):
+            whole, short = layout(tok, req, budget), layout(tok, cut, budget)
+            assert (short.ids, short.marks, short.parts) == (whole.ids, whole.marks, whole.parts), (at, budget)

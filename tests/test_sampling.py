@@ -27,6 +27,16 @@ def test_a_temperature_too_small_to_divide_by_is_greedy():
         assert set(draws(SamplingParams(temperature=t), n=20)) == {1}, t
 
 
+@pytest.mark.parametrize("kw, winner", [
+    (dict(repeat_penalty=1e-308, samplers=("penalties", "top_k")), 0),  # 5 / 1e-308 and 3 / 1e-308: inf
+    (dict(frequency_penalty=-1e308, samplers=("penalties",)), 1),  # 1 + 2 * 1e308: inf
+    (dict(frequency_penalty=-1e308, presence_penalty=-1e308, samplers=("penalties", "min_p")), 0)])
+def test_penalties_at_the_edge_of_the_float_range_sample_their_limit(kw, winner):
+    # an infinite logit made inf - inf = NaN in the softmax (a 500); the limit is the argmax
+    logits = np.array([5.0, 1.0, 3.0, -1.0, 2.0])
+    assert set(draws(SamplingParams(repeat_last_n=-1, **kw), n=20, logits=logits, history=[0, 1, 1])) == {winner}
+
+
 def test_greedy_is_exactly_argmax_with_neutral_penalties():
     rng = np.random.default_rng(0)
     for _ in range(20):

@@ -167,7 +167,9 @@ class PLTTokenizer:
     def max_token_chars(self) -> int:
         """The most characters one token stands for (its piece's length: a byte-level or byte
         fallback piece is at least as long as its text). A text of n characters is at least
-        n / max_token_chars tokens: what lets a server cut an input before tokenizing it."""
+        n / max_token_chars tokens: what lets a server cut an input before tokenizing it. (It
+        assumes no normalizer drops characters and no run of unknown characters becomes one
+        token, which holds for the byte-level and byte-fallback tokenizers of code models.)"""
         return max(1, max(len(self.id_to_token(i) or "") for i in range(self.vocab_size)))
 
 

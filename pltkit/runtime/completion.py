@@ -214,7 +214,9 @@ def clip(req: CompletionRequest, chars: int) -> tuple[CompletionRequest, bool]:
     their ends, the rest their starts), and whether anything was cut. Given chars = context *
     tok.max_token_chars, a text that long is already more tokens than the context holds, so the
     layout of the cut request is that of the whole one, or the same "exceeds the context" error:
-    a megabyte of input costs no more than a context's worth of tokenizing."""
+    a megabyte of input costs no more than a context's worth of tokenizing. (Unless one
+    pre-token, such as a run of thousands of spaces, spans the cut and the kept tokens: a
+    tokenizer splits such a run by its length.)"""
     head, tail = slice(None, chars), slice(-chars, None)
     cut = {"prefix": req.prefix[tail], "prompt": req.prompt[tail],
            "suffix": req.suffix if req.suffix is None else req.suffix[head],

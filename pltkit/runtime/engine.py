@@ -81,15 +81,18 @@ class Engine:
                  max_slots: int = 64):
         """cache_bytes: memory for every state: the slots' (any hashable ids: a client's prefix
         cache) and those kept after their slot moved on to an unrelated prompt (an editor switching
-        files and back). Past it the least recently used state is dropped, but never the one a
-        request runs on: memory stays within cache_bytes plus one context's state (two while a
-        request's extra completions run on a copy). max_slots: slots holding a state; the least
-        recently used one beyond it is kept as a moved-on state."""
+        files and back). Past it states are dropped, the moved-on ones first, then other slots',
+        least recently used first, but never the one a request runs on: memory stays within
+        cache_bytes plus one context's state (two while a request's extra completions run on a
+        copy). max_slots: slots holding a state; the least recently used one beyond it is kept as
+        a moved-on state."""
         self.backend, self.tok, self.chunk, self.cache_bytes = backend, tokenizer, chunk, cache_bytes
         self.max_slots = max_slots
         self.slots: dict = {}  # slot id -> _Slot, least recently used first
         self.recent: list[_Slot] = []  # least recently used first
         self.context = backend.config.max_position_embeddings
+        # a text this long is more tokens than the context holds (computed now: a pass over the vocabulary)
+        self.context_chars = self.context * tokenizer.max_token_chars
 
     def state_bytes(self) -> int:
         """Memory held by the slots' and the recent prompts' states (global caches, rings, carries
@@ -187,7 +190,7 @@ class Engine:
         cut = False
         if ids is None:
             n_predict = req.n_predict if req.n_predict >= 0 else self.context
-            req, cut = clip(req, self.context * self.tok.max_token_chars)
+            req, cut = clip(req, self.context_chars)
             prompt = layout_with_bos(self.tok, req, self.context - max(1, min(n_predict, self.context // 4)))
             given = prompt.parts.get("given", len(prompt.ids))
         else:

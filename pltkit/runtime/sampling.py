@@ -123,8 +123,10 @@ def _penalties(c: _Cands, params: SamplingParams, history: Sequence[int], info) 
         hit = np.flatnonzero(seen[np.minimum(at, len(seen) - 1)] == c.ids)
         n = counts[at[hit]]
     z = c.logits[hit]
-    z = np.where(z <= 0, z * params.repeat_penalty, z / params.repeat_penalty)
-    c.logits[hit] = z - (n * params.frequency_penalty + params.presence_penalty)
+    # penalties near the float range's edge overflow: sample() takes the limit
+    with np.errstate(over="ignore", invalid="ignore"):
+        z = np.where(z <= 0, z * params.repeat_penalty, z / params.repeat_penalty)
+        c.logits[hit] = z - (n * params.frequency_penalty + params.presence_penalty)
     c.sorted = False
 
 
@@ -256,7 +258,8 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     """One token id from logits [V]: params.samplers applied in order, then a draw from the
     softmax of what is left (see the module docstring for the rules)."""
     ids, z = candidates(logits, params, history, info)
-    if len(ids) == 1:
-        return int(ids[0])
+    z = np.where(np.isnan(z), -np.inf, z)
+    if len(ids) == 1 or not np.isfinite(z.max()):  # penalties at the edge of the float range: their limit, greedy
+        return int(ids[np.argmax(z)])
     p = np.exp(z - z.max())
     return int(ids[rng.choice(len(ids), p=p / p.sum())])

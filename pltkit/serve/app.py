@@ -389,15 +389,17 @@ async def tokenize(request: Request) -> Response:
     if not isinstance(content, str) or any(not isinstance(body.get(k, False), bool)
                                            for k in ("parse_special", "with_pieces")):
         raise HTTPError(400, "tokenize needs {\"content\": string, \"parse_special\"?: bool, \"with_pieces\"?: bool}")
-    limit = TOKENIZE_CONTEXTS * engine.context * tok.max_token_chars
+    limit = TOKENIZE_CONTEXTS * engine.context_chars
     if len(content) > limit:  # more tokens than any prompt could use: not worth the time and memory
         raise HTTPError(413, f"content of {len(content)} characters exceeds the limit of {limit} "
                              f"({TOKENIZE_CONTEXTS} contexts of {engine.context} tokens)")
-    ids = await off_loop(tok.encode_with_specials if body.get("parse_special") else tok.encode, content)
-    if body.get("with_pieces"):
-        return JSONResponse(await off_loop(lambda: {"tokens": [{"id": i, "piece": tok.decode_continuation([i])}
-                                                               for i in ids]}))
-    return JSONResponse({"tokens": ids})
+    def run() -> JSONResponse:  # the answer's JSON too: a context's worth of tokens
+        ids = tok.encode_with_specials(content) if body.get("parse_special") else tok.encode(content)
+        if body.get("with_pieces"):
+            return JSONResponse({"tokens": [{"id": i, "piece": tok.decode_continuation([i])} for i in ids]})
+        return JSONResponse({"tokens": ids})
+
+    return await off_loop(run)
 
 
 async def detokenize(request: Request) -> Response:
@@ -408,7 +410,7 @@ async def detokenize(request: Request) -> Response:
     if not isinstance(ids, list) or not await off_loop(lambda: all(type(i) is int and 0 <= i < tok.vocab_size
                                                                    for i in ids)):
         raise HTTPError(400, f"detokenize needs {{\"tokens\": [ids in 0..{tok.vocab_size - 1}]}}")
-    return JSONResponse({"content": await off_loop(tok.decode, ids)})
+    return await off_loop(lambda: JSONResponse({"content": tok.decode(ids)}))
 
 
 async def metrics(request: Request) -> Response:

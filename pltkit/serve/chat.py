@@ -63,7 +63,7 @@ def chat_prompt(model, call: Call) -> None:
         messages.append(m)
     text = template.render(messages, call.chat["tools"], add_generation_prompt=True)
     engine = model.engine
-    if len(text) > engine.context * engine.tok.max_token_chars:  # more tokens than the context: not worth tokenizing
+    if len(text) > engine.context_chars:  # more tokens than the context holds: not worth tokenizing
         raise RequestError(f"the chat of {len(text)} characters exceeds the context of {engine.context} tokens")
     call.ids = prompt_ids(engine.tok, text)
     req = CompletionRequest.from_infill({"n_predict": -1, **call.chat["defaults"], **template.sampling,

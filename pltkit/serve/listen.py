@@ -95,28 +95,36 @@ def exit_on_signals() -> None:
 class Connections:
     """Limits on connections that uvicorn does not set: a connection must send its request line
     and headers within head_timeout seconds (each request's, on a kept-alive one; slowloris), and
-    at most max_connections are open (one more is answered 503 and closed at once, so idle ones
-    cannot use up the process's file descriptors)."""
+    at most max_connections are open (one more is answered 503 and closed, so idle ones cannot use
+    up the process's file descriptors)."""
 
     max_connections: int = 256
     head_timeout: float = 10.0
 
 
 BACKLOG = 64  # connections waiting in the kernel, and accepted at most per event-loop turn
+LINGERING = 64  # refused connections kept until their client has read the 503; past it, closed at once
 
 
 def fitting_connections(wanted: int) -> int:
     """`wanted`, lowered (with a warning) to fit the process's open-file limit, after raising its
-    soft limit to the hard one (as Go's runtime does). Left free: 64 descriptors for the process
-    and room for the connections of four accept turns, which arrive before those over the limit
-    are closed. Past the limit accept() fails, and no one can connect."""
+    soft limit towards the hard one (as Go's runtime does). Left free: 64 descriptors for the
+    process, the refused connections that linger, and the connections of four accept turns,
+    which arrive before those over the limit are refused. Past the limit accept() fails, and no
+    one can connect."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        soft = min(hard, 1 << 16) if hard != resource.RLIM_INFINITY else 1 << 16
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    room = wanted if soft == resource.RLIM_INFINITY else min(wanted, max(1, soft - 64 - 4 * BACKLOG))
+    infinite = resource.RLIM_INFINITY
+    if soft != infinite:
+        raised = max(soft, 1 << 16 if hard == infinite else min(hard, 1 << 16))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):  # above the system's maximum (macOS)
+            pass
+    spare = 64 + LINGERING + 4 * BACKLOG
+    room = wanted if soft == infinite else min(wanted, max(1, soft - spare))
     if room < wanted:
         print(f"plt-serve: {room} connections at most: the open-file limit is {soft} (ulimit -n)", file=sys.stderr)
     return room
@@ -142,7 +150,6 @@ class AcceptErrors:
 
 def guarded_protocol(limits: Connections) -> type:
     """uvicorn's HTTP/1.1 protocol (h11) under `limits`."""
-    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     body = b'{"error": {"code": 503, "message": "too many open connections", "type": "unavailable_error"}}'
@@ -150,53 +157,86 @@ def guarded_protocol(limits: Connections) -> type:
                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
 
     class Guarded(H11Protocol):
-        _head_timer = None
+        refused = False
+        _timer = None
 
         def connection_made(self, transport):
-            if not isinstance(self.loop.get_exception_handler(), AcceptErrors):
-                self.loop.set_exception_handler(AcceptErrors())  # before accept() can run out of descriptors
             super().connection_made(transport)
-            if len(self.connections) > limits.max_connections:
-                transport.write(too_many)
-                transport.close()
+            served = sum(not c.refused for c in self.connections)
+            if served > limits.max_connections:
+                self._refuse(lingering=len(self.connections) - served)
+            else:
+                self._watch()
+
+        def _refuse(self, lingering: int) -> None:
+            """A 503 and a half-close. The connection stays until the client closes its side (a
+            second at most), and what it sends is dropped: closed with its request unread, the
+            kernel would reset it and the client would never see the 503. Past LINGERING refused
+            connections at a time, the next is closed at once."""
+            self.refused = True
+            if lingering >= LINGERING:
+                self.transport.close()
                 return
-            self._watch_head()
+            self.transport.write(too_many)
+            self.transport.write_eof()
+            self._timer = self.loop.call_later(1.0, self.transport.close)
 
         def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            self._watch_head()
-
-        def connection_lost(self, exc) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-            super().connection_lost(exc)
-
-        def _watch_head(self) -> None:
-            """A timer runs while the client owes a request head (h11: their state IDLE)."""
-            waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
-            if waiting and self._head_timer is None:
-                self._head_timer = self.loop.call_later(limits.head_timeout, self._head_late)
-            elif not waiting and self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_late(self) -> None:
-            self._head_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.transport.close()
+            if not self.refused:
+                super().data_received(data)
+                self._watch()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._watch_head()  # kept alive: the next request's head is due (uvicorn's idle timer runs too)
+            self._watch()
+
+        def connection_lost(self, exc) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            super().connection_lost(exc)
+
+        def _waiting(self) -> bool:
+            """Whether the server waits on the client while nothing runs: for a request head, or
+            for the rest of a body the server answered without reading it (an error: the client is
+            told, and has head_timeout seconds to stop or close)."""
+            return (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing()
+
+        def _watch(self) -> None:
+            waiting = self._waiting()
+            if waiting and self._timer is None:
+                self._timer = self.loop.call_later(limits.head_timeout, self._late)
+            elif not waiting and self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _late(self) -> None:
+            self._timer = None
+            if self._waiting():
+                self.transport.close()
 
     return Guarded
 
 
-def uvicorn_config(app, log_level: str = "warning", connections: Connections = Connections()):
+def uvicorn_server(app, log_level: str = "warning", connections: Connections = Connections(),
+                   on_shutdown: Callable[[], None] | None = None) -> uvicorn.Server:
+    """A uvicorn server for `app` under `connections`, on asyncio (AcceptErrors knows its messages).
+    on_shutdown runs as shutdown begins, before uvicorn waits for the requests in flight."""
+    import asyncio
+
     import uvicorn
 
-    return uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2,
-                          http=guarded_protocol(connections), backlog=BACKLOG)
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            asyncio.get_running_loop().set_exception_handler(AcceptErrors())
+            await super().startup(sockets)
+
+        async def shutdown(self, sockets=None):
+            if on_shutdown is not None:
+                on_shutdown()
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=2, loop="asyncio",
+                                 http=guarded_protocol(connections), backlog=BACKLOG))
 
 
 def serve(app, sockets: list[socket.socket], log_level: str = "warning",
@@ -205,17 +245,9 @@ def serve(app, sockets: list[socket.socket], log_level: str = "warning",
     """Run uvicorn on already bound sockets until a signal (or until whoever on_start gave the
     uvicorn server sets its should_exit). on_shutdown runs as shutdown begins, before uvicorn waits
     for the requests in flight: it should end their work. The caller removes its socket files."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets=None):
-            if on_shutdown is not None:
-                on_shutdown()
-            await super().shutdown(sockets)
-
     for s in sockets:
         s.listen(BACKLOG)
-    server = Server(uvicorn_config(app, log_level, connections))
+    server = uvicorn_server(app, log_level, connections, on_shutdown)
     if on_start is not None:
         on_start(server)
     server.run(sockets=sockets)

@@ -315,7 +315,7 @@ class Ollama:
         _check(keep is None or isinstance(keep, str) or is_number(keep), "keep_alive", keep,
                "a duration: seconds, or a string such as \"5m\"")
         return Call(CompletionRequest(), model=model_name(body),
-                    load="unload" if body.get("keep_alive") in (0, "0", "0s", "0m") else "load")
+                    load="unload" if keep in (0, "0", "0s", "0m") else "load")
 
     def loaded(self, call: Call, model: str) -> dict:
         return {"model": model, "created_at": self._now(), "response": "", "done": True, "done_reason": call.load}
