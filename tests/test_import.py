@@ -195,7 +195,7 @@ def q8_roundtrip(a: np.ndarray) -> np.ndarray:
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if ".partial" in p.name or p.name.endswith(".old"))
+    return sorted(p.name for p in folder.iterdir() if ".partial" in p.name or ".old-" in p.name)
 
 
 # --- Hugging Face folders -----------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=types.nonneg_int, help="sampling seed (default: a random one)")
     p.add_argument("--threads", type=types.positive_int, help="default: the physical cores")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the artifact's files against the sha256s in its manifest (each file is "
+                        "hashed once; later runs only stat it)")
     args = p.parse_args(argv)
     if args.chat and (args.suffix is not None or args.suffix_file):
         p.error("--chat and --suffix exclude each other")
@@ -65,7 +68,7 @@ def main(argv=None) -> int:
         req = CompletionRequest(prefix=prefix, suffix=suffix, stop=tuple(args.stop), n_indent=args.n_indent,
                                 single_line=args.single_line, n_predict=args.max_tokens, seed=args.seed,
                                 **sampling, **given)
-        backend, path = open_fastest(args.model, args.backend, args.threads)
+        backend, path = open_fastest(args.model, args.backend, args.threads, verify=not args.no_verify)
         engine = Engine(backend, PLTTokenizer.from_dir(path))
         stream = None if args.json else (lambda piece, _: (sys.stdout.write(piece), sys.stdout.flush()))
         if args.chat:

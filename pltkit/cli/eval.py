@@ -48,15 +48,16 @@ def heldout_windows(tokenizer_dir, seq_len: int, windows: int | None = SAMPLE_WI
     return inputs.numpy()[sample], targets.numpy()[sample], prompts, len(inputs)
 
 
-def accuracy_report(model, reference="default", threads=None, windows=SAMPLE_WINDOWS, backend=None) -> dict:
+def accuracy_report(model, reference="default", threads=None, windows=SAMPLE_WINDOWS, backend=None,
+                    verify=True) -> dict:
     from pltkit.model.paths import resolve_model_path
     from pltkit.runtime.backends import open_backend
     from pltkit.runtime.evaluate import compare
 
     # the torch reference on one thread unless told: on 2 cores two threads ran its windows 1.6x faster at
     # best, and 2-16x slower whenever other work shared the cores (its small steps wait on the busy core)
-    ref = open_backend(reference, threads=threads or 1)
-    backend = open_backend(model, backend, threads=threads)
+    ref = open_backend(reference, threads=threads or 1, verify=verify)
+    backend = open_backend(model, backend, threads=threads, verify=verify)
     seq_len = min(backend.config.max_position_embeddings, 512)
     inputs, targets, prompts, total = heldout_windows(resolve_model_path(model), seq_len, windows)
     return {**compare(backend, ref, inputs, targets, prompts), "windows": len(inputs), "windows_total": total,
@@ -75,6 +76,9 @@ def main(argv=None) -> int:
                    help="what runs an artifact (default: ort; onnx-reference for bfloat16 on a CPU)")
     p.add_argument("--windows", type=window_count, default=SAMPLE_WINDOWS, metavar="N|all",
                    help="held-out windows to measure, spread evenly over the set, or 'all'")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the artifact's files against the sha256s in its manifest (each file is "
+                        "hashed once; later runs only stat it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -85,7 +89,8 @@ def main(argv=None) -> int:
     path = resolve_model_path(args.model)
     if is_artifact(path):
         try:
-            report = accuracy_report(path, args.reference, args.threads, args.windows, args.backend)
+            report = accuracy_report(path, args.reference, args.threads, args.windows, args.backend,
+                                     verify=not args.no_verify)
         except ValueError as e:
             print(f"plt-eval: {message(e)}", file=sys.stderr)
             return 2

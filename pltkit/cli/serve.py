@@ -46,6 +46,9 @@ def main(argv=None) -> int:
                    help="memory for the clients' prompt states (prefix caches), live ones included")
     p.add_argument("--max-connections", type=types.positive_int, default=256,
                    help="open connections at most (one more gets 503); lowered to fit the open-file limit")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the artifact's files against the sha256s in its manifest (each file is "
+                        "hashed once; later runs only stat it)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     args = p.parse_args(argv)
     try:
@@ -114,7 +117,8 @@ def run(args, ours: list[Path]) -> int:
     limits = Limits(max_body=args.max_body, max_predict=args.max_predict, slots=args.slots, max_queue=args.max_queue)
     hosts = (*LOOPBACK_HOSTS, args.host.strip("[]").lower(), *(h.lower() for h in args.allowed_hosts))
     access = Access(hosts, tuple(o.lower().rstrip("/") for o in args.allowed_origins))
-    server = Server(lambda: open_model(args.model, args.backend, args.threads, args.cache_mb << 20), limits,
+    server = Server(lambda: open_model(args.model, args.backend, args.threads, args.cache_mb << 20,
+                                       verify=not args.no_verify), limits,
                     args.api_key, on_loaded, access)
     connections = Connections(max_connections=fitting_connections(args.max_connections))
     serve(create_app(server), sockets, "info" if args.verbose else "warning", on_start=uv.append,

@@ -15,8 +15,11 @@
       tokenizer.json or tokenizer.model, tokenizer_config.json, generation_config.json,
       special_tokens_map.json, added_tokens.json, chat_template.jinja (those the checkpoint has)
 
-Everything is written into a hidden temporary folder beside the target and renamed into
-place at the end, so a failed or interrupted export leaves no artifact behind.
+Everything is written into a hidden temporary folder beside the target (`.NAME.partial-PID`) and
+renamed into place at the end, so a failed or interrupted export leaves no artifact behind. An
+existing artifact (--force) is renamed aside (`.NAME.old-PID`) just before and removed just after,
+so the target is always a complete artifact or, for an instant, missing. Each run removes the
+leftovers of killed runs (PID no longer running) and puts back an old artifact left aside.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pltkit.export import loop_attention as la
 from pltkit.export.graph import FLOAT_TYPES, float_type
 from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables, state_names, state_shapes
 from pltkit.model.checkpoint import TOKENIZER_FILES, open_checkpoint, read_tensor
+from pltkit.model.folders import kill_point, repair_leftovers, replace_folder
 from pltkit.model.paths import checkpoint_sha256, file_sha256, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -145,17 +149,16 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
     except ValueError as e:
         raise ExportError(str(e)) from None
     out = Path(out)
+    repair_leftovers(out)
     check_output(out, force)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        kill_point("start")
         _write(src, tmp, quant, dtype)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(tmp, out)
+        kill_point("before-rename")
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -185,18 +188,22 @@ def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
         onnx.save_model(_model_proto(g, f"pltkit_{phase}", dtype), tmp / file)
         graphs[attention][phase] = {"file": file, **_io(g)}
         stages.update(0.5)
+        kill_point(file)
     store.close()
+    kill_point(WEIGHTS)
 
     stages.set_postfix_str("check")
     for attention in PORTABLE:
         for g in graphs[attention].values():
             onnx.checker.check_model(str(tmp / g["file"]), full_check=True)
     stages.update()
+    kill_point("checked")
 
     stages.set_postfix_str("checksums")
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, tmp / name)
+    kill_point("tokenizer")
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "pltkit_version": pltkit.__version__,
         "config": cfg.to_dict(),
@@ -212,6 +219,7 @@ def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
         "tokenizer": [n for n in TOKENIZER_FILES if (tmp / n).is_file()],
     }
     manifest["files"] = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+    manifest["sizes"] = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}  # checked at every open
     stages.update()
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     stages.set_postfix_str("done")

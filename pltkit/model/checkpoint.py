@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pltkit.model.config import PLTConfig
@@ -28,22 +30,94 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# safetensors dtype -> bytes per element (all the format defines; only STORED_DTYPES load as weights)
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+              "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+MAX_HEADER_BYTES = 100 << 20  # what safetensors itself accepts
+
+
+def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """tensor name -> (dtype, shape) from a safetensors file's header, checked the way safetensors
+    checks it (and more) without reading any tensor: CheckpointError naming the file and tensor for a bad
+    header length, a header that is not JSON, an unknown dtype, a shape that does not fit its bytes,
+    offsets out of range or overlapping, or a truncated file."""
+    size = file.stat().st_size
+
+    def bad(why):
+        raise CheckpointError(f"{file}: {why}")
+
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            bad(f"not a safetensors file ({size} bytes, no header length)")
+        n = struct.unpack("<Q", head)[0]
+        if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+            bad(f"header length {n} does not fit a file of {size} bytes (truncated or not safetensors)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            bad(f"header is not JSON ({' '.join(str(e).split())})")
+    if not isinstance(header, dict):
+        bad("header is not a JSON object")
+    if not isinstance(header.pop("__metadata__", {}), dict):
+        bad("header field '__metadata__' is not an object")
+    data, end, out = size - 8 - n, 0, {}
+    spans = []
+    for name, info in header.items():
+        where = f"tensor {name}"
+        if not isinstance(info, dict):
+            bad(f"{where}: not an object with dtype, shape and data_offsets")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in ITEM_BYTES:
+            bad(f"{where}: field 'dtype' = {dtype!r} is not a safetensors type")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(_count(d) for d in shape)):
+            bad(f"{where}: field 'shape' = {shape!r} is not a list of at most 8 sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            bad(f"{where}: field 'data_offsets' = {offsets!r} is not [begin, end]")
+        if offsets[1] > data:
+            bad(f"{where}: field 'data_offsets' = {offsets}: past the {data} data bytes of the file (truncated?)")
+        if offsets[1] - offsets[0] != math.prod(shape) * ITEM_BYTES[dtype]:
+            bad(f"{where}: field 'shape' = {shape} ({dtype}) needs {math.prod(shape) * ITEM_BYTES[dtype]} bytes, "
+                f"'data_offsets' = {offsets} give {offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+        out[name] = (dtype, tuple(shape))
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            bad(f"tensor {name}: field 'data_offsets' = {[begin, stop]} " +
+                ("overlaps the tensor before it" if begin < end else f"leaves a gap after byte {end}"))
+        end = stop
+    if end != data:
+        bad(f"the tensors end at data byte {end}, the file has {data} (truncated or padded)")
+    return out
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 62
+
+
+def read_index(ckpt: Path) -> dict[str, str]:
+    """The weight_map of model.safetensors.index.json: tensor name -> shard file name."""
+    try:
+        index = json.loads((ckpt / INDEX).read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt / INDEX}: not a safetensors index ({e})") from None
+    if not isinstance(index, dict) or not all(isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+                                              for v in index.values()):
+        raise CheckpointError(f"{ckpt / INDEX}: field 'weight_map' must map tensor names to file names beside it")
+    return index
 
 
 def weight_map(ckpt: Path) -> dict[str, Path]:
     """tensor name -> safetensors file holding it."""
     if (ckpt / INDEX).is_file():
-        try:
-            index = json.loads((ckpt / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{ckpt / INDEX}: not a safetensors index ({e})") from None
+        index = read_index(ckpt)
         missing = sorted({f for f in index.values() if not (ckpt / f).is_file()})
         if missing:
             raise CheckpointError(f"{ckpt / INDEX} names shard files that do not exist: {', '.join(missing)}")
         return {name: ckpt / f for name, f in index.items()}
     if (ckpt / SINGLE).is_file():
-        with safe_open(ckpt / SINGLE, framework="pt") as f:
-            return {name: ckpt / SINGLE for name in f.keys()}
+        return dict.fromkeys(read_header(ckpt / SINGLE), ckpt / SINGLE)
     raise CheckpointError(f"{ckpt}: no {SINGLE} or {INDEX} (only safetensors weights are loaded)")
 
 
@@ -58,42 +132,51 @@ def open_checkpoint(path: str | os.PathLike = "default") -> tuple[PLTConfig, dic
     mis-shaped or non-float tensors) is reported by name in one CheckpointError."""
     ckpt = resolve_model_path(path)
     cfg = PLTConfig.from_json(ckpt / "config.json")
+    files = weight_map(ckpt)
+    headers = {file: read_header(file) for file in sorted(set(files.values()))}
+    stored = {name: headers[file][name] for name, file in files.items() if name in headers[file]}
+    check_sizes(cfg, {name: shape for name, (_, shape) in stored.items()}, ckpt / "config.json")
     with torch.device("meta"):
         expected = {name: tuple(t.shape) for name, t in PLTForCausalLM(cfg).state_dict().items()}
-    files = weight_map(ckpt)
 
-    problems, by_file = [], {}
+    problems = []
     for name in sorted(set(files) - set(expected)):
         if not _ignored(name, cfg):
             problems.append(f"unexpected tensor {name}")
     for name in sorted(set(expected) - set(files)):
         problems.append(f"missing tensor {name}")
     for name in sorted(set(files) & set(expected)):
-        by_file.setdefault(files[name], []).append(name)
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            present = set(f.keys())
-            for name in names:
-                if name not in present:
-                    problems.append(f"tensor {name} is listed for {file.name} but not stored there")
-                    continue
-                sl = f.get_slice(name)
-                shape, stored = tuple(sl.get_shape()), sl.get_dtype()
-                if shape != expected[name]:
-                    problems.append(f"tensor {name} has shape {list(shape)}, config.json implies "
-                                    f"{list(expected[name])}")
-                if stored not in STORED_DTYPES:
-                    problems.append(f"tensor {name} is stored as {stored}, not a float type")
+        if name not in stored:
+            problems.append(f"tensor {name} is listed for {files[name].name} but not stored there")
+            continue
+        dtype, shape = stored[name]
+        if shape != expected[name]:
+            problems.append(f"tensor {name} has shape {list(shape)}, config.json implies {list(expected[name])}")
+        if dtype not in STORED_DTYPES:
+            problems.append(f"tensor {name} is stored as {dtype} in {files[name].name}, not a float type")
     if problems:
         shown = problems[:30] + ([f"... and {len(problems) - 30} more"] if len(problems) > 30 else [])
         raise CheckpointError(f"{ckpt} does not match its config.json:\n  " + "\n  ".join(shown))
     return cfg, {name: files[name] for name in expected}
 
 
+def check_sizes(cfg: PLTConfig, shapes: dict[str, tuple[int, ...]], where) -> None:
+    """CheckpointError naming num_hidden_layers when the stored tensors (name -> shape) hold another number of
+    layers: checked before the model is built (on the meta device, but layer by layer), so that a count no
+    stored tensor backs costs nothing. Widths cost nothing on the meta device: open_checkpoint compares them."""
+    layers = {int(n.split(".")[2]) for n in shapes if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    if layers != set(range(cfg.num_hidden_layers)):
+        raise CheckpointError(f"{where}: field 'num_hidden_layers' = {cfg.num_hidden_layers}: the weights hold "
+                              f"{len(layers)} layers (numbered {min(layers, default=0)} to {max(layers, default=-1)})")
+
+
 def read_tensor(file: Path, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One tensor from a safetensors file (memory-mapped), converted to dtype."""
-    with safe_open(file, framework="pt") as f:
-        return f.get_tensor(name).to(dtype)
+    try:
+        with safe_open(file, framework="pt") as f:
+            return f.get_tensor(name).to(dtype)
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: tensor {name}: {e}") from None
 
 
 def load_model(path: str | os.PathLike = "default", dtype: torch.dtype = torch.float32) -> PLTForCausalLM:
@@ -108,9 +191,8 @@ def load_model(path: str | os.PathLike = "default", dtype: torch.dtype = torch.f
         by_file.setdefault(file, []).append(name)
     state = {}
     for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for name in names:
-                state[name] = f.get_tensor(name).to(dtype)
+        for name in names:
+            state[name] = read_tensor(file, name, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     log.info("loaded %s: %d tensors, %.1fM parameters", path, len(state),
              sum(t.numel() for t in state.values()) / 1e6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,35 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """A config.json that cannot describe a PLT model; the message names the field."""
+    """A config.json that cannot describe a PLT model; the message names the field (also in `field`)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 ROPE_TYPES = ("default", "linear", "llama3")  # implemented in pltkit.model.plt.rope_inv_freq
+
+# field -> (lowest, highest) integer it may hold: generous for real models (LoopCoder-V2 7B: hidden 5120,
+# 14 layers, 40 heads, head_dim 128, context 131072, vocab 75904), small enough that a typo cannot ask
+# for gigabytes (rope tables are max_position_embeddings x head_dim; layers are built one by one)
+INT_BOUNDS = {
+    "vocab_size": (1, 1 << 20),
+    "hidden_size": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 18),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (2, 1024),
+    "max_position_embeddings": (1, 1 << 20),
+    "plt_num_loops": (1, 16),
+}
+WINDOW_MAX = 1 << 20  # plt_window_size[0]
+ROPE_TABLE_MAX = 1 << 27  # max_position_embeddings x head_dim: the rotary tables' values (512 MB in float32)
+POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")  # finite and > 0
+# rope_scaling type -> the numeric fields it needs, each finite and > 0
+ROPE_FIELDS = {"default": (), "linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass(frozen=True)
@@ -86,14 +112,15 @@ class PLTConfig:
     # -- validation -----------------------------------------------------------------
     def _validate(self):
         def fail(name, why):
-            raise ConfigError(f"config field {name!r} = {getattr(self, name)!r}: {why}")
+            raise ConfigError(f"config field {name!r} = {getattr(self, name)!r}: {why}", name)
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "max_position_embeddings"):
+        for name, (lo, hi) in INT_BOUNDS.items():
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                fail(name, "must be a positive integer")
+            if not _is_int(value) or not lo <= value <= hi:
+                fail(name, f"must be an integer from {lo} to {hi}")
+        if self.max_position_embeddings * self.head_dim > ROPE_TABLE_MAX:
+            fail("max_position_embeddings", f"times head_dim ({self.head_dim}) must be at most {ROPE_TABLE_MAX} "
+                                            "(the size of the rotary tables)")
         if self.num_attention_heads % self.num_key_value_heads:
             fail("num_attention_heads",
                  f"must be divisible by num_key_value_heads ({self.num_key_value_heads})")
@@ -101,25 +128,25 @@ class PLTConfig:
             fail("head_dim", "must be even for rotary embeddings")
         if self.hidden_act != "silu":
             fail("hidden_act", "only 'silu' (SwiGLU) is supported")
-        for name in ("rms_norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or value <= 0:
-                fail(name, "must be a positive number")
-        if not _is_int(self.plt_num_loops) or self.plt_num_loops < 1:
-            fail("plt_num_loops", "must be an integer >= 1")
+        for name in POSITIVE_FLOATS:
+            if not _is_positive(getattr(self, name)):
+                fail(name, "must be a finite number > 0")
         w = self.plt_window_size
         if not (isinstance(w, tuple) and len(w) == 2 and all(_is_int(x) for x in w)
-                and w[0] >= 0 and w[1] == 0):
-            fail("plt_window_size", "must be [left, 0] with left >= 0 (the local branch is causal)")
+                and 0 <= w[0] <= WINDOW_MAX and w[1] == 0):
+            fail("plt_window_size", f"must be [left, 0] with left from 0 to {WINDOW_MAX} (the local branch is causal)")
         for name in ("plt_emb_scale", "plt_hidden_scale"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, numbers.Real) or isinstance(value, bool)):
-                fail(name, "must be a number or null")
+            if value is not None and not (_is_number(value) and math.isfinite(value)):
+                fail(name, "must be a finite number or null")
+        if not (self.bos_token_id is None or _is_int(self.bos_token_id) and self.bos_token_id >= 0):
+            fail("bos_token_id", "must be a token id or null")
         for name in ("attention_bias", "mlp_bias", "tie_word_embeddings", "plt_normalize_per_loop",
                      "plt_gate_use_hidden_states", "plt_clp_shift"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
-        if not all(_is_int(i) and 0 <= i < self.vocab_size for i in self.eos_token_ids):
+        if not (self.eos_token_id is None or isinstance(self.eos_token_id, (int, tuple))) or \
+                not all(_is_int(i) and 0 <= i < self.vocab_size for i in self.eos_token_ids):
             fail("eos_token_id", f"must be token ids below vocab_size ({self.vocab_size})")
         if self.rope_scaling is not None:
             if not isinstance(self.rope_scaling, dict):
@@ -127,12 +154,17 @@ class PLTConfig:
             if self.rope_type not in ROPE_TYPES:
                 fail("rope_scaling", f"rope type {self.rope_type!r} is not supported "
                                      f"(supported: {', '.join(ROPE_TYPES)})")
-            needs = {"default": (), "linear": ("factor",),
-                     "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                "original_max_position_embeddings")}[self.rope_type]
+            needs = ROPE_FIELDS[self.rope_type]
             missing = [k for k in needs if k not in self.rope_scaling]
             if missing:
                 fail("rope_scaling", f"{self.rope_type} scaling needs {', '.join(missing)}")
+            for key in needs:
+                if not _is_positive(self.rope_scaling[key]):
+                    raise ConfigError(f"config field 'rope_scaling.{key}' = {self.rope_scaling[key]!r}: "
+                                      "must be a finite number > 0", "rope_scaling")
+            if self.rope_type == "llama3" and not \
+                    self.rope_scaling["low_freq_factor"] < self.rope_scaling["high_freq_factor"]:
+                fail("rope_scaling", "llama3 scaling needs low_freq_factor < high_freq_factor")
 
     # -- (de)serialization ----------------------------------------------------------
     @classmethod
@@ -157,10 +189,13 @@ class PLTConfig:
         try:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read {path}: {e}") from None
+            raise ConfigError(f"cannot read {path}: {' '.join(str(e).split())}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {str(e).removeprefix('config ')}", e.field) from None
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -171,3 +206,12 @@ class PLTConfig:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_positive(x) -> bool:
+    """A finite number > 0 (NaN and inf are not)."""
+    return _is_number(x) and math.isfinite(x) and x > 0

@@ -33,7 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pltkit.model.checkpoint import INDEX, SINGLE, STORED_DTYPES, TOKENIZER_FILES, open_checkpoint
+from pltkit.model.checkpoint import INDEX, SINGLE, STORED_DTYPES, TOKENIZER_FILES, open_checkpoint, read_header
+from pltkit.model.folders import kill_point, repair_leftovers, replace_folder
 from pltkit.model.config import ConfigError, PLTConfig
 from pltkit.model.paths import GGUF_MAGIC
 
@@ -74,22 +75,18 @@ def import_hf_llama(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, d
     files = _hf_weight_files(src)
     plan, skipped = [], []
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name.endswith(".rotary_emb.inv_freq"):  # a buffer some old checkpoints saved
-                    skipped.append(name)
-                    continue
-                if name == "lm_head.weight" and cfg.tie_word_embeddings:  # a stored copy of the embedding
-                    skipped.append(name)
-                    continue
-                sl = f.get_slice(name)
-                stored = sl.get_dtype()
-                if stored not in STORED_DTYPES:
-                    raise ImportModelError(f"{file.name}: tensor {name} is stored as {stored}, not a float type "
-                                           "(quantized checkpoints are not supported)")
-                target = DTYPES[dtype] if dtype else STORED_DTYPES[stored]
-                numel = int(np.prod(sl.get_shape(), dtype=np.int64))
-                plan.append((name, numel * target.itemsize, file))
+        for name, (stored, shape) in read_header(file).items():  # CheckpointError naming a corrupt header
+            if name.endswith(".rotary_emb.inv_freq"):  # a buffer some old checkpoints saved
+                skipped.append(name)
+                continue
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:  # a stored copy of the embedding
+                skipped.append(name)
+                continue
+            if stored not in STORED_DTYPES:
+                raise ImportModelError(f"{file.name}: tensor {name} is stored as {stored}, not a float type "
+                                       "(quantized checkpoints are not supported)")
+            target = DTYPES[dtype] if dtype else STORED_DTYPES[stored]
+            plan.append((name, math.prod(shape) * target.itemsize, file))
     if skipped:
         log.info("not imported (recomputed or tied): %s", ", ".join(skipped))
 
@@ -224,7 +221,7 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
         if f.read(4) != GGUF_MAGIC:
             raise ImportModelError(f"{path}: not a GGUF file")
     expected, size = gguf_size(path, gguf), path.stat().st_size
-    if expected is not None and size < expected:
+    if size < expected:
         raise ImportModelError(f"{path}: file truncated at byte {size}, expected {expected} bytes")
     try:
         reader = gguf.GGUFReader(path, "r")
@@ -285,12 +282,14 @@ def import_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
 
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
+GGUF_MAX_DIMS = 4
 
 
-def gguf_size(path: Path, gguf) -> int | None:
-    """The size a GGUF file's header says it has: where its last tensor's data ends (None for a
-    version or type this does not know: the reader reports those). gguf's reader fails on a
-    truncated file with numpy's messages; this names the byte instead."""
+def gguf_size(path: Path, gguf) -> int:
+    """The size a GGUF file's header says it has: where its last tensor's data ends. gguf's reader fails
+    on a truncated file or an unknown type with numpy's messages, or allocates what a count says; this
+    reads the header first and names the byte, the metadata key or the tensor instead."""
+    _GGML_TYPES.update(int(t) for t in gguf.GGMLQuantizationType if t in gguf.GGML_QUANT_SIZES)
     size = path.stat().st_size
     with open(path, "rb") as f:
         order = "<"
@@ -319,29 +318,39 @@ def gguf_size(path: Path, gguf) -> int | None:
         if not version & 0xFFFF:  # written on a big-endian machine
             order, version = ">", int.from_bytes(version.to_bytes(4, "little"), "big")
         if version not in (2, 3):
-            return None
+            raise ImportModelError(f"{path}: GGUF version {version} (versions 2 and 3 are read)")
         n_tensors, n_kv = read("QQ")
         alignment, ends = 32, [0]
-        try:
-            for _ in range(n_kv):
-                key = read(f"{read('Q')[0]}s")[0]
-                value = skip(read("I")[0])
-                if key == b"general.alignment":
-                    alignment = value
-            for _ in range(n_tensors):
-                f.seek(read("Q")[0], os.SEEK_CUR)
-                dims = read(f"{read('I')[0]}Q")
-                block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(read("I")[0])]
-                ends.append(read("Q")[0] + math.prod(dims) * type_size // block)
-        except ImportModelError:
-            raise
-        except (KeyError, ValueError):  # a value or tensor type this does not know
-            return None
+        def text() -> str:
+            return read(f"{read('Q')[0]}s")[0].decode("utf-8", errors="replace")
+
+        for _ in range(n_kv):
+            key, vtype = text(), read("I")[0]
+            if vtype not in _GGUF_SCALARS and vtype not in (_GGUF_STRING, _GGUF_ARRAY):
+                raise ImportModelError(f"{path}: metadata {key}: unknown value type {vtype}")
+            value = skip(vtype)
+            if key == "general.alignment":
+                alignment = value
+        for i in range(n_tensors):
+            name, n_dims = text(), read("I")[0]
+            if not 1 <= n_dims <= GGUF_MAX_DIMS:
+                raise ImportModelError(f"{path}: tensor {name!r} (number {i} of the {n_tensors} the header counts): "
+                                       f"{n_dims} dimensions (GGUF has 1 to {GGUF_MAX_DIMS})")
+            dims, ttype = read(f"{n_dims}Q"), read("I")[0]
+            if ttype not in _GGML_TYPES:
+                raise ImportModelError(f"{path}: tensor {name}: unknown tensor type {ttype}")
+            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+            if dims[0] % block:
+                raise ImportModelError(f"{path}: tensor {name}: {dims[0]} values a row, not whole blocks of {block}")
+            ends.append(read("Q")[0] + math.prod(dims) * type_size // block)
         if f.tell() > size:
             raise ImportModelError(f"{path}: file truncated at byte {size}, inside its header")
-        if not isinstance(alignment, int) or alignment <= 0:
-            return None
+        if not isinstance(alignment, int) or not 0 < alignment <= 1 << 16 or alignment & (alignment - 1):
+            raise ImportModelError(f"{path}: metadata general.alignment = {alignment!r}: must be a power of 2")
         return -(-f.tell() // alignment) * alignment + max(ends)
+
+
+_GGML_TYPES: set[int] = set()  # tensor types gguf knows the block size of, filled on first use
 
 
 def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -428,7 +437,8 @@ def _gguf_config(meta: _GGUFMeta, tensors: dict, path: Path) -> PLTConfig:
     kv_heads = meta.get(p + "attention.head_count_kv", heads)
     if isinstance(heads, list) or isinstance(kv_heads, list):
         raise ImportModelError(f"{path}: per-layer head counts are not supported")
-    head_dim = meta.get(p + "attention.key_length", embd // heads if heads else 0)
+    head_dim = meta.get(p + "attention.key_length",
+                        embd // heads if isinstance(embd, int) and isinstance(heads, int) and heads > 0 else 0)
 
     def fail(key, why):
         raise ImportModelError(f"{path}: metadata {key} = {meta.get(key)!r}: {why}")
@@ -484,9 +494,23 @@ def _gguf_config(meta: _GGUFMeta, tensors: dict, path: Path) -> PLTConfig:
         plt_num_loops=1,
     )
     try:
-        return PLTConfig(**fields)
+        cfg = PLTConfig(**fields)
     except ConfigError as e:
-        raise ImportModelError(f"{path}: {e}") from None
+        key = GGUF_KEYS.get(e.field)
+        raise ImportModelError(f"{path}: {f'metadata {p}{key}: ' if key else ''}{e}") from None
+    layers = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    if layers != set(range(cfg.num_hidden_layers)):
+        raise ImportModelError(f"{path}: metadata {p}block_count = {cfg.num_hidden_layers}: the file has tensors "
+                               f"for {len(layers)} layers (blk.{min(layers, default=0)} to blk.{max(layers, default=-1)})")
+    return cfg
+
+
+# PLTConfig field -> the llama.* metadata key it comes from, to name in errors
+GGUF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "embedding_length", "intermediate_size": "feed_forward_length",
+             "num_hidden_layers": "block_count", "num_attention_heads": "attention.head_count",
+             "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length",
+             "max_position_embeddings": "context_length", "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+             "rope_theta": "rope.freq_base", "rope_scaling": "rope.scaling.factor"}
 
 
 def _gguf_tokenizer(meta: _GGUFMeta, path: Path) -> tuple[int, dict]:
@@ -607,18 +631,21 @@ def _write_weights(out: Path, sizes: Iterable[tuple[str, int]], tensor: Callable
 
 
 def _atomic_output(out_dir: str | os.PathLike, write: Callable[[Path], None], force: bool) -> Path:
-    """Run write(tmp) on a temporary sibling of out_dir, check it loads, then rename it to out_dir. On
-    any failure (or an interrupt) the temporary folder is removed and out_dir is left as it was."""
+    """Run write(tmp) on a temporary sibling of out_dir (`.NAME.PID.XXXX.partial`), check it loads, then
+    rename it to out_dir (an old out_dir is renamed aside meanwhile: pltkit.model.folders.replace_folder).
+    On any failure (or an interrupt) the temporary folder is removed and out_dir is left as it was; after
+    a kill, the next run removes the leftovers and puts an old out_dir back (repair_leftovers)."""
     out = Path(out_dir)
+    repair_leftovers(out)
     if out.exists() and not out.is_dir():
         raise ImportModelError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ImportModelError(f"{out}: folder is not empty (--force replaces it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    old = None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
     try:
         write(tmp)
+        kill_point("written")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp and some writers make their output private to the owner
@@ -629,21 +656,11 @@ def _atomic_output(out_dir: str | os.PathLike, write: Callable[[Path], None], fo
         except ValueError as e:
             raise ImportModelError(f"the imported checkpoint does not load: {str(e).replace(str(tmp), str(out))}") \
                 from None
-        if out.is_dir():
-            if any(out.iterdir()):
-                old = out.with_name(f".{out.name}.{os.getpid()}.old")
-                os.rename(out, old)
-            else:
-                out.rmdir()
-        os.rename(tmp, out)
+        kill_point("before-rename")
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.rename(old, out)
-            old = None
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
+from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
+
+from pltkit.model.paths import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +90,12 @@ class SentencePieceTokenizer:
 
     @classmethod
     def from_dir(cls, path: Path, tcfg: dict) -> SentencePieceTokenizer:
-        return cls((path / MODEL_FILE).read_bytes(), tcfg, _read_json(path / "special_tokens_map.json"),
-                   _read_json(path / "added_tokens.json"))
+        special_map, added = _read_json(path / "special_tokens_map.json"), _read_json(path / "added_tokens.json")
+        try:
+            return cls((path / MODEL_FILE).read_bytes(), tcfg, special_map, added)
+        except (RuntimeError, DecodeError) as e:  # what sentencepiece and protobuf raise for a corrupt model
+            raise CheckpointError(f"{path / MODEL_FILE}: not a SentencePiece model ({' '.join(str(e).split())})") \
+                from None
 
     # --- encoding ---
     def _sp(self, text: str) -> list[int]:
@@ -204,4 +211,5 @@ def _content(token) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    from pltkit.model.tokenizer import _read_json as read  # one JSON reader: CheckpointError naming the file
+    return read(path)

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 from tokenizers import Tokenizer
 
+from pltkit.model.paths import CheckpointError
+
 # FIM token names of the model families in use; a tokenizer's format is the first whose
 # prefix, suffix and middle tokens all exist in its vocabulary.
 FIM_FORMATS = {
@@ -50,7 +52,7 @@ class JsonTokenizer:
 
     @classmethod
     def from_dir(cls, path: Path, tcfg: dict) -> JsonTokenizer:
-        return cls(Tokenizer.from_file(str(path / "tokenizer.json")))
+        return cls(read_tokenizer_json(path / "tokenizer.json"))
 
     # the *_batch calls release the GIL while they work, encode and decode do not: a long text
     # tokenized on a server's thread would hold up every other thread, its event loop included
@@ -196,12 +198,30 @@ def text_tokenizer(path: str | os.PathLike):
     a PlainEncoder (a SentencePiece tokenizer.model)."""
     path = Path(path)
     if (path / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(path / "tokenizer.json"))
+        return read_tokenizer_json(path / "tokenizer.json")
     return PlainEncoder(PLTTokenizer.from_dir(path))
 
 
+def read_tokenizer_json(file: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        if isinstance(e, OSError):
+            raise
+        raise CheckpointError(f"{file}: not a tokenizer ({' '.join(str(e).split())})") from None
+
+
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON object from a file beside the tokenizer, {} when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return d
 
 
 def _token_id(tok, token) -> int | None:

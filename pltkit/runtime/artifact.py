@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pltkit.model.config import PLTConfig
+from pltkit.model.config import ConfigError, PLTConfig
+from pltkit.model.paths import user_cache_dir
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "pltkit.json"
 FORMAT = "pltkit-artifact"
 SUPPORTED_VERSIONS = (1, 2)
+VERIFIED = "verified.json"  # in the user cache: the sha256 of each file already hashed, by file identity
+PROGRESS_BYTES = 256 << 20  # files this large show a progress bar while they are hashed
 
 
 class ArtifactError(ValueError):
@@ -24,7 +32,8 @@ class Artifact:
     manifest: dict
 
     @classmethod
-    def open(cls, path) -> Artifact:
+    def open(cls, path, verify: bool = True) -> Artifact:
+        """The artifact in folder `path`; with `verify`, its files checked against the manifest (see verify)."""
         path = Path(path)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
@@ -33,10 +42,18 @@ class Artifact:
         if manifest.get("format") != FORMAT or manifest.get("format_version") not in SUPPORTED_VERSIONS:
             raise ArtifactError(f"{path}: {MANIFEST} is format {manifest.get('format')!r} version "
                                 f"{manifest.get('format_version')!r}; this pltkit reads {FORMAT} {SUPPORTED_VERSIONS}")
+        try:
+            PLTConfig.from_dict(manifest.get("config"))
+        except (ConfigError, AttributeError, TypeError) as e:  # checked before anything is sized by it
+            raise ArtifactError(f"{path / MANIFEST}: {e if isinstance(e, ConfigError) else 'no config object'}") \
+                from None
         missing = [f for f in manifest.get("files", {}) if not (path / f).is_file()]
         if missing:
             raise ArtifactError(f"{path}: files named in the manifest are missing: {', '.join(missing)}")
-        return cls(path, manifest)
+        artifact = cls(path, manifest)
+        if verify:
+            artifact.verify()
+        return artifact
 
     @property
     def config(self) -> PLTConfig:
@@ -49,15 +66,95 @@ class Artifact:
     def graph_path(self, phase: str, attention: str = "function") -> Path:
         return self.path / self.manifest["graphs"][attention][phase]["file"]
 
-    def verify(self) -> None:
-        """Check every file against its sha256 in the manifest."""
-        for name, digest in self.manifest["files"].items():
-            h = hashlib.sha256()
-            with open(self.path / name, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-            if h.hexdigest() != digest:
-                raise ArtifactError(f"{self.path / name}: sha256 differs from the manifest (file changed or damaged)")
+    def verify(self, remember: bool = True) -> None:
+        """Check every file against the manifest: its size where known (the manifest's "sizes", or the
+        size it had when it last matched), then its sha256. A file is hashed once per identity (size,
+        mtime, ctime, inode, device), remembered in the user cache: later checks only stat it.
+        remember=False hashes every file now."""
+        known = _remembered() if remember else {}
+        sizes = self.manifest.get("sizes", {})
+        files = []
+        for name, want in self.manifest["files"].items():  # sizes first: a truncated file fails before any hashing
+            file = self.path / name
+            key, st = str(file.resolve()), file.stat()
+            seen = known.get(key)
+            size = sizes.get(name, seen["id"][0] if seen and seen["sha256"] == want else None)
+            if size is not None and st.st_size != size:
+                raise ArtifactError(f"{file}: {st.st_size} bytes where the exported file had {size} (truncated or "
+                                    "changed since export); re-export it")
+            files.append((file, key, st, seen, want))
+        learned = {}
+        try:
+            for file, key, st, seen, want in files:
+                if seen and seen["id"] == _identity(st):
+                    got = seen["sha256"]
+                else:
+                    got = file_digest(file, st.st_size)
+                    if _identity(file.stat()) == _identity(st):  # not written to while it was hashed
+                        learned[key] = {"id": _identity(st), "sha256": got}
+                if got != want:
+                    raise ArtifactError(f"{file}: its sha256 differs from the artifact's manifest (changed or damaged "
+                                        "since export); re-export it, or pass --no-verify to run it anyway")
+        finally:
+            if learned and remember:
+                _remember(learned)
+
+
+def file_digest(path: Path, size: int) -> str:
+    """The sha256 of a file, with a progress bar on a terminal for a big one."""
+    h, buf = hashlib.sha256(), bytearray(1 << 22)
+    view = memoryview(buf)
+    bar = None
+    if size >= PROGRESS_BYTES:
+        from tqdm import tqdm
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"verifying {path.name}", leave=False, disable=None)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            if bar is not None:
+                bar.update(n)
+    if bar is not None:
+        bar.close()
+    return h.hexdigest()
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    """What stays the same while a file's bytes do: any write, truncation, touch or replacement changes it."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _verified_path() -> Path:
+    return user_cache_dir() / VERIFIED
+
+
+def _remembered() -> dict:
+    """{resolved path: {"id": identity, "sha256": digest}} from the user cache; a missing, unreadable or
+    damaged cache, or entry, counts as nothing hashed yet."""
+    try:
+        entries = json.loads(_verified_path().read_text())["files"]
+        return {k: e for k, e in entries.items() if isinstance(e, dict) and isinstance(e.get("sha256"), str)
+                and isinstance(e.get("id"), list) and len(e["id"]) == 5 and all(type(v) is int for v in e["id"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _remember(learned: dict) -> None:
+    """Adds digests to the cache (entries of files that are gone are dropped), atomically: a concurrent
+    writer can at worst make a later open hash a file again. A cache that cannot be written is skipped."""
+    path = _verified_path()
+    entries = {k: e for k, e in {**_remembered(), **learned}.items() if os.path.exists(k)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{VERIFIED}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"files": entries}, f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        log.debug("could not remember verified files in %s: %s", path, e)
 
 
 def is_artifact(path) -> bool:

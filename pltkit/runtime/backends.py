@@ -46,35 +46,37 @@ def _torch(path: Path, threads: int | None):
     return TorchBackend(path, threads)
 
 
-def _ort(path: Path, threads: int | None):
+def _ort(path: Path, threads: int | None, verify: bool = True):
     from pltkit.runtime.ort_backend import OrtBackend
-    return OrtBackend(Artifact.open(path), threads)
+    return OrtBackend(Artifact.open(path, verify), threads)
 
 
-def _ort_cuda(path: Path, threads: int | None):
+def _ort_cuda(path: Path, threads: int | None, verify: bool = True):
     from pltkit.runtime.ort_backend import OrtBackend
-    return OrtBackend(Artifact.open(path), threads, device="cuda")
+    return OrtBackend(Artifact.open(path, verify), threads, device="cuda")
 
 
-def _trt(path: Path, threads: int | None):
+def _trt(path: Path, threads: int | None, verify: bool = True):
     from pltkit.gpu.trt_engine import GpuUnavailable
     try:
         from pltkit.gpu.trt_backend import TrtBackend
-        return TrtBackend(Artifact.open(path), threads)
+        return TrtBackend(Artifact.open(path, verify), threads)
     except GpuUnavailable as e:
         raise ValueError(f"the trt backend: {e}") from None
 
 
-def _onnx_reference(path: Path, threads: int | None):
+def _onnx_reference(path: Path, threads: int | None, verify: bool = True):
     from pltkit.runtime.onnx_reference import ReferenceBackend
-    return ReferenceBackend(Artifact.open(path), threads)
+    return ReferenceBackend(Artifact.open(path, verify), threads)
 
 
 BACKENDS = {"torch": _torch, "ort": _ort, "ort-cuda": _ort_cuda, "trt": _trt, "onnx-reference": _onnx_reference}
 
 
-def open_backend(model: str | os.PathLike = "default", backend: str | None = None, threads: int | None = None):
-    """A checkpoint folder runs on the torch reference, an artifact folder on ONNX Runtime."""
+def open_backend(model: str | os.PathLike = "default", backend: str | None = None, threads: int | None = None,
+                 verify: bool = True):
+    """A checkpoint folder runs on the torch reference, an artifact folder on ONNX Runtime, its files
+    checked against its manifest first unless verify is False (Artifact.verify)."""
     path = resolve_model_path(model)
     kind = backend or ("ort" if is_artifact(path) else "torch")
     if kind not in BACKENDS:
@@ -83,15 +85,22 @@ def open_backend(model: str | os.PathLike = "default", backend: str | None = Non
         raise ValueError(f"{path} is an exported artifact: run it with --backend ort")
     if kind != "torch" and not is_artifact(path):
         raise ValueError(f"{path} is a checkpoint, not an exported artifact: export it with plt-export first")
-    return BACKENDS[kind](path, threads)
+    return BACKENDS[kind](path, threads) if kind == "torch" else BACKENDS[kind](path, threads, verify)
 
 
 def cached_artifact(checkpoint: Path) -> Path:
     """The float32 artifact of a checkpoint in the user cache, keyed by its files' names, sizes and
     times (hashing a 7B checkpoint's bytes would cost seconds on every run), exported on first use (atomically: an interrupted export leaves nothing behind). Exporting
-    needs torch (ImportError without it); finding an earlier export does not."""
+    needs torch (ImportError without it); finding an earlier export does not. An earlier export that
+    does not open (files missing, manifest unreadable) is exported again."""
+    from pltkit.runtime.artifact import ArtifactError
+
     out = user_cache_dir() / "artifacts" / f"{checkpoint.name}-{checkpoint_stamp(checkpoint)[:16]}-fp32"
-    if not is_artifact(out):
+    try:
+        Artifact.open(out)
+    except ArtifactError as e:
+        if is_artifact(out):  # damaged, e.g. by a kill before this version's atomic replacement: rebuild it
+            log.warning("%s; exporting it again", e)
         from pltkit.export.artifact import export
 
         # a rough estimate: 5 s plus 15 s a GB of weights (the default model, 8 MB, took 4-5 s on 2 cores;
@@ -102,7 +111,8 @@ def cached_artifact(checkpoint: Path) -> Path:
     return out
 
 
-def open_fastest(model: str | os.PathLike = "default", backend: str | None = None, threads: int | None = None):
+def open_fastest(model: str | os.PathLike = "default", backend: str | None = None, threads: int | None = None,
+                 verify: bool = True):
     """(backend, folder it runs from) for plt-complete and plt-serve: an artifact on `backend`
     (default: ort); a checkpoint on torch when asked, else through its cached artifact (about 4x
     faster than torch: docs/design.md). Without torch to export with, the torch backend says what
@@ -113,4 +123,4 @@ def open_fastest(model: str | os.PathLike = "default", backend: str | None = Non
             path = cached_artifact(path)
         except ImportError:
             backend = None
-    return open_backend(path, backend, threads), path
+    return open_backend(path, backend, threads, verify), path

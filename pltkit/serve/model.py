@@ -19,12 +19,12 @@ from pltkit.serve.app import Model
 
 
 def open_model(model: str = "default", backend: str | None = None, threads: int | None = None,
-               cache_bytes: int = 256 << 20) -> Model:
-    runner, path = open_fastest(model, backend, threads)
+               cache_bytes: int = 256 << 20, verify: bool = True) -> Model:
+    runner, path = open_fastest(model, backend, threads, verify)
     engine = Engine(runner, PLTTokenizer.from_dir(path), cache_bytes=cache_bytes)
     cfg = engine.backend.config
     artifact = is_artifact(path)
-    precision = Artifact.open(path).manifest.get("precision", "fp32") if artifact else "fp32"
+    precision = Artifact.open(path, verify=False).manifest.get("precision", "fp32") if artifact else "fp32"
     name = str(model) if str(model) == "default" else Path(model).name
     details = {"format": "onnx" if artifact else "safetensors", "precision": precision, "backend": engine.backend.name,
                "loops": cfg.plt_num_loops, "n_ctx_train": cfg.max_position_embeddings, "n_vocab": cfg.vocab_size,
