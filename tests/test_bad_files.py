@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from synth import make_checkpoint, make_config
 from test_import import make_hf_llama, write_gguf
 
@@ -156,6 +157,16 @@ CASES = [
     ("art-graph-missing", lambda d: (d / "decode.gqa.onnx").unlink(), "decode.gqa.onnx", "missing"),
     ("art-graph-bit-flipped", artifact_file("prefill.gqa.onnx", flip), "prefill.gqa.onnx", "sha256"),
     ("art-tokenizer-bit-flipped", artifact_file("tokenizer.json", flip), "tokenizer.json", "sha256"),
+    ("art-manifest-a-list", lambda d: (d / "pltkit.json").write_text("[1]"), "pltkit.json", "object"),
+    ("art-files-a-list", manifest(lambda m: m.update(files=list(m["files"]))), "pltkit.json", "'files'"),
+    ("art-files-outside", manifest(lambda m: m["files"].update({"../x": "0" * 64})), "pltkit.json", "'files'"),
+    ("art-sizes-a-list", manifest(lambda m: m.update(sizes=[1])), "pltkit.json", "'sizes'"),
+    # a Hugging Face Llama folder (plt-import): its safetensors index
+    ("hf-index-ints", lambda d: (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.embed_tokens.weight": 1}})), "model.safetensors.index.json", "weight_map"),
+    ("hf-index-outside", lambda d: (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.embed_tokens.weight": "../hf/model.safetensors"}})),
+     "model.safetensors.index.json", "weight_map"),
     # config.json: bounds, types, non-finite numbers
     ("loops-1e6", config(plt_num_loops=10 ** 6), "config.json", "plt_num_loops"),
     ("loops-0", config(plt_num_loops=0), "config.json", "plt_num_loops"),
@@ -228,6 +239,9 @@ CASES = [
     ("gguf-tensor-count-huge", gguf_at(8, "<Q", 1 << 60), "tiny.gguf", "the 1152921504606846976 the header"),
     ("gguf-kv-count-huge", gguf_at(16, "<Q", 1 << 60), "tiny.gguf", "truncated"),
     ("gguf-key-length-huge", gguf_at(24, "<Q", 1 << 60), "tiny.gguf", "truncated"),
+    ("gguf-key-length-2-63", gguf_at(24, "<Q", 1 << 63), "tiny.gguf", "truncated"),
+    ("gguf-string-length-2-64", gguf_patch(b"general.architecture", 4, "<Q", (1 << 64) - 1), "tiny.gguf",
+     "truncated"),
     ("gguf-value-type-99", gguf_patch(b"general.architecture", 0, "<I", 99), "tiny.gguf", "general.architecture"),
     ("gguf-string-array-count-huge", gguf_patch(TOKENS, 8, "<Q", 1 << 60), "tiny.gguf", "truncated"),
     ("gguf-tensor-dims-99", gguf_patch(TOKEN_EMBD, 0, "<I", 99), "tiny.gguf", "token_embd.weight"),
@@ -259,6 +273,8 @@ def run_forked(main, argv) -> tuple[int, str, float, int]:
         code = 3
         signal.alarm(3 * MAX_SECONDS)  # a hang (the old code's) ends the child by SIGALRM, not the suite
         try:
+            torch.set_num_threads(1)  # no OpenMP region after fork: this process may have run one before
+
             os.close(read)
             os.dup2(write, 2)
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -308,6 +324,11 @@ def prepare(case, sources, tmp_path):
             shutil.copy(d / "tiny.gguf", f)
             mutate(f)
         return "import", [str(f), "-o", str(tmp_path / "out")]
+    if name.startswith("hf-"):
+        src = tmp_path / "hf"
+        shutil.copytree(d / "hf", src)
+        mutate(src)
+        return "import", [str(src), "-o", str(tmp_path / "out")]
     if name.startswith("art-"):
         art = tmp_path / "art"
         shutil.copytree(d / "art", art)

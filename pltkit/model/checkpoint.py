@@ -59,7 +59,7 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             bad(f"header is not JSON ({' '.join(str(e).split())})")
     if not isinstance(header, dict):
         bad("header is not a JSON object")
-    if not isinstance(header.pop("__metadata__", {}), dict):
+    if not isinstance(header.pop("__metadata__", None) or {}, dict):  # safetensors takes null too
         bad("header field '__metadata__' is not an object")
     data, end, out = size - 8 - n, 0, {}
     spans = []

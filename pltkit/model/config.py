@@ -28,7 +28,8 @@ ROPE_TYPES = ("default", "linear", "llama3")  # implemented in pltkit.model.plt.
 
 # field -> (lowest, highest) integer it may hold: generous for real models (LoopCoder-V2 7B: hidden 5120,
 # 14 layers, 40 heads, head_dim 128, context 131072, vocab 75904), small enough that a typo cannot ask
-# for gigabytes (rope tables are max_position_embeddings x head_dim; layers are built one by one)
+# for gigabytes (rope tables are max_position_embeddings x head_dim; layers are built one by one). Refused
+# on purpose: contexts beyond 2^20 positions (4M-context Llama-3 variants; head_dim 256 at 1M)
 INT_BOUNDS = {
     "vocab_size": (1, 1 << 20),
     "hidden_size": (1, 1 << 16),

@@ -52,12 +52,15 @@ def repair_leftovers(out: Path) -> None:
         m = leftover.fullmatch(path.name)
         if not m or _alive(int(m[1] or m[2] or m[3])):
             continue
-        if m[3] and not os.path.lexists(out):
-            log.warning("%s: putting back the previous version, left aside by an interrupted replacement", out)
-            os.rename(path, out)
-        else:
-            log.warning("removing %s, left by an interrupted run", path)
-            _remove(path)
+        try:
+            if m[3] and not os.path.lexists(out):
+                log.warning("%s: putting back the previous version, left aside by an interrupted replacement", out)
+                os.rename(path, out)
+            else:
+                log.warning("removing %s, left by an interrupted run", path)
+                _remove(path)
+        except OSError as e:  # another user's, or removed meanwhile by another run
+            log.warning("leaving %s: %s", path, e.strerror)
 
 
 def replace_folder(tmp: Path, out: Path) -> None:

@@ -33,10 +33,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pltkit.model.checkpoint import INDEX, SINGLE, STORED_DTYPES, TOKENIZER_FILES, open_checkpoint, read_header
+from pltkit.model.checkpoint import (INDEX, SINGLE, STORED_DTYPES, TOKENIZER_FILES, open_checkpoint, read_header,
+                                     read_index)
 from pltkit.model.folders import kill_point, repair_leftovers, replace_folder
 from pltkit.model.config import ConfigError, PLTConfig
-from pltkit.model.paths import GGUF_MAGIC
+from pltkit.model.paths import GGUF_MAGIC, CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +180,9 @@ def hf_llama_config(hf: dict, where: str = "config.json") -> PLTConfig:
 def _hf_weight_files(src: Path) -> list[Path]:
     if (src / INDEX).is_file():
         try:
-            names = sorted(set(json.loads((src / INDEX).read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ImportModelError(f"{src / INDEX}: not a safetensors index ({e})") from None
+            names = sorted(set(read_index(src).values()))
+        except CheckpointError as e:
+            raise ImportModelError(str(e)) from None
         missing = [n for n in names if not (src / n).is_file()]
         if missing:
             raise ImportModelError(f"{src / INDEX} names shard files that do not exist: {', '.join(missing)}")
@@ -294,19 +295,27 @@ def gguf_size(path: Path, gguf) -> int:
     with open(path, "rb") as f:
         order = "<"
 
+        def truncated():
+            raise ImportModelError(f"{path}: file truncated at byte {size}, inside its header")
+
         def read(fmt: str) -> tuple:
             n = struct.calcsize(order + fmt)
             if f.tell() + n > size:
-                raise ImportModelError(f"{path}: file truncated at byte {size}, inside its header")
+                truncated()
             return struct.unpack(order + fmt, f.read(n))
+
+        def forward(n: int) -> None:  # past n bytes that must be in the file (a count read from it)
+            if n > size - f.tell():
+                truncated()
+            f.seek(n, os.SEEK_CUR)
 
         def skip(vtype: int):  # a metadata value; returns a scalar's value
             if vtype == _GGUF_STRING:
-                f.seek(read("Q")[0], os.SEEK_CUR)  # past the end: the next read says so
+                forward(read("Q")[0])
             elif vtype == _GGUF_ARRAY:
                 itype, n = read("IQ")
                 if itype in _GGUF_SCALARS:
-                    f.seek(n * struct.calcsize(order + _GGUF_SCALARS[itype]), os.SEEK_CUR)
+                    forward(n * struct.calcsize(order + _GGUF_SCALARS[itype]))
                 else:
                     for _ in range(n):
                         skip(itype)
@@ -322,7 +331,10 @@ def gguf_size(path: Path, gguf) -> int:
         n_tensors, n_kv = read("QQ")
         alignment, ends = 32, [0]
         def text() -> str:
-            return read(f"{read('Q')[0]}s")[0].decode("utf-8", errors="replace")
+            n = read("Q")[0]
+            if n > size - f.tell():
+                truncated()
+            return f.read(n).decode("utf-8", errors="replace")
 
         for _ in range(n_kv):
             key, vtype = text(), read("I")[0]

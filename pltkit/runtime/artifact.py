@@ -37,8 +37,10 @@ class Artifact:
         path = Path(path)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{path}: no readable {MANIFEST} ({e})") from None
+        if not isinstance(manifest, dict):
+            raise ArtifactError(f"{path / MANIFEST}: not a JSON object")
         if manifest.get("format") != FORMAT or manifest.get("format_version") not in SUPPORTED_VERSIONS:
             raise ArtifactError(f"{path}: {MANIFEST} is format {manifest.get('format')!r} version "
                                 f"{manifest.get('format_version')!r}; this pltkit reads {FORMAT} {SUPPORTED_VERSIONS}")
@@ -47,7 +49,12 @@ class Artifact:
         except (ConfigError, AttributeError, TypeError) as e:  # checked before anything is sized by it
             raise ArtifactError(f"{path / MANIFEST}: {e if isinstance(e, ConfigError) else 'no config object'}") \
                 from None
-        missing = [f for f in manifest.get("files", {}) if not (path / f).is_file()]
+        files, sizes = manifest.get("files"), manifest.get("sizes", {})
+        if not (isinstance(files, dict) and all(_plain_name(f) and isinstance(d, str) for f, d in files.items())):
+            raise ArtifactError(f"{path / MANIFEST}: field 'files' must map file names in the folder to sha256 digests")
+        if not (isinstance(sizes, dict) and all(f in files and type(n) is int for f, n in sizes.items())):
+            raise ArtifactError(f"{path / MANIFEST}: field 'sizes' must map the files' names to byte counts")
+        missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise ArtifactError(f"{path}: files named in the manifest are missing: {', '.join(missing)}")
         artifact = cls(path, manifest)
@@ -98,6 +105,11 @@ class Artifact:
         finally:
             if learned and remember:
                 _remember(learned)
+
+
+def _plain_name(name) -> bool:
+    """A file name inside the folder: no path separators, not '.' or '..'."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def file_digest(path: Path, size: int) -> str:
