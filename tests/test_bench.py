@@ -38,25 +38,89 @@ def test_kv_bytes_count_the_entries_not_the_room_to_grow(tmp_path):
     states = {b: open_backend(tmp_path / d, b, 1) for b, d in (("torch", "two"), ("ort", "art"))}
     states = {b: be.decode(np.asarray([5]), be.prefill(ids, be.new_state(1))[1])[1] for b, be in states.items()}
     assert states["ort"].nbytes() > kv_bytes(states["ort"]) == kv_bytes(states["torch"]) > 0
+    # float32: K and V of 11 tokens per layer, the second loop's ring of min(11, window) tokens, one carry
+    c = make_config(plt_num_loops=2)
+    per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 4
+    assert kv_bytes(states["torch"]) == per_token * (11 + min(11, c["plt_window_size"][0])) + c["hidden_size"] * 4
     print(f"PLT-2 state after 11 tokens: {kv_bytes(states['torch'])} bytes "
           f"(ONNX Runtime buffers: {states['ort'].nbytes()})")
 
 
+def _kv_bytes_expected(ctx: int) -> dict:
+    """KV bytes of the default shape after `ctx` tokens, from its config alone (float32): per token
+    K and V of every layer; PLT-2 adds its second loop's ring (the last `window` tokens) and carry
+    (one hidden vector); serial L=2 keeps two full caches."""
+    from pltkit.model.paths import resolve_model_path
+
+    c = json.loads((resolve_model_path("default") / "config.json").read_text())
+    assert c["plt_num_loops"] == 2
+    per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 4
+    return {"plain": per_token * ctx, "serial2": 2 * per_token * ctx,
+            "plt2": per_token * (ctx + min(ctx, c["plt_window_size"][0])) + c["hidden_size"] * 4}
+
+
 def test_plt_bench_smoke(tmp_path):
-    out = subprocess.run(["plt-bench", "--shape", "default", "--forms", "torch-fp32", "ort-fp32", "--contexts", "32",
-                          "96", "--steps", "2", "--repeats", "1", "--no-llamacpp", "--no-ortgenai", "--threads", "1",
+    """What plt-bench reports is what it was asked for and what it measured: every ratio the quotient
+    of the reported figures it comes from, KV bytes as the shape's arithmetic gives them. Timings
+    are reported, never asserted."""
+    forms, contexts, variants = ["torch-fp32", "ort-fp32"], [32, 96], {"plain", "serial2", "plt2"}
+    out = subprocess.run(["plt-bench", "--shape", "default", "--forms", *forms, "--contexts", *map(str, contexts),
+                          "--steps", "2", "--repeats", "1", "--no-llamacpp", "--no-ortgenai", "--threads", "1",
                           "--workdir", str(tmp_path), "--plot", str(tmp_path / "chart.png")],
                          capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     print(out.stderr[-1500:])
-    for key in ("plt2_over_plain_decode", "serial2_over_plt2_decode", "plt2_over_plain_kv_bytes"):
-        assert summary[key] > 0
-    assert summary["plt2_over_plain_kv_bytes"] > 1  # the ring and carry of the second loop
-    # the second loop's ring attention, gate and carry are nodes of every layer
-    assert summary["nodes_per_layer_plt2_fp32"] > summary["nodes_per_layer_plain_fp32"] > 0
+    lo = summary["results"]["loops"]
+    ctx = [str(c) for c in contexts]  # JSON object keys
+    assert lo["shape"] == "default" and list(lo["decode_ms"]) == forms and list(lo["prefill_tps"]) == forms
+    assert all(list(lo["decode_ms"][f]) == ctx and all(set(r) == variants for r in lo["decode_ms"][f].values())
+               for f in forms)
+    assert all(set(lo["prefill_tps"][f]) == variants for f in forms)
+    times = [m for f in forms for r in lo["decode_ms"][f].values() for m in r.values()]
+    times += [t for f in forms for t in lo["prefill_tps"][f].values()]
+    assert all(isinstance(t, float) and 0 < t < float("inf") for t in times), times
+    assert (summary["threads"], summary["steps"], summary["repeats"]) == (1, 2, 1)
+
+    # the headline ratios: ONNX Runtime fp32 at the longest context, each the quotient of its figures
+    assert summary["ratios_at"] == {"form": "ort-fp32", "context": 96, "kv_context": 96}
+    d, kv = lo["decode_ms"]["ort-fp32"]["96"], lo["kv_bytes"]["96"]
+    assert summary["plt2_over_plain_decode"] == round(d["plt2"] / d["plain"], 3)
+    assert summary["serial2_over_plt2_decode"] == round(d["serial2"] / d["plt2"], 3)
+    assert summary["plt2_over_plain_kv_bytes"] == round(kv["plt2"] / kv["plain"], 3)
+    for key, (num, den) in (("plt2_over_plain_decode_all", ("plt2", "plain")),
+                            ("serial2_over_plt2_decode_all", ("serial2", "plt2"))):
+        assert summary[key] == {f: {c: round(r[num] / r[den], 3) for c, r in lo["decode_ms"][f].items()}
+                                for f in forms}, key
+    # the table on stderr prints the same times and their quotients
+    for f in forms:
+        for c in ctx:
+            r = lo["decode_ms"][f][c]
+            row = (f"{f:>11} {c:>8} {r['plain']:>8.2f} {r['serial2']:>8.2f} {r['plt2']:>8.2f} "
+                   f"{r['plt2'] / r['plain']:>10.2f}x {r['serial2'] / r['plt2']:>12.2f}x")
+            assert row in out.stderr.splitlines(), row
+
+    # KV bytes: exactly the shape's arithmetic, at every context asked for (ring full at 96, not at 32)
+    assert lo["kv_bytes"] == {c: _kv_bytes_expected(int(c)) for c in ctx}
+    assert lo["kv_bytes"]["32"] == {"plain": 65536, "serial2": 131072, "plt2": 132096}
+    assert summary["plt2_over_plain_kv_bytes"] == round(328704 / 196608, 3) == 1.672
+
+    # nodes per layer: one figure per variant of the one ONNX Runtime precision asked for, mirrored in
+    # the JSON line's keys; each a node count over the 4 layers, to 0.1; the second loop's ring
+    # attention, gate and carry are nodes of every layer
+    nodes = lo["nodes_per_layer"]
+    assert set(nodes) == {"fp32"} and set(nodes["fp32"]) == {"plain", "plt2"}
+    assert {k: v for k, v in summary.items() if k.startswith("nodes_per_layer_")} == \
+        {f"nodes_per_layer_{v}_fp32": n for v, n in nodes["fp32"].items()}
+    for n in nodes["fp32"].values():
+        assert any(round(count / 4, 1) == n for count in range(int(n * 4) - 1, int(n * 4) + 2)), n
+    assert nodes["fp32"]["plt2"] > nodes["fp32"]["plain"] > 0
     assert "nodes per decoder layer" in out.stderr
-    # a fresh process per variant measured the peak RSS (it finds the artifacts the run exported)
-    rss = summary["results"]["loops"]["peak_rss_mb"]["ort-fp32"]
-    assert all(rss[v] > 0 for v in ("plain", "serial2", "plt2")), rss
+    # the two fp32 artifacts the run exported (plain and PLT-2), kept in the workdir
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("default-") and "-fp32-" in p.name]) == 2
+
+    # a fresh process per variant measured the peak RSS, for the forms it is measured on (ort-fp32)
+    rss = lo["peak_rss_mb"]
+    assert set(rss) == {"ort-fp32"} and set(rss["ort-fp32"]) == variants, rss
+    assert all(v > 0 for v in rss["ort-fp32"].values()), rss
     assert (tmp_path / "chart.png").stat().st_size > 1000

@@ -222,6 +222,7 @@ def test_format_1_artifacts_still_run(exported, tmp_path):
     manifest["graphs"]["gqa"]["prefill"] = manifest["graphs"]["function"]["prefill"]
     (old / "prefill.gqa.onnx").unlink()
     del manifest["files"]["prefill.gqa.onnx"]
+    del manifest["sizes"]  # format 1 recorded none
     (old / "pltkit.json").write_text(json.dumps(manifest))
     backend, ref = OrtBackend(Artifact.open(old), 1, "gqa"), open_backend(ckpt, threads=1)
     assert backend.in_place == {"prefill": False, "decode": True}

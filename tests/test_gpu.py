@@ -117,14 +117,27 @@ def test_inlined_fallback_graph_runs_like_the_original(artifact, tmp_path):
         path.unlink()
 
 
-def test_plugin_shapes_and_grid_follow_the_op(artifact):
+def test_plugin_shapes_and_grid_follow_the_op(artifact, monkeypatch):
     """The plugin's output shapes and launch grid are formulas over TensorRT shape expressions;
     evaluated on integers (a stand-in for tensorrt.plugin's expression types) they must equal the
-    reference op's output shapes and what the Triton wrapper launches, in both cache forms."""
+    reference op's output shapes and what the Triton wrapper launches, in both cache forms. The
+    grid is also counted here, from the kernel's layout: a program per (row, batch, head, token) of
+    attention, per (loop >= 1 row, batch, kv head) ring, per (batch, kv head) cache write of loop 0,
+    and without kv_buffer per 64-key block of the past cache copied into the present one. The
+    wrapper's launch is recorded, not run: no GPU is needed."""
     from test_loop_attention_kernel import CASES, inputs
 
-    from pltkit.gpu import trt_plugin
+    from pltkit.gpu import triton_loop_attention, trt_plugin
     from pltkit.gpu.loop_attention_ref import reference
+
+    launched = []
+
+    class Recorder:  # stands in for the @triton.jit kernel: kernel[grid](*args) records the grid
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(triton_loop_attention, "loop_attention_kernel", Recorder())
 
     class Desc:
         def __init__(self, shape, aliased_to=None):
@@ -155,10 +168,18 @@ def test_plugin_shapes_and_grid_follow_the_op(artifact):
             assert [o.shape_expr for o in outs] == want, (case, kv_buffer)
             aliased = outs[1].aliased_to is d["past_key"] and outs[2].aliased_to is d["past_value"]
             assert aliased == bool(kv_buffer and writes)
-            _, scalars = trt_plugin.launch(IntShapes, d["query"], d["past_key"], d["ring_key"],
-                                           first_loop=attrs["first_loop"], kv_buffer=kv_buffer)
+            grid, scalars = trt_plugin.launch(IntShapes, d["query"], d["past_key"], d["ring_key"],
+                                              first_loop=attrs["first_loop"], kv_buffer=kv_buffer)
             R, B, H, S, _ = x["query"].shape
+            HKV, C = x["past_key"].shape[1:3]
             assert scalars == (R, B, H, x["key"].shape[2], S, x["past_key"].shape[2], x["ring_key"].shape[3])
+            n0 = int(attrs["first_loop"] == 0)
+            copies = 0 if kv_buffer else B * HKV * -(-C // 64)  # ceil(C / 64) blocks per (batch, kv head)
+            want_grid = R * B * H * S + (R - n0) * B * HKV + n0 * B * HKV + copies
+            assert grid == want_grid, (case, kv_buffer, grid, want_grid)
+            launched.clear()
+            triton_loop_attention.loop_attention(*x.values(), **attrs)
+            assert launched == [(want_grid,)], (case, kv_buffer, launched, want_grid)
 
 
 def test_no_graph_reads_what_a_loop_above_0_passes_on_as_its_cache(artifact):

@@ -59,12 +59,37 @@ def test_exported_weights_follow_the_format(quantized, name):
     assert manifest["precision"] == name and manifest["quantization"]["bits"] == scheme.bits
 
 
+PROMPT = "def add(a, b):"
+# greedy tokens (of 8) that each form must share with the float32 reference before the first difference
+# (all 8 on the machine these were set on; int4 keeps a margin for other CPUs' MatMulNBits kernels)
+MIN_GREEDY_MATCH = {"int8": 8, "int4": 6, "int8-qdq": 8, "fp8": 8}
+
+
+@pytest.fixture(scope="module")
+def reference_completion():
+    """plt-complete's greedy completion of PROMPT on the float32 PyTorch reference."""
+    out = subprocess.run(["plt-complete", "--model", "default", "--backend", "torch", "--json", "--max-tokens", "8",
+                          PROMPT], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["backend"] == "torch" and len(result["tokens"]) == 8, result
+    return result
+
+
 @pytest.mark.parametrize("name", ["int8", "int4", "int8-qdq", "fp8"])
-def test_quantized_artifact_completes(quantized, qdq, name):
+def test_quantized_artifact_completes(quantized, qdq, reference_completion, name):
+    """plt-complete on the quantized artifact: its greedy tokens are the float32 reference's."""
     artifact = (quantized if name in SCHEMES else qdq[0]) / name
     out = subprocess.run(["plt-complete", "--model", str(artifact), "--json", "--max-tokens", "8",
-                          "def add(a, b):"], capture_output=True, text=True, check=True)
-    assert json.loads(out.stdout)["tokens"]
+                          PROMPT], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    got, want = result["tokens"], reference_completion["tokens"]
+    matched = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    print(f"{name} ({result['backend']}): greedy tokens {got}, float32 reference {want}: "
+          f"the first {matched} of 8 agree")
+    assert result["backend"] == "ort" and len(got) == 8 and result["stop_type"] == "limit", result
+    assert matched >= MIN_GREEDY_MATCH[name], (got, want)
+    if matched == 8:
+        assert result["text"] == reference_completion["text"]
 
 
 @pytest.fixture(scope="module")

@@ -137,21 +137,16 @@ def add_accuracy_report(artifact: Path, reference, windows: int | None) -> None:
     """Held-out perplexity, top-1 agreement and greedy-match length against the checkpoint (the
     torch reference), printed and stored in the manifest."""
     import json
-    import os
 
     from pltkit.cli.eval import accuracy_report
-    from pltkit.runtime.artifact import MANIFEST
+    from pltkit.runtime.artifact import update_manifest
 
     sample = f"{windows} held-out windows (--eval-windows all: every one)" if windows else "every held-out window"
     print(f"plt-export: measuring accuracy against the float32 reference on {sample}; --no-eval skips",
           file=sys.stderr)
     report = accuracy_report(artifact, reference, windows=windows)
     print(json.dumps(report), file=sys.stderr)
-    manifest = json.loads((artifact / MANIFEST).read_text())
-    manifest["accuracy"] = {"reference": "float32 checkpoint (torch)", **report}
-    tmp = artifact / (MANIFEST + ".partial")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, artifact / MANIFEST)
+    update_manifest(artifact, lambda m: m.update(accuracy={"reference": "float32 checkpoint (torch)", **report}))
 
 
 if __name__ == "__main__":

@@ -266,11 +266,8 @@ class _Builder:
             self.g.output(present[n], "present_" + n, self.ft, shape)
 
 
-# LoopAttention nodes (portable), ONNX Runtime GQA kernels (decode, prefill's loop 0), or
-# LoopAttention nodes over in-place cache buffers (kv_buffer = 1; the TensorRT form)
-ATTENTION = ("function", "gqa", "kvbuffer")
-
-
+# attention: "function" (LoopAttention nodes, portable), "gqa" (ONNX Runtime GQA kernels: decode,
+# prefill's loop 0) or "kvbuffer" (LoopAttention over in-place cache buffers, kv_buffer = 1: TensorRT)
 def prefill_graph(cfg: PLTConfig, store, opset: int, attention: str = "function", quant=None,
                   dtype: str = "float32") -> Graph:
     b = _Builder(cfg, store, opset, attention, quant, dtype)

@@ -24,7 +24,6 @@ Nothing here runs without an NVIDIA GPU and TensorRT: `require()` says what is m
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pltkit.runtime.artifact import MANIFEST, Artifact
+from pltkit.runtime.artifact import Artifact, update_manifest
 
 ENGINES = "engines"
 PHASES = ("prefill", "decode")
@@ -193,8 +192,4 @@ def _config(builder, trt, workspace_gb: float, cache=None):
 
 
 def _record(artifact: Artifact, key: str, entry: dict) -> None:
-    manifest = json.loads((artifact.path / MANIFEST).read_text())
-    manifest.setdefault("engines", {})[key] = entry
-    tmp = artifact.path / (MANIFEST + ".partial")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, artifact.path / MANIFEST)
+    update_manifest(artifact.path, lambda m: m.setdefault("engines", {}).update({key: entry}))

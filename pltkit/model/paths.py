@@ -90,9 +90,22 @@ def checkpoint_stamp(ckpt: Path) -> str:
     return h.hexdigest()
 
 
+PROGRESS_BYTES = 256 << 20  # files this large show a progress bar (on a terminal) while they are hashed
+
+
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    """The sha256 of a file, read in 4 MiB blocks."""
+    size = path.stat().st_size
+    h, buf = hashlib.sha256(), bytearray(1 << 22)
+    view, bar = memoryview(buf), None
+    if size >= PROGRESS_BYTES:
+        from tqdm import tqdm
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {path.name}", leave=False, disable=None)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            if bar is not None:
+                bar.update(n)
+    if bar is not None:
+        bar.close()
     return h.hexdigest()

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pltkit.model.config import ConfigError, PLTConfig
-from pltkit.model.paths import user_cache_dir
+from pltkit.model.paths import file_sha256, user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,6 @@ MANIFEST = "pltkit.json"
 FORMAT = "pltkit-artifact"
 SUPPORTED_VERSIONS = (1, 2)
 VERIFIED = "verified.json"  # in the user cache: the sha256 of each file already hashed, by file identity
-PROGRESS_BYTES = 256 << 20  # files this large show a progress bar while they are hashed
 
 
 class ArtifactError(ValueError):
@@ -96,7 +95,7 @@ class Artifact:
                 if seen and seen["id"] == _identity(st):
                     got = seen["sha256"]
                 else:
-                    got = file_digest(file, st.st_size)
+                    got = file_sha256(file)
                     if _identity(file.stat()) == _identity(st):  # not written to while it was hashed
                         learned[key] = {"id": _identity(st), "sha256": got}
                 if got != want:
@@ -107,27 +106,19 @@ class Artifact:
                 _remember(learned)
 
 
+def update_manifest(folder, change: Callable[[dict], None]) -> None:
+    """Rewrite an artifact's manifest with change(manifest) applied, atomically: a kill leaves the old one."""
+    path = Path(folder) / MANIFEST
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    tmp = path.with_name(MANIFEST + ".partial")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def _plain_name(name) -> bool:
     """A file name inside the folder: no path separators, not '.' or '..'."""
     return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-
-
-def file_digest(path: Path, size: int) -> str:
-    """The sha256 of a file, with a progress bar on a terminal for a big one."""
-    h, buf = hashlib.sha256(), bytearray(1 << 22)
-    view = memoryview(buf)
-    bar = None
-    if size >= PROGRESS_BYTES:
-        from tqdm import tqdm
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"verifying {path.name}", leave=False, disable=None)
-    with open(path, "rb") as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            if bar is not None:
-                bar.update(n)
-    if bar is not None:
-        bar.close()
-    return h.hexdigest()
 
 
 def _identity(st: os.stat_result) -> list[int]:

@@ -34,8 +34,6 @@ class SerialState:
 class SerialLoops:
     """Wraps a one-loop backend: every call runs `loops` times, on `loops` separate states."""
 
-    cost_model_only = True
-
     def __init__(self, one_loop_backend, loops: int):
         if one_loop_backend.config.plt_num_loops != 1:
             raise ValueError("SerialLoops runs a one-loop backend (plt_num_loops = 1) several times")

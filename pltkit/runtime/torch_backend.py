@@ -17,7 +17,6 @@ class TorchBackend:
         torch.set_num_threads(threads or physical_cores())
         self.model = load_model(path)
         self.config = self.model.config
-        self.path = path
 
     def new_state(self, batch: int = 1) -> PLTState:
         return self.model.new_state(batch)
