@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pltkit.gpu.trt_engine import PHASES, build, require
+from pltkit.gpu.trt_engine import PHASES, GpuUnavailable, build, require
 from pltkit.runtime.artifact import Artifact
 from pltkit.runtime.ort_backend import OrtState, check_room
 
@@ -94,3 +94,11 @@ class TrtBackend:
 
     def decode(self, ids: np.ndarray, state: TrtState):
         return self._run("decode", ids, state)
+
+
+def open_trt(path, threads: int | None = None, verify: bool = True) -> TrtBackend:
+    """The `trt` entry of pltkit.runtime.backends.BACKENDS."""
+    try:
+        return TrtBackend(Artifact.open(path, verify), threads)
+    except GpuUnavailable as e:
+        raise ValueError(f"the trt backend: {e}") from None

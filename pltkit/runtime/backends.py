@@ -10,6 +10,7 @@ them inside, so `pltkit.runtime` needs only numpy, onnxruntime and tokenizers.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -56,21 +57,23 @@ def _ort_cuda(path: Path, threads: int | None, verify: bool = True):
     return OrtBackend(Artifact.open(path, verify), threads, device="cuda")
 
 
-def _trt(path: Path, threads: int | None, verify: bool = True):
-    from pltkit.gpu.trt_engine import GpuUnavailable
-    try:
-        from pltkit.gpu.trt_backend import TrtBackend
-        return TrtBackend(Artifact.open(path, verify), threads)
-    except GpuUnavailable as e:
-        raise ValueError(f"the trt backend: {e}") from None
-
-
 def _onnx_reference(path: Path, threads: int | None, verify: bool = True):
     from pltkit.runtime.onnx_reference import ReferenceBackend
     return ReferenceBackend(Artifact.open(path, verify), threads)
 
 
-BACKENDS = {"torch": _torch, "ort": _ort, "ort-cuda": _ort_cuda, "trt": _trt, "onnx-reference": _onnx_reference}
+# name -> opener(path, threads[, verify]). An opener of a layer above this one (pltkit.gpu) is named as
+# "module:function" and imported when asked for, as a plugin is: the runtime never imports it.
+BACKENDS = {"torch": _torch, "ort": _ort, "ort-cuda": _ort_cuda, "trt": "pltkit.gpu.trt_backend:open_trt",
+            "onnx-reference": _onnx_reference}
+
+
+def _opener(kind: str):
+    opener = BACKENDS[kind]
+    if isinstance(opener, str):
+        module, name = opener.split(":")
+        opener = getattr(importlib.import_module(module), name)
+    return opener
 
 
 def open_backend(model: str | os.PathLike = "default", backend: str | None = None, threads: int | None = None,
@@ -85,7 +88,7 @@ def open_backend(model: str | os.PathLike = "default", backend: str | None = Non
         raise ValueError(f"{path} is an exported artifact: run it with --backend ort")
     if kind != "torch" and not is_artifact(path):
         raise ValueError(f"{path} is a checkpoint, not an exported artifact: export it with plt-export first")
-    return BACKENDS[kind](path, threads) if kind == "torch" else BACKENDS[kind](path, threads, verify)
+    return _opener(kind)(path, threads) if kind == "torch" else _opener(kind)(path, threads, verify)
 
 
 def cached_artifact(checkpoint: Path) -> Path:
