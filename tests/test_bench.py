@@ -124,3 +124,18 @@ def test_plt_bench_smoke(tmp_path):
     assert set(rss) == {"ort-fp32"} and set(rss["ort-fp32"]) == variants, rss
     assert all(v > 0 for v in rss["ort-fp32"].values()), rss
     assert (tmp_path / "chart.png").stat().st_size > 1000
+
+
+def test_the_summary_takes_the_longest_context_whatever_its_keys():
+    """Contexts are int keys in the process and strings once results come back from JSON: "96" sorts
+    after "256" as text, and the headline ratios must still be those of the longest context."""
+    from types import SimpleNamespace
+
+    from pltkit.bench.report import summary
+
+    times = {"96": {"plt2": 2.0, "plain": 1.0, "serial2": 4.0}, "256": {"plt2": 3.0, "plain": 2.0, "serial2": 6.0}}
+    results = {"seconds": 1.0, "loops": {"decode_ms": {"ort-fp32": times},
+                                         "kv_bytes": {"96": {"plt2": 10, "plain": 5}, "256": {"plt2": 30, "plain": 20}}}}
+    out = summary(results, SimpleNamespace(threads=1, steps=1, repeats=1))
+    assert out["ratios_at"] == {"form": "ort-fp32", "context": "256", "kv_context": "256"}
+    assert (out["plt2_over_plain_decode"], out["plt2_over_plain_kv_bytes"]) == (1.5, 1.5)

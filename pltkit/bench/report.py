@@ -93,14 +93,15 @@ def nodes_summary(results: dict) -> dict:
 def summary(results: dict, args) -> dict:
     lo = results["loops"]
     main_form = "ort-fp32" if "ort-fp32" in lo["decode_ms"] else next(iter(lo["decode_ms"]))
-    ctx = max(lo["decode_ms"][main_form])
+    ctx = max(lo["decode_ms"][main_form], key=int)  # int keys in the process, strings once read back from JSON
     d = lo["decode_ms"][main_form][ctx]
-    kv = lo["kv_bytes"][max(lo["kv_bytes"])] if lo["kv_bytes"] else {}
+    kv_ctx = max(lo["kv_bytes"], key=int) if lo["kv_bytes"] else None
+    kv = lo["kv_bytes"][kv_ctx] if lo["kv_bytes"] else {}
     out = {
         "plt2_over_plain_decode": _ratio(d["plt2"], d["plain"]),
         "serial2_over_plt2_decode": _ratio(d["serial2"], d["plt2"]),
         "plt2_over_plain_kv_bytes": _ratio(kv.get("plt2"), kv.get("plain")),
-        "ratios_at": {"form": main_form, "context": ctx, "kv_context": max(lo["kv_bytes"]) if kv else None},
+        "ratios_at": {"form": main_form, "context": ctx, "kv_context": kv_ctx},
         "plt2_over_plain_decode_all": {f: {c: _ratio(r["plt2"], r["plain"]) for c, r in by.items()}
                                        for f, by in lo["decode_ms"].items()},
         "serial2_over_plt2_decode_all": {f: {c: _ratio(r["serial2"], r["plt2"]) for c, r in by.items()}
