@@ -7,7 +7,9 @@ import os
 import socket
 import stat
 import threading
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from serving import HANG, Running, held, wait_idle
@@ -134,6 +136,12 @@ def test_openai_and_ollama_shapes(srv):
     assert ".Suffix" in show["template"] and "insert" in show["capabilities"]
     assert c.get("/api/tags").json()["models"][0]["name"] == srv.server.model.name
     assert c.get("/v1/models").json()["data"][0]["id"] == srv.server.model.name
+    # the model folder's time, not placeholders (0, 1970-01-01)
+    folder = Path(srv.server.model.engine.backend.artifact.path)
+    newest = max(f.stat().st_mtime for f in folder.iterdir() if f.is_file())
+    assert c.get("/v1/models").json()["data"][0]["created"] == int(newest)
+    assert c.get("/api/tags").json()["models"][0]["modified_at"] == \
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(newest)))
     assert c.get("/props").json()["n_ctx"] == 512
     ids = c.post("/tokenize", json={"content": "def f(x):"}).json()["tokens"]
     assert c.post("/detokenize", json={"tokens": ids}).json()["content"] == "def f(x):"

@@ -344,7 +344,7 @@ def abilities(model: Model) -> dict:
 
 
 def model_entry(model: Model) -> dict:
-    return {"id": model.name, "object": "model", "created": 0, "owned_by": "pltkit",
+    return {"id": model.name, "object": "model", "created": model.details.get("modified", 0), "owned_by": "pltkit",
             "meta": {**model.details, **abilities(model)}}
 
 
@@ -439,7 +439,8 @@ def ollama_details(model: Model) -> dict:
 
 async def ollama_tags(request: Request) -> Response:
     model = request.app.state.server.ready()
-    return JSONResponse({"models": [{"name": model.name, "model": model.name, "modified_at": "1970-01-01T00:00:00Z",
+    modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(model.details.get("modified", 0)))
+    return JSONResponse({"models": [{"name": model.name, "model": model.name, "modified_at": modified,
                                      "size": model.details.get("size_bytes", 0), "digest": "",
                                      "details": ollama_details(model)}]})
 

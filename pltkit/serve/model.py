@@ -28,5 +28,6 @@ def open_model(model: str = "default", backend: str | None = None, threads: int 
     name = str(model) if str(model) == "default" else Path(model).name
     details = {"format": "onnx" if artifact else "safetensors", "precision": precision, "backend": engine.backend.name,
                "loops": cfg.plt_num_loops, "n_ctx_train": cfg.max_position_embeddings, "n_vocab": cfg.vocab_size,
-               "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
+               "size_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+               "modified": int(max(f.stat().st_mtime for f in path.iterdir() if f.is_file()))}
     return Model(engine, name, details, ChatTemplate.from_dir(path))
