@@ -86,12 +86,17 @@ def tokenizer_text(text):
     return lambda d: (d / "tokenizer.json").write_text(text)
 
 
-def tokenizer_json(edit):
+def json_file(name: str, edit):
+    """Rewrite the JSON file `name` of the folder with edit(its value) applied."""
     def mutate(d: Path):
-        tok = json.loads((d / "tokenizer.json").read_text())
-        edit(tok)
-        (d / "tokenizer.json").write_text(json.dumps(tok))
+        value = json.loads((d / name).read_text())
+        edit(value)
+        (d / name).write_text(json.dumps(value))
     return mutate
+
+
+def tokenizer_json(edit):
+    return json_file("tokenizer.json", edit)
 
 
 def gguf_meta(**change):
@@ -124,13 +129,10 @@ def gguf_cut(keep):
 TOKEN_EMBD = b"token_embd.weight"  # its tensor info: n_dims u32, dims u64 x n, type u32, offset u64
 TOKENS = b"tokenizer.ggml.tokens"  # array: item type u32, count u64
 
-# (id, what is broken, the file the message names, what else it must name)
+
+
 def manifest(edit):
-    def mutate(d: Path):
-        m = json.loads((d / "pltkit.json").read_text())
-        edit(m)
-        (d / "pltkit.json").write_text(json.dumps(m))
-    return mutate
+    return json_file("pltkit.json", edit)
 
 
 def artifact_file(name, edit):
@@ -145,6 +147,7 @@ def flip(data: bytes) -> bytes:
     return data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
 
 
+# (id, what is broken, the file the message names, what else it must name)
 CASES = [
     # exported artifacts (plt-complete runs them): the manifest, missing, truncated or damaged files
     ("art-manifest-not-json", lambda d: (d / "pltkit.json").write_text("{"), "pltkit.json", "readable"),
