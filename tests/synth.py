@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from pltkit.model.formats import FLOAT_TYPES
+
 TINY = dict(
     vocab_size=320,
     hidden_size=32,
@@ -201,7 +203,6 @@ def write_tokenizer(path) -> dict:
     return ids
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def make_checkpoint(path, cfg: dict | None = None, *, seed: int = 0, shards: int = 1,
@@ -225,7 +226,7 @@ def make_checkpoint(path, cfg: dict | None = None, *, seed: int = 0, shards: int
     if weights is None:
         weights = random_weights(cfg, seed)
     tensors = {
-        name: torch.from_numpy(np.ascontiguousarray(a)).to(_TORCH_DTYPES[dtype])
+        name: torch.from_numpy(np.ascontiguousarray(a)).to(FLOAT_TYPES[dtype].torch())
         for name, a in weights.items()
     }
     if shards == 1:

@@ -166,9 +166,10 @@ def test_ahead_of_time_ptx_launched_as_tensorrt_does_equals_reference(kv_buffer)
 
     from pltkit.gpu import trt_plugin
     from pltkit.gpu.loop_attention_ref import reference
-    from pltkit.gpu.triton_loop_attention import TRITON_DTYPES, aot_ptx, compile_ptx, programs
+    from pltkit.gpu.triton_loop_attention import aot_ptx, compile_ptx, programs
+    from pltkit.model.formats import FLOAT_TYPES
 
-    names = {getattr(torch, n): n for n in TRITON_DTYPES}
+    names = {getattr(torch, n): n for n in FLOAT_TYPES}
     for case in CASES:
         for dtype in (torch.float16, torch.bfloat16):  # the engines' types (float32: the JIT test above)
             x, attrs = inputs(*case, kv_buffer=kv_buffer, seed=2, dtype=dtype)

@@ -10,7 +10,7 @@ from pathlib import Path
 from pltkit.cli import args as types
 from pltkit.cli.args import HelpFormatter, one_line_errors
 from pltkit.cli.eval import SAMPLE_WINDOWS, window_count
-from pltkit.export.graph import FLOAT_TYPES
+from pltkit.model.formats import FLOAT_TYPES
 
 
 @one_line_errors("plt-export")
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     from pltkit.quant.schemes import QDQ_SCHEMES, SCHEMES
 
     scheme_name = "int8-qdq" if args.quant == "int8" and args.target == "trt" else args.quant
-    out = args.out or Path(f"{Path(str(args.checkpoint)).name}-{scheme_name or FLOAT_TYPES[args.dtype][2]}")
+    out = args.out or Path(f"{Path(str(args.checkpoint)).name}-{scheme_name or FLOAT_TYPES[args.dtype].short}")
     try:
         check_output(out, args.force)  # before calibrating: a busy folder fails now, not minutes later
         scheme = None

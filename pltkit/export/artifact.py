@@ -37,19 +37,16 @@ from tqdm import tqdm
 
 import pltkit
 from pltkit.export import loop_attention as la
-from pltkit.export.graph import FLOAT_TYPES, float_type
 from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables, state_names, state_shapes
 from pltkit.model.checkpoint import TOKENIZER_FILES, open_checkpoint, read_tensor
+from pltkit.model.formats import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST, float_type
 from pltkit.model.folders import kill_point, repair_leftovers, replace_folder
 from pltkit.model.paths import checkpoint_sha256, file_sha256, resolve_model_path
 
 log = logging.getLogger(__name__)
 
-FORMAT = "pltkit-artifact"
-FORMAT_VERSION = 2  # 2: prefill.gqa.onnx (in version 1 the gqa set's prefill is prefill.onnx)
 OPSET = 21
 IR_VERSION = 10
-MANIFEST = "pltkit.json"
 WEIGHTS = "weights.bin"
 ALIGN = 64
 # Graph sets: "function" (LoopAttention nodes with their function body: portable, the reference),
@@ -205,10 +202,10 @@ def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
             shutil.copyfile(src / name, tmp / name)
     kill_point("tokenizer")
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "pltkit_version": pltkit.__version__,
+        "format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, "pltkit_version": pltkit.__version__,
         "config": cfg.to_dict(),
         "source": {"name": src.name, "sha256": checkpoint_sha256(src)},
-        "precision": quant.name if quant else FLOAT_TYPES[dtype][2], "quantization": quant.manifest() if quant else None,
+        "precision": quant.name if quant else float_type(dtype).short, "quantization": quant.manifest() if quant else None,
         "opset": OPSET, "ir_version": IR_VERSION,
         "custom_ops": [{"domain": la.DOMAIN, "op": la.OP, "version": la.VERSION,
                         "plugin_namespace": la.PLUGIN_NAMESPACE, "plugin_version": la.PLUGIN_VERSION,

@@ -3,7 +3,6 @@ the node's path-like scope (`/layers.0/attn/q_proj/MatMul`), constants deduplica
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -92,16 +91,3 @@ class _Scope:
 
 
 FLOAT, INT64 = TensorProto.FLOAT, TensorProto.INT64
-
-
-# an artifact's float types: ONNX element type, numpy dtype, the manifest's precision name
-FLOAT_TYPES = {"float32": (FLOAT, np.dtype(np.float32), "fp32"),
-               "float16": (TensorProto.FLOAT16, np.dtype(np.float16), "fp16"),
-               "bfloat16": (TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16), "bf16")}
-
-
-def float_type(dtype: str) -> tuple[int, np.dtype]:
-    """(ONNX element type, numpy dtype) of an artifact's float type: float32, float16 or bfloat16."""
-    if dtype not in FLOAT_TYPES:
-        raise ValueError(f"unknown float type {dtype!r} (known: {', '.join(FLOAT_TYPES)})")
-    return FLOAT_TYPES[dtype][:2]

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, helper
 
-from pltkit.export.graph import FLOAT, Graph, float_type
+from pltkit.export.graph import FLOAT, Graph
+from pltkit.model.formats import float_type
 
 DOMAIN = "plt.ops"
 OP = "LoopAttention"
@@ -62,7 +63,7 @@ def _attend(g: Graph, q: str, k: str, v: str, mask: str, scale: str, q_shape: st
 
 def function_proto(opset: int, dtype: str = "float32") -> onnx.FunctionProto:
     """The reference decomposition of LoopAttention in standard ops, for float tensors of `dtype`."""
-    elem, ft = float_type(dtype)
+    elem, ft = float_type(dtype).onnx, float_type(dtype).numpy
     g = Graph(opset)
     q, k, v, past_k, past_v, ring_k, ring_v, gate, pos0 = INPUTS
     first, window, scale, kv_buffer = (_ref(g, "first_loop", AttributeProto.INT),

@@ -16,7 +16,8 @@ import math
 import numpy as np
 import torch
 
-from pltkit.export.graph import FLOAT, INT64, Graph, float_type
+from pltkit.export.graph import FLOAT, INT64, Graph
+from pltkit.model.formats import float_type
 from pltkit.export.loop_attention import loop_attention, loop_attention_gqa
 from pltkit.model.config import PLTConfig
 from pltkit.model.plt import rope_cos_sin
@@ -50,7 +51,7 @@ class _Builder:
         linear layer (see pltkit.quant.schemes). dtype: the float type of weights, activations and
         state (float32, float16, bfloat16); norms are computed in float32, logits are float32."""
         self.cfg, self.store, self.g, self.attention, self.quant = cfg, store, Graph(opset), attention, quant
-        self.ft, self.np_ft = float_type(dtype)
+        self.ft, self.np_ft = float_type(dtype).onnx, float_type(dtype).numpy
         # the GQA and the kvbuffer graphs update the global cache in place (a buffer of
         # `capacity` positions and a `past_len` input)
         self.kv_buffer = attention in ("gqa", "kvbuffer")

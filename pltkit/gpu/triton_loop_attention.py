@@ -25,9 +25,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from pltkit.model.formats import float_type
+
 BLOCK_N = 64  # keys per step of the online softmax, rows per copy step
 NUM_WARPS = 4
-TRITON_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 @triton.jit
@@ -198,7 +199,7 @@ def compile_ptx(dtype: str, *, first_loop: int, window: int, scale: float, kv_bu
     capability is given."""
     from triton.backends.compiler import GPUTarget
 
-    ty = TRITON_DTYPES[dtype]
+    ty = float_type(dtype).short  # Triton's names
     signature = {n: f"*{ty}" for n in ("q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "rk_ptr", "rv_ptr", "gate_ptr")}
     signature["pos0_ptr"] = "*i64"
     signature.update({n: "i32" for n in SCALARS})

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pltkit.model.config import PLTConfig
+from pltkit.model.formats import FLOAT_TYPES
 from pltkit.model.paths import INDEX, SINGLE, CheckpointError, resolve_model_path
 from pltkit.model.plt import PLTForCausalLM
 
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 # tokenizer's files (never its tokenization_*.py: checkpoint code is not run)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
-STORED_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# safetensors dtype -> torch dtype of what loads as weights
+STORED_DTYPES = {t.safetensors: t.torch() for t in FLOAT_TYPES.values()} | {"F64": torch.float64}
 # safetensors dtype -> bytes per element (all the format defines; only STORED_DTYPES load as weights)
 ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
               "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}

@@ -36,12 +36,13 @@ from tqdm import tqdm
 from pltkit.model.checkpoint import (INDEX, SINGLE, STORED_DTYPES, TOKENIZER_FILES, open_checkpoint, read_header,
                                      read_index)
 from pltkit.model.folders import kill_point, repair_leftovers, replace_folder
+from pltkit.model.formats import FLOAT_TYPES
 from pltkit.model.config import ConfigError, PLTConfig
 from pltkit.model.paths import GGUF_MAGIC, CheckpointError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: t.torch() for name, t in FLOAT_TYPES.items()}
 MAX_SHARD_BYTES = 2 << 30
 HF_ARCHITECTURE = "LlamaForCausalLM"
 GGUF_PRE_TOKENIZERS = ("smollm",)  # pre-tokenizers rebuilt exactly; others fall back to plain ByteLevel

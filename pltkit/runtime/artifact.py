@@ -11,13 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pltkit.model.config import ConfigError, PLTConfig
+from pltkit.model.formats import ARTIFACT_FORMAT, MANIFEST, READABLE_VERSIONS
 from pltkit.model.paths import file_sha256, user_cache_dir
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "pltkit.json"
-FORMAT = "pltkit-artifact"
-SUPPORTED_VERSIONS = (1, 2)
 VERIFIED = "verified.json"  # in the user cache: the sha256 of each file already hashed, by file identity
 
 
@@ -40,9 +38,9 @@ class Artifact:
             raise ArtifactError(f"{path}: no readable {MANIFEST} ({e})") from None
         if not isinstance(manifest, dict):
             raise ArtifactError(f"{path / MANIFEST}: not a JSON object")
-        if manifest.get("format") != FORMAT or manifest.get("format_version") not in SUPPORTED_VERSIONS:
+        if manifest.get("format") != ARTIFACT_FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
             raise ArtifactError(f"{path}: {MANIFEST} is format {manifest.get('format')!r} version "
-                                f"{manifest.get('format_version')!r}; this pltkit reads {FORMAT} {SUPPORTED_VERSIONS}")
+                                f"{manifest.get('format_version')!r}; this pltkit reads {ARTIFACT_FORMAT} {READABLE_VERSIONS}")
         try:
             PLTConfig.from_dict(manifest.get("config"))
         except (ConfigError, AttributeError, TypeError) as e:  # checked before anything is sized by it

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pltkit.export.graph import float_type
+from pltkit.model.formats import float_type
 from pltkit.runtime.artifact import Artifact, ArtifactError
 from pltkit.runtime.backends import physical_cores
 
@@ -34,7 +34,7 @@ class OrtState:
 
     @staticmethod
     def new(shape, dtype: str):
-        return np.zeros(shape, float_type(dtype)[1])
+        return np.zeros(shape, float_type(dtype).numpy)
 
     @staticmethod
     def copy(a):

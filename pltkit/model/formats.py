@@ -1,0 +1,41 @@
+"""What pltkit writes and reads, defined once for the writer and the reader: the artifact's format
+constants and the float types (their names in the manifest, ONNX, numpy, safetensors and torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+from onnx import TensorProto
+
+MANIFEST = "pltkit.json"
+ARTIFACT_FORMAT = "pltkit-artifact"
+ARTIFACT_VERSION = 2  # 2: prefill.gqa.onnx (in version 1 the gqa set's prefill is prefill.onnx)
+READABLE_VERSIONS = (1, 2)
+
+
+@dataclass(frozen=True)
+class FloatType:
+    name: str  # the artifact's and torch's name: float32, float16, bfloat16
+    short: str  # the manifest's precision name and Triton's: fp32, fp16, bf16
+    onnx: int  # ONNX element type
+    numpy: np.dtype
+    safetensors: str  # the safetensors header's dtype
+
+    def torch(self):
+        import torch  # only the layers that run torch ask for it
+        return getattr(torch, self.name)
+
+
+FLOAT_TYPES = {t.name: t for t in (
+    FloatType("float32", "fp32", TensorProto.FLOAT, np.dtype(np.float32), "F32"),
+    FloatType("float16", "fp16", TensorProto.FLOAT16, np.dtype(np.float16), "F16"),
+    FloatType("bfloat16", "bf16", TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16), "BF16"))}
+
+
+def float_type(name: str) -> FloatType:
+    """The float type named `name` (ValueError naming the known ones otherwise)."""
+    if name not in FLOAT_TYPES:
+        raise ValueError(f"unknown float type {name!r} (known: {', '.join(FLOAT_TYPES)})")
+    return FLOAT_TYPES[name]
