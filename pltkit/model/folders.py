@@ -45,7 +45,7 @@ def _remove(path: Path) -> None:
 
 def repair_leftovers(out: Path) -> None:
     """Clean up after writers of `out` that were killed, i.e. whose PID is no longer running: remove
-    their temporary folders (`.NAME.partial-PID` of export, `.NAME.PID.XXXX.partial` of import), and put
+    their temporary folders (`.NAME.partial-PID`; `.NAME.PID.XXXX.partial` of earlier versions' imports), and put
     back the old folder `.NAME.old-PID` that a replacement had renamed aside if `out` is missing (else
     remove it). Folders of running processes are left alone; one whose PID was reused by another
     process stays until that process ends."""

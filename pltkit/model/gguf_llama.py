@@ -77,7 +77,8 @@ def gguf_config(meta: GGUFMeta, tensors: dict, path: Path) -> PLTConfig:
     layers = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
     if layers != set(range(cfg.num_hidden_layers)):
         raise ImportModelError(f"{path}: metadata {P}block_count = {cfg.num_hidden_layers}: the file has tensors "
-                               f"for {len(layers)} layers (blk.{min(layers, default=0)} to blk.{max(layers, default=-1)})")
+                               f"for {len(layers)} layers "
+                               f"(blk.{min(layers, default=0)} to blk.{max(layers, default=-1)})")
     return cfg
 
 
