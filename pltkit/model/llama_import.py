@@ -39,7 +39,7 @@ from pltkit.model.gguf_llama import gguf_config, hf_tensors, unpermute_rotary
 from pltkit.model.gguf_spm import gguf_sentencepiece
 from pltkit.model.gguf_tokenizer import gguf_bpe
 from pltkit.model.hf_llama import HF_ARCHITECTURE, hf_llama_config, hf_weights, read_hf_config
-from pltkit.model.paths import GGUF_MAGIC, ImportModelError
+from pltkit.model.paths import ImportModelError, is_gguf
 
 __all__ = ["ImportModelError", "hf_llama_config", "import_gguf", "import_hf_llama", "import_model", "unpermute_rotary"]
 
@@ -56,9 +56,7 @@ def import_model(src: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: s
     if src.is_dir():
         return import_hf_llama(src, out_dir, dtype=dtype, force=force)
     if src.is_file():
-        with open(src, "rb") as f:
-            magic = f.read(4)
-        if magic == GGUF_MAGIC or src.suffix == ".gguf":
+        if is_gguf(src):
             return import_gguf(src, out_dir, dtype=dtype or "float32", force=force)
         raise ImportModelError(f"{src}: neither a GGUF file nor a Hugging Face model folder")
     raise ImportModelError(f"{src}: no such file or folder")
