@@ -270,7 +270,7 @@ def tiny_gguf(tmp_path_factory):
 
 def test_gguf_logits_match_the_original_model(tiny_gguf, tmp_path, caplog):
     src, hf, w, _ = tiny_gguf
-    with caplog.at_level(logging.WARNING, logger="pltkit.model.llama_import"):
+    with caplog.at_level(logging.WARNING, logger="pltkit.model.gguf_tokenizer"):
         out = import_gguf(src, tmp_path / "out")
     assert "pre-tokenizer 'gpt2'" in caplog.text  # approximated, and said so
     cfg = json.loads((out / "config.json").read_text())

@@ -40,7 +40,7 @@ from pltkit.export import loop_attention as la
 from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables, state_names, state_shapes
 from pltkit.model.checkpoint import TOKENIZER_FILES, open_checkpoint, read_tensor
 from pltkit.model.formats import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST, float_type
-from pltkit.model.folders import kill_point, repair_leftovers, replace_folder
+from pltkit.model.folders import kill_point, staged_folder
 from pltkit.model.paths import checkpoint_sha256, file_sha256, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -146,18 +146,9 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, force: bool = Fal
     except ValueError as e:
         raise ExportError(str(e)) from None
     out = Path(out)
-    repair_leftovers(out)
-    check_output(out, force)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_folder(out, check=lambda out: check_output(out, force)) as tmp:
         kill_point("start")
         _write(src, tmp, quant, dtype)
-        kill_point("before-rename")
-        replace_folder(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -13,13 +13,16 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from pltkit.model.config import PLTConfig
+from pltkit.model.folders import write_file
 from pltkit.model.formats import FLOAT_TYPES
 from pltkit.model.paths import INDEX, SINGLE, CheckpointError, resolve_model_path
 from pltkit.model.plt import PLTForCausalLM
@@ -208,44 +211,43 @@ def save_checkpoint(model: PLTForCausalLM, out_dir: str | os.PathLike, *, dtype:
     under a temporary name and renamed, so an interrupted save leaves no partial file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.to(dtype) if dtype else v).detach().contiguous().clone()
-               for k, v in model.state_dict().items()}
-    shards, size = [[]], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    state = model.state_dict()
+    for stale in [out / SINGLE, out / INDEX, *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    write_weights(out, [(name, t.numel() * (dtype or t.dtype).itemsize) for name, t in state.items()],
+                  lambda name: (state[name].to(dtype) if dtype else state[name]).detach().clone(), max_shard_bytes)
+    write_file(out / "config.json", model.config.to_json)
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_from) / name
+            if src.is_file():
+                write_file(out / name, lambda p: shutil.copyfile(src, p))
+    return out
+
+
+def write_weights(out: Path, sizes: Iterable[tuple[str, int]], tensor: Callable[[str], torch.Tensor],
+                  max_shard_bytes: int | None = None, progress: str | None = None) -> None:
+    """Write the tensors named in `sizes` (name, bytes) as safetensors in the published layout, one shard in
+    memory at a time (tensor(name) gives each): model.safetensors, or model-0000k-of-0000n.safetensors shards
+    of at most max_shard_bytes plus the index. `progress` names a progress bar (shown on a terminal)."""
+    shards, size, total = [[]], 0, 0
+    for name, nbytes in sizes:
         if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += nbytes
-    for stale in [out / SINGLE, out / INDEX, *out.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        _write(out / SINGLE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    else:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {}}
-        for i, names in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _write(out / fname, lambda p: save_file({n: tensors[n] for n in names}, p, metadata={"format": "pt"}))
-            index["weight_map"].update({n: fname for n in names})
-        _write(out / INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
-    _write(out / "config.json", model.config.to_json)
-    if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_from) / name
-            if src.is_file():
-                _write(out / name, lambda p: shutil.copyfile(src, p))
-    return out
-
-
-def _write(path: Path, writer) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        writer(str(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create files private to the owner
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        total += nbytes
+    weight_map = {}
+    with tqdm(total=total, desc=progress, unit="B", unit_scale=True, disable=None if progress else True) as bar:
+        for k, names in enumerate(shards, 1):
+            fname = SINGLE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name in names:
+                tensors[name] = tensor(name).contiguous()
+                bar.update(tensors[name].nbytes)
+            write_file(out / fname, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(names, fname))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        write_file(out / INDEX, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))

@@ -1,7 +1,9 @@
 """Writing a folder so that a kill at any moment leaves either the old folder or none: the new
-one is built in `.NAME.partial-PID` (or `.NAME.PID.XXXX.partial`) beside it and renamed into
-place; an existing one is renamed aside (`.NAME.old-PID`) just before and removed just after.
-The next writer removes what killed writers left and puts back an old folder left aside."""
+one is built in `.NAME.partial-PID` beside it (staged_folder) and renamed into place; an existing
+one is renamed aside (`.NAME.old-PID`) just before and removed just after. The next writer removes
+what killed writers left (also `.NAME.PID.XXXX.partial`, as earlier versions named the temporary
+folder of an import) and puts back an old folder left aside. Single files are written under a
+temporary name and renamed (write_file)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import os
 import re
 import shutil
 import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -41,7 +45,7 @@ def _remove(path: Path) -> None:
 
 def repair_leftovers(out: Path) -> None:
     """Clean up after writers of `out` that were killed, i.e. whose PID is no longer running: remove
-    their temporary folders (`.NAME.partial-PID` of export, `.NAME.PID.XXXX.partial` of import), and put
+    their temporary folders (`.NAME.partial-PID`; `.NAME.PID.XXXX.partial` of earlier versions' imports), and put
     back the old folder `.NAME.old-PID` that a replacement had renamed aside if `out` is missing (else
     remove it). Folders of running processes are left alone; one whose PID was reused by another
     process stays until that process ends."""
@@ -80,3 +84,43 @@ def replace_folder(tmp: Path, out: Path) -> None:
         raise
     kill_point("after-rename")
     _remove(old)
+
+
+def umask_mode(mode: int) -> int:
+    """`mode` less the process's umask: what open() and mkdir() give by default."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+@contextmanager
+def staged_folder(out: Path, check: Callable[[Path], None] = lambda out: None) -> Iterator[Path]:
+    """A new, empty temporary folder beside `out` (`.NAME.partial-PID`) for the block to fill; when the block
+    ends without an error, its files get the usual permissions (some writers make them private to the owner)
+    and it replaces `out` (replace_folder). On any error or interrupt it is removed and `out` is left as it
+    was. First the leftovers of killed writers are cleaned up (repair_leftovers), then check(out) may refuse."""
+    repair_leftovers(out)
+    check(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            os.chmod(file, umask_mode(0o666))
+        kill_point("before-rename")
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_file(path: Path, writer: Callable[[str], object]) -> None:
+    """writer(name) writes the file `path` under a temporary name, renamed to `path` once complete (with the
+    usual permissions), so an interrupted write leaves no partial file."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        writer(str(tmp))
+        os.chmod(tmp, umask_mode(0o666))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

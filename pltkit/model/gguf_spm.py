@@ -12,30 +12,47 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # GGUF and SentencePiece agree
+from pltkit.model.gguf_file import GGUFMeta
+from pltkit.model.gguf_tokenizer import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, added_entry,
+                                         config_tail, generation_config, special_names)
+from pltkit.model.paths import ImportModelError
 
 
-class SentencePieceImportError(ValueError):
-    pass
-
-
-def gguf_sentencepiece(meta, path: Path) -> tuple[int, dict]:
+def gguf_sentencepiece(meta: GGUFMeta, path: Path) -> tuple[int, dict]:
     """(the number of tokens, {file name: bytes or a JSON object}) for a GGUF `llama` tokenizer."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     tokens, scores = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.scores")
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens or [])
     if not tokens or not scores:
-        raise SentencePieceImportError(f"{path}: a llama tokenizer needs tokenizer.ggml.tokens and "
-                                       "tokenizer.ggml.scores")
+        raise ImportModelError(f"{path}: a llama tokenizer needs tokenizer.ggml.tokens and tokenizer.ggml.scores")
     if not len(tokens) == len(scores) == len(types):
-        raise SentencePieceImportError(f"{path}: {len(tokens)} tokens, {len(scores)} scores, {len(types)} types")
+        raise ImportModelError(f"{path}: {len(tokens)} tokens, {len(scores)} scores, {len(types)} types")
     if UNKNOWN not in types:
-        raise SentencePieceImportError(f"{path}: no token of the unknown type")
+        raise ImportModelError(f"{path}: no token of the unknown type")
     pieces = 1 + max(i for i, t in enumerate(types) if t in (NORMAL, BYTE, UNKNOWN))
     duplicates = sorted(t for t, n in Counter(tokens[:pieces]).items() if n > 1)
     if duplicates:
-        raise SentencePieceImportError(f"{path}: pieces defined twice: {duplicates[:5]}")
+        raise ImportModelError(f"{path}: pieces defined twice: {duplicates[:5]}")
+
+    added = {i: types[i] == CONTROL for i in range(pieces, len(tokens)) if types[i] in (CONTROL, USER_DEFINED)}
+    added.update({i: True for i in range(pieces) if types[i] in (CONTROL, UNKNOWN)})
+    tcfg = {
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "legacy": True,
+        "added_tokens_decoder": {str(i): added_entry(tokens[i], added[i]) for i in sorted(added)},
+        "additional_special_tokens": [tokens[i] for i in sorted(added) if i >= pieces and added[i]],
+        **special_names(meta, tokens),
+        "unk_token": tokens[types.index(UNKNOWN)],
+        **config_tail(meta),
+    }
+    files = {"tokenizer.model": _model_proto(meta, tokens, scores, types, pieces), "tokenizer_config.json": tcfg,
+             "generation_config.json": generation_config(meta)}
+    return max([pieces, *(i + 1 for i in added)]), files
+
+
+def _model_proto(meta: GGUFMeta, tokens: list[str], scores: list[float], types: list[int], pieces: int) -> bytes:
+    """The serialized SentencePiece ModelProto of the first `pieces` tokens."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
 
     def special_id(key, default=-1):
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
@@ -60,32 +77,4 @@ def gguf_sentencepiece(meta, path: Path) -> tuple[int, dict]:
         p = m.pieces.add()
         p.piece, p.score = token, float(score)
         p.type = kind if kind in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else NORMAL
-
-    added = {i: types[i] == CONTROL for i in range(pieces, len(tokens)) if types[i] in (CONTROL, USER_DEFINED)}
-    added.update({i: True for i in range(pieces) if types[i] in (CONTROL, UNKNOWN)})
-
-    def entry(i):
-        return {"content": tokens[i], "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-                "special": added[i]}
-
-    def name(key):
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
-
-    tcfg = {
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "legacy": True,
-        "added_tokens_decoder": {str(i): entry(i) for i in sorted(added)},
-        "additional_special_tokens": [tokens[i] for i in sorted(added) if i >= pieces and added[i]],
-        "bos_token": name("bos"), "eos_token": name("eos"), "unk_token": tokens[ts.unk_id],
-        "pad_token": name("padding"),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": meta.get("llama.context_length", 2048),
-    }
-    if meta.get("tokenizer.chat_template"):
-        tcfg["chat_template"] = meta.get("tokenizer.chat_template")
-    gen = {k: meta.get(f"tokenizer.ggml.{g}_token_id") for k, g in (("bos_token_id", "bos"), ("eos_token_id", "eos"))}
-    files = {"tokenizer.model": m.SerializeToString(), "tokenizer_config.json": tcfg,
-             "generation_config.json": {k: v for k, v in gen.items() if v is not None}}
-    return max([pieces, *(i + 1 for i in added)]), files
+    return m.SerializeToString()

@@ -17,6 +17,10 @@ class CheckpointError(ValueError):
     """A checkpoint folder that is missing or does not hold the model its config.json describes."""
 
 
+class ImportModelError(ValueError):
+    """A source that cannot be imported (plt-import); the message says what and, for config fields, which."""
+
+
 def user_cache_dir() -> Path:
     """pltkit's folder in the user cache ($XDG_CACHE_HOME, else ~/.cache): exported artifacts,
     benchmark models."""
