@@ -9,14 +9,15 @@ import stat
 import threading
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
 from serving import HANG, Running, held, wait_idle
 
+from pltkit.serve.loading import open_model
 from pltkit.serve.protocols import LlamaCpp
-from pltkit.serve.app import Limits, Server
-from pltkit.serve.model import open_model
+from pltkit.serve.server import Limits, Server
 
 PREFIX = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
 SUFFIX = "\n\ndef main():\n    print(read_lines('x'))\n"
@@ -29,7 +30,7 @@ def artifact(served_artifact):
 
 @pytest.fixture(scope="module")
 def srv(artifact, tmp_path_factory):
-    server = Server(lambda: open_model(artifact, threads=2), Limits(max_predict=600, slots=8, max_body=64 << 10))
+    server = Server(partial(open_model, artifact, threads=2), Limits(max_predict=600, slots=8, max_body=64 << 10))
     running = Running(server, tmp_path_factory.mktemp("sock") / "s.sock")
     yield running
     running.stop()
@@ -298,8 +299,8 @@ def test_a_failure_inside_generation_is_a_500_and_the_next_request_works(srv):
 def test_infill_on_a_model_without_fim_tokens_continues_the_prefix(artifact, tmp_path):
     """Served as a plain completion of the prefix, cut where it reaches the suffix's text, and
     marked as such."""
-    def load():
-        model = open_model(artifact, threads=1)
+    def load(max_slots):
+        model = open_model(artifact, threads=1, max_slots=max_slots)
         model.engine.tok.fim = None
         return model
 
@@ -325,7 +326,7 @@ def test_infill_on_a_model_without_fim_tokens_continues_the_prefix(artifact, tmp
 
 
 def test_api_key(artifact, tmp_path):
-    running = Running(Server(lambda: open_model(artifact, threads=1), api_key="s3cret"), tmp_path / "key.sock")
+    running = Running(Server(partial(open_model, artifact, threads=1), api_key="s3cret"), tmp_path / "key.sock")
     try:
         c = running.clients["tcp"]
         assert c.get("/health").status_code == 200
