@@ -16,7 +16,7 @@ import pytest
 from serving import HANG, Running, held, wait_idle
 
 from pltkit.serve.loading import open_model
-from pltkit.serve.protocols import LlamaCpp
+from pltkit.serve.protocols import OLLAMA_DEFAULTS, LlamaCpp, OpenAI
 from pltkit.serve.server import Limits, Server
 
 PREFIX = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
@@ -174,6 +174,22 @@ def test_cache_warming_and_metrics(srv):
     metrics = c.get("/metrics").text
     assert 'pltkit_requests_total{route="/infill",status="200"}' in metrics
     assert "pltkit_cache_hits_total" in metrics and "pltkit_request_seconds_bucket" in metrics
+
+
+def test_the_engine_keeps_the_numbered_slots_and_64_clients(srv):
+    assert srv.server.model.engine.max_slots == 8 + 64  # Limits(slots=8)
+
+
+def test_each_protocol_states_its_servers_defaults():
+    """The values of llama.cpp's common_params_sampling, OpenAI's API reference and Ollama's
+    DefaultOptions, whichever of them the protocol takes from CompletionRequest's own defaults."""
+    penalties = {"repeat_penalty": 1.0, "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    assert LlamaCpp.defaults == {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, **penalties,
+                                 "n_predict": -1}
+    assert OpenAI.defaults == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, **penalties,
+                               "n_predict": 16}
+    assert OLLAMA_DEFAULTS == {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, **penalties,
+                               "n_predict": -1}
 
 
 def completions(server, stop_type: str) -> float:
