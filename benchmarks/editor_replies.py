@@ -18,7 +18,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from pltkit.serve.model import open_model
+from pltkit.serve.loading import open_model
 from pltkit.serve.protocols import LlamaCpp
 
 HERE = Path(__file__).resolve().parent

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 EV, SA, PLT = "pltkit/runtime/evaluate.py", "pltkit/runtime/sampling.py", "pltkit/model/plt.py"
 EN, ORT, LA = "pltkit/runtime/engine.py", "pltkit/runtime/ort_backend.py", "pltkit/export/loop_attention.py"
-CO = "pltkit/runtime/completion.py"
+ST = "pltkit/runtime/stopping.py"
 NEW = "tests/test_numeric_cores.py"  # the tests written for mutants the rest of the suite let through
 DECODE = "tests/test_decode.py", NEW, "-k", "matches_full_forward or restored or reset_carry or rewind"
 ORT_TESTS = "tests/test_export_ort.py", "-k", "prefill_chunks_and_decode or interleaved"
@@ -66,12 +66,12 @@ MUTANTS = [
     ("gqa.past_len_one_early", ORT, 'np.array(state.pos, np.int64)', 'np.array(max(state.pos - 1, 0), np.int64)',
      ORT_TESTS),
     ("gqa.seqlens_off_by_one", LA, "g.op(\"Sub\", total32, g.const(1, np.int32))", "total32", ORT_TESTS),
-    ("stop.n_predict_one_late", CO, "self.n >= self.req.n_predict", "self.n > self.req.n_predict",
+    ("stop.n_predict_one_late", ST, "self.n >= self.req.n_predict", "self.n > self.req.n_predict",
      ("tests/test_completion.py", NEW)),
-    ("stop.no_look_back", CO, "max(0, self._checked - self._longest - 4)", "max(0, self._checked)",
+    ("stop.no_look_back", ST, "max(0, self._checked - self._longest - 4)", "max(0, self._checked)",
      ("tests/test_completion.py", NEW)),
-    ("stop.held_back_one_short", CO, "held = i + 1", "held = i", ("tests/test_completion.py", NEW)),
-    ("stop.trim_skips_one_char", CO, "range(min(len(text), len(suffix)), 0, -1)",
+    ("stop.held_back_one_short", ST, "held = i + 1", "held = i", ("tests/test_completion.py", NEW)),
+    ("stop.trim_skips_one_char", ST, "range(min(len(text), len(suffix)), 0, -1)",
      "range(min(len(text), len(suffix)), 1, -1)", ("tests/test_completion.py", NEW)),
 ]
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import httpx
 
-from pltkit.serve.app import Server, create_app
+from pltkit.serve.app import create_app
 from pltkit.serve.listen import Connections, bind_tcp, bind_unix, uvicorn_server
+from pltkit.serve.server import Server
 
 HANG = 600  # seconds after which a wait for an event counts as a hang: a guard, never a measurement
 

@@ -5,7 +5,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import pltkit
 from pltkit.model.tokenizer import PLTTokenizer
-from pltkit.runtime.completion import CompletionRequest, RequestError, Stopper, clip, layout, trim_suffix_repeat
+from pltkit.runtime.completion import CompletionRequest, RequestError, clip, layout
+from pltkit.runtime.stopping import Stopper, trim_suffix_repeat
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,14 @@ plt-serve serves it (exported to ONNX Runtime)."""
 
 import json
 import threading
+from functools import partial
 from pathlib import Path
 
 import pytest
 from serving import HANG, Running, held, wait_idle
 
-from pltkit.serve.app import Limits, Server
-from pltkit.serve.model import open_model
+from pltkit.serve.loading import open_model
+from pltkit.serve.server import Limits, Server
 
 # a real file (a frozen copy of one of pltkit's modules), 356 lines
 SOURCE = (Path(__file__).parent / "data" / "buffer.py.txt").read_text().splitlines(keepends=True)
@@ -67,7 +68,7 @@ def artifact(served_artifact):
 
 @pytest.fixture(scope="module")
 def srv(artifact, tmp_path_factory):
-    server = Server(lambda: open_model(artifact, threads=2), Limits(max_predict=256))
+    server = Server(partial(open_model, artifact, threads=2), Limits(max_predict=256))
     running = Running(server, tmp_path_factory.mktemp("sock") / "s.sock")
     yield running
     running.stop()
@@ -150,7 +151,7 @@ def test_a_cold_llama_vim_request_on_a_300_line_file_is_answered(artifact, tmp_p
     that, so the old server cut every prompt at its first chunk): the whole prompt is processed,
     however long it takes, and the reply is not empty (at a cursor where the model does not
     choose to end at once: 8 of 8 seeds gave text; the seed fixes the draw)."""
-    running = Running(Server(lambda: open_model(artifact, threads=2)), tmp_path / "cold.sock")
+    running = Running(Server(partial(open_model, artifact, threads=2)), tmp_path / "cold.sock")
     try:
         prefix, suffix, line = at(SOURCE, 277, 16)  # 256 lines before the cursor, 64 after
         body = vim_fim(prefix, suffix, line, indent=12, seed=0, t_max_prompt_ms=t_max_prompt_ms)

@@ -43,7 +43,7 @@ def test_plt_complete_exports_a_checkpoint_once_then_runs_the_cached_artifact(tm
     assert json.loads(second.stdout)["tokens"] == json.loads(first.stdout)["tokens"]
 
     # plt-serve opens the same artifact through the same function
-    from pltkit.serve.model import open_model
+    from pltkit.serve.loading import open_model
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     model = open_model(tmp_path / "ckpt", threads=1)
     assert model.details["backend"] == "ort" and model.engine.backend.artifact.path == artifacts[0]

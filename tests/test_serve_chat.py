@@ -5,6 +5,7 @@ The toy model's replies are noise: the tests check shapes, stopping and token co
 
 import json
 import shutil
+from functools import partial
 
 import pytest
 from serving import Running
@@ -13,9 +14,9 @@ import pltkit
 from pltkit.export.artifact import export
 from pltkit.runtime.chat import ChatTemplate, prompt_ids
 from pltkit.runtime.engine import Result
-from pltkit.serve.app import Limits, Server
-from pltkit.serve.model import open_model
-from pltkit.serve.protocols import Call
+from pltkit.serve.loading import open_model
+from pltkit.serve.parsing import Call
+from pltkit.serve.server import Limits, Server
 
 # ChatML-like on the toy tokenizer's own special tokens: <|endoftext|> (its eos) ends a turn
 TEMPLATE = """{%- for m in messages %}<|file_sep|>{{ m.role }}
@@ -49,7 +50,7 @@ def artifacts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def srv(artifacts, tmp_path_factory):
-    server = Server(lambda: open_model(artifacts[0], threads=1), Limits(max_predict=256, slots=4))
+    server = Server(partial(open_model, artifacts[0], threads=1), Limits(max_predict=256, slots=4))
     running = Running(server, tmp_path_factory.mktemp("sock") / "chat.sock")
     yield running
     running.stop()
@@ -208,7 +209,7 @@ def test_sampling_defaults_come_from_generation_config(srv):
 
 
 def test_a_model_without_a_chat_template(artifacts, tmp_path):
-    running = Running(Server(lambda: open_model(artifacts[1], threads=1)), tmp_path / "plain.sock")
+    running = Running(Server(partial(open_model, artifacts[1], threads=1)), tmp_path / "plain.sock")
     try:
         c = running.clients["tcp"]
         for path, stream in (("/v1/chat/completions", False), ("/v1/chat/completions", True), ("/api/chat", True)):

@@ -2,14 +2,15 @@
 is a JSON error with a 4xx status or a normal answer, never a 500, and the server keeps serving."""
 
 import json
+from functools import partial
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from serving import Running
 
-from pltkit.serve.app import Limits, Server
-from pltkit.serve.model import open_model
+from pltkit.serve.loading import open_model
+from pltkit.serve.server import Limits, Server
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=40),
@@ -26,7 +27,7 @@ ROUTES = ["/infill", "/completion", "/v1/completions", "/api/generate", "/tokeni
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    server = Server(lambda: open_model("default", threads=1), Limits(max_predict=8, max_body=16 << 10))
+    server = Server(partial(open_model, "default", threads=1), Limits(max_predict=8, max_body=16 << 10))
     running = Running(server, tmp_path_factory.mktemp("fuzz") / "f.sock")
     yield running
     running.stop()

@@ -10,14 +10,15 @@ import socket
 import subprocess
 import sys
 import threading
+from functools import partial
 
 import httpx
 import pytest
 from serving import HANG, Running
 
-from pltkit.serve.app import Limits, Server
 from pltkit.serve.listen import AcceptErrors, Connections
-from pltkit.serve.model import open_model
+from pltkit.serve.loading import open_model
+from pltkit.serve.server import Limits, Server
 
 BIG = 4 << 20  # the default --max-body
 GUARD = 60  # seconds a well-behaved request may wait before it counts as frozen (a guard, never a measurement)
@@ -31,7 +32,7 @@ def srv(served_artifact, tmp_path_factory):
     (artifact / "chat_template.jinja").write_text(
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    running = Running(Server(lambda: open_model(artifact, threads=1), Limits(max_body=2 * BIG)),
+    running = Running(Server(partial(open_model, artifact, threads=1), Limits(max_body=2 * BIG)),
                       tmp_path_factory.mktemp("sock") / "s.sock")
     assert running.server.model.chat is not None
     yield running
@@ -132,7 +133,7 @@ def test_stop_strings_are_capped(srv):
 @pytest.fixture(scope="module")
 def tight(served_artifact, tmp_path_factory):
     """A server with short timeouts and room for 4 connections."""
-    running = Running(Server(lambda: open_model(served_artifact, threads=1), Limits(body_timeout=1)),
+    running = Running(Server(partial(open_model, served_artifact, threads=1), Limits(body_timeout=1)),
                       tmp_path_factory.mktemp("sock") / "t.sock", Connections(max_connections=4, head_timeout=1))
     yield running
     running.stop()
@@ -216,7 +217,7 @@ def wait_connections(running, n: int) -> None:
 
 
 def test_open_connections_are_capped(served_artifact, tmp_path):
-    running = Running(Server(lambda: open_model(served_artifact, threads=1)), tmp_path / "c.sock",
+    running = Running(Server(partial(open_model, served_artifact, threads=1)), tmp_path / "c.sock",
                       Connections(max_connections=4, head_timeout=HANG))
     try:
         for c in running.clients.values():
@@ -313,7 +314,7 @@ def test_every_clients_state_lives_within_cache_mb(served_artifact, tmp_path):
     """40 clients (distinct user agents, no id_slot) with distinct prompts: the states of all of
     them, live slots included, stay within the cache budget plus the one that ran last."""
     budget = 8 << 20  # a few clients' states
-    running = Running(Server(lambda: open_model(served_artifact, threads=1, cache_bytes=budget)), tmp_path / "m.sock")
+    running = Running(Server(partial(open_model, served_artifact, threads=1, cache_bytes=budget)), tmp_path / "m.sock")
     try:
         engine, tcp = running.server.model.engine, running.clients["tcp"]
         largest = 0

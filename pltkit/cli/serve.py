@@ -83,9 +83,11 @@ def api_key(args) -> str | None:
 def run(args, ours: list[Path]) -> int:
     from pltkit.model.paths import resolve_model_path
     from pltkit.runtime.backends import physical_cores
-    from pltkit.serve.app import LOOPBACK_HOSTS, Access, Limits, Server, create_app
+    from pltkit.serve.access import LOOPBACK_HOSTS, Access
+    from pltkit.serve.app import create_app
     from pltkit.serve.listen import Connections, bind_tcp, bind_unix, default_socket_path, fitting_connections, serve
-    from pltkit.serve.model import open_model
+    from pltkit.serve.loading import open_model
+    from pltkit.serve.server import Limits, Server
 
     resolve_model_path(args.model)  # a bad path fails now, not in the background
     sockets, where = [], []
@@ -117,8 +119,8 @@ def run(args, ours: list[Path]) -> int:
     limits = Limits(max_body=args.max_body, max_predict=args.max_predict, slots=args.slots, max_queue=args.max_queue)
     hosts = (*LOOPBACK_HOSTS, args.host.strip("[]").lower(), *(h.lower() for h in args.allowed_hosts))
     access = Access(hosts, tuple(o.lower().rstrip("/") for o in args.allowed_origins))
-    server = Server(lambda: open_model(args.model, args.backend, args.threads, args.cache_mb << 20,
-                                       verify=not args.no_verify), limits,
+    server = Server(lambda max_slots: open_model(args.model, args.backend, args.threads, args.cache_mb << 20,
+                                                 verify=not args.no_verify, max_slots=max_slots), limits,
                     args.api_key, on_loaded, access)
     connections = Connections(max_connections=fitting_connections(args.max_connections))
     serve(create_app(server), sockets, "info" if args.verbose else "warning", on_start=uv.append,

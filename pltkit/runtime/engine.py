@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pltkit.model.tokenizer import PLTTokenizer
-from pltkit.runtime.completion import (CompletionRequest, Prompt, RequestError, Stopper, clip, layout_with_bos,
-                                       trim_suffix_repeat)
+from pltkit.runtime.completion import CompletionRequest, Prompt, RequestError, clip, layout_with_bos
 from pltkit.runtime.sampling import TokenInfo, sample
+from pltkit.runtime.stopping import Stopper, trim_suffix_repeat
 
 
 class Cancel:

@@ -13,12 +13,13 @@ from pltkit.runtime.chat import (NoChatTemplate, end_of_turn_ids, held_for_tools
                                  prompt_ids)
 from pltkit.runtime.completion import CompletionRequest, RequestError
 from pltkit.runtime.engine import Result
-from pltkit.serve.protocols import (OLLAMA_DEFAULTS, UNIMPLEMENTED_SAMPLING, Call, Ollama, OpenAI, _check, _object, _stop_list, _unsupported,
-                                    model_name, ndjson, ollama_options, sse)
+from pltkit.serve.parsing import (UNIMPLEMENTED_SAMPLING, Call, check, json_object, model_name, refuse_unsupported,
+                                  stop_list)
+from pltkit.serve.protocols import OLLAMA_DEFAULTS, Ollama, OpenAI, ndjson, ollama_options, sse
 
 
 def _messages(value) -> list[dict]:
-    _check(isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+    check(isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                      for m in value),
            "messages", value, "a non-empty list of {role, content} objects")
     out = []
@@ -26,12 +27,12 @@ def _messages(value) -> list[dict]:
         m = dict(m)
         if isinstance(m.get("content"), list):  # OpenAI's content parts: the text ones, joined
             parts = m["content"]
-            _check(all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text", ""), str)
+            check(all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text", ""), str)
                        for p in parts), "content", parts, "a string or a list of text parts")
             m["content"] = "".join(p.get("text", "") for p in parts)
-        _check(m.get("content") is None or isinstance(m["content"], str), "content", m.get("content"), "a string")
+        check(m.get("content") is None or isinstance(m["content"], str), "content", m.get("content"), "a string")
         calls = m.get("tool_calls")
-        _check(calls is None or isinstance(calls, list) and all(map(_tool_call, calls)), "tool_calls", calls,
+        check(calls is None or isinstance(calls, list) and all(map(_tool_call, calls)), "tool_calls", calls,
                "a list of {function: {name: string, arguments: JSON text or object}} objects")
         out.append(m)
     return out
@@ -43,7 +44,7 @@ def _tool_call(call) -> bool:
 
 
 def _tools(value) -> list[dict] | None:
-    _check(value is None or isinstance(value, list) and all(isinstance(t, dict) for t in value), "tools", value,
+    check(value is None or isinstance(value, list) and all(isinstance(t, dict) for t in value), "tools", value,
            "a list of objects")
     return value or None
 
@@ -116,15 +117,15 @@ class OpenAIChat:
     defaults = {k: v for k, v in OpenAI.defaults.items() if k != "n_predict"}  # OpenAI's; no token cap
 
     def parse(self, body) -> Call:
-        body = _object(body)
-        _unsupported(body, self.unsupported)
+        body = json_object(body)
+        refuse_unsupported(body, self.unsupported)
         args = {ours: body[theirs] for theirs, ours in self.renames.items() if body.get(theirs) is not None}
-        args["stop"] = _stop_list(body.get("stop"))
+        args["stop"] = stop_list(body.get("stop"))
         tools = None if body.get("tool_choice") == "none" else _tools(body.get("tools"))
         stream = body.get("stream", False)
-        _check(isinstance(stream, bool), "stream", stream, "a boolean")
+        check(isinstance(stream, bool), "stream", stream, "a boolean")
         options = body.get("stream_options") or {}
-        _check(isinstance(options, dict), "stream_options", options, "an object")
+        check(isinstance(options, dict), "stream_options", options, "an object")
         call = Call(CompletionRequest(), stream=stream, include_usage=bool(options.get("include_usage")),
                     chat={"messages": _messages(body.get("messages")), "tools": tools, "args": args,
                           "defaults": self.defaults})
@@ -189,15 +190,15 @@ class OllamaChat(Ollama):
     unsupported = {"format": lambda v: not v, "think": lambda v: not v, "logprobs": lambda v: not v}
 
     def parse(self, body) -> Call:
-        body = _object(body)
-        _unsupported(body, self.unsupported)
+        body = json_object(body)
+        refuse_unsupported(body, self.unsupported)
         if not body.get("messages"):
             return self.load_call(body)
         messages = _messages(body.get("messages"))
         if any(m.get("images") for m in messages):
             raise RequestError("images are not supported by this server")
         stream = body.get("stream", True)
-        _check(isinstance(stream, bool), "stream", stream, "a boolean")
+        check(isinstance(stream, bool), "stream", stream, "a boolean")
         return Call(CompletionRequest(), stream=stream, model=model_name(body),
                     chat={"messages": messages, "tools": _tools(body.get("tools")), "args": ollama_options(body),
                           "defaults": OLLAMA_DEFAULTS})

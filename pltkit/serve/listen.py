@@ -148,73 +148,79 @@ class AcceptErrors:
             self.last, self.count = time.monotonic(), 0
 
 
+_TOO_MANY_BODY = b'{"error": {"code": 503, "message": "too many open connections", "type": "unavailable_error"}}'
+TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(_TOO_MANY_BODY), _TOO_MANY_BODY))
+
+
+class Guard:
+    """What guarded_protocol adds to uvicorn's HTTP/1.1 protocol: `limits` (Connections) on the
+    number of connections and on how long the server waits for a client."""
+
+    limits: Connections
+    refused = False
+    _timer = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        served = sum(not c.refused for c in self.connections)
+        if served > self.limits.max_connections:
+            self._refuse(lingering=len(self.connections) - served)
+        else:
+            self._watch()
+
+    def _refuse(self, lingering: int) -> None:
+        """A 503 and a half-close. The connection stays until the client closes its side (a
+        second at most), and what it sends is dropped: closed with its request unread, the
+        kernel would reset it and the client would never see the 503. Past LINGERING refused
+        connections at a time, the next is closed at once."""
+        self.refused = True
+        if lingering >= LINGERING:
+            self.transport.close()
+            return
+        self.transport.write(TOO_MANY)
+        self.transport.write_eof()
+        self._timer = self.loop.call_later(1.0, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.refused:
+            super().data_received(data)
+            self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch()
+
+    def connection_lost(self, exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        super().connection_lost(exc)
+
+    def _waiting(self) -> bool:
+        """Whether the server waits on the client while nothing runs: for a request head, or
+        for the rest of a body the server answered without reading it (an error: the client is
+        told, and has head_timeout seconds to stop or close)."""
+        return (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing()
+
+    def _watch(self) -> None:
+        waiting = self._waiting()
+        if waiting and self._timer is None:
+            self._timer = self.loop.call_later(self.limits.head_timeout, self._late)
+        elif not waiting and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _late(self) -> None:
+        self._timer = None
+        if self._waiting():
+            self.transport.close()
+
+
 def guarded_protocol(limits: Connections) -> type:
     """uvicorn's HTTP/1.1 protocol (h11) under `limits`."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    body = b'{"error": {"code": 503, "message": "too many open connections", "type": "unavailable_error"}}'
-    too_many = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                b"content-length: %d\r\n\r\n%s" % (len(body), body))
-
-    class Guarded(H11Protocol):
-        refused = False
-        _timer = None
-
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            served = sum(not c.refused for c in self.connections)
-            if served > limits.max_connections:
-                self._refuse(lingering=len(self.connections) - served)
-            else:
-                self._watch()
-
-        def _refuse(self, lingering: int) -> None:
-            """A 503 and a half-close. The connection stays until the client closes its side (a
-            second at most), and what it sends is dropped: closed with its request unread, the
-            kernel would reset it and the client would never see the 503. Past LINGERING refused
-            connections at a time, the next is closed at once."""
-            self.refused = True
-            if lingering >= LINGERING:
-                self.transport.close()
-                return
-            self.transport.write(too_many)
-            self.transport.write_eof()
-            self._timer = self.loop.call_later(1.0, self.transport.close)
-
-        def data_received(self, data: bytes) -> None:
-            if not self.refused:
-                super().data_received(data)
-                self._watch()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._watch()
-
-        def connection_lost(self, exc) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-            super().connection_lost(exc)
-
-        def _waiting(self) -> bool:
-            """Whether the server waits on the client while nothing runs: for a request head, or
-            for the rest of a body the server answered without reading it (an error: the client is
-            told, and has head_timeout seconds to stop or close)."""
-            return (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing()
-
-        def _watch(self) -> None:
-            waiting = self._waiting()
-            if waiting and self._timer is None:
-                self._timer = self.loop.call_later(limits.head_timeout, self._late)
-            elif not waiting and self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
-        def _late(self) -> None:
-            self._timer = None
-            if self._waiting():
-                self.transport.close()
-
-    return Guarded
+    return type("Guarded", (Guard, H11Protocol), {"limits": limits})
 
 
 def uvicorn_server(app, log_level: str = "warning", connections: Connections = Connections(),

@@ -8,75 +8,15 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from pltkit.runtime.completion import CompletionRequest, RequestError, is_number
+from pltkit.runtime.completion import CompletionRequest, is_number
 from pltkit.runtime.engine import Result
+from pltkit.serve.parsing import (UNIMPLEMENTED_SAMPLING, Call, check, json_object, model_name, protocol_defaults,
+                                  refuse_unsupported, stop_list)
 
 # llama.cpp stop types; the engine's "time" is a limit, "cancelled" is none
 STOP_TYPES = {"eos": "eos", "word": "word", "limit": "limit", "time": "limit", "cancelled": "none", "none": "none"}
-
-
-@dataclass
-class Call:
-    """One parsed completion request, whatever the protocol."""
-
-    req: CompletionRequest
-    ids: list[int] | None = None  # a prompt given as token ids
-    id_slot: int | None = None
-    stream: bool = False
-    response_fields: list[str] | None = None
-    return_tokens: bool = False
-    include_usage: bool = False
-    id: str = field(default_factory=lambda: "cmpl-" + uuid.uuid4().hex[:24])
-    created: float = field(default_factory=time.time)
-    chat: dict | None = None  # a chat request: messages, tools and request fields, rendered by the server
-    state: dict = field(default_factory=dict)  # a protocol's notes while it streams
-    model: str | None = None  # the model a request names, where the protocol checks it (Ollama)
-    load: str | None = None  # Ollama's "load" / "unload" request: no prompt, answered at once
-
-
-def _object(body) -> dict:
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    return body
-
-
-def _check(cond: bool, name: str, value, what: str) -> None:
-    if not cond:
-        raise RequestError(f"invalid {name}: {value!r} (expected {what})")
-
-
-def _unsupported(body: dict, names: dict) -> None:
-    """Fields that would change the result in a way this server does not implement: refused, not
-    silently ignored. names: field -> predicate on its value that makes it harmless."""
-    for name, harmless in names.items():
-        if name in body and not harmless(body[name]):
-            raise RequestError(f"{name} is not supported by this server")
-
-
-def _neutral(value) -> Callable[[object], bool]:
-    """A predicate: the option has its neutral value (it changes nothing), or is absent (None)."""
-    return lambda v: v is None or v == value
-
-
-# Options of llama.cpp's server (and of Ollama) that this server does not implement: a request
-# that sets one to anything but its neutral value is refused with a 400 that names it.
-UNIMPLEMENTED_SAMPLING = {"typical_p": _neutral(1.0), "mirostat": _neutral(0), "dry_multiplier": _neutral(0.0),
-                          "xtc_probability": _neutral(0.0), "dynatemp_range": _neutral(0.0), "tfs_z": _neutral(1.0),
-                          "top_n_sigma": lambda v: v is None or is_number(v) and v <= 0, "ignore_eos": lambda v: not v}
-
-
-def _stop_list(value, name: str = "stop"):
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    _check(isinstance(value, list) and all(isinstance(s, str) for s in value), name, value,
-           "a string or a list of strings")
-    return [s for s in value if s]
 
 
 # --- llama.cpp ----------------------------------------------------------------------------
@@ -89,15 +29,14 @@ class LlamaCpp:
                    "multimodal_data": lambda v: not v, "post_sampling_probs": lambda v: not v,
                    **UNIMPLEMENTED_SAMPLING}
     # llama.cpp server's defaults for the fields a request leaves out (common_params_sampling)
-    defaults = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0,
-                "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0, "n_predict": -1}
+    defaults = protocol_defaults(temperature=0.8, min_p=0.05, n_predict=-1)
 
     def __init__(self, infill: bool):
         self.infill = infill
 
     def parse(self, body) -> Call:
-        body = dict(_object(body))
-        _unsupported(body, self.unsupported)
+        body = dict(json_object(body))
+        refuse_unsupported(body, self.unsupported)
         if "max_tokens" in body and "n_predict" not in body:
             body["n_predict"] = body["max_tokens"]
         body = {**self.defaults, **{k: v for k, v in body.items() if v is not None}}
@@ -109,23 +48,23 @@ class LlamaCpp:
                 body.pop(key, None)
             if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 ids = prompt
-                _check(bool(ids), "prompt", prompt, "a non-empty string or list of token ids")
+                check(bool(ids), "prompt", prompt, "a non-empty string or list of token ids")
                 prompt = ""
-            _check(isinstance(prompt, str), "prompt", prompt, "a string or a list of token ids")
-            _check(isinstance(body.get("special", True), bool), "special", body.get("special"), "a boolean")
+            check(isinstance(prompt, str), "prompt", prompt, "a string or a list of token ids")
+            check(isinstance(body.get("special", True), bool), "special", body.get("special"), "a boolean")
             body["input_prefix"], body["special"] = prompt, True  # as llama.cpp: FIM templates work
         elif "input_suffix" not in body:
             body["input_suffix"] = ""  # /infill always fills in the middle
         call.req, call.ids = CompletionRequest.from_infill(body), ids
         slot = body.get("id_slot", -1)
-        _check(isinstance(slot, int) and not isinstance(slot, bool) and slot >= -1, "id_slot", slot,
+        check(isinstance(slot, int) and not isinstance(slot, bool) and slot >= -1, "id_slot", slot,
                "an integer >= -1")
         call.id_slot = None if slot == -1 else slot
         for name in ("stream", "return_tokens", "cache_prompt"):
-            _check(isinstance(body.get(name, False), bool), name, body.get(name), "a boolean")
+            check(isinstance(body.get(name, False), bool), name, body.get(name), "a boolean")
         call.stream, call.return_tokens = body.get("stream", False), body.get("return_tokens", False)
         fields_ = body.get("response_fields")
-        _check(fields_ is None or isinstance(fields_, list) and all(isinstance(f, str) for f in fields_),
+        check(fields_ is None or isinstance(fields_, list) and all(isinstance(f, str) for f in fields_),
                "response_fields", fields_, "a list of strings")
         call.response_fields = fields_ or None
         return call
@@ -208,8 +147,8 @@ class OpenAI:
     media_type = "text/event-stream"
     unsupported = {"echo": lambda v: not v, "logprobs": lambda v: v is None or v == 0,
                    "best_of": lambda v: v in (None, 1), "logit_bias": lambda v: not v, **UNIMPLEMENTED_SAMPLING}
-    # OpenAI's defaults (its API reference for /v1/completions); no top-k, no min-p
-    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "n_predict": 16}
+    # OpenAI's defaults (its API reference for /v1/completions); no top-k, no min-p, no penalties
+    defaults = protocol_defaults(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, n_predict=16)
     # OpenAI's fields, then llama.cpp's extensions of its OpenAI routes (llama.vim's chat sends them)
     renames = {"max_tokens": "n_predict", "n": "n_cmpl", "temperature": "temperature", "top_p": "top_p",
                "seed": "seed", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
@@ -217,19 +156,19 @@ class OpenAI:
                                           "samplers")}}
 
     def parse(self, body) -> Call:
-        body = _object(body)
-        _unsupported(body, self.unsupported)
+        body = json_object(body)
+        refuse_unsupported(body, self.unsupported)
         prompt = body.get("prompt", "")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
-        _check(isinstance(prompt, str), "prompt", prompt, "a string (one prompt per request)")
+        check(isinstance(prompt, str), "prompt", prompt, "a string (one prompt per request)")
         args = {**self.defaults, "input_prefix": prompt, "input_suffix": body.get("suffix"),
-                "stop": _stop_list(body.get("stop")), "special": body.get("suffix") is None}
+                "stop": stop_list(body.get("stop")), "special": body.get("suffix") is None}
         args.update({ours: body[theirs] for theirs, ours in self.renames.items() if body.get(theirs) is not None})
         stream = body.get("stream", False)
-        _check(isinstance(stream, bool), "stream", stream, "a boolean")
+        check(isinstance(stream, bool), "stream", stream, "a boolean")
         options = body.get("stream_options") or {}
-        _check(isinstance(options, dict), "stream_options", options, "an object")
+        check(isinstance(options, dict), "stream_options", options, "an object")
         return Call(CompletionRequest.from_infill(args), stream=stream, include_usage=bool(options.get("include_usage")))
 
     @staticmethod
@@ -271,17 +210,16 @@ OLLAMA_OPTIONS = {"num_predict": "n_predict", "temperature": "temperature", "top
                   "repeat_last_n": "repeat_last_n", "presence_penalty": "presence_penalty",
                   "frequency_penalty": "frequency_penalty"}
 # Ollama's defaults (api/types.go DefaultOptions)
-OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.0,
-                   "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0, "n_predict": -1}
+OLLAMA_DEFAULTS = protocol_defaults(temperature=0.8, top_p=0.9, min_p=0.0, n_predict=-1)
 
 
 def ollama_options(body: dict) -> dict:
     """The request fields an Ollama body's `options` set; options this server does not implement are
     refused unless neutral (those about memory and threads, such as num_ctx, change no result)."""
     options = body.get("options") or {}
-    _check(isinstance(options, dict), "options", options, "an object")
-    _unsupported(options, UNIMPLEMENTED_SAMPLING)
-    args = {"stop": _stop_list(options.get("stop"))}
+    check(isinstance(options, dict), "options", options, "an object")
+    refuse_unsupported(options, UNIMPLEMENTED_SAMPLING)
+    args = {"stop": stop_list(options.get("stop"))}
     args.update({ours: options[theirs] for theirs, ours in OLLAMA_OPTIONS.items() if options.get(theirs) is not None})
     return args
 
@@ -295,16 +233,16 @@ class Ollama:
                    "system": lambda v: not v, "template": lambda v: not v, "think": lambda v: not v}
 
     def parse(self, body) -> Call:
-        body = _object(body)
-        _unsupported(body, self.unsupported)
+        body = json_object(body)
+        refuse_unsupported(body, self.unsupported)
         prompt, suffix = body.get("prompt", ""), body.get("suffix")
-        _check(isinstance(prompt, str), "prompt", prompt, "a string")
+        check(isinstance(prompt, str), "prompt", prompt, "a string")
         if not prompt and not suffix:
             return self.load_call(body)
-        _check(isinstance(body.get("raw", False), bool), "raw", body.get("raw"), "a boolean")
+        check(isinstance(body.get("raw", False), bool), "raw", body.get("raw"), "a boolean")
         args = {**OLLAMA_DEFAULTS, **ollama_options(body), "input_prefix": prompt, "input_suffix": suffix or None, "special": not suffix}
         stream = body.get("stream", True)
-        _check(isinstance(stream, bool), "stream", stream, "a boolean")
+        check(isinstance(stream, bool), "stream", stream, "a boolean")
         return Call(CompletionRequest.from_infill(args), stream=stream, model=model_name(body))
 
     @staticmethod
@@ -312,7 +250,7 @@ class Ollama:
         """Ollama's answer to a request without a prompt: the model is loaded (or, with keep_alive 0,
         unloaded: here it stays, there is one)."""
         keep = body.get("keep_alive")
-        _check(keep is None or isinstance(keep, str) or is_number(keep), "keep_alive", keep,
+        check(keep is None or isinstance(keep, str) or is_number(keep), "keep_alive", keep,
                "a duration: seconds, or a string such as \"5m\"")
         return Call(CompletionRequest(), model=model_name(body),
                     load="unload" if keep in (0, "0", "0s", "0m") else "load")
@@ -322,7 +260,7 @@ class Ollama:
 
     @staticmethod
     def _now() -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return ollama_time(time.time())
 
     def _final(self, call: Call, r: Result, model: str, text: str) -> dict:
         t = r.timings
@@ -347,10 +285,9 @@ class Ollama:
         return {"error": message}
 
 
-def model_name(body: dict) -> str:
-    name = body.get("model") or body.get("name")  # Continue asks /api/show with "name", as older Ollamas did
-    _check(isinstance(name, str) and name != "", "model", name, "the name of a model, as /api/tags lists them")
-    return name
+def ollama_time(seconds: float) -> str:
+    """A time as Ollama writes it (created_at, modified_at): UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def ndjson(obj) -> bytes:
