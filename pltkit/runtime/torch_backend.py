@@ -28,5 +28,5 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, ids: np.ndarray, state: PLTState) -> tuple[np.ndarray, PLTState]:
-        logits, state = self.model.decode_step(torch.from_numpy(np.asarray(ids, np.int64)), state)
+        logits, state = self.model.decode(torch.from_numpy(np.asarray(ids, np.int64)), state)
         return logits.float().numpy(), state
