@@ -14,6 +14,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, path, threads: int | None = None):
+        """threads: torch's intra-op threads, for the whole process (default: one per physical core)."""
         torch.set_num_threads(threads or physical_cores())
         self.model = load_model(path)
         self.config = self.model.config
