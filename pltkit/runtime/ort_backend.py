@@ -67,7 +67,7 @@ class OrtBackend:
         self._bound: dict[str, tuple] = {}  # phase -> (session, weak refs to the buffers, IO binding)
         self.outputs = {p: [o.name for o in s.get_outputs()] for p, s in self.sessions.items()}
         # graphs that take the cache as a kv buffer (whole, `past_len` valid) and write into it
-        self.in_place = {p: "past_len" in {i.name for i in s.get_inputs()} for p, s in self.sessions.items()}
+        self.kv_buffer = {p: "past_len" in {i.name for i in s.get_inputs()} for p, s in self.sessions.items()}
 
     def new_state(self, batch: int = 1) -> BufferState:
         return BufferState.empty(self.artifact, batch)
@@ -111,7 +111,7 @@ class OrtBackend:
         self._bound[phase] = (session, [weakref.ref(buf) for buf in state.kv.values()], io)
         return io
 
-    def _run_in_place(self, phase: str, ids: np.ndarray, state: BufferState):
+    def _run_kv_buffer(self, phase: str, ids: np.ndarray, state: BufferState):
         new = ids.shape[1] if phase == "prefill" else 1
         session = self._session(phase, ids.shape[0])
         io = self._binding(phase, session, state)
@@ -131,7 +131,7 @@ class OrtBackend:
 
     def _run(self, phase: str, ids: np.ndarray, state: BufferState):
         state.reserve(state.pos + (ids.shape[1] if phase == "prefill" else 1), self.config.max_position_embeddings)
-        return (self._run_in_place if self.in_place[phase] else self._run_copying)(phase, ids, state)
+        return (self._run_kv_buffer if self.kv_buffer[phase] else self._run_copying)(phase, ids, state)
 
     def prefill(self, ids: np.ndarray, state: BufferState) -> tuple[np.ndarray, BufferState]:
         return self._run("prefill", ids, state)
