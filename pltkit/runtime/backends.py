@@ -46,7 +46,8 @@ class State(Protocol):
 
 @runtime_checkable
 class Backend(Protocol):
-    name: str  # its BACKENDS name
+    """What the completion engine, generate, the evaluator and the benchmarks call."""
+    name: str  # shown to users (plt-complete, plt-serve)
     config: PLTConfig
 
     def new_state(self, batch: int = 1) -> State:
@@ -97,7 +98,8 @@ def _onnx_reference(path: Path, threads: int | None, verify: bool) -> Backend:
 
 
 # name -> opener(path, threads, verify) -> Backend. threads: the backend's CPU threads (None: one per
-# physical core); verify: check an artifact's files against its manifest first. An opener of a layer
+# physical core; each backend's __init__ says which threads); verify: check an artifact's files
+# against its manifest first. An opener of a layer
 # above this one (pltkit.gpu) is named as "module:function" and imported when asked for, as a plugin
 # is: the runtime never imports it.
 BACKENDS = {"torch": _torch, "ort": _ort, "ort-cuda": partial(_ort, device="cuda"),
