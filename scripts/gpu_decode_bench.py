@@ -45,7 +45,7 @@ def main(contexts=(256, 1024, 4096), steps=32, dtype=torch.bfloat16):
                 t = time.perf_counter()
                 for _ in range(steps):
                     for i in range(reps):
-                        _, st[i] = m.decode_step(tok, st[i])
+                        _, st[i] = m.decode(tok, st[i])
                 torch.cuda.synchronize()
                 runs.append((time.perf_counter() - t) / steps * 1e3)
             row[v] = round(statistics.median(runs), 3)

@@ -29,7 +29,7 @@ def incremental(model, ids, prompt_len):
         logits, state = model.prefill(ids[:, :prompt_len])
         out = [logits]
         for t in range(prompt_len, ids.shape[1]):
-            step, state = model.decode_step(ids[:, t], state)
+            step, state = model.decode(ids[:, t], state)
             out.append(step[:, None])
     return torch.cat(out, 1), state
 
@@ -94,7 +94,7 @@ def test_unshifted_decode_does_not_match():
         _, state = model.prefill(ids[:, :5])
         unshifted = PLTForCausalLM(model.config.replace(plt_clp_shift=False))
         unshifted.load_state_dict(model.state_dict())
-        logits, _ = unshifted.decode_step(ids[:, 5], state)
+        logits, _ = unshifted.decode(ids[:, 5], state)
     diff = (full[:, 5] - logits).abs().max().item()
     print(f"unshifted decode vs shifted forward: max|diff| = {diff:.2e}")
     assert diff > 1e-2
@@ -120,7 +120,7 @@ def test_reset_carry_is_detected():
         full = model(ids)
         _, state = model.prefill(ids[:, :6])
         state.carry.zero_()
-        logits, _ = model.decode_step(ids[:, 6], state)
+        logits, _ = model.decode(ids[:, 6], state)
     diff = (full[:, 6] - logits).abs().max().item()
     print(f"zeroed carry: max|diff| = {diff:.2e}")
     assert diff > 1e-2

@@ -153,14 +153,14 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("attention", ["gqa", "kvbuffer"])
-def test_in_place_graphs_update_the_cache_in_place(exported, attention):
+def test_kv_buffer_graphs_update_the_cache_in_place(exported, attention):
     """The GQA decode and the kvbuffer graphs write the new keys into the buffers the state
     already holds (no new cache per step): read back from those same buffers, the cache equals
     the function path's."""
     _, art = exported
     fast, slow = (OrtBackend(Artifact.open(art), 1, a) for a in (attention, "function"))
-    assert fast.in_place == {"prefill": True, "decode": True}
-    assert not any(slow.in_place.values())
+    assert fast.kv_buffer == {"prefill": True, "decode": True}
+    assert not any(slow.kv_buffer.values())
     ids = np.random.default_rng(1).integers(0, 300, (2, 9))
     states = []
     for b in (fast, slow):
@@ -225,7 +225,7 @@ def test_format_1_artifacts_still_run(exported, tmp_path):
     del manifest["sizes"]  # format 1 recorded none
     (old / "pltkit.json").write_text(json.dumps(manifest))
     backend, ref = OrtBackend(Artifact.open(old), 1, "gqa"), open_backend(ckpt, threads=1)
-    assert backend.in_place == {"prefill": False, "decode": True}
+    assert backend.kv_buffer == {"prefill": False, "decode": True}
     for batch in (1, 2):
         ids = np.random.default_rng(batch).integers(0, 300, (batch, 10))
         with torch.no_grad():

@@ -204,12 +204,12 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
 def kv_bytes(state) -> int:
     """Bytes of a decode state's entries: caches, rings and carries (ONNX Runtime's cache buffers
     also have room to grow, by doubling: that room is not counted)."""
-    from pltkit.runtime.ort_backend import OrtState
+    from pltkit.runtime.buffer_state import BufferState
     from pltkit.runtime.serial import SerialState
 
     if isinstance(state, SerialState):
         return sum(kv_bytes(s) for s in state.states)
-    if isinstance(state, OrtState):
+    if isinstance(state, BufferState):
         return (sum(b[:, :, :state.pos].nbytes for b in state.kv.values())
                 + sum(a.nbytes for a in state.other.values()))
     return state.nbytes()

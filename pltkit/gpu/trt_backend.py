@@ -2,10 +2,10 @@
 backend interface, with torch CUDA tensors for every input, output and state tensor.
 
 The engines are the artifact's `kvbuffer` graphs: prefill (loops one after another over a
-chunk) and the CLP decode step, over the same global cache buffers as ONNX Runtime's in-place
-path (pltkit.runtime.ort_backend.OrtState, here with torch CUDA tensors). Each call binds a
+chunk) and the CLP decode step, over the same state as ONNX Runtime's kv buffer path
+(pltkit.runtime.buffer_state.BufferState, here over torch CUDA tensors). Each call binds a
 buffer as both `past_key.i` and `present_key.i` and the engine writes the new positions into it
-at `past_len`: the cache is updated in place (with the plugin, only those positions are written).
+at `past_len` (with the plugin, only those positions are written).
 Rings and carries are small and come back as new tensors. The completion engine runs on top
 unchanged.
 """
@@ -16,31 +16,26 @@ import numpy as np
 
 from pltkit.gpu.trt_engine import PHASES, GpuUnavailable, build, require
 from pltkit.runtime.artifact import Artifact
-from pltkit.runtime.ort_backend import OrtState, check_room
+from pltkit.runtime.backends import physical_cores
+from pltkit.runtime.buffer_state import ArrayOps, BufferState
 
 
-class TrtState(OrtState):
-    """OrtState over torch CUDA tensors."""
+def _cuda_zeros(shape, dtype: str):
+    import torch
+    return torch.zeros(shape, dtype=getattr(torch, dtype), device="cuda")
 
-    @staticmethod
-    def new(shape, dtype: str):
-        import torch
-        return torch.zeros(shape, dtype=getattr(torch, dtype), device="cuda")
 
-    @staticmethod
-    def copy(a):
-        return a.clone()
-
-    @staticmethod
-    def zeros(like, shape):
-        return like.new_zeros(shape)
+CUDA = ArrayOps(new=_cuda_zeros, copy=lambda t: t.clone(), zeros=lambda like, shape: like.new_zeros(shape))
 
 
 class TrtBackend:
     name = "trt"
 
     def __init__(self, artifact: Artifact, threads: int | None = None):
+        """threads: torch's intra-op threads, for the host-side work (inputs, logits back to numpy;
+        default: one per physical core). The engines run on the GPU; TensorRT has no CPU thread setting."""
         trt, torch = require()
+        torch.set_num_threads(threads or physical_cores())
         from pltkit.gpu import trt_plugin
 
         trt_plugin.register()  # a JIT plugin's engine calls back into it
@@ -53,16 +48,15 @@ class TrtBackend:
                        trt.int64: torch.int64, trt.int32: torch.int32}
         self._empty = torch.empty(1, device="cuda")  # an address for zero-size tensors
 
-    def new_state(self, batch: int = 1) -> TrtState:
-        return TrtState.empty(self.artifact, batch)
+    def new_state(self, batch: int = 1) -> BufferState:
+        return BufferState.empty(self.artifact, batch, CUDA)
 
     def _address(self, t) -> int:
         return t.data_ptr() if t.numel() else self._empty.data_ptr()
 
-    def _run(self, phase: str, ids: np.ndarray, state: TrtState):
+    def _run(self, phase: str, ids: np.ndarray, state: BufferState):
         torch, trt = self.torch, self.trt
         new = ids.shape[-1] if phase == "prefill" else 1
-        check_room(self.config, state.pos + new)
         state.reserve(state.pos + new, self.config.max_position_embeddings)
         engine, ctx = self.engines[phase], self.contexts[phase]
         feed = {"input_ids": torch.as_tensor(np.ascontiguousarray(ids, np.int64), device="cuda"),
@@ -89,14 +83,14 @@ class TrtBackend:
         state.pos += new
         return out["logits"].float().cpu().numpy(), state
 
-    def prefill(self, ids: np.ndarray, state: TrtState):
+    def prefill(self, ids: np.ndarray, state: BufferState):
         return self._run("prefill", ids, state)
 
-    def decode(self, ids: np.ndarray, state: TrtState):
+    def decode(self, ids: np.ndarray, state: BufferState):
         return self._run("decode", ids, state)
 
 
-def open_trt(path, threads: int | None = None, verify: bool = True) -> TrtBackend:
+def open_trt(path, threads: int | None, verify: bool) -> TrtBackend:
     """The `trt` entry of pltkit.runtime.backends.BACKENDS."""
     try:
         return TrtBackend(Artifact.open(path, verify), threads)

@@ -19,7 +19,7 @@ extra loop's ring, and carry[r] = loop r's (normed) output at the last position,
 which seeds the shift of the next token or chunk. A cached prefix is the caches
 AND the carries at its boundary.
 
-Every backend of pltkit reproduces `prefill` and `decode_step` of this file.
+Every backend of pltkit reproduces `prefill` and `decode` of this file.
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ class PLTForCausalLM(nn.Module):
             x = layer(x, lambda x_in, h: attn.forward_chunk(x_in, h, loop, cache, pos, cos, sin))
         return x
 
-    def decode_step(self, tokens: Tensor, state: PLTState) -> tuple[Tensor, PLTState]:
+    def decode(self, tokens: Tensor, state: PLTState) -> tuple[Tensor, PLTState]:
         """One new token per sequence (LongTensor [B]) -> logits [B, V]. With the CLP shift, all
         L loops run as L rows of one pass through the layers; without it, loops run serially."""
         c = self.config

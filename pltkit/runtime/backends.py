@@ -1,10 +1,10 @@
-"""One small backend interface, and a registry of backends.
+"""One small backend interface (Backend, State), and a registry of backends (BACKENDS).
 
 A backend runs a PLT model as two calls, both returning numpy logits:
   prefill(ids [B, S], state) -> (logits [B, S, V], state)   loops one after another
   decode(ids [B], state)     -> (logits [B, V], state)      the L loops as L rows of one pass
-and `new_state(batch)`. `state.pos` is the number of tokens already in the state, and
-`state.clone()` copies it (a cached prefix). Backends with optional dependencies import
+and `new_state(batch)`. Every backend is opened the same way, open_backend(model, backend,
+threads, verify), through its entry in BACKENDS. Backends with optional dependencies import
 them inside, so `pltkit.runtime` needs only numpy, onnxruntime and tokenizers.
 """
 
@@ -13,12 +13,51 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from functools import partial
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
+from pltkit.model.config import PLTConfig
 from pltkit.model.paths import checkpoint_stamp, resolve_model_path, user_cache_dir
 from pltkit.runtime.artifact import Artifact, is_artifact
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class State(Protocol):
+    """A backend's decode state: the tokens so far, as the completion engine keeps and reuses it."""
+    pos: int  # tokens already in the state
+
+    def clone(self) -> State:
+        """An independent copy (a cached prefix)."""
+
+    def nbytes(self) -> int:
+        """Bytes it holds (the engine's cache budget)."""
+
+    def snapshot(self) -> Any:
+        """What rewinding to this position needs besides the global cache (rings and carries)."""
+
+    def rewind(self, pos: int, snapshot: Any) -> None:
+        """Back to `pos` tokens; snapshot must have been taken at pos."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the completion engine, generate, the evaluator and the benchmarks call."""
+    name: str  # shown to users (plt-complete, plt-serve)
+    config: PLTConfig
+
+    def new_state(self, batch: int = 1) -> State:
+        """No tokens yet, for `batch` sequences."""
+
+    def prefill(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """ids [B, S] after the state -> logits [B, S, V] and the state moved on by S."""
+
+    def decode(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """ids [B], one token per sequence -> logits [B, V] and the state moved on by 1."""
 
 
 def physical_cores() -> int:
@@ -38,7 +77,8 @@ def physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _torch(path: Path, threads: int | None):
+def _torch(path: Path, threads: int | None, verify: bool) -> Backend:
+    """verify is not used: a checkpoint has no manifest to check its files against."""
     try:
         from pltkit.runtime.torch_backend import TorchBackend
     except ImportError as e:
@@ -47,25 +87,23 @@ def _torch(path: Path, threads: int | None):
     return TorchBackend(path, threads)
 
 
-def _ort(path: Path, threads: int | None, verify: bool = True):
+def _ort(path: Path, threads: int | None, verify: bool, device: str = "cpu") -> Backend:
     from pltkit.runtime.ort_backend import OrtBackend
-    return OrtBackend(Artifact.open(path, verify), threads)
+    return OrtBackend(Artifact.open(path, verify), threads, device=device)
 
 
-def _ort_cuda(path: Path, threads: int | None, verify: bool = True):
-    from pltkit.runtime.ort_backend import OrtBackend
-    return OrtBackend(Artifact.open(path, verify), threads, device="cuda")
-
-
-def _onnx_reference(path: Path, threads: int | None, verify: bool = True):
+def _onnx_reference(path: Path, threads: int | None, verify: bool) -> Backend:
     from pltkit.runtime.onnx_reference import ReferenceBackend
     return ReferenceBackend(Artifact.open(path, verify), threads)
 
 
-# name -> opener(path, threads[, verify]). An opener of a layer above this one (pltkit.gpu) is named as
-# "module:function" and imported when asked for, as a plugin is: the runtime never imports it.
-BACKENDS = {"torch": _torch, "ort": _ort, "ort-cuda": _ort_cuda, "trt": "pltkit.gpu.trt_backend:open_trt",
-            "onnx-reference": _onnx_reference}
+# name -> opener(path, threads, verify) -> Backend. threads: the backend's CPU threads (None: one per
+# physical core; each backend's __init__ says which threads); verify: check an artifact's files
+# against its manifest first. An opener of a layer
+# above this one (pltkit.gpu) is named as "module:function" and imported when asked for, as a plugin
+# is: the runtime never imports it.
+BACKENDS = {"torch": _torch, "ort": _ort, "ort-cuda": partial(_ort, device="cuda"),
+            "trt": "pltkit.gpu.trt_backend:open_trt", "onnx-reference": _onnx_reference}
 
 
 def _opener(kind: str):
@@ -77,7 +115,7 @@ def _opener(kind: str):
 
 
 def open_backend(model: str | os.PathLike = "default", backend: str | None = None, threads: int | None = None,
-                 verify: bool = True):
+                 verify: bool = True) -> Backend:
     """A checkpoint folder runs on the torch reference, an artifact folder on ONNX Runtime, its files
     checked against its manifest first unless verify is False (Artifact.verify)."""
     path = resolve_model_path(model)
@@ -88,7 +126,7 @@ def open_backend(model: str | os.PathLike = "default", backend: str | None = Non
         raise ValueError(f"{path} is an exported artifact: run it with --backend ort")
     if kind != "torch" and not is_artifact(path):
         raise ValueError(f"{path} is a checkpoint, not an exported artifact: export it with plt-export first")
-    return _opener(kind)(path, threads) if kind == "torch" else _opener(kind)(path, threads, verify)
+    return _opener(kind)(path, threads, verify)
 
 
 def cached_artifact(checkpoint: Path) -> Path:

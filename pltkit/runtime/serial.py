@@ -30,6 +30,13 @@ class SerialState:
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.states)
 
+    def snapshot(self) -> list:
+        return [s.snapshot() for s in self.states]
+
+    def rewind(self, pos: int, snapshot: list) -> None:
+        for s, snap in zip(self.states, snapshot):
+            s.rewind(pos, snap)
+
 
 class SerialLoops:
     """Wraps a one-loop backend: every call runs `loops` times, on `loops` separate states."""

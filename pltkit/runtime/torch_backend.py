@@ -14,6 +14,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, path, threads: int | None = None):
+        """threads: torch's intra-op threads, for the whole process (default: one per physical core)."""
         torch.set_num_threads(threads or physical_cores())
         self.model = load_model(path)
         self.config = self.model.config
@@ -28,5 +29,5 @@ class TorchBackend:
 
     @torch.inference_mode()
     def decode(self, ids: np.ndarray, state: PLTState) -> tuple[np.ndarray, PLTState]:
-        logits, state = self.model.decode_step(torch.from_numpy(np.asarray(ids, np.int64)), state)
+        logits, state = self.model.decode(torch.from_numpy(np.asarray(ids, np.int64)), state)
         return logits.float().numpy(), state

@@ -7,7 +7,7 @@ Measured without timing, from three sides:
   proven by the next point). A graph that concatenates the cache outputs a new one per layer.
 - the present_* outputs are the very memory of the past_* buffers (data pointers), so
   GroupQueryAttention shares them and does not copy the past into a new present.
-- tracemalloc on the Python side (OrtState and the backend's feeds and fetches).
+- tracemalloc on the Python side (BufferState and the backend's feeds and fetches).
 The "function" decode graph (Concat of past and new keys) is the control: its bytes grow.
 """
 
@@ -96,18 +96,18 @@ def measure(backend: OrtBackend, state, prefix) -> dict:
     runs, out_bytes = node_output_bytes(session.end_profiling())
     assert runs == STEPS
     same_buffers = all(state.kv[k] is b for k, b in buffers.items())
-    in_place = backend.in_place["decode"]
-    if in_place:  # present_* outputs bound first, to the state's buffers
+    kv_buffer = backend.kv_buffer["decode"]
+    if kv_buffer:  # present_* outputs bound first, to the state's buffers
         pointers = [b.ctypes.data for b in state.kv.values()]
         shared = all(out[:len(pointers)] == pointers for out in session.outputs)
         out_bytes -= STEPS * sum(b.nbytes for b in state.kv.values())  # written into, not allocated
-    return {"ort": out_bytes // STEPS, "python": max(python), "shared": in_place and shared,
+    return {"ort": out_bytes // STEPS, "python": max(python), "shared": kv_buffer and shared,
             "same_buffers": same_buffers, "cache_bytes": sum(b[:, :, :state.pos].nbytes for b in state.kv.values())}
 
 
 def test_decode_bytes_per_step_stay_flat_as_the_context_grows(artifact, tmp_path):
     gqa, function = OrtBackend(artifact, 1, "gqa"), OrtBackend(artifact, 1, "function")
-    assert gqa.in_place["decode"] and not function.in_place["decode"]
+    assert gqa.kv_buffer["decode"] and not function.kv_buffer["decode"]
     ids = np.random.default_rng(0).integers(10, 4000, (1, max(CONTEXTS)))
     state, got = gqa.new_state(1), {}
     for ctx in CONTEXTS:

@@ -1,0 +1,82 @@
+"""The decode state of the graph backends (ONNX Runtime, the ONNX reference evaluator, TensorRT).
+
+The global KV cache lives in buffers allocated once per state and grown by doubling, `pos`
+entries valid; the rings and carries are kept exactly as the graphs take them. The arrays are
+numpy arrays or torch CUDA tensors: a state makes them only through the ArrayOps it is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from pltkit.model.formats import float_type
+from pltkit.runtime.artifact import Artifact
+
+MIN_CAPACITY = 256
+
+
+@dataclass(frozen=True)
+class ArrayOps:
+    """The three array calls a BufferState makes."""
+    new: Callable[[list, str], Any]  # (shape, float type name) -> zeros
+    copy: Callable[[Any], Any]  # array -> a copy of it
+    zeros: Callable[[Any, tuple], Any]  # (like, shape) -> zeros of like's type, on like's device
+
+
+NUMPY = ArrayOps(new=lambda shape, dtype: np.zeros(shape, float_type(dtype).numpy),
+                 copy=lambda a: a.copy(),
+                 zeros=lambda like, shape: np.zeros(shape, like.dtype))
+
+
+@dataclass
+class BufferState:
+    """The state of one or more sequences (batch) over an artifact's graphs."""
+    pos: int  # valid positions in the global cache
+    kv: dict[str, Any]  # key.i / value.i: [B, Hkv, capacity, Dh] buffers
+    other: dict[str, Any]  # rings and carry, exactly as the graphs take them
+    ops: ArrayOps = field(default=NUMPY, repr=False, compare=False)
+
+    @classmethod
+    def empty(cls, artifact: Artifact, batch: int, ops: ArrayOps = NUMPY) -> BufferState:
+        """No tokens yet: zero caches of no capacity (reserve grows them), empty rings, zero carries."""
+        state = artifact.manifest["state"]
+
+        def size(d):
+            return batch if d == "batch" else 0 if isinstance(d, str) else d
+        arrays = {n: ops.new([size(d) for d in state["shapes"][n]], state.get("dtype", "float32"))
+                  for n in state["names"]}
+        kv = {n: a for n, a in arrays.items() if n.startswith(("key.", "value."))}
+        return cls(0, kv, {n: a for n, a in arrays.items() if n not in kv}, ops)
+
+    def clone(self) -> BufferState:
+        return dataclasses.replace(self, kv={k: self.ops.copy(v) for k, v in self.kv.items()},
+                                   other=self.snapshot())
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.kv.values(), *self.other.values()))
+
+    def snapshot(self) -> dict:
+        """What a prefix needs besides the global cache: rings and carries (small)."""
+        return {k: self.ops.copy(v) for k, v in self.other.items()}
+
+    def rewind(self, pos: int, snapshot: dict) -> None:
+        """Back to `pos` tokens; snapshot must have been taken at pos."""
+        self.pos, self.other = pos, {k: self.ops.copy(v) for k, v in snapshot.items()}
+
+    def reserve(self, n: int, limit: int) -> None:
+        """Make room for n positions (capacity doubles, up to limit, the model's context: ValueError
+        past it)."""
+        if n > limit:
+            raise ValueError(f"context of {n} tokens exceeds the model's {limit}")
+        cap = next(iter(self.kv.values())).shape[2]
+        if n <= cap:
+            return
+        new_cap = min(limit, max(n, 2 * cap, MIN_CAPACITY))
+        for name, buf in self.kv.items():
+            grown = self.ops.zeros(buf, tuple(buf.shape[:2]) + (new_cap,) + tuple(buf.shape[3:]))
+            grown[:, :, :self.pos] = buf[:, :, :self.pos]
+            self.kv[name] = grown

@@ -1,0 +1,95 @@
+"""The backends: one way to open each (open_backend, through BACKENDS), one interface (the Backend
+and State protocols), and the threads each is asked for."""
+
+import inspect
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from synth import make_checkpoint, make_config
+
+from pltkit.runtime.artifact import ArtifactError
+from pltkit.runtime.backends import BACKENDS, Backend, State, _opener, open_backend
+from pltkit.runtime.serial import SerialLoops
+
+THREADS = 3  # not what any default would give on a small machine
+RUNNABLE = {"torch": "checkpoint", "ort": "artifact", "onnx-reference": "artifact"}  # on a CPU
+
+
+@pytest.fixture
+def torch_threads():
+    """The backends set torch's thread count for the whole process: put it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def model_for(kind, artifact):
+    return "default" if RUNNABLE[kind] == "checkpoint" else artifact
+
+
+@pytest.mark.parametrize("kind", list(RUNNABLE))
+def test_every_backend_opens_one_way_and_runs_the_interface(kind, served_artifact, torch_threads):
+    backend = open_backend(model_for(kind, served_artifact), kind, THREADS, verify=True)
+    assert isinstance(backend, Backend) and backend.name == kind
+    state = backend.new_state(1)
+    assert isinstance(state, State) and state.pos == 0
+    logits, state = backend.prefill(np.asarray([[5, 6, 7, 8]]), state)
+    assert logits.shape == (1, 4, backend.config.vocab_size) and state.pos == 4
+    copy, snapshot = state.clone(), state.snapshot()
+    logits, state = backend.decode(np.asarray([9]), state)
+    assert logits.shape == (1, backend.config.vocab_size) and state.pos == 5 and copy.pos == 4
+    state.rewind(4, snapshot)
+    assert state.pos == 4 and state.nbytes() > 0
+    again, _ = backend.decode(np.asarray([9]), state)
+    np.testing.assert_allclose(again, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [THREADS, None])
+def test_threads_reach_onnx_runtime(threads, served_artifact):
+    from pltkit.runtime.backends import physical_cores
+
+    backend = open_backend(served_artifact, "ort", threads)
+    for session in backend.sessions.values():
+        assert session.get_session_options().intra_op_num_threads == (threads or physical_cores())
+
+
+@pytest.mark.parametrize("threads", [THREADS, 1])
+def test_threads_reach_torch(threads, torch_threads):
+    open_backend("default", "torch", threads)
+    assert torch.get_num_threads() == threads
+
+
+def test_every_opener_takes_path_threads_verify():
+    for kind in BACKENDS:  # the trt opener imports without a GPU
+        params = list(inspect.signature(_opener(kind)).parameters.values())
+        assert [p.name for p in params[:3]] == ["path", "threads", "verify"], kind
+        assert all(p.default is not p.empty for p in params[3:]), kind
+
+
+@pytest.mark.parametrize("kind", [k for k, m in RUNNABLE.items() if m == "artifact"])
+def test_verify_reaches_every_artifact_backend(kind, served_artifact, tmp_path):
+    damaged = shutil.copytree(served_artifact, tmp_path / "damaged")
+    with open(damaged / "tokenizer.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(ArtifactError, match="tokenizer.json"):
+        open_backend(damaged, kind, 1, verify=True)
+    assert isinstance(open_backend(damaged, kind, 1, verify=False), Backend)
+
+
+def test_an_unknown_backend_is_named(served_artifact):
+    with pytest.raises(ValueError, match=r"unknown backend 'nope' \(known: torch, ort, "):
+        open_backend(served_artifact, "nope")
+
+
+def test_the_serial_cost_model_is_a_backend_too(tmp_path, torch_threads):
+    make_checkpoint(tmp_path / "one", make_config(plt_num_loops=1), seed=1)
+    serial = SerialLoops(open_backend(tmp_path / "one", "torch", 1), 2)
+    state = serial.new_state(1)
+    assert isinstance(serial, Backend) and isinstance(state, State)
+    _, state = serial.prefill(np.asarray([[5, 6, 7]]), state)
+    snapshot = state.snapshot()
+    _, state = serial.decode(np.asarray([8]), state)
+    state.rewind(3, snapshot)
+    assert [s.pos for s in state.states] == [3, 3]
