@@ -58,19 +58,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pltkit.model.checkpoint import load_model
-    from pltkit.model.tokenizer import text_tokenizer
-    from pltkit.train import data
-    from pltkit.train.evaluate import heldout_loss
+    from pltkit.train.evaluate import checkpoint_report
 
     torch.set_num_threads(args.threads or physical_cores())
-    model = load_model(path)
-    tokenizer = text_tokenizer(path)
-    _, heldout = data.stdlib_split()
-    seq_len = args.seq_len or model.config.max_position_embeddings
-    result = heldout_loss(model, tokenizer, heldout, seq_len, windows=args.windows)
-    print(json.dumps({"model": str(args.model), "loops": model.config.plt_num_loops, "seq_len": seq_len,
-                      "heldout_files": len(heldout), **result}))
+    print(json.dumps({"model": str(args.model), **checkpoint_report(path, args.seq_len, args.windows)}))
     return 0
 
 
