@@ -2,7 +2,8 @@
 manifests), on hand-made backends whose answers are known exactly: scripted logits for the
 teacher-forced windows (log-probabilities of powers of two, so perplexities are exact roots) and
 scripted greedy continuations for the prompts. Every expected value is computed here, by hand,
-not by the code under test."""
+not by the code under test. Then train/accuracy.py:accuracy_report, which runs compare on the
+held-out windows, on the same backends."""
 
 import math
 from types import SimpleNamespace
@@ -155,3 +156,36 @@ def test_each_model_runs_all_its_windows_and_prompts_in_turn():
 def test_no_kept_tokens_is_refused():
     with pytest.raises(ValueError, match="no tokens"):
         compare(*backends(), INPUTS, np.full_like(TARGETS, IGNORE), PROMPTS)
+
+
+def test_accuracy_report_measures_the_model_on_windows_of_its_context(monkeypatch):
+    """plt-eval's and plt-export's report: compare()'s figures on the held-out windows cut at the
+    measured model's context (here 6, the reference's is 64), with the windows counted; the
+    reference on one thread unless told, both opened with the caller's verify."""
+    from pltkit.train import accuracy
+
+    q, r = backends()
+    opened, asked = [], []
+
+    def open_backend(model, backend=None, threads=None, verify=True):
+        opened.append((model, backend, threads, verify))
+        return {"ref": r, "art": q}[model]
+
+    def heldout_windows(tokenizer_dir, seq_len, windows):
+        asked.append((tokenizer_dir, seq_len, windows))
+        return INPUTS, TARGETS, PROMPTS, 40
+
+    monkeypatch.setattr("pltkit.runtime.backends.open_backend", open_backend)
+    monkeypatch.setattr("pltkit.model.paths.resolve_model_path", lambda m: f"{m}-folder")
+    monkeypatch.setattr(accuracy, "heldout_windows", heldout_windows)
+    got = accuracy.accuracy_report("art", "ref", windows=2, backend="ort", verify=False)
+    assert opened == [("ref", None, 1, False), ("art", "ort", None, False)]
+    assert asked == [("art-folder", 6, 2)]
+    assert (got["windows"], got["windows_total"], got["seq_len"]) == (2, 40, 6)
+    assert (got["tokens"], got["perplexity"], got["reference_perplexity"], got["top1_agreement"]) == \
+        (KEPT, round(PPL_Q, 4), round(PPL_R, 4), 0.6)
+    assert got["greedy_tokens"] == 32 and got["prompts"] == len(PROMPTS)
+
+    opened.clear()
+    accuracy.accuracy_report("art", "ref", threads=3)
+    assert [o[2] for o in opened] == [3, 3]  # threads given: the reference runs on them too

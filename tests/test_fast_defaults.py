@@ -12,10 +12,13 @@ from serving import torch_hidden
 from synth import make_checkpoint, make_config
 from tokenizers import Tokenizer
 
+from pltkit.cli import args as cli_args
 from pltkit.cli import eval as cli_eval
 from pltkit.cli import export as cli_export
 from pltkit.runtime.artifact import is_artifact
+from pltkit.train import calibrate as train_calibrate
 from pltkit.train import data
+from pltkit.train.accuracy import SAMPLE_WINDOWS
 
 CODE = "def f(x):\n    return [i * x for i in range(10)]\n\n\nclass A:\n    def g(self):\n        return 1\n"
 
@@ -72,7 +75,7 @@ def small_heldout(tmp_path, monkeypatch):
     make_checkpoint(tmp_path / "ckpt", make_config(max_position_embeddings=64), seed=4)
     _, targets = data.eval_sequences(files, Tokenizer.from_file(str(tmp_path / "ckpt" / "tokenizer.json")), 64)
     total_tokens = int((targets != data.IGNORE_INDEX).sum())
-    assert len(targets) > 2 * cli_eval.SAMPLE_WINDOWS  # so that a sample is visibly not the whole set
+    assert len(targets) > 2 * SAMPLE_WINDOWS  # so that a sample is visibly not the whole set
     return tmp_path / "ckpt", len(targets), total_tokens
 
 
@@ -80,10 +83,10 @@ def test_export_report_measures_the_fixed_sample_and_says_so(small_heldout, tmp_
     ckpt, windows, total_tokens = small_heldout
     assert cli_export.main([str(ckpt), "--int8", "-o", str(tmp_path / "int8")]) == 0
     err = capsys.readouterr().err
-    assert f"on {cli_eval.SAMPLE_WINDOWS} held-out windows" in err and "--eval-windows all" in err
+    assert f"on {SAMPLE_WINDOWS} held-out windows" in err and "--eval-windows all" in err
     report = json.loads((tmp_path / "int8" / "pltkit.json").read_text())["accuracy"]
-    assert report["windows"] == cli_eval.SAMPLE_WINDOWS and report["windows_total"] == windows
-    assert 0 < report["tokens"] <= 64 * cli_eval.SAMPLE_WINDOWS < total_tokens
+    assert report["windows"] == SAMPLE_WINDOWS and report["windows_total"] == windows
+    assert 0 < report["tokens"] <= 64 * SAMPLE_WINDOWS < total_tokens
     assert json.dumps(report["tokens"]) in err  # the printed report names its token count
 
     # plt-eval: the same sample by default, every window with --windows all
@@ -109,7 +112,7 @@ def test_eval_of_a_checkpoint_samples_windows_too(small_heldout, capsys):
 def test_export_refuses_a_busy_folder_before_calibrating(tmp_path, monkeypatch, capsys, flags):
     def calibrate(*a, **k):
         raise AssertionError("calibrated before checking the output folder")
-    monkeypatch.setattr(cli_export, "calibrate", calibrate)
+    monkeypatch.setattr(train_calibrate, "calibrate", calibrate)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     assert cli_export.main(["default", *flags, "-o", str(tmp_path / "busy")]) == 2
@@ -122,13 +125,13 @@ def test_calibration_checks_its_folder_before_loading_the_model(tmp_path, monkey
     monkeypatch.setattr("pltkit.model.checkpoint.load_model", load_model)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .py files"):
-        cli_export.calibrate("default", tmp_path / "empty")
+        train_calibrate.calibrate("default", tmp_path / "empty")
 
 
 def test_window_count_parses_numbers_and_all():
     import argparse
-    assert cli_eval.window_count("all") is None and cli_eval.window_count("12") == 12
+    assert cli_args.window_count("all") is None and cli_args.window_count("12") == 12
     for bad in ("0", "-3", "x", ""):
         with pytest.raises(argparse.ArgumentTypeError):
-            cli_eval.window_count(bad)
+            cli_args.window_count(bad)
     assert np.array_equal(data.spread(10, 3), [0, 4, 9])

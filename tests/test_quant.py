@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from pltkit.cli.eval import accuracy_report
+from pltkit.train.accuracy import accuracy_report
 from pltkit.export.artifact import export
 from pltkit.quant.schemes import SCHEMES
 
@@ -95,7 +95,7 @@ def test_quantized_artifact_completes(quantized, qdq, reference_completion, name
 @pytest.fixture(scope="module")
 def qdq(tmp_path_factory):
     """The TensorRT forms, calibrated on the held-out split like `plt-export --int8 --target trt`."""
-    from pltkit.cli.export import calibrate
+    from pltkit.train.calibrate import calibrate
     from pltkit.quant.schemes import QDQ_SCHEMES
 
     d = tmp_path_factory.mktemp("qdq")
@@ -176,7 +176,7 @@ def test_accuracy_against_float32(quantized, qdq, name):
 
 
 def test_calibration_on_a_users_folder(tmp_path):
-    from pltkit.cli.export import calibrate
+    from pltkit.train.calibrate import calibrate
 
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "a.py").write_text("def f(x):\n    return [i * x for i in range(10)]\n" * 40)

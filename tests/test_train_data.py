@@ -10,7 +10,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from pltkit.train import data
+from pltkit.train import bpe, data, fim, packing
 from pltkit.train.data import (
     EOT,
     FIM_MIDDLE,
@@ -84,7 +84,7 @@ def files(corpus) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def tokenizer(files, tmp_path_factory):
-    return data.train_tokenizer(files, VOCAB_SIZE, tmp_path_factory.mktemp("tok"))
+    return bpe.train_tokenizer(files, VOCAB_SIZE, tmp_path_factory.mktemp("tok"))
 
 
 def _relative(files, root) -> set[str]:
@@ -137,7 +137,7 @@ def test_special_tokens_and_saved_files(tokenizer, files, tmp_path):
         assert tokenizer.encode(token).ids == [token_id]
     assert tokenizer.get_vocab_size() == VOCAB_SIZE
 
-    again = data.train_tokenizer(files, VOCAB_SIZE, tmp_path)
+    again = bpe.train_tokenizer(files, VOCAB_SIZE, tmp_path)
     assert again.to_str() == tokenizer.to_str()
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["bos_token"] == config["eos_token"] == "<|endoftext|>"
@@ -167,7 +167,7 @@ def test_tokenizer_round_trips_arbitrary_source(tokenizer):
 def test_chunks_cover_documents(files, tokenizer, max_tokens):
     as_text = Tokenizer.from_str(tokenizer.to_str())
     as_text.encode_special_tokens = True
-    chunks = data.load_chunks(files, tokenizer, max_tokens)
+    chunks = packing.load_chunks(files, tokenizer, max_tokens)
     for path, doc_chunks in zip(files, chunks):
         text = data.read_source(path)
         assert "".join(chunk.text for chunk in doc_chunks) == text
@@ -188,23 +188,23 @@ def _split_at(ids, *markers):
 
 
 def test_fim_example_rearranges_to_the_chunk(files, tokenizer):
-    chunks = [c for doc in data.load_chunks(files, tokenizer, 50) for c in doc]
+    chunks = [c for doc in packing.load_chunks(files, tokenizer, 50) for c in doc]
     rng = np.random.default_rng(0)
-    examples = [data.fim_transform(c.text, rng, fim_rate=1.0, ids=c.ids) for c in chunks]
-    for chunk, ids in zip(chunks, data.encode_examples(examples, tokenizer)):
+    examples = [fim.fim_transform(c.text, rng, fim_rate=1.0, ids=c.ids) for c in chunks]
+    for chunk, ids in zip(chunks, packing.encode_examples(examples, tokenizer)):
         assert ids[0] == FIM_PREFIX and ids[-1] == EOT
         (_, prefix, suffix), middle = _split_at(ids, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)
         decode = tokenizer.decode
         assert decode(prefix) + decode(middle[:-1]) + decode(suffix) == chunk.text
 
-    plain = data.fim_transform(chunks[0].text, rng, fim_rate=0.0, ids=chunks[0].ids)
+    plain = fim.fim_transform(chunks[0].text, rng, fim_rate=0.0, ids=chunks[0].ids)
     assert plain[1] == EOT and plain[0] is chunks[0].ids
 
 
 def test_middle_spans_favour_line_completions(files):
     rng = np.random.default_rng(0)
     text = max((data.read_source(path) for path in files), key=len)
-    spans = [data.fim_middle_span(text, rng) for _ in range(500)]
+    spans = [fim.fim_middle_span(text, rng) for _ in range(500)]
     assert all(0 <= start <= end <= len(text) for start, end in spans)
     at_line_end = [end == len(text) or text[end] == "\n" for _, end in spans]
     one_line = ["\n" not in text[start:end] for start, end in spans]
@@ -214,7 +214,7 @@ def test_middle_spans_favour_line_completions(files):
 
 def test_packing_keeps_examples_whole():
     examples = [np.full(n, n, dtype=np.int32) for n in (5, 9, 3, 7, 2, 10, 1)]
-    rows = data.pack_examples(examples, row_len=10)
+    rows = packing.pack_examples(examples, row_len=10)
     assert rows.shape[1] == 10
     assert (rows == IGNORE_INDEX).sum() == rows.size - sum(map(len, examples))
     for example in examples:
@@ -224,11 +224,11 @@ def test_packing_keeps_examples_whole():
 
 def test_batches_are_seeded(files, tokenizer):
     def take(seed, n=4):
-        stream = data.batches(files, tokenizer, SEQ_LEN, batch_size=4, seed=seed, epochs=2)
+        stream = packing.batches(files, tokenizer, SEQ_LEN, batch_size=4, seed=seed, epochs=2)
         return [torch.cat(batch) for batch in stream][:n]
 
     first, again, other = take(0), take(0), take(1)
-    inputs, targets = next(data.batches(files, tokenizer, SEQ_LEN, 4, seed=0))
+    inputs, targets = next(packing.batches(files, tokenizer, SEQ_LEN, 4, seed=0))
     assert inputs.shape == targets.shape == (4, SEQ_LEN)
     assert inputs.dtype == targets.dtype == torch.long
     real = targets[:, :-1] != IGNORE_INDEX

@@ -49,6 +49,15 @@ probability = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 nonempty = _checked(str, bool, "a non-empty string")
 
 
+def window_count(text: str) -> int | None:
+    """A positive number of evaluation windows, or 'all' (None)."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', not {text!r}")
+    return int(text)
+
+
 def _path(is_kind, kind: str):
     def parse(text: str) -> Path:
         path = Path(text)

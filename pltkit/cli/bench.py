@@ -31,8 +31,7 @@ from pltkit.cli.args import HelpFormatter, one_line_errors
 FORMS = ["torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ort-int4"]
 
 
-@one_line_errors("plt-bench")
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plt-bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--forms", nargs="+", default=FORMS, choices=FORMS, metavar="FORM",
                    help="runtimes and precisions to measure")
@@ -52,7 +51,12 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, help="where exported models are kept between runs "
                                                 "(default: the user cache, pltkit/bench)")
     p.add_argument("--plot", type=Path, help="write a PNG chart here")
-    args = p.parse_args(argv)
+    return p
+
+
+@one_line_errors("plt-bench")
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         import torch  # noqa: F401  (the loop benchmark exports and runs the torch reference)

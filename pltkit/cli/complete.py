@@ -14,8 +14,7 @@ from pltkit.cli.args import HelpFormatter, message, one_line_errors
 from pltkit.runtime.backends import BACKENDS
 
 
-@one_line_errors("plt-complete")
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plt-complete", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("prompt", nargs="?", help="text before the cursor (default: read stdin)")
     p.add_argument("--model", default="default", help="checkpoint or artifact folder, or 'default'")
@@ -44,6 +43,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the artifact's files against the sha256s in its manifest (each file is "
                         "hashed once; later runs only stat it)")
+    return p
+
+
+@one_line_errors("plt-complete")
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.chat and (args.suffix is not None or args.suffix_file):
         p.error("--chat and --suffix exclude each other")

@@ -20,48 +20,7 @@ import sys
 from pltkit.cli import args as types
 from pltkit.cli.args import HelpFormatter, message, one_line_errors
 from pltkit.runtime.backends import BACKENDS
-
-SAMPLE_WINDOWS = 8  # held-out windows measured by default: about 4k tokens of the ~94k
-
-
-def window_count(text: str) -> int | None:
-    """An argparse type: a positive number of windows, or 'all' (None)."""
-    if text == "all":
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or 'all', not {text!r}")
-    return int(text)
-
-
-def heldout_windows(tokenizer_dir, seq_len: int, windows: int | None = SAMPLE_WINDOWS):
-    """(inputs, targets, prompts, total): `windows` of the `total` held-out windows, spread evenly
-    (all when None), and the 8 greedy prompts."""
-    from pltkit.model.tokenizer import text_tokenizer
-    from pltkit.train import data
-    from pltkit.train.samples import held_out_prompts
-
-    tok = text_tokenizer(tokenizer_dir)
-    _, heldout = data.stdlib_split()
-    inputs, targets = data.eval_sequences(heldout, tok, seq_len)
-    prompts = [tok.encode(p["prefix"]).ids[-seq_len // 2:] for p in held_out_prompts(8)]
-    sample = data.spread(len(inputs), windows)
-    return inputs.numpy()[sample], targets.numpy()[sample], prompts, len(inputs)
-
-
-def accuracy_report(model, reference="default", threads=None, windows=SAMPLE_WINDOWS, backend=None,
-                    verify=True) -> dict:
-    from pltkit.model.paths import resolve_model_path
-    from pltkit.runtime.backends import open_backend
-    from pltkit.runtime.evaluate import compare
-
-    # the torch reference on one thread unless told: on 2 cores two threads ran its windows 1.6x faster at
-    # best, and 2-16x slower whenever other work shared the cores (its small steps wait on the busy core)
-    ref = open_backend(reference, threads=threads or 1, verify=verify)
-    backend = open_backend(model, backend, threads=threads, verify=verify)
-    seq_len = min(backend.config.max_position_embeddings, 512)
-    inputs, targets, prompts, total = heldout_windows(resolve_model_path(model), seq_len, windows)
-    return {**compare(backend, ref, inputs, targets, prompts), "windows": len(inputs), "windows_total": total,
-            "seq_len": seq_len}
+from pltkit.train.accuracy import SAMPLE_WINDOWS, accuracy_report
 
 
 @one_line_errors("plt-eval")
@@ -74,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=types.positive_int, help="default: the physical cores")
     p.add_argument("--backend", choices=list(BACKENDS),
                    help="what runs an artifact (default: ort; onnx-reference for bfloat16 on a CPU)")
-    p.add_argument("--windows", type=window_count, default=SAMPLE_WINDOWS, metavar="N|all",
+    p.add_argument("--windows", type=types.window_count, default=SAMPLE_WINDOWS, metavar="N|all",
                    help="held-out windows to measure, spread evenly over the set, or 'all'")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the artifact's files against the sha256s in its manifest (each file is "
@@ -99,19 +58,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from pltkit.model.checkpoint import load_model
-    from pltkit.model.tokenizer import text_tokenizer
-    from pltkit.train import data
-    from pltkit.train.evaluate import heldout_loss
+    from pltkit.train.evaluate import checkpoint_report
 
     torch.set_num_threads(args.threads or physical_cores())
-    model = load_model(path)
-    tokenizer = text_tokenizer(path)
-    _, heldout = data.stdlib_split()
-    seq_len = args.seq_len or model.config.max_position_embeddings
-    result = heldout_loss(model, tokenizer, heldout, seq_len, windows=args.windows)
-    print(json.dumps({"model": str(args.model), "loops": model.config.plt_num_loops, "seq_len": seq_len,
-                      "heldout_files": len(heldout), **result}))
+    print(json.dumps({"model": str(args.model), **checkpoint_report(path, args.seq_len, args.windows)}))
     return 0
 
 

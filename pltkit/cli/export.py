@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from pltkit.cli import args as types
 from pltkit.cli.args import HelpFormatter, one_line_errors
-from pltkit.cli.eval import SAMPLE_WINDOWS, window_count
 from pltkit.model.formats import FLOAT_TYPES
+from pltkit.train.accuracy import SAMPLE_WINDOWS, accuracy_report
 
 
-@one_line_errors("plt-export")
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plt-export", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("checkpoint", nargs="?", default="default", help="checkpoint folder or 'default'")
     p.add_argument("-o", "--out", type=Path, help="artifact folder (default: ./<checkpoint name>-fp32)")
@@ -39,9 +39,15 @@ def main(argv=None) -> int:
     p.add_argument("--calib", type=types.existing_dir,
                    help="folder of .py files for calibration (default: the held-out split)")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy report of a quantized export")
-    p.add_argument("--eval-windows", type=window_count, default=SAMPLE_WINDOWS, metavar="N|all",
+    p.add_argument("--eval-windows", type=types.window_count, default=SAMPLE_WINDOWS, metavar="N|all",
                    help="held-out windows the accuracy report measures, spread evenly over the set (the same ones "
                         "every run; seconds); 'all' measures every one (about 94k tokens: a minute or more)")
+    return p
+
+
+@one_line_errors("plt-export")
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.target == "trt" and args.quant in (None, "int4", "int4-asym"):
         p.error("--target trt applies to --int8 (--fp8 is for TensorRT already)")
@@ -57,7 +63,7 @@ def main(argv=None) -> int:
         try:
             require()  # before a long export: say at once what is missing
         except GpuUnavailable as e:
-            print(f"plt-export: --engine trt: {e}", file=sys.stderr)
+            say(f"--engine trt: {e}")
             return 2
         args.target = "trt"  # --int8 for TensorRT is the Q/DQ form
         from pltkit.runtime.artifact import is_artifact
@@ -67,11 +73,12 @@ def main(argv=None) -> int:
     try:
         from pltkit.export.artifact import ExportError, check_output, export
     except ImportError as e:
-        print(f"plt-export: needs PyTorch ({e.name} is not installed): pip install 'pltkit[torch]'", file=sys.stderr)
+        say(f"needs PyTorch ({e.name} is not installed): pip install 'pltkit[torch]'")
         return 2
     from pltkit.model.config import ConfigError
     from pltkit.model.paths import CheckpointError
     from pltkit.quant.schemes import QDQ_SCHEMES, SCHEMES
+    from pltkit.train.calibrate import calibrate
 
     scheme_name = "int8-qdq" if args.quant == "int8" and args.target == "trt" else args.quant
     out = args.out or Path(f"{Path(str(args.checkpoint)).name}-{scheme_name or FLOAT_TYPES[args.dtype].short}")
@@ -79,15 +86,15 @@ def main(argv=None) -> int:
         check_output(out, args.force)  # before calibrating: a busy folder fails now, not minutes later
         scheme = None
         if scheme_name in QDQ_SCHEMES:
-            scheme = QDQ_SCHEMES[scheme_name].with_calibration(calibrate(args.checkpoint, args.calib))
+            scheme = QDQ_SCHEMES[scheme_name].with_calibration(calibrate(args.checkpoint, args.calib, say=say))
         elif scheme_name:
             scheme = SCHEMES[scheme_name]
         export(args.checkpoint, out, force=args.force, quant=scheme, dtype=args.dtype)
     except (ExportError, CheckpointError, ConfigError, ValueError) as e:
-        print(f"plt-export: {e}".replace("\n", " "), file=sys.stderr)
+        say(str(e).replace("\n", " "))
         return 2
     except KeyboardInterrupt:
-        print("plt-export: interrupted; nothing was written", file=sys.stderr)
+        say("interrupted; nothing was written")
         return 130
     if args.quant and not args.no_eval:
         add_accuracy_report(out, args.checkpoint, args.eval_windows)
@@ -97,53 +104,31 @@ def main(argv=None) -> int:
     return 0
 
 
+def say(message: str) -> None:
+    """A line to stderr, for the user: progress and errors."""
+    print(f"plt-export: {message}", file=sys.stderr)
+
+
 def build_engines(artifact: Path) -> int:
     from pltkit.gpu.trt_engine import build
 
-    print(f"plt-export: building TensorRT engines for {artifact}", file=sys.stderr)
+    say(f"building TensorRT engines for {artifact}")
     try:
         folder = build(artifact)
     except (RuntimeError, ValueError) as e:
-        print(f"plt-export: {e}", file=sys.stderr)
+        say(str(e))
         return 2
     print(folder)
     return 0
 
 
-def calibrate(checkpoint, folder: Path | None, windows: int = 16) -> dict[str, float]:
-    """Activation amax of every linear layer over `windows` windows of code: the files of
-    `folder`, or the default model's held-out split."""
-    from pltkit.model.checkpoint import load_model
-    from pltkit.model.paths import resolve_model_path
-    from pltkit.model.tokenizer import text_tokenizer
-    from pltkit.quant.calibrate import activation_amax
-    from pltkit.train import data
-
-    if folder is None:
-        _, files = data.stdlib_split()
-    else:
-        files = sorted(folder.rglob("*.py"))
-        if not files:
-            raise ValueError(f"--calib {folder}: no .py files")
-    path = resolve_model_path(checkpoint)
-    model = load_model(path)
-    tok = text_tokenizer(path)
-    inputs, _ = data.eval_sequences(files, tok, min(512, model.config.max_position_embeddings))
-    print(f"plt-export: calibrating on {min(windows, len(inputs))} windows of {len(files)} files", file=sys.stderr)
-    return activation_amax(model, inputs[:windows])
-
-
 def add_accuracy_report(artifact: Path, reference, windows: int | None) -> None:
     """Held-out perplexity, top-1 agreement and greedy-match length against the checkpoint (the
     torch reference), printed and stored in the manifest."""
-    import json
-
-    from pltkit.cli.eval import accuracy_report
     from pltkit.runtime.artifact import update_manifest
 
     sample = f"{windows} held-out windows (--eval-windows all: every one)" if windows else "every held-out window"
-    print(f"plt-export: measuring accuracy against the float32 reference on {sample}; --no-eval skips",
-          file=sys.stderr)
+    say(f"measuring accuracy against the float32 reference on {sample}; --no-eval skips")
     report = accuracy_report(artifact, reference, windows=windows)
     print(json.dumps(report), file=sys.stderr)
     update_manifest(artifact, lambda m: m.update(accuracy={"reference": "float32 checkpoint (torch)", **report}))

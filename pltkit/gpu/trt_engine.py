@@ -17,7 +17,8 @@
 - A timing cache is kept in the artifact (`engines/timing.cache`).
 - Plans are stored under `engines/<key>/`, key = GPU name, compute capability and TensorRT
   version, and recorded in the manifest. A plan built for another key is never loaded: the
-  engines are rebuilt.
+  engines are rebuilt. The folder is written beside itself and renamed into place, as an export
+  is (pltkit.model.folders): a kill leaves the old engines or none, never a part of new ones.
 
 Nothing here runs without an NVIDIA GPU and TensorRT: `require()` says what is missing.
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pltkit.model.folders import repair_leftovers, replace_folder
 from pltkit.runtime.artifact import Artifact, update_manifest
 
 ENGINES = "engines"
@@ -115,6 +117,7 @@ def build(artifact_path, *, plugin: bool | None = None, max_batch: int = 1, max_
     artifact = Artifact.open(artifact_path)
     key = device_key(trt, torch)
     folder = artifact.path / ENGINES / key
+    repair_leftovers(folder)  # a build killed while it replaced the folder: the old one put back
     recorded = artifact.manifest.get("engines", {}).get(key)
     if recorded and all((folder / f"{p}.plan").is_file() for p in PHASES):
         return folder
@@ -124,7 +127,7 @@ def build(artifact_path, *, plugin: bool | None = None, max_batch: int = 1, max_
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     cache_path = artifact.path / ENGINES / "timing.cache"
-    tmp = folder.with_name(folder.name + ".partial")
+    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     ranges = profile_ranges(artifact, max_batch, max_chunk)
@@ -154,9 +157,7 @@ def build(artifact_path, *, plugin: bool | None = None, max_batch: int = 1, max_
             (tmp / f"{phase}.plan").write_bytes(bytes(plan))
             config = _config(builder, trt, workspace_gb, config.get_timing_cache())
         cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for phase in PHASES:

@@ -107,25 +107,29 @@ def register() -> bool:
                      gate: TD, pos0: TD, first_loop: I32, kv_buffer: I32, scale: F32, window: I32,
                      outputs: Tuple[TD, TD, TD, TD, TD], tactic: int
                      ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
-            from pltkit.gpu.triton_loop_attention import aot_ptx, compile_ptx
-
-            a = attributes(first_loop, kv_buffer, scale, window)
-            head = query.shape_expr[4]
-            if not head.is_constant:
-                raise ValueError("LoopAttention on TensorRT needs a static head size")
-            kernel = compile_ptx(kernel_dtype(trt, query.dtype), **a, head_dim=head.constant_value(),
-                                 ptx_version=driver_ptx_version())
-            grid, scalars = launch(trtp, query, past_key, ring_key, first_loop=a["first_loop"],
-                                   kv_buffer=a["kv_buffer"])
-            params = trtp.KernelLaunchParams()
-            params.grid_x = grid
-            params.block_x = kernel.metadata.num_warps * 32
-            params.shared_mem = kernel.metadata.shared
-            extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
-            return kernel.metadata.name, aot_ptx(kernel), params, extra
+            return aot_kernel(trt, trtp, query, past_key, ring_key, attributes(first_loop, kv_buffer, scale, window))
 
     _registered = True
     return True
+
+
+def aot_kernel(trt, trtp, query, past_key, ring_key, a: dict):
+    """What the ahead-of-time implementation returns for a node of attributes `a`: the kernel's
+    name and PTX, its launch parameters and its int32 scalars (expressions of the input shapes)."""
+    from pltkit.gpu.triton_loop_attention import aot_ptx, compile_ptx
+
+    head = query.shape_expr[4]
+    if not head.is_constant:
+        raise ValueError("LoopAttention on TensorRT needs a static head size")
+    kernel = compile_ptx(kernel_dtype(trt, query.dtype), **a, head_dim=head.constant_value(),
+                         ptx_version=driver_ptx_version())
+    grid, scalars = launch(trtp, query, past_key, ring_key, first_loop=a["first_loop"], kv_buffer=a["kv_buffer"])
+    params = trtp.KernelLaunchParams()
+    params.grid_x = grid
+    params.block_x = kernel.metadata.num_warps * 32
+    params.shared_mem = kernel.metadata.shared
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
+    return kernel.metadata.name, aot_ptx(kernel), params, extra
 
 
 def attributes(first_loop, kv_buffer, scale, window) -> dict:

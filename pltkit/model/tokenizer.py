@@ -46,8 +46,7 @@ class JsonTokenizer:
 
     def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
-        self._plain = Tokenizer.from_str(tokenizer.to_str())
-        self._plain.encode_special_tokens = True  # user text never turns into control tokens
+        self._plain = plain_text(tokenizer)
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     @classmethod
@@ -200,6 +199,17 @@ def text_tokenizer(path: str | os.PathLike):
     if (path / "tokenizer.json").is_file():
         return read_tokenizer_json(path / "tokenizer.json")
     return PlainEncoder(PLTTokenizer.from_dir(path))
+
+
+def plain_text(tokenizer):
+    """`tokenizer` with special-token names in text tokenized as plain text, so that user text and
+    source code never turn into control tokens: a copy of a `tokenizers.Tokenizer` with
+    encode_special_tokens set; anything else (a PlainEncoder) encodes so already and is returned."""
+    if not isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    plain = Tokenizer.from_str(tokenizer.to_str())
+    plain.encode_special_tokens = True
+    return plain
 
 
 def read_tokenizer_json(file: Path) -> Tokenizer:

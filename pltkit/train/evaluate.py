@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from pltkit.model.checkpoint import load_model
 from pltkit.model.plt import PLTForCausalLM
+from pltkit.model.tokenizer import text_tokenizer
 from pltkit.train import data
 
 
@@ -34,3 +36,14 @@ def heldout_loss(model: PLTForCausalLM, tokenizer: Tokenizer, files, seq_len: in
     loss = total / count
     return {"loss": round(loss, 4), "perplexity": round(math.exp(loss), 3), "tokens": count,
             "windows": len(inputs), "windows_total": total_windows}
+
+
+def checkpoint_report(path, seq_len: int | None = None, windows: int | None = None) -> dict:
+    """plt-eval's figures for the checkpoint in `path`: heldout_loss on the held-out split in windows
+    of seq_len (default: the model's context), with its loop count, the window length and the
+    number of held-out files."""
+    model = load_model(path)
+    _, heldout = data.stdlib_split()
+    seq_len = seq_len or model.config.max_position_embeddings
+    result = heldout_loss(model, text_tokenizer(path), heldout, seq_len, windows=windows)
+    return {"loops": model.config.plt_num_loops, "seq_len": seq_len, "heldout_files": len(heldout), **result}

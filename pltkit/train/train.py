@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pltkit.model.checkpoint import save_checkpoint
 from pltkit.model.config import PLTConfig
 from pltkit.model.plt import PLTForCausalLM
-from pltkit.train import data
+from pltkit.train import bpe, data, packing
 from pltkit.train.evaluate import heldout_loss
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def train(tc: TrainConfig, out: Path, tokenizer_dir: Path | None = None, root: s
     log.info("%d training files, %d held out", len(train_files), len(heldout_files))
     tok_dir = tokenizer_dir or out / "tokenizer"
     if tokenizer_dir is None:
-        data.train_tokenizer(train_files, tc.vocab_size, tok_dir, model_max_length=tc.seq_len)
+        bpe.train_tokenizer(train_files, tc.vocab_size, tok_dir, model_max_length=tc.seq_len)
     tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     tc = TrainConfig(**{**asdict(tc), "vocab_size": tokenizer.get_vocab_size()})
 
@@ -106,7 +106,7 @@ def train(tc: TrainConfig, out: Path, tokenizer_dir: Path | None = None, root: s
     log.info("model: %.2fM parameters, %d loops", n_params / 1e6, tc.loops)
 
     history, start = [], time.time()
-    batches = data.batches(train_files, tokenizer, tc.seq_len, tc.batch_size, tc.seed, tc.fim_rate)
+    batches = packing.batches(train_files, tokenizer, tc.seq_len, tc.batch_size, tc.seed, tc.fim_rate)
     bar = tqdm(range(tc.steps), desc=f"train PLT-{tc.loops}", unit="step", disable=None)
     model.train()
     for step in bar:
