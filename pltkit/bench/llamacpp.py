@@ -104,10 +104,9 @@ class Runner:
 
 class PltkitRunner(Runner):
     def __init__(self, artifact: Path, threads: int):
-        from pltkit.runtime.artifact import Artifact
-        from pltkit.runtime.ort_backend import OrtBackend
+        from pltkit.runtime.backends import open_backend
 
-        self.backend = OrtBackend(Artifact.open(artifact), threads)
+        self.backend = open_backend(artifact, "ort", threads)
 
     def _prefill(self, ids):
         logits, self.state = self.backend.prefill(np.asarray([ids]), self.backend.new_state(1))

@@ -101,9 +101,7 @@ def make_artifacts(checkpoints: dict[str, Path], workdir: Path, precisions) -> d
 
 def open_form(form: str, checkpoints, artifacts, threads: int, variants=VARIANTS) -> dict:
     """{variant: backend} for a form "torch-fp32" | "torch-int8" | "ort-<precision>"."""
-    from pltkit.runtime.artifact import Artifact
     from pltkit.runtime.backends import open_backend
-    from pltkit.runtime.ort_backend import OrtBackend
     from pltkit.runtime.serial import SerialLoops
 
     kind, prec = form.split("-")
@@ -115,7 +113,7 @@ def open_form(form: str, checkpoints, artifacts, threads: int, variants=VARIANTS
             for b in backends.values():
                 b.model = torch.ao.quantization.quantize_dynamic(b.model, {torch.nn.Linear}, dtype=torch.qint8)
     else:
-        backends = {v: OrtBackend(Artifact.open(artifacts[v, prec]), threads) for v in needed}
+        backends = {v: open_backend(artifacts[v, prec], "ort", threads) for v in needed}
     if "serial2" in variants:
         backends["serial2"] = SerialLoops(backends["plain"], 2)
     return {v: backends[v] for v in variants}

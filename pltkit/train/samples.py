@@ -18,9 +18,9 @@ import sysconfig
 
 from pltkit.model.paths import resolve_model_path
 from pltkit.model.tokenizer import PLTTokenizer
-from pltkit.train import data
+from pltkit.runtime.backends import open_backend
 from pltkit.runtime.generate import generate
-from pltkit.runtime.torch_backend import TorchBackend
+from pltkit.train import data
 
 PREFIX_CHARS = 900  # keep prompts well inside the default model's 512-token context
 
@@ -53,7 +53,7 @@ def complete(backend, tok: PLTTokenizer, prompt: dict, max_new: int) -> dict:
 
 def card_markdown(model_name: str, n: int = 4, max_new: int = 48) -> str:
     path = resolve_model_path(model_name)
-    backend, tok = TorchBackend(path, threads=2), PLTTokenizer.from_dir(path)
+    backend, tok = open_backend(path, "torch", threads=2), PLTTokenizer.from_dir(path)
     out = []
     for p in held_out_prompts(n):
         got = complete(backend, tok, p, max_new)
