@@ -409,7 +409,8 @@ def test_smollm2_imports_and_completes_python(tmp_path, capsys):
 @pytest.mark.slow
 def test_smollm2_logits_equal_llama_cpp(tmp_path):
     """The imported SmolLM2 against llama.cpp itself on the same weights (the Q4_1 file converted
-    to F32 by llama.cpp), teacher-forced over 256 tokens of code."""
+    to F32 by llama.cpp, float32 cache), teacher-forced over 256 tokens of code. CI checks the same
+    on a tiny model without llama.cpp: tests/test_import_reference.py."""
     import ctypes
     import sysconfig
 
@@ -430,8 +431,9 @@ def test_smollm2_logits_equal_llama_cpp(tmp_path):
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(f32).encode(), ctypes.byref(params)) == 0
     text = open(sysconfig.get_paths()["stdlib"] + "/textwrap.py").read()
     ids = PLTTokenizer.from_dir(tmp_path / "smollm2").encode(text)[:256]
+    # float32 KV cache (type 0): llama.cpp's default float16 cache alone moves 1 in 256 top-1 tokens
     llm = llama_cpp.Llama(model_path=str(f32), n_ctx=300, n_batch=256, n_ubatch=256, n_threads=2, logits_all=True,
-                          verbose=False)
+                          type_k=0, type_v=0, flash_attn=False, verbose=False)
     llm.eval(ids)
     theirs = np.asarray(llm.scores[:256])
     backend = open_backend(tmp_path / "smollm2", "torch", 2)
@@ -440,4 +442,4 @@ def test_smollm2_logits_equal_llama_cpp(tmp_path):
     diff = np.abs(ours - theirs)
     print(f"top-1 agreement {agree:.4f}, max|diff| {diff.max():.4f}, mean|diff| {diff.mean():.5f} "
           f"(logits up to {np.abs(theirs).max():.1f})")
-    assert agree >= 0.99 and diff.mean() < 0.01
+    assert agree == 1.0 and diff.max() < 1e-3
