@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 import pltkit
 from pltkit.export import loop_attention as la
-from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables, state_names, state_shapes
+from pltkit.export.builder import state_names, state_shapes
+from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables
 from pltkit.model.checkpoint import TOKENIZER_FILES, open_checkpoint, read_tensor
 from pltkit.model.formats import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST, float_type
 from pltkit.model.folders import kill_point, repair_leftovers, replace_folder
