@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 import pltkit
 from pltkit.export import loop_attention as la
-from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables, state_names, state_shapes
+from pltkit.export.builder import state_names, state_shapes
+from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables
 from pltkit.model.checkpoint import TOKENIZER_FILES, open_checkpoint, read_tensor
 from pltkit.model.formats import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST, float_type
 from pltkit.model.folders import kill_point, staged_folder
@@ -70,7 +71,7 @@ class WeightStore:
     def __init__(self, path: Path, source):
         self.path, self._source = path, source
         self.file = open(path, "wb")
-        self.protos: dict[str, TensorProto] = {}
+        self._protos: dict[str, TensorProto] = {}
         self._packed: dict[str, list[str]] = {}
         self._shapes: dict[str, tuple] = {}
 
@@ -102,7 +103,7 @@ class WeightStore:
 
     def derived(self, key: str, make) -> tuple[str, TensorProto]:
         """A tensor computed once by make() (e.g. quantized weights), stored under `key`."""
-        if key not in self.protos:
+        if key not in self._protos:
             arr = np.require(make(), requirements="C")  # (ascontiguousarray turns a scalar into [1])
             self.file.write(b"\0" * (-self.file.tell() % ALIGN))
             offset = self.file.tell()
@@ -111,8 +112,16 @@ class WeightStore:
             proto.data_location = TensorProto.EXTERNAL
             for k, v in (("location", self.path.name), ("offset", offset), ("length", arr.nbytes)):
                 proto.external_data.add(key=k, value=str(v))
-            self.protos[key] = proto
-        return key, self.protos[key]
+            self._protos[key] = proto
+        return key, self._protos[key]
+
+    def derived_together(self, keys: list[str], make) -> list[tuple[str, TensorProto]]:
+        """Tensors computed together once by make() (one array per key, in order: a quantized
+        weight and its scales, say), stored under `keys`."""
+        if keys[0] not in self._protos:
+            for key, arr in zip(keys, make(), strict=True):
+                self.derived(key, lambda arr=arr: arr)
+        return [self.derived(key, None) for key in keys]
 
     def close(self):
         self.file.close()

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+# Slice's end for "to the end of the axis": ONNX has no marker for it, and an end beyond the
+# axis' size is clamped to the size, so any bound beyond every axis will do (2**62, clear of int64's limit)
+TO_END = 2**62
 
 
 class Graph:
@@ -34,6 +38,16 @@ class Graph:
         outs = [f"{name}/out{i}" if n_out > 1 else f"{name}/out" for i in range(n_out)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, domain=domain, **attrs))
         return outs if n_out > 1 else outs[0]
+
+    def attribute(self, attr: str, kind: int) -> str:
+        """In a function body: a Constant whose value is the calling node's attribute `attr` (of
+        AttributeProto type INT or FLOAT)."""
+        out = self._name(f"attr_{attr}")
+        node = helper.make_node("Constant", [], [out], name=out)
+        value = {AttributeProto.INT: "value_int", AttributeProto.FLOAT: "value_float"}[kind]
+        node.attribute.append(AttributeProto(name=value, ref_attr_name=attr, type=kind))
+        self.nodes.append(node)
+        return out
 
     def shared(self, key, build) -> str:
         """A value built once per graph and reused: shape arithmetic that every layer repeats (the

@@ -68,70 +68,88 @@ def _copy_rows(dst, src, n, offs_d, d_mask, D: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
+def _attention_program(pid, q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, rk_ptr, rv_ptr, gate_ptr, out_ptr, pos0,
+                       B, H, HKV, S, C, W, offs_d, d_mask, N0: tl.constexpr, WINDOW: tl.constexpr,
+                       SCALE: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """The output of one (row, batch, query head, token): global branch, and for a row of a loop
+    >= 1 the local branch mixed in by the gate."""
+    s_idx = pid % S
+    h = (pid // S) % H
+    b = (pid // (S * H)) % B
+    r = pid // (S * H * B)
+    hk = h // (H // HKV)
+    t = pos0 + s_idx
+    row = ((r * B + b) * H + h) * S + s_idx
+    q = tl.load(q_ptr + row.to(tl.int64) * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    zero = tl.sum(q, axis=0) * 0.0
+    # global branch: the cache before this call's write, then row 0's new keys if it is loop 0
+    kv = (b * HKV + hk).to(tl.int64)
+    cached = pos0 if N0 else tl.minimum(C, pos0 + S)  # no later position is visible
+    m, l, acc = _attend(q, kc_ptr + kv * C * D, vc_ptr + kv * C * D, cached, 0, t, WINDOW, False, SCALE,
+                        zero - float("inf"), zero, tl.zeros_like(q), offs_d, d_mask, D, BLOCK)
+    if N0:
+        new = ((0 * B + b) * HKV + hk).to(tl.int64) * S * D
+        m, l, acc = _attend(q, k_ptr + new, v_ptr + new, S, pos0, t, WINDOW, False, SCALE, m, l, acc, offs_d,
+                            d_mask, D, BLOCK)
+    y = acc / l
+    if r >= N0:  # a loop >= 1 row: local branch over its ring and its own keys, mixed by the gate
+        rr = r - N0
+        ring = ((rr * B + b) * HKV + hk).to(tl.int64) * W * D
+        own = ((r * B + b) * HKV + hk).to(tl.int64) * S * D
+        ml, ll, accl = _attend(q, rk_ptr + ring, rv_ptr + ring, W, pos0 - W, t, WINDOW, True, SCALE,
+                               zero - float("inf"), zero, tl.zeros_like(q), offs_d, d_mask, D, BLOCK)
+        ml, ll, accl = _attend(q, k_ptr + own, v_ptr + own, S, pos0, t, WINDOW, True, SCALE, ml, ll, accl,
+                               offs_d, d_mask, D, BLOCK)
+        g = tl.load(gate_ptr + ((rr * B + b) * H + h) * S + s_idx).to(tl.float32)
+        y = g * y + (1.0 - g) * (accl / ll)
+    tl.store(out_ptr + row.to(tl.int64) * D + offs_d, y.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _ring_program(pid, n_att, k_ptr, v_ptr, rk_ptr, rv_ptr, rk_out, rv_out, B, HKV, S, W, offs_d, d_mask,
+                  N0: tl.constexpr, WINDOW: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """Ring program pid - n_att: the new ring of one (ring row, batch, kv head), the last
+    min(W + S, window) of ring ++ own keys."""
+    w_new = tl.minimum(W + S, WINDOW)  # ring length after the call
+    i = pid - n_att
+    rr = i // (B * HKV)
+    bh = i % (B * HKV)
+    ring = (rr * B * HKV + bh).to(tl.int64)
+    own = ((N0 + rr) * B * HKV + bh).to(tl.int64) * S * D
+    keep = W + S - w_new  # entries of ring ++ own dropped from the front
+    from_ring = tl.maximum(W - keep, 0)
+    _copy_rows(rk_out + ring * w_new * D, rk_ptr + ring * W * D + keep * D, from_ring, offs_d, d_mask, D, BLOCK)
+    _copy_rows(rv_out + ring * w_new * D, rv_ptr + ring * W * D + keep * D, from_ring, offs_d, d_mask, D, BLOCK)
+    skip = tl.maximum(keep - W, 0)
+    _copy_rows(rk_out + (ring * w_new + from_ring) * D, k_ptr + own + skip * D, w_new - from_ring, offs_d,
+               d_mask, D, BLOCK)
+    _copy_rows(rv_out + (ring * w_new + from_ring) * D, v_ptr + own + skip * D, w_new - from_ring, offs_d,
+               d_mask, D, BLOCK)
+
+
+@triton.jit
 def loop_attention_kernel(
         q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, rk_ptr, rv_ptr, gate_ptr, pos0_ptr,  # the op's inputs
         R, B, H, HKV, S, C, W,  # rows, batch, heads, kv heads, tokens, cache length (past), ring length
         out_ptr, kc_out, vc_out, rk_out, rv_out,  # the op's outputs
         N0: tl.constexpr, WINDOW: tl.constexpr, SCALE: tl.constexpr, KV_BUFFER: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
+    """One program of the launch: attention, ring, write or copy by program id (see the module's
+    docstring)."""
     pid = tl.program_id(0)
     pos0 = tl.load(pos0_ptr).to(tl.int32)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    rr_count = R - N0
     n_att = R * B * H * S
-    n_ring = rr_count * B * HKV
+    n_ring = (R - N0) * B * HKV
     n_write = N0 * B * HKV
-    w_new = tl.minimum(W + S, WINDOW)  # ring length after the call
     c_out = C if KV_BUFFER else C + N0 * S  # present cache length
     if pid < n_att:
-        s_idx = pid % S
-        h = (pid // S) % H
-        b = (pid // (S * H)) % B
-        r = pid // (S * H * B)
-        hk = h // (H // HKV)
-        t = pos0 + s_idx
-        row = ((r * B + b) * H + h) * S + s_idx
-        q = tl.load(q_ptr + row.to(tl.int64) * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-        zero = tl.sum(q, axis=0) * 0.0
-        # global branch: the cache before this call's write, then row 0's new keys if it is loop 0
-        kv = (b * HKV + hk).to(tl.int64)
-        cached = pos0 if N0 else tl.minimum(C, pos0 + S)  # no later position is visible
-        m, l, acc = _attend(q, kc_ptr + kv * C * D, vc_ptr + kv * C * D, cached, 0, t, WINDOW, False, SCALE,
-                            zero - float("inf"), zero, tl.zeros([BLOCK_D], dtype=tl.float32), offs_d, d_mask,
-                            D, BLOCK)
-        if N0:
-            new = ((0 * B + b) * HKV + hk).to(tl.int64) * S * D
-            m, l, acc = _attend(q, k_ptr + new, v_ptr + new, S, pos0, t, WINDOW, False, SCALE, m, l, acc, offs_d,
-                                d_mask, D, BLOCK)
-        y = acc / l
-        if r >= N0:  # a loop >= 1 row: local branch over its ring and its own keys, mixed by the gate
-            rr = r - N0
-            ring = ((rr * B + b) * HKV + hk).to(tl.int64) * W * D
-            own = ((r * B + b) * HKV + hk).to(tl.int64) * S * D
-            ml, ll, accl = _attend(q, rk_ptr + ring, rv_ptr + ring, W, pos0 - W, t, WINDOW, True, SCALE,
-                                   zero - float("inf"), zero, tl.zeros([BLOCK_D], dtype=tl.float32), offs_d, d_mask,
-                                   D, BLOCK)
-            ml, ll, accl = _attend(q, k_ptr + own, v_ptr + own, S, pos0, t, WINDOW, True, SCALE, ml, ll, accl,
-                                   offs_d, d_mask, D, BLOCK)
-            g = tl.load(gate_ptr + ((rr * B + b) * H + h) * S + s_idx).to(tl.float32)
-            y = g * y + (1.0 - g) * (accl / ll)
-        tl.store(out_ptr + row.to(tl.int64) * D + offs_d, y.to(out_ptr.dtype.element_ty), mask=d_mask)
-    elif pid < n_att + n_ring:  # ring: the last w_new of ring ++ own keys
-        i = pid - n_att
-        rr = i // (B * HKV)
-        bh = i % (B * HKV)
-        ring = (rr * B * HKV + bh).to(tl.int64)
-        own = ((N0 + rr) * B * HKV + bh).to(tl.int64) * S * D
-        keep = W + S - w_new  # entries of ring ++ own dropped from the front
-        from_ring = tl.maximum(W - keep, 0)
-        _copy_rows(rk_out + ring * w_new * D, rk_ptr + ring * W * D + keep * D, from_ring, offs_d, d_mask, D, BLOCK)
-        _copy_rows(rv_out + ring * w_new * D, rv_ptr + ring * W * D + keep * D, from_ring, offs_d, d_mask, D, BLOCK)
-        skip = tl.maximum(keep - W, 0)
-        _copy_rows(rk_out + (ring * w_new + from_ring) * D, k_ptr + own + skip * D, w_new - from_ring, offs_d,
-                   d_mask, D, BLOCK)
-        _copy_rows(rv_out + (ring * w_new + from_ring) * D, v_ptr + own + skip * D, w_new - from_ring, offs_d,
-                   d_mask, D, BLOCK)
+        _attention_program(pid, q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, rk_ptr, rv_ptr, gate_ptr, out_ptr, pos0,
+                           B, H, HKV, S, C, W, offs_d, d_mask, N0, WINDOW, SCALE, D, BLOCK)
+    elif pid < n_att + n_ring:
+        _ring_program(pid, n_att, k_ptr, v_ptr, rk_ptr, rv_ptr, rk_out, rv_out, B, HKV, S, W, offs_d, d_mask,
+                      N0, WINDOW, D, BLOCK)
     elif pid < n_att + n_ring + n_write:  # row 0's keys/values into the cache at pos0
         kvw = (pid - n_att - n_ring).to(tl.int64)
         dst = (kvw * c_out + pos0) * D

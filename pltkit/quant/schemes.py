@@ -113,11 +113,8 @@ class WeightOnlyNBits:
             return self.head.linear(builder, x, weight)
         store, key = builder.store, f"{weight}.q{self.bits}" + ("" if self.full_range else "-127")
         n, k = store.shape(weight)
-        if key not in store.protos:
-            packed, scales = self.pack(store.source(weight).T)
-            store.derived(key, lambda: packed)
-            store.derived(key + ".scales", lambda: scales)
-        packed, scales = (builder.use_initializer(*store.derived(name, None)) for name in (key, key + ".scales"))
+        packed, scales = (builder.use_initializer(*t) for t in store.derived_together(
+            [key, key + ".scales"], lambda: self.pack(store.source(weight).T)))
         return builder.g.op("MatMulNBits", x, packed, scales, domain="com.microsoft", K=k, N=n, bits=self.bits,
                             block_size=self.block_size, accuracy_level=self.accuracy_level)
 
@@ -215,11 +212,8 @@ class AsymmetricNBits:
             return self.head.linear(builder, x, weight)
         g, store, key = builder.g, builder.store, f"{weight}.q{self.bits}a"
         n, k = store.shape(weight)
-        parts = (key, key + ".scales", key + ".offsets")
-        if key not in store.protos:
-            for name, t in zip(parts, self.pack(store.source(weight).T)):
-                store.derived(name, lambda t=t: t)
-        packed, scales, lo = (builder.use_initializer(*store.derived(name, None)) for name in parts)
+        packed, scales, lo = (builder.use_initializer(*t) for t in store.derived_together(
+            [key, key + ".scales", key + ".offsets"], lambda: self.pack(store.source(weight).T)))
         shape = (n, -(-self.blocks(k) * self.bits // 8))
         zeros = builder.use_initializer(*store.derived(f"zero_points.{shape[0]}x{shape[1]}",
                                                        lambda: np.zeros(shape, np.uint8)))
@@ -247,6 +241,9 @@ SCHEMES = {"int8": INT8, "int4": WeightOnlyNBits("int4", 4, 32, head=INT8),
 
 
 # --- static Q/DQ schemes for TensorRT (strongly typed: precision comes from Q/DQ) ---------------
+LAYER_PARTS = ("inv_smooth", "x_scale", "w", "w_scales", "w_zero")  # what StaticQDQ stores per layer
+
+
 @dataclass(frozen=True)
 class StaticQDQ:
     """Weights per output channel and activations per tensor (from calibration), as explicit
@@ -317,13 +314,13 @@ class StaticQDQ:
             return g.op("MatMul", x, builder.w(weight, transpose=True))
         if weight not in self.amax:
             raise ValueError(f"no calibration range for {weight}: calibrate before exporting {self.name}")
-        key = f"{weight}.{self.name}"
-        if key + ".w" not in store.protos:
+
+        def make():
             parts = self.quantized_layer(np.asarray(store.source(weight), np.float32).T, self.amax[weight])
-            for part, value in parts.items():
-                store.derived(f"{key}.{part}", lambda v=value: v)
-        inv_m, xs, wq, ws, wz = (builder.use_initializer(*store.derived(f"{key}.{part}", None))
-                                 for part in ("inv_smooth", "x_scale", "w", "w_scales", "w_zero"))
+            return [parts[p] for p in LAYER_PARTS]
+
+        inv_m, xs, wq, ws, wz = (builder.use_initializer(*t) for t in store.derived_together(
+            [f"{weight}.{self.name}.{p}" for p in LAYER_PARTS], make))
         xz = builder.use_initializer(*store.derived(f"qdq.{self.name}.zero", lambda: np.zeros((), self._np_type())))
         if self.alpha is not None:
             x = g.op("Mul", x, inv_m)
