@@ -203,8 +203,6 @@ def write_tokenizer(path) -> dict:
     return ids
 
 
-
-
 def make_checkpoint(path, cfg: dict | None = None, *, seed: int = 0, shards: int = 1,
                     dtype: str = "float32", weights: dict | None = None, tokenizer=None) -> dict:
     """Write a complete synthetic checkpoint folder and return its config.

@@ -14,12 +14,12 @@ from synth import make_checkpoint, make_config
 
 import pltkit
 from pltkit.export.artifact import ExportError, export
+from pltkit.model.formats import float_type
 from pltkit.runtime.artifact import Artifact
 from pltkit.runtime.backends import open_backend
 from pltkit.runtime.ort_backend import OrtBackend
 
 CASES = {"L2-hidden": dict(plt_num_loops=2), "L3-query": dict(plt_num_loops=3, plt_gate_use_hidden_states=False)}
-TORCH = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 IDS = np.random.default_rng(0).integers(0, 300, (1, 12))
 PROMPT = 8  # prefill 8 tokens, then decode 4
 
@@ -36,7 +36,7 @@ def checkpoint(request, tmp_path_factory):
 def torch_loss(ckpt, dtype: str, want) -> float:
     """max|logits - float32 logits| of the torch reference run in `dtype`."""
     with torch.no_grad():
-        got = pltkit.load_model(ckpt, dtype=TORCH[dtype])(torch.from_numpy(IDS)).float().numpy()
+        got = pltkit.load_model(ckpt, dtype=float_type(dtype).torch())(torch.from_numpy(IDS)).float().numpy()
     return float(np.abs(got - want).max())
 
 

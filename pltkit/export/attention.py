@@ -119,5 +119,5 @@ _LOOP = {LOOP0: loop_loop0, LATER: loop_later, ALL_LOOPS: loop_all_loops}
 # graph set -> variant -> f(builder, layer, layer input, normed input, rows) -> (output [R, B, S, H*Dh],
 # [present key, present value, present ring key, present ring value])
 ATTENTION = {"function": _LOOP, "kvbuffer": _LOOP,
-             # prefill's later loops read the cache loop 0 wrote: LoopAttention over the in-place buffer
+             # prefill's later loops read the cache loop 0 wrote: LoopAttention over the kv buffer
              "gqa": {LOOP0: gqa_loop0, LATER: loop_later, ALL_LOOPS: gqa_all_loops}}

@@ -25,14 +25,12 @@ Nothing here runs without an NVIDIA GPU and TensorRT: `require()` says what is m
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pltkit.model.folders import repair_leftovers, replace_folder
+from pltkit.model.folders import repair_leftovers, staged_folder
 from pltkit.runtime.artifact import Artifact, update_manifest
 
 ENGINES = "engines"
@@ -127,39 +125,35 @@ def build(artifact_path, *, plugin: bool | None = None, max_batch: int = 1, max_
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     cache_path = artifact.path / ENGINES / "timing.cache"
-    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     ranges = profile_ranges(artifact, max_batch, max_chunk)
     try:
-        config = _config(builder, trt, workspace_gb)
-        config.set_timing_cache(config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b""),
-                                ignore_mismatch=False)
-        aot = plugin and hasattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS")
-        how = "aot plugin" if aot else "jit plugin" if plugin else "inlined function"
-        for phase in (bar := tqdm(PHASES, desc=f"TensorRT engines (LoopAttention: {how})", unit="engine",
-                                  disable=None)):
-            bar.set_postfix_str(phase)
-            network = builder.create_network(_network_flags(trt, aot))
-            parser = trt.OnnxParser(network, logger)
-            onnx_path = _graph_for_tensorrt(artifact, phase, plugin)
-            if not parser.parse_from_file(str(onnx_path)):
-                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-                raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
-            profile = builder.create_optimization_profile()
-            inputs = artifact.manifest["graphs"][GRAPHS][phase]["inputs"]
-            for name, (lo, opt, hi) in _shapes(inputs, ranges).items():
-                profile.set_shape(name, lo, opt, hi)
-            config.add_optimization_profile(profile)
-            plan = builder.build_serialized_network(network, config)
-            if plan is None:
-                raise RuntimeError(f"TensorRT could not build the {phase} engine (see its log above)")
-            (tmp / f"{phase}.plan").write_bytes(bytes(plan))
-            config = _config(builder, trt, workspace_gb, config.get_timing_cache())
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-        replace_folder(tmp, folder)
+        with staged_folder(folder) as tmp:  # the plans appear together, or not at all
+            config = _config(builder, trt, workspace_gb)
+            config.set_timing_cache(config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b""),
+                                    ignore_mismatch=False)
+            aot = plugin and hasattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS")
+            how = "aot plugin" if aot else "jit plugin" if plugin else "inlined function"
+            for phase in (bar := tqdm(PHASES, desc=f"TensorRT engines (LoopAttention: {how})", unit="engine",
+                                      disable=None)):
+                bar.set_postfix_str(phase)
+                network = builder.create_network(_network_flags(trt, aot))
+                parser = trt.OnnxParser(network, logger)
+                onnx_path = _graph_for_tensorrt(artifact, phase, plugin)
+                if not parser.parse_from_file(str(onnx_path)):
+                    errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                    raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+                profile = builder.create_optimization_profile()
+                inputs = artifact.manifest["graphs"][GRAPHS][phase]["inputs"]
+                for name, (lo, opt, hi) in _shapes(inputs, ranges).items():
+                    profile.set_shape(name, lo, opt, hi)
+                config.add_optimization_profile(profile)
+                plan = builder.build_serialized_network(network, config)
+                if plan is None:
+                    raise RuntimeError(f"TensorRT could not build the {phase} engine (see its log above)")
+                (tmp / f"{phase}.plan").write_bytes(bytes(plan))
+                config = _config(builder, trt, workspace_gb, config.get_timing_cache())
+            cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         for phase in PHASES:
             (artifact.path / f".{phase}.trt-inline.onnx").unlink(missing_ok=True)
     _record(artifact, key, {"gpu": torch.cuda.get_device_name(),

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
         self.field = field
 
 
-ROPE_TYPES = ("default", "linear", "llama3")  # implemented in pltkit.model.plt.rope_inv_freq
+ROPE_TYPES = ("default", "linear", "llama3")  # implemented in pltkit.model.plt.ROPE_SCALING
 
 # field -> (lowest, highest) integer it may hold: generous for real models (LoopCoder-V2 7B: hidden 5120,
 # 14 layers, 40 heads, head_dim 128, context 131072, vocab 75904), small enough that a typo cannot ask

@@ -106,8 +106,8 @@ def staged_folder(out: Path, check: Callable[[Path], None] = lambda out: None) -
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        for file in tmp.iterdir():
-            os.chmod(file, umask_mode(0o666))
+        for entry in tmp.rglob("*"):
+            os.chmod(entry, umask_mode(0o777 if entry.is_dir() else 0o666))
         kill_point("before-rename")
         replace_folder(tmp, out)
     finally:

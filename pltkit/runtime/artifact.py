@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pltkit.model.config import ConfigError, PLTConfig
+from pltkit.model.folders import write_file
 from pltkit.model.formats import ARTIFACT_FORMAT, MANIFEST, READABLE_VERSIONS
 from pltkit.model.paths import file_sha256, user_cache_dir
 
@@ -109,9 +110,7 @@ def update_manifest(folder, change: Callable[[dict], None]) -> None:
     path = Path(folder) / MANIFEST
     manifest = json.loads(path.read_text())
     change(manifest)
-    tmp = path.with_name(MANIFEST + ".partial")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_file(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
 
 
 def _plain_name(name) -> bool:

@@ -5,7 +5,7 @@ A backend runs a PLT model as two calls, both returning numpy logits:
   decode(ids [B], state)     -> (logits [B, V], state)      the L loops as L rows of one pass
 and `new_state(batch)`. Every backend is opened the same way, open_backend(model, backend,
 threads, verify), through its entry in BACKENDS. Backends with optional dependencies import
-them inside, so `pltkit.runtime` needs only numpy, onnxruntime and tokenizers.
+them inside, so `pltkit.runtime` needs only numpy, onnx, onnxruntime and tokenizers.
 """
 
 from __future__ import annotations
