@@ -1,6 +1,7 @@
 """The layers import one way (docs/design.md, "Layers"): a module imports only from its own
 package or from packages of lower layers. Checked on the source (every `import pltkit.x` and
-`from pltkit.x ...`, at any depth in the file), so a lazy import inside a function counts too."""
+`from pltkit.x ...`, at any depth in the file), so a lazy import inside a function counts too.
+And the source stays in small pieces: no file over 350 lines, no function over 60."""
 
 import ast
 from pathlib import Path
@@ -44,3 +45,30 @@ def test_an_upward_or_sideways_import_is_found():
                        "export/ok.py": "from pltkit.model.config import PLTConfig\nimport numpy\n"}) == [
         "model/x.py:1: model -> pltkit.runtime.engine", "runtime/y.py:2: runtime -> pltkit.gpu.trt_backend",
         "gpu/z.py:1: gpu -> pltkit.train"]
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 350, 60
+
+
+def oversized(files: dict[str, str]) -> list[str]:
+    """'path: N lines' for each file over MAX_FILE_LINES and 'path:line name: N lines' for each function
+    over MAX_FUNCTION_LINES (its def line to its last line)."""
+    found = []
+    for path, source in files.items():
+        if len(source.splitlines()) > MAX_FILE_LINES:
+            found.append(f"{path}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                    node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                found.append(f"{path}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    return found
+
+
+def test_files_and_functions_stay_small():
+    assert oversized({str(f.relative_to(ROOT)): f.read_text() for f in ROOT.rglob("*.py")}) == []
+
+
+def test_an_oversized_file_or_function_is_found():
+    long_function = "def f():\n" + "    x = 1\n" * 60
+    assert oversized({"a.py": long_function, "b.py": "x = 1\n" * 351, "c.py": "def g():\n" + "    x = 1\n" * 59}) == [
+        "a.py:1 f: 61 lines", "b.py: 351 lines"]
