@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
-from onnx import TensorProto
 
 MANIFEST = "pltkit.json"
 ARTIFACT_FORMAT = "pltkit-artifact"
@@ -19,9 +17,15 @@ READABLE_VERSIONS = (1, 2)
 class FloatType:
     name: str  # the artifact's and torch's name: float32, float16, bfloat16
     short: str  # the manifest's precision name and Triton's: fp32, fp16, bf16
-    onnx: int  # ONNX element type
-    numpy: np.dtype
+    onnx: int  # ONNX element type (TensorProto.DataType; written out: importing onnx takes 0.7 s)
     safetensors: str  # the safetensors header's dtype
+
+    @property
+    def numpy(self) -> np.dtype:
+        if self.name == "bfloat16":
+            import ml_dtypes  # numpy's bfloat16; its import takes 0.7 s, so only when asked for
+            return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(self.name)
 
     def torch(self):
         import torch  # only the layers that run torch ask for it
@@ -29,9 +33,9 @@ class FloatType:
 
 
 FLOAT_TYPES = {t.name: t for t in (
-    FloatType("float32", "fp32", TensorProto.FLOAT, np.dtype(np.float32), "F32"),
-    FloatType("float16", "fp16", TensorProto.FLOAT16, np.dtype(np.float16), "F16"),
-    FloatType("bfloat16", "bf16", TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16), "BF16"))}
+    FloatType("float32", "fp32", 1, "F32"),
+    FloatType("float16", "fp16", 10, "F16"),
+    FloatType("bfloat16", "bf16", 16, "BF16"))}
 
 
 def float_type(name: str) -> FloatType:
