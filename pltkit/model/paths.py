@@ -47,20 +47,20 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 def _what_it_is(path: Path) -> str:
     if not path.exists():
         return " (it does not exist)"
-    if is_gguf(path):
-        return f" but a GGUF file: run `plt-import {path}` first and pass the folder it writes"
+    try:
+        if is_gguf(path):
+            return f" but a GGUF file: run `plt-import {path}` first and pass the folder it writes"
+    except OSError as e:
+        return f" but a file ({e.strerror})"
     return " but a file"
 
 
 def is_gguf(path: Path) -> bool:
-    """A llama.cpp GGUF file, by name or by its first 4 bytes."""
+    """A llama.cpp GGUF file, by name or by its first 4 bytes (OSError if it cannot be read)."""
     if path.suffix == ".gguf":
         return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
 
 
 def checkpoint_files(ckpt: Path) -> list[Path]:
