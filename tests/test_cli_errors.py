@@ -18,7 +18,7 @@ HAS_GGUF = importlib.util.find_spec("gguf") is not None
 needs_gguf = pytest.mark.skipif(not HAS_GGUF, reason="writing GGUF files needs the gguf package")
 
 MODULES = {"plt-complete": "complete", "plt-eval": "eval", "plt-export": "export", "plt-serve": "serve",
-           "plt-import": "import_model", "plt-train": "train", "plt-bench": "bench"}
+           "plt-import": "import_model", "plt-train": "train", "plt-bench": "bench", "plt-lsp": "lsp"}
 
 # (id, command line, text the last stderr line must hold); {d} is a folder holding notamodel.txt, an
 # empty folder `empty`, GGUF files and a truncated one, whose size is {n} and full size {m}
@@ -69,6 +69,9 @@ CASES = [
     ("serve-missing-model", "plt-serve --model {d}/nothing --socket {d}/s.sock", "{d}/nothing: not a model folder"),
     ("serve-socket-is-a-file", "plt-serve --socket {d}/notamodel.txt", "{d}/notamodel.txt"),
     ("serve-public-without-key", "plt-serve --host 0.0.0.0 --port 8013", "--api-key"),
+    # plt-lsp
+    ("lsp-threads-zero", "plt-lsp --threads 0", "argument --threads"),
+    ("lsp-missing-model", "plt-lsp --model {d}/nothing", "{d}/nothing: not a model folder"),
     # plt-export
     ("export-missing-checkpoint", "plt-export {d}/nothing -o {d}/out", "{d}/nothing: not a model folder"),
     ("export-eval-windows-zero", "plt-export --int8 --eval-windows 0", "argument --eval-windows"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pltkit
 
 # the layer of each package, lowest first; packages of one layer do not import each other
-LAYERS = {"model": 0, "export": 1, "quant": 2, "runtime": 3, "gpu": 4, "train": 4, "serve": 5, "bench": 5, "cli": 6}
+LAYERS = {"model": 0, "export": 1, "quant": 2, "runtime": 3, "gpu": 4, "train": 4, "serve": 5, "lsp": 5, "bench": 5, "cli": 6}
 ROOT = Path(pltkit.__file__).parent
 
 
