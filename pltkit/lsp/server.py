@@ -19,6 +19,7 @@ from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 
+import pltkit
 from pltkit.lsp.documents import Documents, PositionError
 from pltkit.lsp.options import Options, merged, section
 from pltkit.lsp.worker import Job, Worker
@@ -26,7 +27,6 @@ from pltkit.runtime.completion import RequestError
 from pltkit.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
 IGNORED = SimpleNamespace(jsonrpc="ignored")  # a message pygls's handle_message skips
 
 
@@ -52,7 +52,7 @@ class Protocol(LanguageServerProtocol):
 
 class PltLanguageServer(LanguageServer):
     def __init__(self, engine: Engine):
-        super().__init__("plt-lsp", VERSION, text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
+        super().__init__("plt-lsp", pltkit.__version__, text_document_sync_kind=types.TextDocumentSyncKind.Incremental,
                          protocol_cls=Protocol)
         self.engine, self.options = engine, Options()
         self.documents = Documents(lambda: self.workspace, engine.tok)
