@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import free_port, infill_at, p95, typing_requests  # noqa: E402
+from serve_bench import free_port, infill_at, p95, typing_requests, wait_healthy  # noqa: E402
 
 START = 120  # the line typed, as in serve_bench.py
 
@@ -167,13 +167,7 @@ def serve_latency(cmd: list[str], lines: list[str], n: int) -> dict:
     server = subprocess.Popen(cmd + ["--port", str(port)])
     try:
         c = httpx.Client(base_url=base, timeout=60)
-        for _ in range(600):
-            try:
-                if c.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(c)
         out = {}
         for kind in ("llama_vim", "greedy"):
             c.post("/infill", json=infill_at(lines, START - 1))  # warm the slot, as serve_bench's latency()

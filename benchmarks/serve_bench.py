@@ -45,6 +45,17 @@ def p95(xs):
     return sorted(xs)[max(0, int(round(0.95 * len(xs))) - 1)]
 
 
+def wait_healthy(c: httpx.Client, tries: int = 600) -> None:
+    """Poll /health until the server has loaded its model (a benchmark's start, not a test)."""
+    for _ in range(tries):
+        try:
+            if c.get("/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
 def infill_at(lines: list[str], k: int, slot: int = 0) -> dict:
     """llama.vim's request with the cursor at the start of line k (its defaults, one line)."""
     return {"id_slot": slot, "input_prefix": "".join(lines[max(0, k - 256):k]), "prompt": "",
@@ -174,13 +185,7 @@ def main(argv=None):
     lines = open(sysconfig.get_paths()["stdlib"] + "/textwrap.py").read().splitlines(keepends=True)
     try:
         c = httpx.Client(base_url=base, timeout=60)
-        for _ in range(600):
-            try:
-                if c.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(c)
         out = {"model": args.model, "threads": args.threads, "cache_mb": args.cache_mb, "latency": latency(c, lines, 120, args.typing),
                "cancel": cancel(base, c), "load": load(base, lines, server.pid, args.seconds)}
     finally:
