@@ -91,6 +91,11 @@ class Worker:
             return self._changed.wait_for(lambda: predicate(self), timeout)
 
     @property
+    def alive(self) -> bool:
+        """Whether the worker's thread still runs jobs."""
+        return self._thread.is_alive()
+
+    @property
     def queued(self) -> int:
         with self._lock:
             return sum(1 for j in self._pending if j is not self.running)
