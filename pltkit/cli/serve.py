@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pltkit.cli import args as types
+from pltkit.cli import serve_ray
 from pltkit.cli.args import HelpFormatter, one_line_errors
 from pltkit.runtime.backends import BACKENDS
 
@@ -50,7 +51,9 @@ def main(argv=None) -> int:
                    help="skip checking the artifact's files against the sha256s in its manifest (each file is "
                         "hashed once; later runs only stat it)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    serve_ray.add_arguments(p)
     args = p.parse_args(argv)
+    serve_ray.check(p, args)
     try:
         args.api_key = api_key(args)
     except OSError as e:
@@ -90,6 +93,11 @@ def run(args, ours: list[Path]) -> int:
     from pltkit.serve.server import Limits, Server
 
     resolve_model_path(args.model)  # a bad path fails now, not in the background
+    limits = Limits(max_body=args.max_body, max_predict=args.max_predict, slots=args.slots, max_queue=args.max_queue)
+    hosts = (*LOOPBACK_HOSTS, args.host.strip("[]").lower(), *(h.lower() for h in args.allowed_hosts))
+    access = Access(hosts, tuple(o.lower().rstrip("/") for o in args.allowed_origins))
+    if args.ray:
+        return serve_ray.run(args, limits, access)
     sockets, where = [], []
     if args.socket is not None or args.port is None:
         path = args.socket or default_socket_path()
@@ -116,9 +124,6 @@ def run(args, ours: list[Path]) -> int:
               f"{args.threads or physical_cores()} threads, {m.engine.context}-token context; {', '.join(serves)}) "
               f"on {' and '.join(where)}", file=sys.stderr, flush=True)
 
-    limits = Limits(max_body=args.max_body, max_predict=args.max_predict, slots=args.slots, max_queue=args.max_queue)
-    hosts = (*LOOPBACK_HOSTS, args.host.strip("[]").lower(), *(h.lower() for h in args.allowed_hosts))
-    access = Access(hosts, tuple(o.lower().rstrip("/") for o in args.allowed_origins))
     server = Server(lambda max_slots: open_model(args.model, args.backend, args.threads, args.cache_mb << 20,
                                                  verify=not args.no_verify, max_slots=max_slots), limits,
                     args.api_key, on_loaded, access)
