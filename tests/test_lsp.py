@@ -292,3 +292,17 @@ async def test_the_documents_kept_are_bounded(client, engine):
     with pytest.raises(JsonRpcException) as e:
         await inline(client, f"{ROOT}/big.py", 0, 0)
     assert e.value.code == -32602
+
+
+async def test_a_change_of_a_dropped_document_is_ignored(client):
+    """The 65th document drops the first; a didChange of it is ignored (no window/showMessage
+    error for the user) and a completion in it stays an InvalidParams error."""
+    for i in range(65):
+        open_doc(client, f"{ROOT}/f{i}.py", f"x{i} = {i}\n")
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        t.VersionedTextDocumentIdentifier(uri=f"{ROOT}/f0.py", version=2),
+        [t.TextDocumentContentChangePartial(t.Range(t.Position(0, 0), t.Position(0, 0)), "y = 0\n")]))
+    with pytest.raises(JsonRpcException) as e:  # answered after the change was handled (stream order)
+        await inline(client, f"{ROOT}/f0.py", 0, 0)
+    assert e.value.code == -32602 and "unknown document" in e.value.message
+    assert client.messages == []
