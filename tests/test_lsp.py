@@ -116,6 +116,16 @@ async def test_inline_completion_is_the_engines(client, engine):
     assert answer.items[0].range == t.Range(t.Position(1, 7), t.Position(1, 7))
 
 
+async def test_a_percent_encoded_uri_is_the_same_document(client, engine):
+    """Editors percent-encode uris (a space, "c%3A" for a Windows drive); pygls keys its texts decoded."""
+    uri = f"{ROOT}/my%20code.py"
+    open_doc(client, uri, "def f(x):\n    pass\n")
+    client.text_document_did_change(t.DidChangeTextDocumentParams(t.VersionedTextDocumentIdentifier(uri=uri, version=2), [
+        t.TextDocumentContentChangePartial(t.Range(t.Position(1, 4), t.Position(1, 8)), "return x *")]))
+    want = expected(engine, "def f(x):\n", "    return x *", "\n")
+    assert want and text_of(await inline(client, uri, 1, 14)) == want
+
+
 async def test_completion_item_inserts_at_the_cursor(client, engine):
     open_doc(client, MAIN, CODE)
     answer = await completion(client, MAIN, 1, 7)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from types import SimpleNamespace
-from urllib.parse import unquote
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
@@ -50,7 +49,7 @@ class Protocol(LanguageServerProtocol):
     def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
         """pygls's didChange, less its error (a window/showMessage to the user) for a document it
         does not have: that is one plt-lsp dropped, or the client's mistake, not the user's."""
-        if unquote(params.text_document.uri) not in self.workspace.text_documents:
+        if self._server.documents.text(params.text_document.uri) is None:
             log.warning("plt-lsp: ignoring a change of %s, which is not open (or was dropped)",
                         params.text_document.uri)
             return
