@@ -175,6 +175,17 @@ async def test_options_take_effect(client, engine):
     assert len(engine.tok.encode(short)) <= 1
 
 
+async def test_sampling_options_reach_the_engine(client, engine):
+    """top_k 1 before the temperature: one candidate is left, so temperature 1 draws the greedy
+    text; a bad sampler name is refused and the samplers before it stay."""
+    open_doc(client, MAIN, CODE)
+    greedy = expected(engine, "def add(a, b):\n", "    ret", "\n\nprint(add(1, 2))\n")
+    configure(client, temperature=1, top_k=1, samplers=["top_k", "temperature"])
+    assert greedy and text_of(await inline(client, MAIN, 1, 7)) == greedy
+    configure(client, samplers=["top_k", "bogus"])  # would fail the completion if it reached the engine
+    assert text_of(await inline(client, MAIN, 1, 7)) == greedy
+
+
 async def test_the_configuration_is_pulled(client, engine):
     """didChangeConfiguration without settings: the server asks workspace/configuration "pltkit"."""
     open_doc(client, MAIN, CODE)

@@ -128,4 +128,5 @@ class Documents:
         prefix, prompt, suffix = self.split(uri, line, character)
         return CompletionRequest(prefix=prefix, prompt=prompt, suffix=suffix, extra=self.extra(uri, budget),
                                  filename=self.filename(uri), n_predict=options.n_predict,
-                                 temperature=options.temperature, single_line=options.single_line)
+                                 temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                                 samplers=options.samplers, single_line=options.single_line)
