@@ -3,9 +3,11 @@ client (a real LSP client). Completions are greedy (temperature 0): the server's
 compared with what the engine gives in process for the same CompletionRequest.
 
 No sleeps: a test waits on responses. Supersede, edits and $/cancelRequest are checked on a
-request queued behind a 2-second completion of another document (the engine runs one at a time,
-first in first out): the newer request, edit or cancel comes in long before the older request
-can start, so the outcome does not depend on which completion finishes first."""
+request queued behind a held completion of another document (tests/lsp_held_server.py: plt-lsp
+whose engine does not start a document that begins with "# hold" until that request is
+cancelled; the engine runs one completion at a time, first in first out). The test sends the
+held request, the messages under test, then $/cancelRequest of the held one: stream order alone
+decides the outcome."""
 
 import asyncio
 import sys
@@ -23,7 +25,8 @@ PLT_LSP = str(Path(sys.executable).parent / "plt-lsp")
 ROOT = "file:///project"
 MAIN, OTHER = f"{ROOT}/main.py", f"{ROOT}/util.py"
 CODE = "def add(a, b):\n    ret\n\nprint(add(1, 2))\n"
-LONG = "# numbers\n1, 2, 3, 4, 5,\n"  # the default model repeats " 0," to the end of its context (~2 s)
+HELD_SERVER = str(Path(__file__).resolve().parent / "lsp_held_server.py")
+HOLD = "# hold\nx = 1\n"  # held by HELD_SERVER until its request is cancelled
 OPTIONS = {"n_predict": 32, "context_tokens": 1024}
 
 pytestmark = pytest.mark.asyncio
@@ -44,11 +47,23 @@ def expected(engine, prefix, prompt, suffix, n_predict=32, **kw) -> str:
     return engine.complete(req, slot_id="test").text
 
 
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=[PLT_LSP, "--model", "default"]))
-async def client(lsp_client: LanguageClient):
+async def initialize(lsp_client: LanguageClient) -> None:
     caps = t.ClientCapabilities(workspace=t.WorkspaceClientCapabilities(configuration=True))
     lsp_client.initialize_result = await lsp_client.initialize_session(
         t.InitializeParams(capabilities=caps, root_uri=ROOT, initialization_options={"pltkit": OPTIONS}))
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=[PLT_LSP, "--model", "default"]))
+async def client(lsp_client: LanguageClient):
+    await initialize(lsp_client)
+    yield
+    await lsp_client.shutdown_session()
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=[sys.executable, HELD_SERVER, "--model", "default"]))
+async def held(lsp_client: LanguageClient):
+    """plt-lsp whose completions in a document starting with "# hold" wait for their cancel."""
+    await initialize(lsp_client)
     yield
     await lsp_client.shutdown_session()
 
@@ -101,6 +116,16 @@ async def test_inline_completion_is_the_engines(client, engine):
     assert answer.items[0].range == t.Range(t.Position(1, 7), t.Position(1, 7))
 
 
+async def test_a_percent_encoded_uri_is_the_same_document(client, engine):
+    """Editors percent-encode uris (a space, "c%3A" for a Windows drive); pygls keys its texts decoded."""
+    uri = f"{ROOT}/my%20code.py"
+    open_doc(client, uri, "def f(x):\n    pass\n")
+    client.text_document_did_change(t.DidChangeTextDocumentParams(t.VersionedTextDocumentIdentifier(uri=uri, version=2), [
+        t.TextDocumentContentChangePartial(t.Range(t.Position(1, 4), t.Position(1, 8)), "return x *")]))
+    want = expected(engine, "def f(x):\n", "    return x *", "\n")
+    assert want and text_of(await inline(client, uri, 1, 14)) == want
+
+
 async def test_completion_item_inserts_at_the_cursor(client, engine):
     open_doc(client, MAIN, CODE)
     answer = await completion(client, MAIN, 1, 7)
@@ -150,6 +175,17 @@ async def test_options_take_effect(client, engine):
     assert len(engine.tok.encode(short)) <= 1
 
 
+async def test_sampling_options_reach_the_engine(client, engine):
+    """top_k 1 before the temperature: one candidate is left, so temperature 1 draws the greedy
+    text; a bad sampler name is refused and the samplers before it stay."""
+    open_doc(client, MAIN, CODE)
+    greedy = expected(engine, "def add(a, b):\n", "    ret", "\n\nprint(add(1, 2))\n")
+    configure(client, temperature=1, top_k=1, samplers=["top_k", "temperature"])
+    assert greedy and text_of(await inline(client, MAIN, 1, 7)) == greedy
+    configure(client, samplers=["top_k", "bogus"])  # would fail the completion if it reached the engine
+    assert text_of(await inline(client, MAIN, 1, 7)) == greedy
+
+
 async def test_the_configuration_is_pulled(client, engine):
     """didChangeConfiguration without settings: the server asks workspace/configuration "pltkit"."""
     open_doc(client, MAIN, CODE)
@@ -191,50 +227,65 @@ async def test_bad_requests_are_errors_and_the_server_goes_on(client, engine):
                                                                  "\n\nprint(add(1, 2))\n")
 
 
-async def test_a_newer_request_supersedes_an_older(client, engine):
-    """Both wait behind a 2-second completion in util.py (one worker, first in first out): the
-    newer comes in long before the older could start, whichever of them finishes first."""
-    open_doc(client, OTHER, LONG)
-    open_doc(client, MAIN, CODE)
-    configure(client, n_predict=4096)
-    busy, first, second = inline(client, OTHER, 1, 14), inline(client, MAIN, 1, 7), inline(client, MAIN, 1, 7)
-    want = expected(engine, "def add(a, b):\n", "    ret", "\n\nprint(add(1, 2))\n", n_predict=4096,
-                    extra=(("util.py", LONG),), filename="main.py")
-    results = await asyncio.gather(first, second, busy)
-    assert [text_of(r) for r in results[:2]] == ["", want] and want
-    assert text_of(results[2])
+def hold(client):
+    """Open util.py (HOLD) and ask a completion in it, which holds the worker until release()."""
+    open_doc(client, OTHER, HOLD)
+    return inline(client, OTHER, 1, 5, msg_id="busy")
 
 
-async def test_an_edit_makes_a_running_completion_empty(client, engine):
-    """The completion in main.py waits behind a 2-second one in util.py (one worker): the edit
-    that follows its request comes in long before it can run."""
-    open_doc(client, OTHER, LONG)
-    open_doc(client, MAIN, CODE)
-    configure(client, n_predict=4096)
-    busy, stale = inline(client, OTHER, 1, 14), inline(client, MAIN, 1, 7)
-    client.text_document_did_change(t.DidChangeTextDocumentParams(
-        t.VersionedTextDocumentIdentifier(uri=MAIN, version=2), [t.TextDocumentContentChangeWholeDocument("x = 1\n")]))
-    assert text_of(await stale) == ""
-    assert text_of(await busy)
-    assert text_of(await inline(client, MAIN, 1, 0)) == expected(engine, "x = 1\n", "", "", n_predict=4096,
-                                                                 extra=(("util.py", LONG),), filename="main.py")
+def release(client) -> None:
+    """$/cancelRequest of the held completion: its engine run ends, and the worker goes on."""
+    client.cancel_request(t.CancelParams(id="busy"))
 
 
-async def test_cancel_request(client, engine):
-    """$/cancelRequest of a request waiting behind a 2-second one: RequestCancelled; the server
-    answers the next one."""
-    open_doc(client, OTHER, LONG)
-    open_doc(client, MAIN, CODE)
-    configure(client, n_predict=4096)
-    busy, request = inline(client, OTHER, 1, 14), inline(client, MAIN, 1, 7, msg_id="waiting")
-    client.cancel_request(t.CancelParams(id="waiting"))
+async def assert_cancelled(answer) -> None:
     with pytest.raises(JsonRpcException) as e:
-        await request
+        await answer
     assert e.value.code == -32800
-    assert text_of(await busy)
-    want = expected(engine, "def add(a, b):\n", "    ret", "\n\nprint(add(1, 2))\n", n_predict=4096,
-                    extra=(("util.py", LONG),), filename="main.py")
-    assert text_of(await inline(client, MAIN, 1, 7)) == want
+
+
+MAIN_EXPECTED = dict(prefix="def add(a, b):\n", prompt="    ret", suffix="\n\nprint(add(1, 2))\n",
+                     extra=(("util.py", HOLD),), filename="main.py")
+
+
+async def test_a_newer_request_supersedes_an_older(held, engine):
+    """Both wait behind the held completion: the newer comes in before the older can start."""
+    busy = hold(held)
+    open_doc(held, MAIN, CODE)
+    first, second = inline(held, MAIN, 1, 7), inline(held, MAIN, 1, 7)
+    release(held)
+    want = expected(engine, **MAIN_EXPECTED)
+    assert [text_of(await first), text_of(await second)] == ["", want] and want
+    await assert_cancelled(busy)
+
+
+async def test_an_edit_makes_a_running_completion_empty(held, engine):
+    """The completion in main.py waits behind the held one: the edit that follows its request
+    comes in before it can run."""
+    busy = hold(held)
+    open_doc(held, MAIN, CODE)
+    stale = inline(held, MAIN, 1, 7)
+    held.text_document_did_change(t.DidChangeTextDocumentParams(
+        t.VersionedTextDocumentIdentifier(uri=MAIN, version=2), [t.TextDocumentContentChangeWholeDocument("x = 1\n")]))
+    release(held)
+    assert text_of(await stale) == ""
+    await assert_cancelled(busy)
+    assert text_of(await inline(held, MAIN, 1, 0)) == expected(engine, "x = 1\n", "", "", extra=(("util.py", HOLD),),
+                                                               filename="main.py")
+
+
+async def test_cancel_request(held, engine):
+    """$/cancelRequest of a request waiting behind the held one: RequestCancelled; the server
+    answers the next one."""
+    busy = hold(held)
+    open_doc(held, MAIN, CODE)
+    request = inline(held, MAIN, 1, 7, msg_id="waiting")
+    held.cancel_request(t.CancelParams(id="waiting"))
+    release(held)
+    await assert_cancelled(request)
+    await assert_cancelled(busy)
+    want = expected(engine, **MAIN_EXPECTED)
+    assert want and text_of(await inline(held, MAIN, 1, 7)) == want
 
 
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=[PLT_LSP, "--model", "default"]))
@@ -262,3 +313,17 @@ async def test_the_documents_kept_are_bounded(client, engine):
     with pytest.raises(JsonRpcException) as e:
         await inline(client, f"{ROOT}/big.py", 0, 0)
     assert e.value.code == -32602
+
+
+async def test_a_change_of_a_dropped_document_is_ignored(client):
+    """The 65th document drops the first; a didChange of it is ignored (no window/showMessage
+    error for the user) and a completion in it stays an InvalidParams error."""
+    for i in range(65):
+        open_doc(client, f"{ROOT}/f{i}.py", f"x{i} = {i}\n")
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        t.VersionedTextDocumentIdentifier(uri=f"{ROOT}/f0.py", version=2),
+        [t.TextDocumentContentChangePartial(t.Range(t.Position(0, 0), t.Position(0, 0)), "y = 0\n")]))
+    with pytest.raises(JsonRpcException) as e:  # answered after the change was handled (stream order)
+        await inline(client, f"{ROOT}/f0.py", 0, 0)
+    assert e.value.code == -32602 and "unknown document" in e.value.message
+    assert client.messages == []

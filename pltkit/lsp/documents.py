@@ -43,7 +43,7 @@ class Documents:
 
     def touched(self, uri: str) -> list[str]:
         """Record an open or edit; returns the uris dropped to stay within the bounds."""
-        doc = self.workspace.text_documents.get(uri)
+        doc = self.text(uri)
         if doc is None:
             return []
         self.recent[uri] = None
@@ -60,13 +60,18 @@ class Documents:
         self.recent.pop(uri, None)
         self.counts.pop(uri, None)
 
+    def text(self, uri: str) -> TextDocument | None:
+        """pygls's document for a uri as the client spells it (pygls keys them percent-decoded)."""
+        return self.workspace.text_documents.get(unquote(uri))
+
     def get(self, uri: str) -> TextDocument:
-        if uri not in self.recent or uri not in self.workspace.text_documents:
+        doc = self.text(uri) if uri in self.recent else None
+        if doc is None:
             raise PositionError(f"unknown document: {uri} (not open, or dropped: see plt-lsp's bounds)")
-        return self.workspace.text_documents[uri]
+        return doc
 
     def version(self, uri: str) -> int | None:
-        doc = self.workspace.text_documents.get(uri) if uri in self.recent else None
+        doc = self.text(uri) if uri in self.recent else None
         return None if doc is None else doc.version
 
     def split(self, uri: str, line: int, character: int) -> tuple[str, str, str]:
@@ -94,7 +99,7 @@ class Documents:
         for other in reversed(self.recent):
             if other == uri or left <= 0:
                 continue
-            doc = self.workspace.text_documents.get(other)
+            doc = self.text(other)
             if doc is None:
                 continue
             n = self._tokens(other, doc)
@@ -123,4 +128,5 @@ class Documents:
         prefix, prompt, suffix = self.split(uri, line, character)
         return CompletionRequest(prefix=prefix, prompt=prompt, suffix=suffix, extra=self.extra(uri, budget),
                                  filename=self.filename(uri), n_predict=options.n_predict,
-                                 temperature=options.temperature, single_line=options.single_line)
+                                 temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+                                 samplers=options.samplers, single_line=options.single_line)

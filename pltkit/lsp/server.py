@@ -6,7 +6,8 @@ handlers are generators: pygls runs their first part as the request comes in, in
 A newer completion request for a document cancels the older one still running, which answers
 empty; so does a completion whose document changed (its version) while it ran: never stale text.
 $/cancelRequest stops the engine and answers RequestCancelled. An unknown document or a position
-outside it is an InvalidParams error; the server goes on.
+outside it is an InvalidParams error; the server goes on. A didChange of a document the server
+does not keep (never opened, closed, or dropped by the bounds) is ignored, with a warning.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from types import SimpleNamespace
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
-from pygls.protocol import LanguageServerProtocol
+from pygls.protocol import LanguageServerProtocol, lsp_method
 
 import pltkit
 from pltkit.lsp.documents import Documents, PositionError
@@ -43,6 +44,16 @@ class Protocol(LanguageServerProtocol):
             self._send_response(data["id"], None, JsonRpcInvalidParams(
                 f"invalid params for {data['method']}: {error.__cause__ or error}"[:500]).to_response_error())
             return IGNORED
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
+        """pygls's didChange, less its error (a window/showMessage to the user) for a document it
+        does not have: that is one plt-lsp dropped, or the client's mistake, not the user's."""
+        if self._server.documents.text(params.text_document.uri) is None:
+            log.warning("plt-lsp: ignoring a change of %s, which is not open (or was dropped)",
+                        params.text_document.uri)
+            return
+        yield from super().lsp_text_document__did_change(params)
 
     def _handle_cancel_notification(self, msg_id):
         """$/cancelRequest: pygls answers RequestCancelled; the engine stops too."""
