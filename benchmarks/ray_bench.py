@@ -66,26 +66,31 @@ def editor_bodies(source: str, header: str, n: int, start: int = 2500):
     for i in range(n):
         end = start + 7 * i
         yield {"input_prefix": header + source[:end], "input_suffix": source[end:end + 400], "n_predict": 4,
-               "temperature": 0, "cache_prompt": True, "response_fields": ["tokens_cached", "timings/prompt_ms"]}
+               "temperature": 0, "cache_prompt": True, "response_fields": ["tokens_cached", "timings/prompt_n", "timings/prompt_ms"]}
 
 
 def affinity(team: httpx.Client, editors: int, requests: int, header: str) -> dict:
     """Editors interleaved; each a client of its own (its User-Agent), with no id_slot."""
     runs = {f"editor-{i}": editor_bodies(stdlib(FILES[i]), header, requests) for i in range(editors)}
-    hits, cold, replicas = {e: [] for e in runs}, [], {}
+    hits, cold, replicas, evaluated, prompt_ms = {e: [] for e in runs}, [], {}, [], []
     for k in range(requests):
         for name, run in runs.items():
             t = time.perf_counter()
             r = team.post("/infill", json=next(run), headers={"User-Agent": name})
             if k == 0:
                 cold.append((time.perf_counter() - t) * 1e3)
-            hits[name].append(r.json()["tokens_cached"] > 0)
+            out = r.json()
+            hits[name].append(out["tokens_cached"] > 0)
+            if k > 0:
+                evaluated.append(out["timings/prompt_n"])
+                prompt_ms.append(out["timings/prompt_ms"])
             replicas.setdefault(name, set()).add(r.headers["x-pltkit-replica"])
     after_first = [h for v in hits.values() for h in v[1:]]
     return {"hit_rate": round(sum(after_first) / len(after_first), 3),
             "per_editor": {e: round(sum(v[1:]) / len(v[1:]), 3) for e, v in hits.items()},
             "replicas_per_editor": {e: len(v) for e, v in replicas.items()},
-            "cold_median_ms": round(statistics.median(cold), 1)}
+            "cold_median_ms": round(statistics.median(cold), 1),
+            "evaluated_median": statistics.median(evaluated), "prompt_ms_median": round(statistics.median(prompt_ms), 1)}
 
 
 def load(team: httpx.Client, editors: int, seconds: float, header: str) -> dict:
@@ -202,7 +207,9 @@ def report(out: dict) -> None:
     for key in ("affinity", "pow2"):
         a = out[key]
         print(f"{key:8s}: tokens_cached > 0 on {a['hit_rate']:.0%} of the requests after each editor's first "
-              f"(per editor {a['per_editor']}); cold median {a['cold_median_ms']} ms")
+              f"(per editor {a['per_editor']}); replicas per editor {a['replicas_per_editor']}; after the first, "
+              f"median {a['evaluated_median']} prompt tokens evaluated in {a['prompt_ms_median']} ms; "
+              f"cold median {a['cold_median_ms']} ms")
     lo = out["load"]
     print(f"load: {lo['editors']} editors for {lo['seconds']} s: {lo['requests_per_s']} requests/s "
           f"(median {lo['median_ms']} ms, p95 {lo['p95_ms']} ms, {lo['errors']} errors), per replica "
