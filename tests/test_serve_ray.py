@@ -5,6 +5,7 @@ start); needs the ray extra: python -m pytest -m slow tests/test_serve_ray.py
 Jobs that must still be running when the test acts (a disconnect, a killed replica) are held in
 the replica, in decode, until cancelled (the `hold` setup below): no timing margins."""
 
+import json
 import os
 import re
 import signal
@@ -36,17 +37,19 @@ VOLATILE = {"timings", "created", "created_at", "id", "total_duration", "load_du
 
 
 def hold(server):
-    """Replica setup: a job whose prompt starts with HOLD waits in decode until it is cancelled."""
+    """Replica setup: a job whose prompt starts with HOLD waits in prefill and in decode until it
+    is cancelled, so it cannot end before the test acts, whatever it samples."""
     backend, worker = server.model.engine.backend, server.worker
-    real = backend.decode
 
-    def decode(*args, **kw):
-        job = worker.running
-        if job is not None and (job.req.prefix + job.req.prompt).startswith(HOLD):
-            assert job.cancel.wait(600), "a held job was never cancelled"
-        return real(*args, **kw)
+    def holding(real):
+        def step(*args, **kw):
+            job = worker.running
+            if job is not None and (job.req.prefix + job.req.prompt).startswith(HOLD):
+                assert job.cancel.wait(600), "a held job was never cancelled"
+            return real(*args, **kw)
+        return step
 
-    backend.decode = decode
+    backend.prefill, backend.decode = holding(backend.prefill), holding(backend.decode)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +118,18 @@ def test_each_route_answers_as_plt_serve_does(team, plain, served_artifact, path
     print(f"{path} stream={stream}: {len(got.content)} bytes, as plt-serve's")
 
 
+@pytest.mark.parametrize("path", ["/health", "/props", "/v1/models", "/v1/models/{name}", "/api/tags",
+                                  "/api/version", "/", "/nowhere"])
+def test_the_other_routes_answer_as_plt_serve_does(team, plain, served_artifact, path):
+    path = path.format(name=served_artifact.name)
+    got, want = team.get(path), plain.get(path)
+    assert (got.status_code, got.headers["content-type"]) == (want.status_code, want.headers["content-type"])
+    if want.headers["content-type"].startswith("application/json"):
+        assert stable(got.json()) == stable(want.json()), path
+    else:
+        assert got.text == want.text
+
+
 def editor_requests(source: str, start: int, n: int):
     """An editor typing on in a file: the prefix grows by a few characters a request."""
     for i in range(n):
@@ -126,16 +141,31 @@ def editor_requests(source: str, start: int, n: int):
 def test_editors_stay_on_the_replica_holding_their_prefix(team):
     files = {"editor-a": Path(stdlib_textwrap.__file__).read_text(), "editor-b": Path(stdlib_string.__file__).read_text()}
     runs = {name: editor_requests(text, 2500, 20) for name, text in files.items()}
-    cached = {name: [] for name in files}
+    cached, replicas = {name: [] for name in files}, {name: set() for name in files}
     for _ in range(20):  # the two editors' requests interleaved
         for name, run in runs.items():
             r = team.post("/infill", json=next(run), headers={"User-Agent": name})
             assert r.status_code == 200, r.text
             cached[name].append(r.json()["tokens_cached"])
+            replicas[name].add(r.headers["x-pltkit-replica"])
     for name, hits in cached.items():
         rate = sum(1 for c in hits[1:] if c > 0) / len(hits[1:])
-        print(f"{name}: tokens_cached > 0 on {rate:.0%} of the requests after the first")
+        print(f"{name}: tokens_cached > 0 on {rate:.0%} of the requests after the first, on replicas {replicas[name]}")
         assert rate >= 0.9, hits
+        assert len(replicas[name]) == 1  # all on the replica that holds the prefix
+
+
+def test_new_files_spread_over_the_replicas(team):
+    """Eight editors in eight files: each stays on one replica, and together they use both."""
+    names = ["argparse", "shutil", "tempfile", "pathlib", "inspect", "typing", "enum", "locale"]
+    homes = {}
+    for name in names:
+        source = Path(stdlib_textwrap.__file__).with_name(f"{name}.py").read_text()
+        for body in editor_requests(source, 1500, 3):
+            r = team.post("/infill", json=body, headers={"User-Agent": f"spread-{name}"})
+            homes.setdefault(name, set()).add(r.headers["x-pltkit-replica"])
+    print("replicas per file:", homes)
+    assert all(len(h) == 1 for h in homes.values()) and len(set().union(*homes.values())) == 2
 
 
 def metric(team, replica: str, name: str) -> float:
@@ -143,37 +173,58 @@ def metric(team, replica: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name} (\S+)$", text, re.M))
 
 
-def held_stream(team, headers=None):
+def held_stream(team, name: str):
     """A streamed completion that the replica holds until it is cancelled; returns once the
     response has started."""
-    body = {"prompt": HOLD + "def f(x):\n", "n_predict": 64, "stream": True}
-    return team.stream("POST", "/completion", json=body, headers=headers)
+    body = {"prompt": f"{HOLD}# {name}\ndef f(x):\n", "n_predict": 64, "stream": True}
+    return team.stream("POST", "/completion", json=body)
+
+
+CANCELLED = re.escape('pltkit_completions_total{stop_type="cancelled"}')
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + 60  # a guard against a hang; the wait ends when the condition holds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)  # a poll interval, not a margin
 
 
 def test_a_disconnect_cancels_the_job_in_its_replica(team):
-    cancelled = 'pltkit_completions_total{stop_type="cancelled"}'
-    with held_stream(team) as r:
+    with held_stream(team, "disconnect") as r:
         assert r.status_code == 200
         replica = r.headers["x-pltkit-replica"]
-        before = metric(team, replica, re.escape(cancelled))
+        before = metric(team, replica, CANCELLED)
     # the connection is closed: the ingress cancels the call, the replica cancels the job
-    deadline = time.monotonic() + 60  # a guard against a hang; the wait ends when the metric moves
-    while metric(team, replica, re.escape(cancelled)) == before:
-        assert time.monotonic() < deadline, "the job was not cancelled"
+    wait_for(lambda: metric(team, replica, CANCELLED) > before, "the job was not cancelled")
     print(f"cancelled in replica {replica}")
 
 
-def replica_pid(replica: str) -> int:
-    for actor in ray._private.state.actors().values():
-        if actor["Name"].endswith(f"#{replica}") and actor["State"] == "ALIVE":
-            return actor["Pid"]
-    raise AssertionError(f"no live actor for replica {replica}")
+def test_a_client_leaving_before_a_whole_response_cancels_the_job(team):
+    """A completion that is not streamed sends nothing until it is done: the client leaves while
+    the job is held in its replica (pinned, so that the test can watch that replica)."""
+    replica = team.get("/health").headers["x-pltkit-replica"]
+    before = metric(team, replica, CANCELLED)
+    body = json.dumps({"prompt": f"{HOLD}# whole\n", "n_predict": 64}).encode()
+    head = (f"POST /completion HTTP/1.1\r\nHost: {team.base_url.host}:{team.base_url.port}\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\nX-Pltkit-Replica: {replica}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((team.base_url.host, team.base_url.port)) as s:
+        s.sendall(head + body)
+        wait_for(lambda: metric(team, replica, "pltkit_worker_busy") == 1, "the job never reached its replica")
+    wait_for(lambda: metric(team, replica, CANCELLED) > before, "the job was not cancelled")
+
+
+def live_replicas() -> dict[str, int]:
+    """The engine replicas Ray has alive: replica id -> process id."""
+    return {a["Name"].rsplit("#", 1)[1]: a["Pid"] for a in ray._private.state.actors().values()
+            if "#Engine#" in a["Name"] and a["State"] == "ALIVE"}
 
 
 def test_a_replica_killed_mid_stream(team):
-    with held_stream(team) as r:
+    with held_stream(team, "killed") as r:
         replica = r.headers["x-pltkit-replica"]
-        os.kill(replica_pid(replica), signal.SIGKILL)
+        os.kill(live_replicas()[replica], signal.SIGKILL)
         start = time.monotonic()
         text = "".join(r.iter_text())  # ends: an error event, then the end of the response
         waited = time.monotonic() - start
@@ -183,6 +234,8 @@ def test_a_replica_killed_mid_stream(team):
     answers = [team.post("/completion", json={"prompt": f"x = {i}\n", "n_predict": 4}) for i in range(10)]
     assert [a.status_code for a in answers] == [200] * 10, [a.text for a in answers]
     assert {a.headers["x-pltkit-replica"] for a in answers} - {replica}
+    wait_for(lambda: len(live_replicas().keys() - {replica}) == 2, f"no replacement for replica {replica}")
+    print(f"replaced after {time.monotonic() - start:.1f} s: replicas {sorted(live_replicas())}")
 
 
 def test_the_ingress_keeps_plt_serves_guards(team):

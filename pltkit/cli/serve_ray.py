@@ -1,6 +1,7 @@
 """plt-serve --ray: the team server on Ray Serve (pltkit.serve.ray; docs/scale.md). Connects to
 the Ray cluster at --ray-address, or starts one on this machine, deploys the application, and
-serves until Ctrl-C or SIGTERM, then takes it down."""
+serves until Ctrl-C or SIGTERM, then takes it down (on a cluster of its own, Serve and Ray too).
+Where Serve already runs on the cluster, its HTTP host and port stay as they are (Ray's rule)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ def run(args, limits, access) -> int:
               f"{options.threads} threads each, router {args.router})", file=sys.stderr, flush=True)
         threading.Event().wait()  # until a signal exits (exit_on_signals)
     finally:
-        serve.shutdown()
+        if args.ray_address:  # a shared cluster: only this application goes
+            serve.delete("pltkit")
+        else:
+            serve.shutdown()
         ray.shutdown()
     return 0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from collections.abc import Hashable, Iterable, Mapping
 
 from pltkit.serve.body import parse_json
@@ -42,13 +43,27 @@ def prompt_text(path: str, body: bytes) -> str | None:
     return "".join(text for _, text in r.extra) + r.prefix + r.prompt
 
 
-def block_keys(text: str) -> list[int]:
-    """One key per whole block of text, each standing for all of the text up to that block's end."""
+def block_keys(text: str) -> tuple[int, ...]:
+    """One key per whole block of text, each standing for all of the text up to that block's end
+    (Python's string hash: keys are compared only within the process that made them)."""
     keys, key = [], 0
     for end in range(BLOCK, len(text) + 1, BLOCK):
         key = hash((key, text[end - BLOCK:end]))
         keys.append(key)
-    return keys
+    return tuple(keys)
+
+
+@dataclass(frozen=True)
+class PromptKey:
+    """What routing needs of a prompt's text, a fraction of its size: made once per request."""
+
+    start: str  # the first HOME_CHARS characters
+    blocks: tuple[int, ...]  # block_keys(text)
+    length: int
+
+    @classmethod
+    def of(cls, text: str) -> PromptKey:
+        return cls(text[:HOME_CHARS], block_keys(text), len(text))
 
 
 class PrefixIndex:
@@ -63,11 +78,11 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self._owner)
 
-    def match(self, text: str, live: Iterable[Hashable]) -> tuple[Hashable | None, int]:
-        """The live replica holding the longest indexed prefix of text, and that prefix's length."""
+    def match(self, prompt: PromptKey, live: Iterable[Hashable]) -> tuple[Hashable | None, int]:
+        """The live replica holding the longest indexed prefix of the prompt, and its length."""
         live = set(live)
         best, length = None, 0
-        for i, key in enumerate(block_keys(text)):
+        for i, key in enumerate(prompt.blocks):
             owner = self._owner.get(key)
             if owner is None:
                 break  # keys are chained: no longer prefix can be indexed
@@ -75,8 +90,8 @@ class PrefixIndex:
                 best, length = owner, (i + 1) * BLOCK
         return best, length
 
-    def record(self, text: str, replica: Hashable) -> None:
-        for key in block_keys(text):
+    def record(self, prompt: PromptKey, replica: Hashable) -> None:
+        for key in reversed(prompt.blocks):  # a prompt's first blocks are the last to go: match starts there
             self._owner[key] = replica
             self._owner.move_to_end(key)
         while len(self._owner) > self.max_blocks:
@@ -88,15 +103,15 @@ class PrefixIndex:
             del self._owner[key]
 
 
-def home(text: str, replicas: Iterable[Hashable]) -> Hashable:
-    """Rendezvous hashing of the text's start: the same replica in every process, and only the
-    texts of a replica that goes away move."""
-    start = text[:HOME_CHARS].encode("utf-8", "surrogatepass")
-    return max(replicas, key=lambda r: hashlib.blake2b(start + b"\0" + str(r).encode(), digest_size=8).digest())
+def home(start: str, replicas: Iterable[Hashable]) -> Hashable:
+    """Rendezvous hashing of a prompt's start: the same replica in every process, and only the
+    prompts of a replica that goes away move."""
+    data = start[:HOME_CHARS].encode("utf-8", "surrogatepass")
+    return max(replicas, key=lambda r: hashlib.blake2b(data + b"\0" + str(r).encode(), digest_size=8).digest())
 
 
-def ranked(text: str | None, replicas: list[Hashable], loads: Mapping[Hashable, int | None], index: PrefixIndex,
-           imbalance: int = 2, min_match: float = 0.1) -> list[list[Hashable]]:
+def ranked(prompt: PromptKey | None, replicas: list[Hashable], loads: Mapping[Hashable, int | None],
+           index: PrefixIndex, imbalance: int = 2, min_match: float = 0.1) -> list[list[Hashable]]:
     """The replicas in ranks of preference (see the module docstring). loads: requests in flight
     per replica (None or absent: unknown, taken as 0)."""
     if not replicas:
@@ -105,11 +120,11 @@ def ranked(text: str | None, replicas: list[Hashable], loads: Mapping[Hashable, 
     least = min(load.values())
     by_load = sorted(replicas, key=lambda r: load[r])
     choice = None
-    if text:
-        hit, length = index.match(text, replicas)
-        if hit is not None and length >= min_match * len(text) and load[hit] - least <= imbalance:
+    if prompt is not None and prompt.length:
+        hit, length = index.match(prompt, replicas)
+        if hit is not None and length >= min_match * prompt.length and load[hit] - least <= imbalance:
             choice = hit
-        elif load[first := home(text, replicas)] - least <= imbalance:
+        elif load[first := home(prompt.start, replicas)] - least <= imbalance:
             choice = first
     if choice is None:
         ranks = [[r for r in by_load if load[r] == least], [r for r in by_load if load[r] != least]]

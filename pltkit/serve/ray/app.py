@@ -11,7 +11,7 @@ deployment option ("Engine", "Ingress"); see docs/scale.md.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -22,8 +22,9 @@ from pltkit.serve.ray.replica import EngineReplica
 from pltkit.serve.ray.router import PrefixAffinityRouter
 from pltkit.serve.server import Limits, Server
 
-ROUTERS = {"affinity": PrefixAffinityRouter,
-           "pow2": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"}  # Ray's default
+ROUTERS = {"affinity": lambda o: RequestRouterConfig(request_router_class=PrefixAffinityRouter, request_router_kwargs={
+               "imbalance": o.imbalance, "min_match": o.min_match}),
+           "pow2": lambda o: RequestRouterConfig()}  # Ray's default: the less loaded of two random replicas
 
 
 @dataclass(frozen=True)
@@ -57,25 +58,44 @@ def build(o: TeamOptions):
     """The application: bind it with serve.run (or let `serve run` build it through app_builder)."""
     if o.router not in ROUTERS:
         raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {o.router!r}")
-    router = RequestRouterConfig(request_router_class=ROUTERS[o.router],
-                                 request_router_kwargs={"imbalance": o.imbalance, "min_match": o.min_match}
-                                 if o.router == "affinity" else {})
     engine = serve.deployment(EngineReplica, name="Engine").options(
         num_replicas=o.replicas, ray_actor_options={"num_cpus": o.threads, "num_gpus": o.gpus},
         max_ongoing_requests=o.limits.max_queue + 8,  # queued jobs, the running one, and info requests
-        request_router_config=router, health_check_period_s=5)
+        max_queued_requests=o.limits.max_queue * o.replicas,  # then 503, as plt-serve's full queue
+        max_constructor_retry_count=2,  # a model that fails to load fails the deployment soon
+        request_router_config=ROUTERS[o.router](o), health_check_period_s=5)
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress").options(
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
     engine = engine.bind(o.model, o.backend, o.threads, o.cache_mb, o.verify, o.limits, o.setup)
     return ingress.bind(engine, Access(o.hosts, o.origins), o.api_key, o.limits)
 
 
+def _names(v) -> tuple[str, ...]:
+    return tuple(x.strip().lower() for x in (v.split(",") if isinstance(v, str) else v) if x.strip())
+
+
+def _flag(v) -> bool:
+    return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+
+
+def _optional(v) -> str | None:
+    return None if v in (None, "", "none", "None") else str(v)
+
+
+ARGS = {"model": str, "replicas": int, "threads": int, "gpus": float, "backend": _optional, "cache_mb": int,
+        "verify": _flag, "router": str, "imbalance": int, "min_match": float, "api_key": _optional,
+        "hosts": _names, "origins": _names}  # besides Limits' fields, each read as its type
+LIMIT_ARGS = {f.name: type(f.default) for f in fields(Limits)}
+
+
 def app_builder(args: dict):
-    """For `serve run pltkit.serve.ray.app:app_builder key=value ...`: TeamOptions' scalar fields."""
-    types = {f.name: f.type for f in fields(TeamOptions)}
-    convert = {"int": int, "float": float, "bool": lambda v: str(v).lower() in ("1", "true", "yes"),
-               "str": str, "str | None": str}
-    unknown = sorted(set(args) - {k for k, t in types.items() if t in convert})
+    """For `serve run pltkit.serve.ray.app:app_builder key=value ...` and Serve config files: the
+    fields of TeamOptions and Limits (hosts and origins: lists, or comma-separated; hosts are
+    added to the loopback ones)."""
+    unknown = sorted(set(args) - set(ARGS) - set(LIMIT_ARGS))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; known: {sorted(k for k, t in types.items() if t in convert)}")
-    return build(TeamOptions(**{k: convert[types[k]](v) for k, v in args.items()}))
+        raise ValueError(f"unknown option(s) {unknown}; known: {sorted({*ARGS, *LIMIT_ARGS})}")
+    options = {k: ARGS[k](v) for k, v in args.items() if k in ARGS}
+    options["hosts"] = (*LOOPBACK_HOSTS, *options.get("hosts", ()))
+    limits = replace(Limits(), **{k: LIMIT_ARGS[k](v) for k, v in args.items() if k in LIMIT_ARGS})
+    return build(TeamOptions(**options, limits=limits))

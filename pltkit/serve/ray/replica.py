@@ -68,7 +68,7 @@ class EngineReplica:
             await out.put(message)
 
         task = asyncio.create_task(self.app(scope, receive, send))
-        task.add_done_callback(lambda _: out.put_nowait(None))
+        task.add_done_callback(lambda t: out.put_nowait(None) or t.cancelled() or t.exception())  # retrieved
         try:
             while (message := await out.get()) is not None:
                 if message["type"] == "http.response.start":
