@@ -84,6 +84,26 @@ def test_refusals(tmp_path):
     assert taken.returncode == 2 and "not a socket" in taken.stderr and (tmp_path / "file").read_text() == "x"
 
 
+def test_ray_refusals(tmp_path):
+    """plt-serve --ray: TCP only, the same guards, a bad model before Ray starts, and Ray missing."""
+    cases = [(["--ray"], "give --port"), (["--ray", "--port", "8013", "--socket", str(tmp_path / "s")], "give --port"),
+             (["--ray", "--host", "0.0.0.0", "--port", "8013"], "--api-key"),
+             (["--ray", "--port", "8013", "--model", str(tmp_path / "nothing")], "not a model folder")]
+    for args, message in cases:
+        r = subprocess.run(["plt-serve", *args], capture_output=True, text=True, timeout=HANG)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+    hidden = tmp_path / "no-ray"
+    hidden.mkdir()
+    (hidden / "sitecustomize.py").write_text(
+        "import sys\nclass _NoRay:\n    def find_spec(self, name, *a):\n"
+        "        if name.split('.')[0] == 'ray':\n"
+        "            raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n"
+        "sys.meta_path.insert(0, _NoRay())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(["plt-serve", "--ray", "--port", "8013"], capture_output=True, text=True, env=env, timeout=HANG)
+    assert r.returncode == 2 and "pip install 'pltkit[ray]'" in r.stderr, r.stderr
+
+
 def test_a_model_that_cannot_load_exits_2_with_one_line(tmp_path):
     """Without torch a checkpoint cannot be exported: plt-serve says so and exits, rather than
     answering every request with 500. (Here torch is hidden from the child process.)"""
