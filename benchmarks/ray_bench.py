@@ -149,7 +149,7 @@ def replicas(team: httpx.Client) -> dict:
     return out
 
 
-def deploy(port: int, router: str, args):
+def deploy(router: str, args):
     from ray import serve
 
     from pltkit.serve.ray.app import TeamOptions, build
@@ -178,7 +178,7 @@ def main(argv=None):
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="error")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": team_port})
-        deploy(team_port, "affinity", args)
+        deploy("affinity", args)
         plain = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
         team = httpx.Client(base_url=f"http://127.0.0.1:{team_port}", timeout=600)
         wait_healthy(plain)
@@ -188,7 +188,7 @@ def main(argv=None):
         out["load"] = load(team, args.editors, args.seconds, "# load\n")
         out["replicas"] = replicas(team)
         out["plain_rss_mb"] = round(rss_mb(plain_server.pid), 1)
-        deploy(team_port, "pow2", args)
+        deploy("pow2", args)
         out["pow2"] = affinity(team, args.editors, args.requests, "# pow2\n")
     finally:
         serve.shutdown()

@@ -4,7 +4,8 @@ prompt's key for the router, and the replica's response relayed.
 
 - A replica that is gone before it answers (killed, restarting): the request goes to another one.
 - A replica that dies while it streams: the client gets an error event in its protocol's format
-  and the end of the response, not a hang; before a whole response, a 503.
+  and the end of the response, not a hang. A whole response comes in one message, after the job:
+  a replica that dies before it is gone before answering.
 - A client that disconnects: the call to the replica is cancelled, and the replica cancels the job.
 - No replica free and Ray's queue for them full (max_queued_requests), or none deployed: 503.
 """
@@ -68,8 +69,10 @@ def create_ingress_app(engine, front: Front) -> Starlette:
         kwargs = {"prompt": await off_loop(prompt_key, request.url.path, body),
                   "replica": request.headers.get(REPLICA_HEADER)}
         stream, start = await open_stream(engine, head, body, kwargs)
-        if any(k.lower() == b"content-length" for k, _ in start["headers"]):  # a whole response
-            return await whole(stream, start)
+        if "body" in start:  # a whole response
+            response = Response(start["body"], start["status"])
+            response.raw_headers = list(start["headers"])
+            return response
         return Relay(stream, start, PROTOCOLS.get(request.url.path))
 
     app = Starlette(routes=[Route(r.path, forward, methods=METHODS) for r in ROUTES],
@@ -79,9 +82,9 @@ def create_ingress_app(engine, front: Front) -> Starlette:
 
 
 async def open_stream(engine, head: dict, body: bytes, kwargs: dict):
-    """The call to a replica and its first message (the response's status and headers), trying
-    another replica when one dies before it answers. A whole response's first message comes when
-    the job is done: a client that leaves before then (this task is cancelled) cancels the call."""
+    """The call to a replica and its first message (a whole response, or a streamed one's status
+    and headers), trying another replica when one dies before it answers. A whole response comes
+    when the job is done: a client that leaves before then (this task is cancelled) cancels the call."""
     for attempt in range(TRIES):
         stream = engine.asgi.remote(head, body, **kwargs)
         try:
@@ -92,20 +95,6 @@ async def open_stream(engine, head: dict, body: bytes, kwargs: dict):
             stream.cancel()
             raise
     raise HTTPError(503, "no engine replica could answer; try again")
-
-
-async def whole(stream, start: dict) -> Response:
-    """The rest of a whole response (it is complete when its first message arrives)."""
-    try:
-        body = b"".join([message["body"] async for message in stream])
-    except RayActorError:
-        raise HTTPError(503, f"{DIED}; try again") from None
-    except BaseException:
-        stream.cancel()
-        raise
-    response = Response(body, start["status"])
-    response.raw_headers = list(start["headers"])
-    return response
 
 
 class Relay:

@@ -46,8 +46,9 @@ class EngineReplica:
         self.server.stop()
 
     async def asgi(self, head: dict, body: bytes, prompt: str | None = None, replica: str | None = None):
-        """The response to one HTTP request, as ASGI messages: {"status", "headers"}, then one
-        {"body"} per chunk. head: the request's method, path, query_string, headers and client.
+        """The response to one HTTP request: {"status", "headers", "body"} for a whole response
+        (one with a Content-Length); for a streamed one, {"status", "headers"}, then one {"body"}
+        per chunk. head: the request's method, path, query_string, headers and client.
         prompt and replica are read by the router only (pltkit.serve.ray.router)."""
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
                  "scheme": "http", "root_path": "", "raw_path": head["path"].encode(), "server": ("replica", 0),
@@ -70,10 +71,19 @@ class EngineReplica:
         task = asyncio.create_task(self.app(scope, receive, send))
         task.add_done_callback(lambda t: out.put_nowait(None) or t.cancelled() or t.exception())  # retrieved
         try:
+            whole = None  # a response with a Content-Length: sent as one message, start and body
             while (message := await out.get()) is not None:
                 if message["type"] == "http.response.start":
-                    yield {"status": message["status"],
-                           "headers": [*message.get("headers", []), (REPLICA_HEADER.encode(), self.id.encode())]}
+                    start = {"status": message["status"],
+                             "headers": [*message.get("headers", []), (REPLICA_HEADER.encode(), self.id.encode())]}
+                    if any(k.lower() == b"content-length" for k, _ in start["headers"]):
+                        whole = {**start, "body": b""}
+                    else:
+                        yield start
+                elif whole is not None:
+                    whole["body"] += message.get("body", b"")
+                    if not message.get("more_body"):
+                        yield whole
                 elif message.get("body"):
                     yield {"body": message["body"]}
             task.result()
