@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from pltkit.quant.dynamic import DynamicInt8
 
 HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")  # the output head (tied or not)
 
@@ -237,7 +238,8 @@ INT8 = WeightOnlyNBits("int8", 8, 32)
 # top-1 agreement with llama.cpp (docs/benchmarks.md)
 SCHEMES = {"int8": INT8, "int4": WeightOnlyNBits("int4", 4, 32, head=INT8),
            "int4-asym": AsymmetricNBits("int4-asym", 4, 32, accuracy_level=0,
-                                        head=WeightOnlyNBits("int8-127", 8, 32, full_range=False))}
+                                        head=WeightOnlyNBits("int8-127", 8, 32, full_range=False)),
+           "int8-dq": DynamicInt8("int8-dq", head=INT8)}  # opt-in: see pltkit/quant/dynamic.py
 
 
 # --- static Q/DQ schemes for TensorRT (strongly typed: precision comes from Q/DQ) ---------------
