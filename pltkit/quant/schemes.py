@@ -18,6 +18,9 @@ comparison. It runs as MatMulNBits plus a block-sum correction (see the class), 
 (accuracy_level 0), and its 8-bit head keeps Q8_0's grid (s = max|w| / 127): slower than int4 on one
 token (1.4x on SmolLM2-135M), so `--int4` stays symmetric.
 
+`int8-dq` (DynamicInt8, pltkit/quant/dynamic.py, opt-in) keeps int8 weights per output column and
+quantizes activations per tensor at run time (DynamicQuantizeMatMul).
+
 Embeddings are stored in float16 (a gather reads one row per token, then casts). The
 output head is 8-bit in both schemes: 4 bits there cost int4 most of its next-token
 agreement (measured on the default model: 91.8 % top-1 with a 4-bit head).
