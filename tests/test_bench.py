@@ -126,6 +126,18 @@ def test_plt_bench_smoke(tmp_path):
     assert (tmp_path / "chart.png").stat().st_size > 1000
 
 
+def test_plt_bench_runs_a_scheme_whose_name_has_a_dash(tmp_path):
+    """ort-int8-dq: the form's precision is everything after "ort-", and its artifacts are that scheme's."""
+    out = subprocess.run(["plt-bench", "--shape", "default", "--forms", "ort-int8-dq", "--contexts", "32", "--steps",
+                          "1", "--repeats", "1", "--no-llamacpp", "--no-ortgenai", "--threads", "1",
+                          "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=HANG)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lo = json.loads(out.stdout.strip().splitlines()[-1])["results"]["loops"]
+    assert list(lo["decode_ms"]) == ["ort-int8-dq"] and set(lo["nodes_per_layer"]) == {"int8-dq"}
+    arts = [p for p in tmp_path.iterdir() if "-int8-dq-" in p.name]
+    assert len(arts) == 2 and all(json.loads((p / "pltkit.json").read_text())["precision"] == "int8-dq" for p in arts)
+
+
 def test_the_summary_takes_the_longest_context_whatever_its_keys():
     """Contexts are int keys in the process and strings once results come back from JSON: "96" sorts
     after "256" as text, and the headline ratios must still be those of the longest context."""

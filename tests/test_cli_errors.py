@@ -76,6 +76,8 @@ CASES = [
     ("export-missing-checkpoint", "plt-export {d}/nothing -o {d}/out", "{d}/nothing: not a model folder"),
     ("export-eval-windows-zero", "plt-export --int8 --eval-windows 0", "argument --eval-windows"),
     ("export-calib-file", "plt-export --int8 --target trt --calib {d}/notamodel.txt", "argument --calib"),
+    ("export-int8-dq-for-trt", "plt-export --int8-dq --target trt", "--target trt applies to --int8"),
+    ("export-int8-and-int8-dq", "plt-export --int8 --int8-dq", "argument --int8-dq: not allowed with argument --int8"),
     # plt-import
     ("import-missing-source", "plt-import {d}/nothing.gguf -o {d}/out", "{d}/nothing.gguf"),
     ("import-unknown-dtype", "plt-import {d}/model.gguf --dtype int3", "argument --dtype"),

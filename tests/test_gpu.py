@@ -201,12 +201,13 @@ def test_no_graph_reads_what_a_loop_above_0_passes_on_as_its_cache(artifact):
         assert not any(o in read for n in above_0 for o in n.output[1:3])
 
 
-def test_ort_forms_are_refused_for_tensorrt(tmp_path):
+@pytest.mark.parametrize("scheme, op", [("int8", "MatMulNBits"), ("int8-dq", "DynamicQuantizeMatMul")])
+def test_ort_forms_are_refused_for_tensorrt(tmp_path, scheme, op):
     from pltkit.gpu.trt_engine import _graph_for_tensorrt
     from pltkit.quant.schemes import SCHEMES
 
-    art = Artifact.open(export("default", tmp_path / "int8", quant=SCHEMES["int8"]))
-    with pytest.raises(ValueError, match="MatMulNBits"):
+    art = Artifact.open(export("default", tmp_path / scheme, quant=SCHEMES[scheme]))
+    with pytest.raises(ValueError, match=op):
         _graph_for_tensorrt(art, "decode", plugin=True)
 
 

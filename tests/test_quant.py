@@ -33,7 +33,7 @@ def test_ort_packing_equals_numpy_reference(name):
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     d = tmp_path_factory.mktemp("quant")
-    for name in ("int8", "int4"):
+    for name in ("int8", "int4", "int8-dq"):
         export("default", d / name, quant=SCHEMES[name])
     return d
 
@@ -62,7 +62,7 @@ def test_exported_weights_follow_the_format(quantized, name):
 PROMPT = "def add(a, b):"
 # greedy tokens (of 8) that each form must share with the float32 reference before the first difference
 # (all 8 on the machine these were set on; int4 keeps a margin for other CPUs' MatMulNBits kernels)
-MIN_GREEDY_MATCH = {"int8": 8, "int4": 6, "int8-qdq": 8, "fp8": 8}
+MIN_GREEDY_MATCH = {"int8": 8, "int4": 6, "int8-qdq": 8, "fp8": 8, "int8-dq": 8}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def reference_completion():
     return result
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int8-qdq", "fp8"])
+@pytest.mark.parametrize("name", ["int8", "int4", "int8-qdq", "fp8", "int8-dq"])
 def test_quantized_artifact_completes(quantized, qdq, reference_completion, name):
     """plt-complete on the quantized artifact: its greedy tokens are the float32 reference's."""
     artifact = (quantized if name in SCHEMES else qdq[0]) / name
@@ -162,8 +162,10 @@ def test_fp8_keeps_the_first_layer_float(qdq):
     assert "model.layers.0.*" in json.loads((d / "fp8" / "pltkit.json").read_text())["quantization"]["kept_float32"]
 
 
-# On 6 held-out windows spread over the set: the targets (int8-qdq has none; it is held to 96 % / +1 %).
-MIN_AGREEMENT_MAX_PPL = {"int8": (0.98, 0.01), "int4": (0.93, 0.06), "int8-qdq": (0.96, 0.01), "fp8": (0.97, 0.02)}
+# On 6 held-out windows spread over the set: the targets (int8-qdq has none; it is held to 96 % / +1 %;
+# int8-dq, opt-in, measured 97.3 % here and 96.3 % on the whole set, to 95 % / +1 %).
+MIN_AGREEMENT_MAX_PPL = {"int8": (0.98, 0.01), "int4": (0.93, 0.06), "int8-qdq": (0.96, 0.01), "fp8": (0.97, 0.02),
+                         "int8-dq": (0.95, 0.01)}
 
 
 @pytest.mark.parametrize("name", list(MIN_AGREEMENT_MAX_PPL))

@@ -100,11 +100,12 @@ def make_artifacts(checkpoints: dict[str, Path], workdir: Path, precisions) -> d
 
 
 def open_form(form: str, checkpoints, artifacts, threads: int, variants=VARIANTS) -> dict:
-    """{variant: backend} for a form "torch-fp32" | "torch-int8" | "ort-<precision>"."""
+    """{variant: backend} for a form "torch-fp32" | "torch-int8" | "ort-<precision>" (a scheme name,
+    which may hold a dash: "ort-int8-dq")."""
     from pltkit.runtime.backends import open_backend
     from pltkit.runtime.serial import SerialLoops
 
-    kind, prec = form.split("-")
+    kind, prec = form.split("-", 1)
     needed = {"plt2"} & set(variants) | ({"plain"} if {"plain", "serial2"} & set(variants) else set())
     if kind == "torch":
         backends = {v: open_backend(checkpoints[v], "torch", threads) for v in needed}
@@ -164,7 +165,7 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
     if steps > 56:
         raise ValueError("steps must be at most 56 (positions are the longest context + 64)")
     checkpoints = make_checkpoints(workdir, max(contexts) + 64, shape)
-    precisions = sorted({f.split("-")[1] for f in forms if f.startswith("ort-")})
+    precisions = sorted({f.split("-", 1)[1] for f in forms if f.startswith("ort-")})
     log(f"{shape} shape; exporting {len(precisions) * 2} artifacts (kept in {workdir})")
     artifacts = make_artifacts(checkpoints, workdir, precisions)
     rng = np.random.default_rng(0)
@@ -228,7 +229,7 @@ def peak_rss(checkpoints, ctx: int, threads: int, forms) -> dict:
 
 def _rss_child(form: str, variant: str, ctx: int, threads: int, plain: Path, plt2: Path) -> float:
     checkpoints = {"plain": plain, "plt2": plt2}
-    prec = form.split("-")[1]
+    prec = form.split("-", 1)[1]
     artifacts = {(n, prec): artifact_dir(p, prec, p.parent) for n, p in checkpoints.items()}
     backend = open_form(form, checkpoints, artifacts, threads, (variant,))[variant]
     state = prefill_chunked(backend, np.random.default_rng(0).integers(10, 4000, (1, ctx)), backend.new_state(1))

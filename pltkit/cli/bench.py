@@ -28,12 +28,13 @@ from pathlib import Path
 from pltkit.cli import args as types
 from pltkit.cli.args import HelpFormatter, one_line_errors
 
-FORMS = ["torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ort-int4"]
+FORMS = ["torch-fp32", "torch-int8", "ort-fp32", "ort-int8", "ort-int4", "ort-int8-dq"]
+DEFAULT_FORMS = FORMS[:5]  # ort-int8-dq (opt-in scheme) only when asked
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="plt-bench", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--forms", nargs="+", default=FORMS, choices=FORMS, metavar="FORM",
+    p.add_argument("--forms", nargs="+", default=DEFAULT_FORMS, choices=FORMS, metavar="FORM",
                    help="runtimes and precisions to measure")
     p.add_argument("--shape", choices=["large", "medium", "default"], default="medium",
                    help="large: random weights, d 2048 x 16 layers (0.8 B parameters), far larger than any cache, "

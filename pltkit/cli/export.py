@@ -28,6 +28,10 @@ def parser() -> argparse.ArgumentParser:
     precision.add_argument("--int4-asym", dest="quant", action="store_const", const="int4-asym",
                            help="4-bit min/max blocks with offsets: keeps a llama.cpp Q4_1 import's weights as they "
                                 "are (float32 compute: about 1.4x slower decode than --int4)")
+    precision.add_argument("--int8-dq", dest="quant", action="store_const", const="int8-dq",
+                           help="int8 weights per output column with activations quantized at run time "
+                                "(DynamicQuantizeMatMul, ONNX Runtime): a second PLT row costs less than --int8's, "
+                                "at larger error (docs/quantization.md)")
     precision.add_argument("--fp8", dest="quant", action="store_const", const="fp8",
                            help="float8e4m3fn Q/DQ for TensorRT on Hopper/Ada (emulated by ONNX Runtime on CPU)")
     p.add_argument("--target", choices=["ort", "trt"], default="ort", help="runtime the int8 form is for")
@@ -49,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.target == "trt" and args.quant in (None, "int4", "int4-asym"):
+    if args.target == "trt" and args.quant in (None, "int4", "int4-asym", "int8-dq"):
         p.error("--target trt applies to --int8 (--fp8 is for TensorRT already)")
     if args.quant and args.dtype != "float32":
         p.error("--dtype applies to the unquantized export (quantized forms keep their float parts in float32)")
@@ -57,8 +61,9 @@ def main(argv=None) -> int:
     from pltkit.model.paths import resolve_model_path
     resolve_model_path(args.checkpoint)  # a bad path fails now, before torch is imported
     if args.engine:
-        if args.quant in ("int4", "int4-asym"):
-            p.error("--engine trt builds float (--dtype), --int8 (Q/DQ) or --fp8 engines; int4 is for ONNX Runtime")
+        if args.quant in ("int4", "int4-asym", "int8-dq"):
+            p.error(f"--engine trt builds float (--dtype), --int8 (Q/DQ) or --fp8 engines; {args.quant} is for "
+                    f"ONNX Runtime")
         from pltkit.gpu.trt_engine import GpuUnavailable, require
         try:
             require()  # before a long export: say at once what is missing

@@ -6,8 +6,8 @@
   (no plugin) rewrites the buffer.
 - The network is strongly typed: precision comes from the graph. That is the artifact's float
   type, or the Q/DQ of the `int8-qdq` / `fp8` exports (`plt-export --int8 --target trt`, `--fp8`).
-  ONNX Runtime's contrib ops (MatMulNBits, GroupQueryAttention) are not TensorRT's, so the
-  int8/int4 ORT forms cannot be built.
+  ONNX Runtime's contrib ops (MatMulNBits, GroupQueryAttention, DynamicQuantizeMatMul) are not TensorRT's,
+  so the int8/int4/int8-dq ORT forms cannot be built.
 - LoopAttention nodes carry `plugin_namespace="pltkit"`. With the pltkit plugin registered
   (pltkit.gpu.trt_plugin), the parser maps them to it: ahead-of-time PTX where TensorRT supports
   it, else the JIT Python callback. Without it, the nodes' attribute is dropped so that the
@@ -36,7 +36,7 @@ from pltkit.runtime.artifact import Artifact, update_manifest
 ENGINES = "engines"
 PHASES = ("prefill", "decode")
 GRAPHS = "kvbuffer"  # the graph set engines are built from
-CONTRIB_OPS = {"MatMulNBits", "GroupQueryAttention"}
+CONTRIB_OPS = {"MatMulNBits", "GroupQueryAttention", "DynamicQuantizeMatMul"}
 
 
 class GpuUnavailable(RuntimeError):

@@ -18,6 +18,9 @@ comparison. It runs as MatMulNBits plus a block-sum correction (see the class), 
 (accuracy_level 0), and its 8-bit head keeps Q8_0's grid (s = max|w| / 127): slower than int4 on one
 token (1.4x on SmolLM2-135M), so `--int4` stays symmetric.
 
+`int8-dq` (DynamicInt8, pltkit/quant/dynamic.py, opt-in) keeps int8 weights per output column and
+quantizes activations per tensor at run time (DynamicQuantizeMatMul).
+
 Embeddings are stored in float16 (a gather reads one row per token, then casts). The
 output head is 8-bit in both schemes: 4 bits there cost int4 most of its next-token
 agreement (measured on the default model: 91.8 % top-1 with a 4-bit head).
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from pltkit.quant.dynamic import DynamicInt8
 
 HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")  # the output head (tied or not)
 
@@ -237,7 +241,8 @@ INT8 = WeightOnlyNBits("int8", 8, 32)
 # top-1 agreement with llama.cpp (docs/benchmarks.md)
 SCHEMES = {"int8": INT8, "int4": WeightOnlyNBits("int4", 4, 32, head=INT8),
            "int4-asym": AsymmetricNBits("int4-asym", 4, 32, accuracy_level=0,
-                                        head=WeightOnlyNBits("int8-127", 8, 32, full_range=False))}
+                                        head=WeightOnlyNBits("int8-127", 8, 32, full_range=False)),
+           "int8-dq": DynamicInt8("int8-dq", head=INT8)}  # opt-in: see pltkit/quant/dynamic.py
 
 
 # --- static Q/DQ schemes for TensorRT (strongly typed: precision comes from Q/DQ) ---------------
