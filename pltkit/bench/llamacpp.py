@@ -56,11 +56,18 @@ def prepare_pltkit(workdir: Path, log=print, schemes=("int8", "int4")) -> tuple[
     return ckpt, arts
 
 
-def prepare(workdir: Path, log=print) -> tuple[dict, dict]:
-    """({"int8": artifact, "int4": int4-asym artifact, "int4-sym": int4 artifact},
+def pair_schemes(int8_scheme: str = "int8") -> dict:
+    """pltkit precision -> the scheme its side of the comparison is exported with (the 8-bit side:
+    int8, or int8-dq)."""
+    return {**PAIR_SCHEMES, "int8": int8_scheme}
+
+
+def prepare(workdir: Path, log=print, int8_scheme: str = "int8") -> tuple[dict, dict]:
+    """({"int8": int8_scheme's artifact, "int4": int4-asym artifact, "int4-sym": int4 artifact},
     {"q8_0": gguf, "q4_1": gguf}), made once in workdir."""
-    _, by_scheme = prepare_pltkit(workdir, log, (*PAIR_SCHEMES.values(), "int4"))
-    arts = {prec: by_scheme[name] for prec, name in PAIR_SCHEMES.items()} | {"int4-sym": by_scheme["int4"]}
+    schemes = pair_schemes(int8_scheme)
+    _, by_scheme = prepare_pltkit(workdir, log, (*schemes.values(), "int4"))
+    arts = {prec: by_scheme[name] for prec, name in schemes.items()} | {"int4-sym": by_scheme["int4"]}
     src = smollm2_gguf()
     q8 = workdir / "smollm2-135m-q8_0.gguf"
     if not q8.is_file():
@@ -165,8 +172,8 @@ def timed(systems: dict, ids: list[int], steps: int, repeats: int) -> dict:
             "decode_ms": {n: statistics.median(v) for n, v in decode.items()}}
 
 
-def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=print) -> dict:
-    arts, ggufs = prepare(workdir, log)
+def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=print, int8_scheme: str = "int8") -> dict:
+    arts, ggufs = prepare(workdir, log, int8_scheme)
     ids = prompt_ids(arts["int8"], ctx)
     systems = {}
     for prec, kind in PAIRS.items():
@@ -174,7 +181,7 @@ def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=pri
         systems[f"llamacpp-{kind}"] = LlamaCppRunner(ggufs[kind], threads, ctx + steps + 8)
     systems["pltkit-int4-sym"] = PltkitRunner(arts["int4-sym"], threads)
     pairs = {**PAIRS, "int4-sym": "q4_1"}
-    out = {"ctx": ctx, "steps": steps, "threads": threads, "schemes": {**PAIR_SCHEMES, "int4-sym": "int4"},
+    out = {"ctx": ctx, "steps": steps, "threads": threads, "schemes": {**pair_schemes(int8_scheme), "int4-sym": "int4"},
            **timed(systems, ids, steps, repeats),
            "top1_agreement": {prec: agreement(systems[f"pltkit-{prec}"].backend, ggufs[kind], ids[:256], threads)
                               for prec, kind in pairs.items()}}

@@ -95,10 +95,12 @@ def set_threads(model_dir: Path, threads: int) -> None:
         path.write_text(json.dumps(cfg, indent=4))
 
 
-def prepare(workdir: Path, log=print) -> tuple[dict, dict]:
-    """({"int8": artifact, "int4": artifact}, {"int8": genai dir, "int4": genai dir}), made once in workdir."""
+def prepare(workdir: Path, log=print, int8_scheme: str = "int8") -> tuple[dict, dict]:
+    """({"int8": int8_scheme's artifact, "int4": artifact}, {"int8": genai dir, "int4": genai dir}), made
+    once in workdir."""
     require_genai()
-    ckpt, arts = prepare_pltkit(workdir, log)
+    ckpt, by_scheme = prepare_pltkit(workdir, log, (int8_scheme, "int4"))
+    arts = {"int8": by_scheme[int8_scheme], "int4": by_scheme["int4"]}
     hf_dir = hf_llama_folder(ckpt, workdir / "smollm2-135m-hf")
     return arts, {p: build(hf_dir, workdir / f"smollm2-135m-genai-{p}", p, log) for p in PRECISIONS}
 
@@ -123,14 +125,15 @@ class GenaiRunner(Runner):
         self.next = int(self.gen.get_next_tokens()[0])
 
 
-def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=print) -> dict:
-    arts, models = prepare(workdir, log)
+def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=print, int8_scheme: str = "int8") -> dict:
+    arts, models = prepare(workdir, log, int8_scheme)
     ids = prompt_ids(arts["int8"], ctx)
     systems = {}
     for prec in PRECISIONS:
         systems[f"pltkit-{prec}"] = PltkitRunner(arts[prec], threads)
         systems[f"genai-{prec}"] = GenaiRunner(models[prec], threads, ctx + steps + 8)
-    return {"ctx": ctx, "steps": steps, "threads": threads, **timed(systems, ids, steps, repeats),
+    return {"ctx": ctx, "steps": steps, "threads": threads, "schemes": {"int8": int8_scheme, "int4": "int4"},
+            **timed(systems, ids, steps, repeats),
             "top1_agreement": {p: agreement(systems[f"pltkit-{p}"].backend, systems[f"genai-{p}"], ids[:256])
                                for p in PRECISIONS},
             "nodes_per_layer": peer_nodes(arts, models)}

