@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
                                 "llama.cpp Q8_0, --int8 96.1 %%; docs/quantization.md)")
     precision.add_argument("--int8-dq-sq", dest="quant", action="store_const", const="int8-dq-sq",
                            help="experimental: --int8-dq with SmoothQuant (alpha 0.65; ranges calibrated on code, --calib) "
-                                "and down_proj as --int8: activation outlier channels moved into the weights")
+                                "and down_proj as --int8: activation outlier channels moved into the weights (SmolLM2-135M: "
+                                "94.1 %% top-1 agreement with llama.cpp Q8_0)")
     precision.add_argument("--fp8", dest="quant", action="store_const", const="fp8",
                            help="float8e4m3fn Q/DQ for TensorRT on Hopper/Ada (emulated by ONNX Runtime on CPU)")
     p.add_argument("--target", choices=["ort", "trt"], default="ort", help="runtime the int8 form is for")
