@@ -52,13 +52,17 @@ def prepare_pltkit(workdir: Path, log=print, schemes=("int8", "int4")) -> tuple[
         arts[name] = workdir / f"smollm2-135m-{name}-{export_stamp()}"
         if not is_artifact(arts[name]):
             log(f"exporting smollm2-135m as {name}")
-            export(ckpt, arts[name], force=True, quant=SCHEMES[name])
+            scheme = SCHEMES[name]
+            if getattr(scheme, "calibrated", False):  # on the default model's held-out split
+                from pltkit.train.calibrate import calibrate
+                scheme = scheme.with_calibration(calibrate(ckpt, None, say=log))
+            export(ckpt, arts[name], force=True, quant=scheme)
     return ckpt, arts
 
 
 def pair_schemes(int8_scheme: str = "int8") -> dict:
     """pltkit precision -> the scheme its side of the comparison is exported with (the 8-bit side:
-    int8, or int8-dq)."""
+    int8, int8-dq or int8-dq-sq)."""
     return {**PAIR_SCHEMES, "int8": int8_scheme}
 
 

@@ -49,7 +49,7 @@ def parser() -> argparse.ArgumentParser:
                    help="prompt tokens in the llama.cpp comparison")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--no-ortgenai", action="store_true", help="skip the onnxruntime-genai comparison")
-    p.add_argument("--peer-int8", choices=["int8", "int8-dq"], default="int8",
+    p.add_argument("--peer-int8", choices=["int8", "int8-dq", "int8-dq-sq"], default="int8",
                    help="the scheme of pltkit's 8-bit side against llama.cpp Q8_0 and onnxruntime-genai int8")
     p.add_argument("--workdir", type=Path, help="where exported models are kept between runs "
                                                 "(default: the user cache, pltkit/bench)")

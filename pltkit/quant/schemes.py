@@ -18,8 +18,8 @@ comparison. It runs as MatMulNBits plus a block-sum correction (see the class), 
 (accuracy_level 0), and its 8-bit head keeps Q8_0's grid (s = max|w| / 127): slower than int4 on one
 token (1.4x on SmolLM2-135M), so `--int4` stays symmetric.
 
-`int8-dq` (DynamicInt8, pltkit/quant/dynamic.py, opt-in) keeps int8 weights per output column and
-quantizes activations per tensor at run time (DynamicQuantizeMatMul).
+`int8-dq` and `int8-dq-sq` (DynamicInt8, pltkit/quant/dynamic.py, opt-in) keep int8 weights per output
+column and quantize activations per tensor at run time (DynamicQuantizeMatMul); -sq smooths them first.
 
 Embeddings are stored in float16 (a gather reads one row per token, then casts). The
 output head is 8-bit in both schemes: 4 bits there cost int4 most of its next-token
@@ -242,7 +242,8 @@ INT8 = WeightOnlyNBits("int8", 8, 32)
 SCHEMES = {"int8": INT8, "int4": WeightOnlyNBits("int4", 4, 32, head=INT8),
            "int4-asym": AsymmetricNBits("int4-asym", 4, 32, accuracy_level=0,
                                         head=WeightOnlyNBits("int8-127", 8, 32, full_range=False)),
-           "int8-dq": DynamicInt8("int8-dq", head=INT8)}  # opt-in: see pltkit/quant/dynamic.py
+           "int8-dq": DynamicInt8("int8-dq", head=INT8),  # opt-in: see pltkit/quant/dynamic.py
+           "int8-dq-sq": DynamicInt8("int8-dq-sq", head=INT8, alpha=0.65, on_head=("mlp.down_proj.weight",))}
 
 
 # --- static Q/DQ schemes for TensorRT (strongly typed: precision comes from Q/DQ) ---------------
@@ -267,6 +268,7 @@ class StaticQDQ:
     activations cost fp8 the most agreement, see docs/design.md)."""
 
     packable = False  # calibrated per layer: a packed projection would have no calibration range
+    calibrated = True  # an export needs activation ranges first (with_calibration)
     name: str
     qtype: int  # onnx TensorProto element type of the quantized values
     qmax: float
