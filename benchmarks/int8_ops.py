@@ -27,10 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from matmul_rows import graph_session  # noqa: E402
 
 K, N, NODES, BLOCK = 2048, 5632, 64, 32
 OFF = ["CommonSubexpressionElimination", "DynamicQuantizeMatMulFusion", "MatMulIntegerToFloatFusion"]
@@ -94,23 +99,12 @@ OPS = {"nbits8-acc4": (nbits(8, 4), NODES), "nbits8-acc1": (nbits(8, 1), NODES),
 
 
 def session(layer, count: int, threads: int, spinning: bool, weights=None, k=K, n=N):
-    import onnxruntime as ort
-
     nodes, inits = [], []
     for i in range(count):
         more_nodes, more_inits = layer(i, "x", weights, k, n)
         nodes += more_nodes
         inits += more_inits
-    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(count)]
-    graph = helper.make_graph(nodes, "ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
-                              outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=OFF)
+    return graph_session(nodes, inits, count, k, threads, spinning, disabled_optimizers=OFF)
 
 
 def time_ops(names: list[str], args) -> dict:

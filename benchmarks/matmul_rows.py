@@ -28,9 +28,22 @@ from pltkit.quant.schemes import SCHEMES
 K, N, NODES, ROWS = 2048, 5632, 64, (1, 2, 3, 4)
 
 
-def session(scheme, threads: int, spinning: bool):
+def graph_session(nodes, inits, count: int, k: int, threads: int, spinning: bool, **kw):
+    """An ONNX Runtime CPU session of nodes that read input x [M, k] and write outputs y0..y{count-1}."""
     import onnxruntime as ort
 
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(count)]
+    graph = helper.make_graph(nodes, "rows", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"], **kw)
+
+
+def session(scheme, threads: int, spinning: bool):
     rng = np.random.default_rng(0)
     inits, nodes = [], []
     for i in range(NODES):
@@ -39,15 +52,7 @@ def session(scheme, threads: int, spinning: bool):
         nodes.append(helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
                                       K=K, N=N, bits=scheme.bits, block_size=scheme.block_size,
                                       accuracy_level=scheme.accuracy_level))
-    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(NODES)]
-    graph = helper.make_graph(nodes, "rows", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
-                              outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return graph_session(nodes, inits, NODES, K, threads, spinning)
 
 
 def main(argv=None) -> int:

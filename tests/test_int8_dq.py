@@ -105,11 +105,26 @@ def test_exported_layers_follow_the_format(exported):
 MAX_LOGIT_DIFF = 0.3
 
 
+def ort_logits(art, ids: np.ndarray, attention: str = "gqa") -> np.ndarray:
+    """The artifact's logits for ids [1, 24] as the engine feeds them: prefill chunks of 9 and 7
+    tokens, then 8 decode steps."""
+    from pltkit.runtime.artifact import Artifact
+    from pltkit.runtime.ort_backend import OrtBackend
+
+    ort = OrtBackend(Artifact.open(art), 1, attention)
+    state, got = ort.new_state(1), []
+    for a, b in ((0, 9), (9, 16)):
+        logits, state = ort.prefill(ids[:, a:b], state)
+        got.append(logits[0])
+    for t in range(16, 24):
+        logits, state = ort.decode(ids[:, t], state)
+        got.append(logits)
+    return np.concatenate(got)
+
+
 @pytest.mark.parametrize("attention", ["gqa", "kvbuffer"])
 def test_exported_model_matches_torch_with_the_same_weights(exported, attention):
-    from pltkit.runtime.artifact import Artifact
     from pltkit.runtime.backends import open_backend
-    from pltkit.runtime.ort_backend import OrtBackend
 
     ckpt, art = exported
     ref = open_backend(ckpt, threads=1)
@@ -125,15 +140,7 @@ def test_exported_model_matches_torch_with_the_same_weights(exported, attention)
             elif name == "model.embed_tokens.weight":
                 t.copy_(t.half().float())
         want = ref.model(torch.from_numpy(ids)).numpy()[0]
-    ort = OrtBackend(Artifact.open(art), 1, attention)
-    state, got = ort.new_state(1), []
-    for a, b in ((0, 9), (9, 16)):
-        logits, state = ort.prefill(ids[:, a:b], state)
-        got.append(logits[0])
-    for t in range(16, 24):
-        logits, state = ort.decode(ids[:, t], state)
-        got.append(logits)
-    got = np.concatenate(got)
+    got = ort_logits(art, ids, attention)
     diff, float_diff = np.abs(got - want).max(), np.abs(want - float_logits).max()
     print(f"{attention}: max|ort - torch with the same weights| {diff:.2e} (the int8 weights move torch's "
           f"logits by {float_diff:.1e}; logits span {np.ptp(want):.2f})")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from synth import make_checkpoint, make_config, random_weights
+from test_int8_dq import ort_logits
 
 from pltkit.quant.schemes import SCHEMES
 
@@ -98,21 +99,10 @@ def same_weights_model(ckpt, scheme, amax):
 
 def max_logit_diff(ckpt, art, scheme, amax) -> tuple[float, float]:
     """(max |ort - torch with the same weights|, top-1 agreement) over 2 prefill chunks and 8 decode steps."""
-    from pltkit.runtime.artifact import Artifact
-    from pltkit.runtime.ort_backend import OrtBackend
-
     ids = np.random.default_rng(0).integers(0, 300, (1, 24))
     with torch.no_grad():
         want = same_weights_model(ckpt, scheme, amax)(torch.from_numpy(ids)).numpy()[0]
-    ort = OrtBackend(Artifact.open(art), 1, "gqa")
-    state, got = ort.new_state(1), []
-    for a, b in ((0, 9), (9, 16)):
-        logits, state = ort.prefill(ids[:, a:b], state)
-        got.append(logits[0])
-    for t in range(16, 24):
-        logits, state = ort.decode(ids[:, t], state)
-        got.append(logits)
-    got = np.concatenate(got)
+    got = ort_logits(art, ids)
     return float(np.abs(got - want).max()), float(np.mean(got.argmax(-1) == want.argmax(-1)))
 
 
