@@ -32,6 +32,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 
+def smoothquant(w: np.ndarray, amax: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-input-channel factors m [K] for W [K, N] and the input's channel amax [K]:
+    m_k = a_k^alpha / w_k^(1 - alpha), w_k the largest |weight| reading channel k."""
+    a, wmax = np.maximum(amax, 1e-5), np.maximum(np.abs(w).max(1), 1e-5)
+    return (a ** alpha / wmax ** (1 - alpha)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class DynamicInt8:
     name: str
@@ -66,8 +73,7 @@ class DynamicInt8:
 
     def smoothing(self, w: np.ndarray, amax: np.ndarray) -> np.ndarray:
         """m [K] for W [K, N] and its input's per-channel amax [K]."""
-        a, wmax = np.maximum(amax, 1e-5), np.maximum(np.abs(w).max(1), 1e-5)
-        return (a ** self.alpha / wmax ** (1 - self.alpha)).astype(np.float32)
+        return smoothquant(w, amax, self.alpha)
 
     def input_amax(self, weight: str) -> np.ndarray:
         """The calibrated amax of `weight`'s input; a packed layer's ("a+b.weight") is its parts'."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from pltkit.quant.dynamic import DynamicInt8
+from pltkit.quant.dynamic import DynamicInt8, smoothquant
 
 HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")  # the output head (tied or not)
 
@@ -294,8 +294,7 @@ class StaticQDQ:
         """m [K] for W [K, N] and input channel amax [K] (ones without SmoothQuant)."""
         if self.alpha is None:
             return np.ones(w.shape[0], np.float32)
-        a, wmax = np.maximum(amax, 1e-5), np.maximum(np.abs(w).max(1), 1e-5)
-        return (a ** self.alpha / wmax ** (1 - self.alpha)).astype(np.float32)
+        return smoothquant(w, amax, self.alpha)
 
     def weight(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """W [K, N] -> (quantized W [K, N], scales [N]): one scale per output channel."""
