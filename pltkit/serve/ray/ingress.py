@@ -85,7 +85,7 @@ async def open_stream(engine, head: dict, body: bytes, kwargs: dict):
     """The call to a replica and its first message (a whole response, or a streamed one's status
     and headers), trying another replica when one dies before it answers. A whole response comes
     when the job is done: a client that leaves before then (this task is cancelled) cancels the call."""
-    for attempt in range(TRIES):
+    for _ in range(TRIES):
         stream = engine.asgi.remote(head, body, **kwargs)
         try:
             return stream, await stream.__anext__()
