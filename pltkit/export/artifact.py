@@ -183,7 +183,7 @@ def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
         stages.set_postfix_str(file)
         g = build(cfg, store, OPSET, attention, quant, dtype)
         onnx.save_model(_model_proto(g, f"pltkit_{phase}", dtype), tmp / file)
-        graphs[attention][phase] = {"file": file, **_io(g)}
+        graphs[attention][phase] = {"file": file, **_io(g), **g.meta}
         stages.update(0.5)
         kill_point(file)
     store.close()

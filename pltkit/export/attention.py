@@ -78,7 +78,7 @@ def _gqa(b, rotary: bool) -> GQA:
     c = b.cfg
     return GQA(heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
                window=c.window_left, scale=1 / math.sqrt(c.head_dim),
-               rotary=(b.rope_half("cos"), b.rope_half("sin")) if rotary else ())
+               rotary=(b.rope_half("cos"), b.rope_half("sin")) if rotary else (), dtype=b.np_ft)
 
 
 def _qkv_tokens(b, i: int, h: str, rope: tuple[str, str], rotary: bool) -> list[str]:

@@ -123,11 +123,17 @@ class Builder:
         return g.op("Gather", self.w("rope.cos"), positions), g.op("Gather", self.w("rope.sin"), positions)
 
     def rope_half(self, which: str) -> str:
-        """GQA's cos/sin cache: [positions, head_dim / 2] (our tables repeat the half)."""
-        half = self.cfg.head_dim // 2
-        table = self.store.derived(f"rope.{which}.half",
-                                   lambda: self.store.source(f"rope.{which}")[:, :half].astype(self.np_ft))
-        return self.use_initializer(*table)
+        """GQA's cos/sin cache: [positions, head_dim / 2] (our tables repeat the half). The kernel wants
+        a row for every position of the cache it reaches, and a decode step's call reaches up to
+        L * H / Hkv - 1 spare positions past the context (GQA.step): zero rows, never read (the
+        step rotates at its token's position)."""
+        c = self.cfg
+        half, spare = c.head_dim // 2, c.plt_num_loops * c.num_attention_heads // c.num_key_value_heads - 1
+
+        def table():
+            rows = self.store.source(f"rope.{which}")[:, :half]
+            return np.concatenate([rows, np.zeros((spare, half), rows.dtype)]).astype(self.np_ft)
+        return self.use_initializer(*self.store.derived(f"rope.{which}.half", table))
 
     def rotary_in_gqa(self) -> bool:
         """GroupQueryAttention applies RoPE itself (do_rotary) when head_dim is a multiple of 16."""

@@ -162,10 +162,11 @@ class GQA:
     (no head transposes): `loop0` for one row (loop 0 alone), `all_loops` for the L rows of a
     decode step.
 
-    Global branch: ONE call for all rows, the rows' query heads stacked as extra heads of each kv
-    group, appending loop 0's key to the global cache in place (past_key is a buffer of `capacity`
-    positions shared with present_key; pos0 valid entries). Local branch: one call per extra loop
-    over its ring (local_window_size = window + 1 keys including the current one).
+    Global branch, in place (past_key is a buffer of `capacity` positions shared with present_key;
+    pos0 valid entries): a decode step (`step`) makes ONE call for all rows with each kv group's
+    query heads of all rows as the call's positions, so each kv head's keys are read once; a prefill
+    chunk's loop 0 (`loop0`) is one ordinary call. Local branch: one call per extra loop over its
+    ring (local_window_size = window + 1 keys including the current one).
 
     rotary: (cos_cache, sin_cache) when q and k are NOT rotated: every call rotates them at the
     token's position itself (do_rotary; the ring calls get it as position_ids); () when they are."""
@@ -176,13 +177,16 @@ class GQA:
     window: int
     scale: float
     rotary: tuple[str, ...] = ()
+    dtype: type = np.float32  # of the attention bias
 
     def call(self, g: Graph, query, key, value, past_k, past_v, n_heads, lens, window_size=-1,
-             caches=()) -> list[str]:
-        """One GroupQueryAttention node: output, present key, present value."""
+             caches=(), bias=None) -> list[str]:
+        """One GroupQueryAttention node: output, present key, present value. caches: cos, sin
+        and position ids (rotary), bias: an attention bias added to the scores."""
         total32, seqlens = lens
         extra = dict(do_rotary=1, rotary_interleaved=0) if caches else {}
-        return g.op("GroupQueryAttention", query, key, value, past_k, past_v, seqlens, total32, *caches, n_out=3,
+        optional = [*caches, *[""] * (3 - len(caches)), bias] if bias else caches
+        return g.op("GroupQueryAttention", query, key, value, past_k, past_v, seqlens, total32, *optional, n_out=3,
                     domain="com.microsoft", num_heads=n_heads, kv_num_heads=self.kv_heads, scale=self.scale,
                     local_window_size=window_size, **extra)
 
@@ -198,13 +202,8 @@ class GQA:
         """The `rows` loops of a decode step (S = 1), LoopAttention's inputs and outputs with
         gate [R-1, B, H, 1]."""
         q, k, v, past_k, past_v, ring_k, ring_v, gate, pos0 = inputs
-        zero, kv_heads = g.const([0]), self.kv_heads
-        # global: the rows' heads grouped by kv head, [B, 1, Hkv * R * rep * Dh]
-        qg = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, kv_heads, -1])), perm=[1, 2, 0, 3])
-        qg = g.op("Reshape", qg, g.const([0, 1, -1]))
-        yg, present_k, present_v = self._global(g, qg, q, k, v, past_k, past_v, pos0, rows * self.heads)
-        yg = g.op("Transpose", g.op("Reshape", yg, g.const([0, kv_heads, rows, -1])), perm=[2, 0, 1, 3])
-        y_rows = g.op("Reshape", yg, g.const([0, 0, self.heads, self.head_dim]))  # [R, B, H, Dh]
+        zero = g.const([0])
+        y_rows, present_k, present_v = self.step(g, q, k, v, past_k, past_v, pos0, rows)  # [R, B, H, Dh]
         locals_, rings_k, rings_v = zip(*(self._ring(g, r, q, k, v, ring_k, ring_v, pos0) for r in range(1, rows)))
         y_local = _rows_of(g, locals_)
         # rows >= 1: g * global + (1 - g) * local = local + g * (global - local)
@@ -213,6 +212,35 @@ class GQA:
         out = g.op("Concat", g.op("Slice", y_rows, zero, g.const([1]), zero), mixed, axis=0)
         out = g.op("Reshape", out, g.const([0, 0, 1, -1]))
         return [out, present_k, present_v, _rows_of(g, rings_k), _rows_of(g, rings_v)]
+
+    def step(self, g: Graph, q, k, v, past_k, past_v, pos0, rows: int) -> list[str]:
+        """The global call of a decode step (S = 1) for `rows` rows: output [R, B, H, Dh], present
+        key, present value. q [R, B, 1, H*Dh], k and v [R, B, 1, Hkv*Dh].
+
+        The call has Hkv heads, and a kv group's query heads of all rows are its n = R * H / Hkv
+        positions: ONNX Runtime's CPU kernel reads a head's keys once per call (per query head,
+        had they come as heads). The n positions all get loop 0's key and value, so the call writes
+        n - 1 copies after position pos0: the buffer keeps n - 1 spare positions, the next step
+        overwrites them, and an attention bias hides them from every row. The kernel takes n > 1
+        positions after a past for batch 1 only (the runtime runs a batch on the kvbuffer graph)."""
+        heads, hkv, dh = self.heads, self.kv_heads, self.head_dim
+        rep = heads // hkv
+        n = rows * rep
+        g.meta["cache_writes"] = n
+        qg = g.op("Transpose", g.op("Reshape", q, g.const([rows, 0, hkv, rep, dh])), perm=[1, 0, 3, 2, 4])
+        qg = g.op("Reshape", qg, g.const([0, n, hkv * dh]))  # [B, n, Hkv*Dh]: position (row, head in group)
+        key, value = _take(g, k, 0), _take(g, v, 0)
+        bias = None
+        if n > 1:
+            spread = g.const([1, n, 1])
+            key, value = g.op("Expand", key, spread), g.op("Expand", value, spread)
+            bias = g.shared("gqa.step.bias", lambda: _hide_copies(g, pos0, n, self.dtype))
+        batch = _batch(g, q)
+        lens = g.shared("gqa.step.lengths", lambda: _lengths(g, batch, g.op("Add", pos0, g.const(n))))
+        caches = self.rotary and (*self.rotary, _positions(g, batch, pos0, n))
+        y, present_k, present_v = self.call(g, qg, key, value, past_k, past_v, hkv, lens, caches=caches, bias=bias)
+        y = g.op("Transpose", g.op("Reshape", y, g.const([0, rows, rep, hkv, dh])), perm=[1, 0, 3, 2, 4])
+        return [g.op("Reshape", y, g.const([0, 0, heads, dh])), present_k, present_v]
 
     def _global(self, g: Graph, qg, q, k, v, past_k, past_v, pos0, n_heads) -> list[str]:
         """The global call: the rows' queries qg against the cache, loop 0's k and v appended."""
@@ -231,7 +259,7 @@ class GQA:
         y, loc_k, loc_v = self.call(g, _take(g, q, r), _take(g, k, r), _take(g, v, r), rk, _take(g, ring_v, r - 1),
                                     self.heads, g.shared(("gqa.ring.lengths", r), lambda: _lengths(g, batch, total)),
                                     window_size=self.window + 1,
-                                    caches=self.rotary and (*self.rotary, _positions(g, batch, pos0)))
+                                    caches=self.rotary and (*self.rotary, _positions(g, batch, pos0, 1)))
         y = g.op("Reshape", y, g.const([1, -1, self.heads, self.head_dim]))
         keep = g.shared(("gqa.ring.keep", r),  # the local call's keys (total of them) -> the newest `window`
                         lambda: g.op("Unsqueeze", g.op("Max", g.const(0), g.op("Sub", total, g.const(self.window))),
@@ -261,7 +289,17 @@ def _lengths(g: Graph, batch: str, total: str) -> tuple[str, str]:
     return total32, g.op("Expand", g.op("Sub", total32, g.const(1, np.int32)), batch)
 
 
-def _positions(g: Graph, batch: str, pos0: str) -> str:
-    """A ring call's keys are relative: the token's position, [B, 1]."""
-    return g.shared("gqa.position_ids", lambda: g.op("Expand", g.op("Reshape", pos0, g.const([1, 1])),
-                                                     g.op("Concat", batch, g.const([1]), axis=0)))
+def _positions(g: Graph, batch: str, pos0: str, n: int) -> str:
+    """The token's position for each of a call's n positions, [B, n] (a ring call's keys are
+    relative; a step's n positions are one token)."""
+    return g.shared(("gqa.position_ids", n), lambda: g.op("Expand", g.op("Reshape", pos0, g.const([1, 1])),
+                                                          g.op("Concat", batch, g.const([n]), axis=0)))
+
+
+def _hide_copies(g: Graph, pos0: str, n: int, dtype) -> str:
+    """The attention bias of a step's call, [1, 1, n, pos0 + n]: 0 over the pos0 + 1 real keys,
+    -inf over the n - 1 copies of loop 0's key."""
+    real = g.op("Concat", g.const([n]), g.op("Add", g.op("Reshape", pos0, g.const([1])), g.const([1])), axis=0)
+    zeros = g.op("Expand", g.const(np.zeros((1, 1)), dtype), real)
+    bias = g.op("Concat", zeros, g.const(np.full((n, n - 1), -np.inf), dtype), axis=1)
+    return g.op("Reshape", bias, g.const([1, 1, n, -1]))

@@ -71,6 +71,11 @@ class Artifact:
     def graph_path(self, phase: str, attention: str = "function") -> Path:
         return self.path / self.manifest["graphs"][attention][phase]["file"]
 
+    def cache_writes(self, phase: str, attention: str) -> int:
+        """How many positions of the global cache one token of the graph writes: more than one where a
+        decode step writes copies after its token (see GQA.step), so the buffers keep spare positions."""
+        return self.manifest["graphs"][attention][phase].get("cache_writes", 1)
+
     def verify(self, remember: bool = True) -> None:
         """Check every file against the manifest: its size where known (the manifest's "sizes", or the
         size it had when it last matched), then its sha256. A file is hashed once per identity (size,

@@ -67,15 +67,15 @@ class BufferState:
         """Back to `pos` tokens; snapshot must have been taken at pos."""
         self.pos, self.other = pos, {k: self.ops.copy(v) for k, v in snapshot.items()}
 
-    def reserve(self, n: int, limit: int) -> None:
-        """Make room for n positions (capacity doubles, up to limit, the model's context: ValueError
-        past it)."""
+    def reserve(self, n: int, limit: int, spare: int = 0) -> None:
+        """Make room for n positions and `spare` more after them (capacity doubles, up to limit, the
+        model's context, plus spare: ValueError past it)."""
         if n > limit:
             raise ValueError(f"context of {n} tokens exceeds the model's {limit}")
         cap = next(iter(self.kv.values())).shape[2]
-        if n <= cap:
+        if n + spare <= cap:
             return
-        new_cap = min(limit, max(n, 2 * cap, MIN_CAPACITY))
+        new_cap = min(limit, max(n, 2 * cap, MIN_CAPACITY)) + spare
         for name, buf in self.kv.items():
             grown = self.ops.zeros(buf, tuple(buf.shape[:2]) + (new_cap,) + tuple(buf.shape[3:]))
             grown[:, :, :self.pos] = buf[:, :, :self.pos]

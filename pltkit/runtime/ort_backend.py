@@ -63,7 +63,8 @@ class OrtBackend:
         self._open = lambda phase, attention: ort.InferenceSession(str(artifact.graph_path(phase, attention)), so,
                                                                   providers=providers)
         self.sessions = {phase: self._open(phase, self.attention) for phase in ("prefill", "decode")}
-        self._batched_prefill = None
+        self._batched: dict[str, object] = {}  # phase -> the kvbuffer graph's session, for a batch
+        self.writes = {p: artifact.cache_writes(p, self.attention) for p in ("prefill", "decode")}
         self._bound: dict[str, tuple] = {}  # phase -> (session, weak refs to the buffers, IO binding)
         self.outputs = {p: [o.name for o in s.get_outputs()] for p, s in self.sessions.items()}
         # graphs that take the cache as a kv buffer (whole, `past_len` valid) and write into it
@@ -86,12 +87,13 @@ class OrtBackend:
         return out["logits"], state
 
     def _session(self, phase: str, batch: int):
-        """The phase's session; GroupQueryAttention takes a chunk after a past for batch 1 only, so
-        a batched prefill runs the kvbuffer graph (same inputs and state, opened when first needed)."""
-        if phase == "prefill" and batch > 1 and self.attention == "gqa":
-            if self._batched_prefill is None:
-                self._batched_prefill = self._open(phase, "kvbuffer")
-            return self._batched_prefill
+        """The phase's session. GroupQueryAttention takes more than one position after a past for batch 1
+        only, so a batched prefill, and a batched decode step that writes more than its token
+        (cache_writes), run the kvbuffer graph (same inputs and state, opened when first needed)."""
+        if batch > 1 and self.attention == "gqa" and (phase == "prefill" or self.writes[phase] > 1):
+            if phase not in self._batched:
+                self._batched[phase] = self._open(phase, "kvbuffer")
+            return self._batched[phase]
         return self.sessions[phase]
 
     def _binding(self, phase: str, session, state: BufferState):
@@ -130,7 +132,9 @@ class OrtBackend:
         return out["logits"], state
 
     def _run(self, phase: str, ids: np.ndarray, state: BufferState):
-        state.reserve(state.pos + (ids.shape[1] if phase == "prefill" else 1), self.config.max_position_embeddings)
+        new = ids.shape[1] if phase == "prefill" else 1
+        writes = self.writes[phase] if ids.shape[0] == 1 else 1
+        state.reserve(state.pos + new, self.config.max_position_embeddings, spare=max(0, writes - new))
         return (self._run_kv_buffer if self.kv_buffer[phase] else self._run_copying)(phase, ids, state)
 
     def prefill(self, ids: np.ndarray, state: BufferState) -> tuple[np.ndarray, BufferState]:
