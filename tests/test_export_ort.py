@@ -71,6 +71,27 @@ def test_logits_prefill_chunks_and_decode_match_reference(exported, attention, b
     assert ("decode" in ort._batched) == (batched and ort.writes["decode"] > 1)
 
 
+def test_decode_up_to_the_last_position(exported):
+    """A GQA decode step writes spare positions after its token (GQA.step): the buffers and the RoPE
+    tables have room for them up to the context's last position, and a token more is refused."""
+    ckpt, art = exported
+    ref, ort = open_backend(ckpt, threads=1), OrtBackend(Artifact.open(art), 1, "gqa")
+    limit = ort.config.max_position_embeddings
+    ids = np.random.default_rng(1).integers(0, 300, (1, limit))
+    with torch.no_grad():
+        full = ref.model(torch.from_numpy(ids)).numpy()
+    _, state = ort.prefill(ids[:, :limit - 3], ort.new_state(1))
+    worst = 0.0
+    for t in range(limit - 3, limit):
+        logits, state = ort.decode(ids[:, t], state)
+        worst = max(worst, float(np.abs(logits - full[:, t]).max()))
+    print(f"decode at positions {limit - 3}..{limit - 1} of {limit}: max|ort - torch| = {worst:.2e}, "
+          f"{ort.writes['decode']} cache positions written per step")
+    assert worst < TOL
+    with pytest.raises(ValueError, match="exceeds the model"):
+        ort.decode(ids[:, 0], state)
+
+
 def test_greedy_64_tokens_equal_reference(exported):
     ckpt, art = exported
     prompt = [5, 17, 42, 99, 7]

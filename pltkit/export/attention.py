@@ -31,6 +31,7 @@ class Rows:
     kv: tuple[str, str]  # the global cache's key and value
     ring: tuple[str, str] | None = None  # ring key and value of the rows of loops >= 1 (LATER, ALL_LOOPS)
     loop: int = 0  # LATER: the row's loop
+    step: bool = False  # a decode step: one token
 
 
 # -- LoopAttention: the op's node, q/k/v as heads [R, B, H, S, Dh] ------------------------------
@@ -91,8 +92,13 @@ def _qkv_tokens(b, i: int, h: str, rope: tuple[str, str], rotary: bool) -> list[
 
 
 def gqa_loop0(b, i: int, x_in: str, h: str, rows: Rows) -> tuple[str, list[str]]:
-    """Where GQA rotates q and k itself, it takes the packed q/k/v as they come."""
+    """A decode step runs GQA.step; a prefill chunk takes the packed q/k/v as they come where GQA
+    rotates q and k itself."""
     rotary = b.rotary_in_gqa()
+    if rows.step:
+        q, k, v = _qkv_tokens(b, i, h, rows.rope, rotary)
+        y, *state = _gqa(b, rotary).step(b.g, q, k, v, *rows.kv, rows.pos0, 1)
+        return b.g.op("Reshape", y, b.g.const([0, 0, 1, -1])), [*state, None, None]
     if rotary and b.packs():
         q, k, v = b.linear(h, b.store.pack(b.qkv_prefixes(i)), b.cfg.attention_bias), None, None
     else:

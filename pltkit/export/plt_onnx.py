@@ -98,7 +98,7 @@ def decode_graph(cfg: PLTConfig, store, opset: int, attention: str = "function",
     for i in range(n):
         kv = (past[f"key.{i}"], past[f"value.{i}"])
         rows = Rows(ALL_LOOPS, rope, pos0, kv, (past[f"ring_key.{i}"], past[f"ring_value.{i}"])) if L > 1 else \
-            Rows(LOOP0, rope, pos0, kv)
+            Rows(LOOP0, rope, pos0, kv, step=True)
         x, (present[f"key.{i}"], present[f"value.{i}"], rk, rv) = layer(b, i, x, rows)
         if L > 1:
             present[f"ring_key.{i}"], present[f"ring_value.{i}"] = rk, rv
