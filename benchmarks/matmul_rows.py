@@ -6,7 +6,7 @@ M = 2 instead of M = 1 while reading the same weights. This times a graph of 64 
 more than a 300 MB L3 holds) at M = 1..4 rows, int8 and int4 (pltkit's schemes: block 32,
 accuracy_level 4), interleaved, medians. Prints a table, then one JSON line.
 
-    python benchmarks/matmul_rows.py [--threads 2] [--repeats 15] [--cpu-time]
+    python benchmarks/matmul_rows.py [--threads 2] [--repeats 15] [--cpu-time] [--block-size 128]
 
 --cpu-time measures process CPU time with ONNX Runtime's thread spinning off, which is stable on
 a machine that other work shares (wall time is not); without it, wall time with spinning on, as
@@ -16,6 +16,7 @@ the runtime runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -60,11 +61,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--cpu-time", action="store_true", help="process CPU time, spinning off (shared machines)")
+    ap.add_argument("--block-size", type=int, default=None, help="weights per scale (default: the schemes', 32)")
     args = ap.parse_args(argv)
     clock = time.process_time if args.cpu_time else time.perf_counter
     rng, out = np.random.default_rng(1), {}
     for name in ("int8", "int4"):
-        s = session(SCHEMES[name], args.threads, spinning=not args.cpu_time)
+        scheme = SCHEMES[name] if args.block_size is None else dataclasses.replace(SCHEMES[name],
+                                                                                  block_size=args.block_size)
+        s = session(scheme, args.threads, spinning=not args.cpu_time)
         xs = {m: rng.standard_normal((m, K)).astype(np.float32) for m in ROWS}
         times = {m: [] for m in ROWS}
         for _ in range(args.repeats):
@@ -75,7 +79,8 @@ def main(argv=None) -> int:
         ms = {m: statistics.median(t) * 1e3 for m, t in times.items()}
         out[name] = {"ms": ms, "over_one_row": {m: ms[m] / ms[1] for m in ROWS}}
         print(f"{name}: " + "  ".join(f"M={m} {ms[m]:.2f} ms ({ms[m] / ms[1]:.2f}x)" for m in ROWS))
-    print(json.dumps({"threads": args.threads, "cpu_time": args.cpu_time, "nodes": NODES, "K": K, "N": N, **out}))
+    print(json.dumps({"threads": args.threads, "cpu_time": args.cpu_time, "block_size": args.block_size or 32,
+                      "nodes": NODES, "K": K, "N": N, **out}))
     return 0
 
 
