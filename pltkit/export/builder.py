@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pltkit.export.graph import FLOAT, INT64, TO_END, Graph
+from pltkit.export.loop_attention import step_positions
 from pltkit.model.config import PLTConfig
 from pltkit.model.formats import float_type
 
@@ -128,7 +129,8 @@ class Builder:
         L * H / Hkv - 1 spare positions past the context (GQA.step): zero rows, never read (the
         step rotates at its token's position)."""
         c = self.cfg
-        half, spare = c.head_dim // 2, c.plt_num_loops * c.num_attention_heads // c.num_key_value_heads - 1
+        half = c.head_dim // 2
+        spare = step_positions(c.plt_num_loops, c.num_attention_heads, c.num_key_value_heads) - 1
 
         def table():
             rows = self.store.source(f"rope.{which}")[:, :half]

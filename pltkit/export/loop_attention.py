@@ -192,10 +192,14 @@ class GQA:
 
     def loop0(self, g: Graph, q: str, k: str | None, v: str | None, past_k: str, past_v: str,
               pos0: str) -> list[str]:
-        """One row, loop 0 alone (a prefill chunk, or a one-loop model's decode step): output
-        [1, B, S, H*Dh], present key, present value. q may come packed, [1, B, S, (H + 2 Hkv)*Dh],
-        with k and v None."""
-        y, present_k, present_v = self._global(g, _take(g, q, 0), q, k, v, past_k, past_v, pos0, self.heads)
+        """One row, loop 0 alone, a prefill chunk of S tokens: output [1, B, S, H*Dh], present key,
+        present value. q may come packed, [1, B, S, (H + 2 Hkv)*Dh], with k and v None."""
+        lens = g.shared("gqa.chunk.lengths",  # the cache holds pos0 + S keys after the call (every layer)
+                        lambda: _lengths(g, _batch(g, q), g.op("Add", pos0, g.op("Gather", g.op("Shape", q),
+                                                                                  g.const(2)))))
+        key, value = ("", "") if k is None else (_take(g, k, 0), _take(g, v, 0))
+        y, present_k, present_v = self.call(g, _take(g, q, 0), key, value, past_k, past_v, self.heads, lens,
+                                            caches=self.rotary)
         return [g.op("Unsqueeze", y, g.const([0])), present_k, present_v]
 
     def all_loops(self, g: Graph, inputs: list[str], rows: int) -> list[str]:
@@ -224,8 +228,7 @@ class GQA:
         overwrites them, and an attention bias hides them from every row. The kernel takes n > 1
         positions after a past for batch 1 only (the runtime runs a batch on the kvbuffer graph)."""
         heads, hkv, dh = self.heads, self.kv_heads, self.head_dim
-        rep = heads // hkv
-        n = rows * rep
+        rep, n = heads // hkv, step_positions(rows, heads, hkv)
         g.meta["cache_writes"] = n
         qg = g.op("Transpose", g.op("Reshape", q, g.const([rows, 0, hkv, rep, dh])), perm=[1, 0, 3, 2, 4])
         qg = g.op("Reshape", qg, g.const([0, n, hkv * dh]))  # [B, n, Hkv*Dh]: position (row, head in group)
@@ -242,15 +245,6 @@ class GQA:
         y = g.op("Transpose", g.op("Reshape", y, g.const([0, rows, rep, hkv, dh])), perm=[1, 0, 3, 2, 4])
         return [g.op("Reshape", y, g.const([0, 0, heads, dh])), present_k, present_v]
 
-    def _global(self, g: Graph, qg, q, k, v, past_k, past_v, pos0, n_heads) -> list[str]:
-        """The global call: the rows' queries qg against the cache, loop 0's k and v appended."""
-        # the lengths are the same in every layer (the caches, and the rings, have one length): built once
-        lens = g.shared("gqa.global.lengths",  # the cache holds pos0 + S keys after the call
-                        lambda: _lengths(g, _batch(g, q), g.op("Add", pos0, g.op("Gather", g.op("Shape", q),
-                                                                                  g.const(2)))))
-        key, value = ("", "") if k is None else (_take(g, k, 0), _take(g, v, 0))
-        return self.call(g, qg, key, value, past_k, past_v, n_heads, lens, caches=self.rotary)
-
     def _ring(self, g: Graph, r: int, q, k, v, ring_k, ring_v, pos0) -> tuple[str, str, str]:
         """The local call of row r over its ring: (output [1, B, H, Dh], new ring key, value)."""
         rk, batch, zero = _take(g, ring_k, r - 1), _batch(g, q), g.const([0])
@@ -266,6 +260,11 @@ class GQA:
                                      zero))
         return (y, *(g.op("Unsqueeze", g.op("Slice", x, keep, g.const([TO_END]), g.const([2])), zero)
                      for x in (loc_k, loc_v)))
+
+
+def step_positions(rows: int, heads: int, kv_heads: int) -> int:
+    """The positions of a decode step's global call (GQA.step): its rows' query heads of one kv group."""
+    return rows * heads // kv_heads
 
 
 def _take(g: Graph, x: str, r: int) -> str:

@@ -133,8 +133,7 @@ class OrtBackend:
 
     def _run(self, phase: str, ids: np.ndarray, state: BufferState):
         new = ids.shape[1] if phase == "prefill" else 1
-        writes = self.writes[phase] if ids.shape[0] == 1 else 1
-        state.reserve(state.pos + new, self.config.max_position_embeddings, spare=max(0, writes - new))
+        state.reserve(state.pos + new, self.config.max_position_embeddings, spare=max(0, self.writes[phase] - new))
         return (self._run_kv_buffer if self.kv_buffer[phase] else self._run_copying)(phase, ids, state)
 
     def prefill(self, ids: np.ndarray, state: BufferState) -> tuple[np.ndarray, BufferState]:
