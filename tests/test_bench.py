@@ -151,3 +151,56 @@ def test_the_summary_takes_the_longest_context_whatever_its_keys():
     out = summary(results, SimpleNamespace(threads=1, steps=1, repeats=1))
     assert out["ratios_at"] == {"form": "ort-fp32", "context": "256", "kv_context": "256"}
     assert (out["plt2_over_plain_decode"], out["plt2_over_plain_kv_bytes"]) == (1.5, 1.5)
+
+
+def test_peer_ratios_and_their_spread_over_the_repeats():
+    """Each repeat runs the systems side by side: its ratio is one sample, and the quartiles of those
+    samples say how far a single run's ratio can stray from the median's."""
+    from pltkit.bench.report import peer_ratios, ratio_lines
+
+    decode = {"pltkit-int8": [10.0, 10.0, 10.0, 10.0, 20.0], "genai-int8": [9.0, 10.0, 11.0, 12.0, 20.0],
+              "pltkit-int4": [8.0] * 5, "genai-int4": [8.0] * 5}
+    tps = {name: [100.0] * 5 for name in decode}
+    r = {"decode_ms": {n: sorted(v)[2] for n, v in decode.items()}, "prefill_tps": {n: 100.0 for n in tps},
+         "repeats": {"decode_ms": decode, "prefill_tps": tps}}
+    out = peer_ratios("ortgenai", r)
+    print(out, ratio_lines("ortgenai", r), sep="\n")
+    assert out["pltkit_over_ortgenai_decode_int8"] == 1.1  # medians: 11 / 10
+    # repeats' ratios 0.9, 1.0, 1.1, 1.2, 1.0 -> quartiles (exclusive method) 0.95 and 1.15
+    assert out["pltkit_over_ortgenai_decode_int8_quartiles"] == [0.95, 1.15]
+    assert out["pltkit_over_ortgenai_prefill_int4_quartiles"] == [1.0, 1.0]
+    assert "decode 1.10x (repeats' quartiles 0.95-1.15)" in ratio_lines("ortgenai", r)[0]
+    del r["repeats"]  # results from before the repeats were kept: the medians alone
+    assert "pltkit_over_ortgenai_decode_int8_quartiles" not in peer_ratios("ortgenai", r)
+
+
+def test_ort_cost_per_node_is_measured_and_reported():
+    """The cost of a small node is measured on a real ONNX Runtime session (its value depends on the
+    machine, so only its form is checked), and the nodes table turns node counts into time with it."""
+    import math
+
+    from pltkit.bench import nodes, report
+
+    us = nodes.us_per_node(threads=1, nodes=50, repeats=20)
+    print(f"ONNX Runtime: {us} us per small node")
+    assert isinstance(us, float) and math.isfinite(us)
+    results = {"loops": {"shape": "default", "nodes_per_layer": {"int8": {"plain": 20.0, "plt2": 30.0}}},
+               "ortgenai": {"nodes_per_layer": {"pltkit-int8": 25.0, "genai-int8": 10.0}}, "ort_us_per_node": 0.5}
+    table = "\n".join(report.nodes_table(results))
+    print(table)
+    assert "PLT-2 over plain, int8: 5.0 us" in table and "pltkit over onnxruntime-genai, int8: 7.5 us" in table
+    assert report.nodes_summary(results)["ort_us_per_node"] == 0.5
+
+
+def test_the_decode_profile_comes_with_the_unprofiled_step(tmp_path):
+    """plt-bench's profile line: kernel time by op from ONNX Runtime's profiler, beside the same steps
+    timed without it (the profiler's own cost per node is what makes small ops look expensive)."""
+    from pltkit.bench.llamacpp import ort_profile
+    from pltkit.export.artifact import export
+
+    make_checkpoint(tmp_path / "ckpt", make_config(num_hidden_layers=2), seed=3)
+    backend = open_backend(export(tmp_path / "ckpt", tmp_path / "art"), "ort", 1)
+    prof = ort_profile(backend, list(range(5, 21)), threads=1, steps=4)
+    print(prof)
+    assert prof["unprofiled_us_per_step"] > 0 and prof["kernel_us_per_step"] > 0
+    assert 0 < sum(prof["op_share"].values()) <= 1.0001 and "GroupQueryAttention" in prof["op_share"]

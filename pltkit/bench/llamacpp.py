@@ -164,7 +164,7 @@ def prompt_ids(artifact: Path, n: int) -> list[int]:
 
 def timed(systems: dict, ids: list[int], steps: int, repeats: int) -> dict:
     """{"prefill_tps": {name: tokens/s}, "decode_ms": {name: ms}} of Runners, the systems run
-    interleaved in every repeat, medians."""
+    interleaved in every repeat, medians; "repeats" holds every repeat's figures, in order."""
     prefill = {name: [] for name in systems}
     decode = {name: [] for name in systems}
     for _ in range(repeats):
@@ -173,7 +173,8 @@ def timed(systems: dict, ids: list[int], steps: int, repeats: int) -> dict:
             times, _ = s.decode(steps)
             decode[name].append(statistics.median(times) * 1e3)
     return {"prefill_tps": {n: statistics.median(v) for n, v in prefill.items()},
-            "decode_ms": {n: statistics.median(v) for n, v in decode.items()}}
+            "decode_ms": {n: statistics.median(v) for n, v in decode.items()},
+            "repeats": {"prefill_tps": prefill, "decode_ms": decode}}
 
 
 def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=print, int8_scheme: str = "int8") -> dict:
@@ -208,13 +209,23 @@ def agreement(backend, gguf: Path, ids: list[int], threads: int) -> float:
 
 def ort_profile(backend, ids: list[int], threads: int, steps: int = 32) -> dict:
     """Where a decode step's time goes: ONNX Runtime's per-node kernel times, summed by op type,
-    as shares of the kernel total (profiling itself slows every node down)."""
+    as shares of the kernel total. Profiling itself slows every node down, the small ones most in
+    proportion: the same steps are timed unprofiled first (unprofiled_us_per_step)."""
     import collections
     import json
     import tempfile
 
     import onnxruntime as ort
 
+    def steps_from_prompt():
+        _, state = backend.prefill(np.asarray([ids]), backend.new_state(1))
+        token, start = np.asarray([ids[-1]]), time.perf_counter()
+        for _ in range(steps):
+            logits, state = backend.decode(token, state)
+            token = logits.argmax(-1)
+        return (time.perf_counter() - start) / steps * 1e6
+
+    unprofiled = steps_from_prompt()
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.enable_profiling = True
@@ -223,11 +234,7 @@ def ort_profile(backend, ids: list[int], threads: int, steps: int = 32) -> dict:
     graph = str(backend.artifact.graph_path("decode", backend.attention))
     backend.sessions["decode"] = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
     try:
-        _, state = backend.prefill(np.asarray([ids]), backend.new_state(1))
-        token = np.asarray([ids[-1]])
-        for _ in range(steps):
-            logits, state = backend.decode(token, state)
-            token = logits.argmax(-1)
+        steps_from_prompt()
         events = json.load(open(backend.sessions["decode"].end_profiling()))
     finally:
         backend.sessions["decode"] = original
@@ -239,4 +246,5 @@ def ort_profile(backend, ids: list[int], threads: int, steps: int = 32) -> dict:
             runs, run_us = runs + 1, run_us + e["dur"]
     total = sum(by_op.values())
     return {"kernel_us_per_step": round(total / max(runs, 1), 1), "run_us_per_step": round(run_us / max(runs, 1), 1),
+            "unprofiled_us_per_step": round(unprofiled, 1),
             "op_share": {op: round(us / total, 3) for op, us in by_op.most_common(8)}}

@@ -4,14 +4,20 @@ call per decoded token, so at small sizes this count, not the weights, sets the 
 
 Counted from the optimized model ONNX Runtime writes when a session is created
 (SessionOptions.optimized_model_filepath, initializers to a side file), in a temporary folder:
-nothing is run.
+nothing is run. What a node costs is measured apart (`us_per_node`): ONNX Runtime's profiler
+adds several microseconds to every node it times, so the small nodes' share of a profile is
+no measure of their cost.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 LEVELS = {"all": "ORT_ENABLE_ALL", "none": "ORT_DISABLE_ALL"}
 
@@ -38,6 +44,33 @@ def optimized_nodes(model: str | Path, level: str = "all") -> int:
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
         return count_nodes(onnx.load(so.optimized_model_filepath, load_external_data=False).graph)
+
+
+def us_per_node(threads: int, nodes: int = 400, repeats: int = 200) -> float:
+    """What ONNX Runtime's CPU provider spends on a small node, in microseconds: a chain of `nodes`
+    Adds of 64 floats against a chain of one, in sessions set up as the backends' (ORT_ENABLE_ALL,
+    `threads` intra-op threads), interleaved runs, medians."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def session(n):
+        chain = [helper.make_node("Add", ["x" if i == 0 else f"a{i - 1}", "x"], [f"a{i}"]) for i in range(n)]
+        graph = helper.make_graph(chain, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                                  [helper.make_tensor_value_info(f"a{n - 1}", TensorProto.FLOAT, [1, 64])])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    sessions, x = {n: session(n) for n in (1, nodes)}, {"x": np.ones((1, 64), np.float32)}
+    times = {n: [] for n in sessions}
+    for _ in range(repeats):
+        for n, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, x)
+            times[n].append(time.perf_counter() - start)
+    return round((statistics.median(times[nodes]) - statistics.median(times[1])) / (nodes - 1) * 1e6, 2)
 
 
 def decode_graph(artifact: str | Path) -> tuple[Path, int]:

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import platform
+import statistics
 
 
 def _ratio(a, b):
     return round(a / b, 3) if a and b else None
+
+
+def _spread(a: list, b: list) -> list | None:
+    """The quartiles [q1, q3] of the ratios a[i] / b[i] of repeats run side by side: how far one
+    repeat's ratio strays from the median's."""
+    if len(a) < 4 or len(a) != len(b):
+        return None
+    q = statistics.quantiles([x / y for x, y in zip(a, b)], n=4)
+    return [round(q[0], 3), round(q[2], 3)]
 
 
 def tables(results: dict) -> str:
@@ -33,25 +43,60 @@ def tables(results: dict) -> str:
     lines += nodes_table(results)
     if "llamacpp" in results:
         lc = results["llamacpp"]
-        lines += peer_table("SmolLM2-135M", lc)
+        lines += peer_table("SmolLM2-135M", lc) + ratio_lines("llamacpp", lc)
         lines.append(f"next-token top-1 agreement with llama.cpp at the comparable type (256 teacher-forced "
                      f"positions): {lc['top1_agreement']}")
         prof = lc["profile"]
         lines.append(f"pltkit int8 decode step under ONNX Runtime's profiler: {prof['kernel_us_per_step']} us in "
-                     f"kernels of {prof['run_us_per_step']} us; by op: " +
+                     f"kernels of {prof['run_us_per_step']} us ({prof.get('unprofiled_us_per_step', '-')} us "
+                     f"unprofiled: the profiler's cost per node inflates the small ops' shares); by op: " +
                      ", ".join(f"{op} {share:.0%}" for op, share in prof["op_share"].items()))
     if "ortgenai" in results:
         og = results["ortgenai"]
-        lines += peer_table("SmolLM2-135M against onnxruntime-genai", og)
+        lines += peer_table("SmolLM2-135M against onnxruntime-genai", og) + ratio_lines("ortgenai", og)
         lines.append(f"next-token top-1 agreement with onnxruntime-genai: {og['top1_agreement']}")
     lines.append(f"\n({results['seconds']} s)")
     return "\n".join(lines)
+
+
+# peer -> (pltkit's precision, the peer's system) pairs of a comparison
+PEERS = {"llamacpp": (("int8", "llamacpp-q8_0"), ("int4", "llamacpp-q4_1")),
+         "ortgenai": (("int8", "genai-int8"), ("int4", "genai-int4"))}
+
+
+def peer_ratios(peer: str, r: dict) -> dict:
+    """The JSON line's pltkit_over_<peer>_<decode|prefill>_<precision> speed ratios (over 1: pltkit is
+    faster), from the medians, and their _quartiles over the repeats (each repeat's systems run side
+    by side, so a repeat's ratio is free of the machine's slower drifts)."""
+    out = {}
+    for prec, theirs in PEERS[peer]:
+        ours, key = f"pltkit-{prec}", f"pltkit_over_{peer}"
+        out[f"{key}_decode_{prec}"] = _ratio(r["decode_ms"][theirs], r["decode_ms"][ours])
+        out[f"{key}_prefill_{prec}"] = _ratio(r["prefill_tps"][ours], r["prefill_tps"][theirs])
+        if "repeats" in r:
+            rep = r["repeats"]
+            out[f"{key}_decode_{prec}_quartiles"] = _spread(rep["decode_ms"][theirs], rep["decode_ms"][ours])
+            out[f"{key}_prefill_{prec}_quartiles"] = _spread(rep["prefill_tps"][ours], rep["prefill_tps"][theirs])
+    return out
 
 
 def peer_table(title: str, r: dict) -> list[str]:
     """A peer comparison's prefill and decode speed, a line per system."""
     lines = ["", f"{title}, {r['threads']} threads, prompt {r['ctx']} tokens: {'prefill tok/s':>14} {'decode ms':>10}"]
     return lines + [f"{name:>16} {r['prefill_tps'][name]:>14.0f} {r['decode_ms'][name]:>10.2f}" for name in r["decode_ms"]]
+
+
+def ratio_lines(peer: str, r: dict) -> list[str]:
+    """pltkit's speed over the peer's, median ratio and quartiles over the repeats."""
+    ratios, lines = peer_ratios(peer, r), []
+    for prec, theirs in PEERS[peer]:
+        parts = []
+        for what in ("decode", "prefill"):
+            q = ratios.get(f"pltkit_over_{peer}_{what}_{prec}_quartiles")
+            parts.append(f"{what} {ratios[f'pltkit_over_{peer}_{what}_{prec}']:.2f}x"
+                         + (f" (repeats' quartiles {q[0]:.2f}-{q[1]:.2f})" if q else ""))
+        lines.append(f"pltkit-{prec} over {theirs}: " + ", ".join(parts))
+    return lines
 
 
 def _precision_order(prec: str):
@@ -68,7 +113,7 @@ def nodes_table(results: dict) -> list[str]:
     lines = ["", "nodes per decoder layer of the decode graph after ONNX Runtime's optimizations "
                  "(ORT_ENABLE_ALL, CPU; all nodes / layers)"]
     if loops:
-        precs = sorted(loops, key=_precision_order)
+        precs = precs_of(loops)
         lines.append(f"{results['loops']['shape'] + ' shape':>18} " + " ".join(f"{p:>8}" for p in precs))
         lines += [f"{v:>18} " + " ".join(f"{loops[p][v]:>8.1f}" for p in precs)
                   for v in ("plain", "plt2")]
@@ -77,13 +122,28 @@ def nodes_table(results: dict) -> list[str]:
         lines.append(f"{'SmolLM2-135M':>18} " + " ".join(f"{p:>8}" for p in precs))
         lines += [f"{label:>18} " + " ".join(f"{peers[f'{name}-{p}']:>8.1f}" for p in precs)
                   for name, label in (("pltkit", "pltkit"), ("genai", "onnxruntime-genai"))]
+    us = results.get("ort_us_per_node")
+    if us is not None:
+        lines.append(f"ONNX Runtime's cost of a small node here: {us:.2f} us (a chain of Adds, unprofiled); "
+                     "per decoder layer and token, the node counts above differ by:")
+        if loops:
+            lines += [f"  PLT-2 over plain, {p}: {(loops[p]['plt2'] - loops[p]['plain']) * us:.1f} us" for p in precs_of(loops)]
+        if peers:
+            lines += [f"  pltkit over onnxruntime-genai, {p}: {(peers[f'pltkit-{p}'] - peers[f'genai-{p}']) * us:.1f} us"
+                      for p in sorted({k.split("-")[1] for k in peers}, key=_precision_order)]
     return lines
+
+
+def precs_of(loops: dict) -> list[str]:
+    return sorted(loops, key=_precision_order)
 
 
 def nodes_summary(results: dict) -> dict:
     """The JSON line's nodes_per_layer_<system>_<precision> keys."""
     out = {f"nodes_per_layer_{v}_{p}": n for p, by in results["loops"].get("nodes_per_layer", {}).items()
            for v, n in by.items()}
+    if results.get("ort_us_per_node") is not None:
+        out["ort_us_per_node"] = results["ort_us_per_node"]
     for name, n in results.get("ortgenai", {}).get("nodes_per_layer", {}).items():
         system, prec = name.split("-")
         out[f"nodes_per_layer_{'ortgenai' if system == 'genai' else system}_{prec}"] = n
@@ -107,21 +167,11 @@ def summary(results: dict, args) -> dict:
         "serial2_over_plt2_decode_all": {f: {c: _ratio(r["serial2"], r["plt2"]) for c, r in by.items()}
                                          for f, by in lo["decode_ms"].items()},
     }
+    for peer in PEERS:
+        if peer in results:
+            out.update(peer_ratios(peer, results[peer]))
     if "llamacpp" in results:
-        lc = results["llamacpp"]
-        for prec, kind in (("int8", "q8_0"), ("int4", "q4_1")):
-            out[f"pltkit_over_llamacpp_decode_{prec}"] = _ratio(lc["decode_ms"][f"llamacpp-{kind}"],
-                                                                lc["decode_ms"][f"pltkit-{prec}"])
-            out[f"pltkit_over_llamacpp_prefill_{prec}"] = _ratio(lc["prefill_tps"][f"pltkit-{prec}"],
-                                                                 lc["prefill_tps"][f"llamacpp-{kind}"])
         out["llamacpp_ratio_meaning"] = "speed ratios: over 1 means pltkit is faster"
-    if "ortgenai" in results:
-        og = results["ortgenai"]
-        for prec in ("int8", "int4"):
-            out[f"pltkit_over_ortgenai_decode_{prec}"] = _ratio(og["decode_ms"][f"genai-{prec}"],
-                                                                og["decode_ms"][f"pltkit-{prec}"])
-            out[f"pltkit_over_ortgenai_prefill_{prec}"] = _ratio(og["prefill_tps"][f"pltkit-{prec}"],
-                                                                 og["prefill_tps"][f"genai-{prec}"])
     out.update(nodes_summary(results))
     out.update(threads=args.threads, steps=args.steps, repeats=args.repeats, seconds=results["seconds"],
                machine=platform.machine(), results=results)

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     except ImportError:
         print("plt-bench: needs PyTorch: pip install 'pltkit[torch]'", file=sys.stderr)
         return 2
-    from pltkit.bench import loops, report
+    from pltkit.bench import loops, nodes, report
     from pltkit.model.paths import user_cache_dir
     from pltkit.runtime.backends import physical_cores
 
@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = {"loops": loops.run(args.forms, args.contexts, args.steps, args.repeats, args.threads, workdir,
                                   args.shape, log=log)}
+    results["ort_us_per_node"] = nodes.us_per_node(args.threads)
     if not args.no_llamacpp:
         try:
             from pltkit.bench import llamacpp
