@@ -11,12 +11,11 @@ def _ratio(a, b):
 
 
 def _spread(a: list, b: list) -> list | None:
-    """The quartiles [q1, q3] of the ratios a[i] / b[i] of repeats run side by side: how far one
-    repeat's ratio strays from the median's."""
+    """The quartiles [q1, median, q3] of the ratios a[i] / b[i] of repeats run side by side: how far
+    one repeat's ratio strays (the ratio of the medians need not be the median of the ratios)."""
     if len(a) < 4 or len(a) != len(b):
         return None
-    q = statistics.quantiles([x / y for x, y in zip(a, b)], n=4)
-    return [round(q[0], 3), round(q[2], 3)]
+    return [round(q, 3) for q in statistics.quantiles([x / y for x, y in zip(a, b)], n=4)]
 
 
 def tables(results: dict) -> str:
@@ -94,7 +93,7 @@ def ratio_lines(peer: str, r: dict) -> list[str]:
         for what in ("decode", "prefill"):
             q = ratios.get(f"pltkit_over_{peer}_{what}_{prec}_quartiles")
             parts.append(f"{what} {ratios[f'pltkit_over_{peer}_{what}_{prec}']:.2f}x"
-                         + (f" (repeats' quartiles {q[0]:.2f}-{q[1]:.2f})" if q else ""))
+                         + (f" (repeats' ratios: median {q[1]:.2f}, quartiles {q[0]:.2f}-{q[2]:.2f})" if q else ""))
         lines.append(f"pltkit-{prec} over {theirs}: " + ", ".join(parts))
     return lines
 
