@@ -7,6 +7,7 @@ more than a 300 MB L3 holds) at M = 1..4 rows, int8 and int4 (pltkit's schemes: 
 accuracy_level 4), interleaved, medians. Prints a table, then one JSON line.
 
     python benchmarks/matmul_rows.py [--threads 2] [--repeats 15] [--cpu-time] [--block-size 128]
+    python benchmarks/matmul_rows.py --k 768 --n 2048 --nodes 24   # the medium shape's MLP: weights in a 300 MB L3
 
 --cpu-time measures process CPU time with ONNX Runtime's thread spinning off, which is stable on
 a machine that other work shares (wall time is not); without it, wall time with spinning on, as
@@ -44,16 +45,16 @@ def graph_session(nodes, inits, count: int, k: int, threads: int, spinning: bool
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"], **kw)
 
 
-def session(scheme, threads: int, spinning: bool):
+def session(scheme, threads: int, spinning: bool, k: int = K, n: int = N, count: int = NODES):
     rng = np.random.default_rng(0)
     inits, nodes = [], []
-    for i in range(NODES):
-        packed, scales = scheme.pack((rng.standard_normal((K, N)) * 0.02).astype(np.float32))
+    for i in range(count):
+        packed, scales = scheme.pack((rng.standard_normal((k, n)) * 0.02).astype(np.float32))
         inits += [numpy_helper.from_array(packed, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
         nodes.append(helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
-                                      K=K, N=N, bits=scheme.bits, block_size=scheme.block_size,
+                                      K=k, N=n, bits=scheme.bits, block_size=scheme.block_size,
                                       accuracy_level=scheme.accuracy_level))
-    return graph_session(nodes, inits, NODES, K, threads, spinning)
+    return graph_session(nodes, inits, count, k, threads, spinning)
 
 
 def main(argv=None) -> int:
@@ -62,14 +63,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--cpu-time", action="store_true", help="process CPU time, spinning off (shared machines)")
     ap.add_argument("--block-size", type=int, default=None, help="weights per scale (default: the schemes', 32)")
+    ap.add_argument("--k", type=int, default=K, help="inputs of a layer")
+    ap.add_argument("--n", type=int, default=N, help="outputs of a layer")
+    ap.add_argument("--nodes", type=int, default=NODES, help="layers in the graph")
     args = ap.parse_args(argv)
     clock = time.process_time if args.cpu_time else time.perf_counter
     rng, out = np.random.default_rng(1), {}
     for name in ("int8", "int4"):
         scheme = SCHEMES[name] if args.block_size is None else dataclasses.replace(SCHEMES[name],
                                                                                   block_size=args.block_size)
-        s = session(scheme, args.threads, spinning=not args.cpu_time)
-        xs = {m: rng.standard_normal((m, K)).astype(np.float32) for m in ROWS}
+        s = session(scheme, args.threads, not args.cpu_time, args.k, args.n, args.nodes)
+        xs = {m: rng.standard_normal((m, args.k)).astype(np.float32) for m in ROWS}
         times = {m: [] for m in ROWS}
         for _ in range(args.repeats):
             for m, x in xs.items():
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
         out[name] = {"ms": ms, "over_one_row": {m: ms[m] / ms[1] for m in ROWS}}
         print(f"{name}: " + "  ".join(f"M={m} {ms[m]:.2f} ms ({ms[m] / ms[1]:.2f}x)" for m in ROWS))
     print(json.dumps({"threads": args.threads, "cpu_time": args.cpu_time, "block_size": args.block_size or 32,
-                      "nodes": NODES, "K": K, "N": N, **out}))
+                      "nodes": args.nodes, "K": args.k, "N": args.n, **out}))
     return 0
 
 

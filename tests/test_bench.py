@@ -204,3 +204,19 @@ def test_the_decode_profile_comes_with_the_unprofiled_step(tmp_path):
     print(prof)
     assert prof["unprofiled_us_per_step"] > 0 and prof["kernel_us_per_step"] > 0
     assert 0 < sum(prof["op_share"].values()) <= 1.0001 and "GroupQueryAttention" in prof["op_share"]
+
+
+def test_the_loop_ratios_come_with_their_spread_over_the_repeats():
+    from types import SimpleNamespace
+
+    from pltkit.bench.report import summary, tables
+
+    reps = {"plain": [1.0, 1.0, 1.0, 1.0, 1.0], "serial2": [2.0] * 5, "plt2": [1.1, 1.2, 1.3, 1.0, 1.2]}
+    results = {"seconds": 1.0, "loops": {"decode_ms": {"ort-int8": {256: {"plain": 1.0, "serial2": 2.0, "plt2": 1.2}}},
+                                         "repeats": {"ort-int8": {256: reps}}, "prefill_tps": {}, "kv_bytes": {},
+                                         "peak_rss_mb": {}}}
+    out = summary(results, SimpleNamespace(threads=1, steps=1, repeats=5))
+    assert out["plt2_over_plain_decode_quartiles_all"] == {"ort-int8": {256: [1.05, 1.2, 1.25]}}
+    text = tables(results)
+    print(text)
+    assert "repeats' plt2/plain: 1.05 1.20 1.25" in text

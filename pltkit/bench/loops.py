@@ -158,8 +158,8 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
         rss_forms=("ort-fp32",), prefill_tokens: int = 512, log=print) -> dict:
     """{"decode_ms": {form: {ctx: {variant: ms}}}, "prefill_tps": {form: {variant: tokens/s}},
     "kv_bytes": {ctx: {variant: bytes}}, "peak_rss_mb": {form: {variant: MB}}, "nodes_per_layer":
-    {precision: {variant: n}} (ONNX Runtime forms)}: medians over
-    the interleaved repeats."""
+    {precision: {variant: n}} (ONNX Runtime forms), "repeats": {form: {ctx: {variant: [ms, ...]}}}}:
+    medians over the interleaved repeats, and each repeat's decode figures."""
     from pltkit.runtime.serial import SerialState
 
     if steps > 56:
@@ -170,7 +170,7 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
     artifacts = make_artifacts(checkpoints, workdir, precisions)
     rng = np.random.default_rng(0)
     prompt = rng.integers(10, 4000, (1, max(contexts)))
-    out = {"shape": shape, "decode_ms": {}, "prefill_tps": {}, "kv_bytes": {}}
+    out = {"shape": shape, "decode_ms": {}, "prefill_tps": {}, "kv_bytes": {}, "repeats": {}}
     for form in forms:
         backends = open_form(form, checkpoints, artifacts, threads)
         states = {v: prefilled(backends[v], prompt, contexts) for v in ("plain", "plt2")}
@@ -185,6 +185,7 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
                 for v in VARIANTS:
                     runs[v].append(decode_ms(backends[v], states[v][ctx], steps, rng))
             out["decode_ms"][form][ctx] = {v: statistics.median(r) for v, r in runs.items()}
+            out["repeats"].setdefault(form, {})[ctx] = runs
             log(f"{form:>10} ctx {ctx:>5}: " + "  ".join(f"{v} {m:.2f} ms" for v, m in
                                                          out["decode_ms"][form][ctx].items()))
         ids = prompt[:, :prefill_tokens]

@@ -25,8 +25,11 @@ def tables(results: dict) -> str:
                  f"{'serial2/plt2':>13}")
     for form, by_ctx in lo["decode_ms"].items():
         for ctx, r in by_ctx.items():
+            rep = lo.get("repeats", {}).get(form, {}).get(ctx)
+            q = rep and _spread(rep["plt2"], rep["plain"])
             lines.append(f"{form:>11} {ctx:>8} {r['plain']:>8.2f} {r['serial2']:>8.2f} {r['plt2']:>8.2f} "
-                         f"{r['plt2'] / r['plain']:>10.2f}x {r['serial2'] / r['plt2']:>12.2f}x")
+                         f"{r['plt2'] / r['plain']:>10.2f}x {r['serial2'] / r['plt2']:>12.2f}x"
+                         + (f"   repeats' plt2/plain: {q[0]:.2f} {q[1]:.2f} {q[2]:.2f}" if q else ""))
     lines.append("")
     lines.append(f"{'form':>11} {'prefill tok/s: plain':>21} {'serial2':>8} {'plt2':>8}   peak RSS MB (longest "
                  f"context): plain / serial2 / plt2")
@@ -165,6 +168,9 @@ def summary(results: dict, args) -> dict:
                                        for f, by in lo["decode_ms"].items()},
         "serial2_over_plt2_decode_all": {f: {c: _ratio(r["serial2"], r["plt2"]) for c, r in by.items()}
                                          for f, by in lo["decode_ms"].items()},
+        # each repeat runs the variants one after another: the quartiles of its ratios (4 repeats or more)
+        "plt2_over_plain_decode_quartiles_all": {f: {c: _spread(r["plt2"], r["plain"]) for c, r in by.items()}
+                                                 for f, by in lo.get("repeats", {}).items()},
     }
     for peer in PEERS:
         if peer in results:
