@@ -160,18 +160,21 @@ def test_peer_ratios_and_their_spread_over_the_repeats():
 
     decode = {"pltkit-int8": [10.0, 10.0, 10.0, 10.0, 20.0], "genai-int8": [9.0, 10.0, 11.0, 12.0, 20.0],
               "pltkit-int4": [8.0] * 5, "genai-int4": [8.0] * 5}
-    tps = {name: [100.0] * 5 for name in decode}
-    r = {"decode_ms": {n: sorted(v)[2] for n, v in decode.items()}, "prefill_tps": {n: 100.0 for n in tps},
+    tps = {name: [100.0 if name.startswith("genai") else 150.0] * 5 for name in decode}
+    r = {"decode_ms": {n: sorted(v)[2] for n, v in decode.items()}, "prefill_tps": {n: v[0] for n, v in tps.items()},
          "repeats": {"decode_ms": decode, "prefill_tps": tps}}
     out = peer_ratios("ortgenai", r)
     print(out, ratio_lines("ortgenai", r), sep="\n")
     assert out["pltkit_over_ortgenai_decode_int8"] == 1.1  # medians: 11 / 10
     # repeats' ratios 0.9, 1.0, 1.1, 1.2, 1.0 -> quartiles (exclusive method) 0.95, 1.0 and 1.15
     assert out["pltkit_over_ortgenai_decode_int8_quartiles"] == [0.95, 1.0, 1.15]
-    assert out["pltkit_over_ortgenai_prefill_int4_quartiles"] == [1.0, 1.0, 1.0]
+    assert out["pltkit_over_ortgenai_prefill_int4"] == 1.5  # tokens/s: ours over theirs
+    assert out["pltkit_over_ortgenai_prefill_int4_quartiles"] == [1.5, 1.5, 1.5]
     assert "decode 1.10x (repeats' ratios: median 1.00, quartiles 0.95-1.15)" in ratio_lines("ortgenai", r)[0]
     del r["repeats"]  # results from before the repeats were kept: the medians alone
     assert "pltkit_over_ortgenai_decode_int8_quartiles" not in peer_ratios("ortgenai", r)
+    r["decode_ms"]["genai-int4"] = None  # a system that did not run
+    assert "decode -" in ratio_lines("ortgenai", r)[1]
 
 
 def test_ort_cost_per_node_is_measured_and_reported():
@@ -203,7 +206,9 @@ def test_the_decode_profile_comes_with_the_unprofiled_step(tmp_path):
     prof = ort_profile(backend, list(range(5, 21)), threads=1, steps=4)
     print(prof)
     assert prof["unprofiled_us_per_step"] > 0 and prof["kernel_us_per_step"] > 0
-    assert 0 < sum(prof["op_share"].values()) <= 1.0001 and "GroupQueryAttention" in prof["op_share"]
+    # the shares are of the kernel total, the largest op types' only: their ranking depends on the load
+    assert prof["op_share"] and all(0 < v <= 1 for v in prof["op_share"].values())
+    assert sum(prof["op_share"].values()) <= 1.0001
 
 
 def test_the_loop_ratios_come_with_their_spread_over_the_repeats():

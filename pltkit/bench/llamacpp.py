@@ -210,7 +210,8 @@ def agreement(backend, gguf: Path, ids: list[int], threads: int) -> float:
 def ort_profile(backend, ids: list[int], threads: int, steps: int = 32) -> dict:
     """Where a decode step's time goes: ONNX Runtime's per-node kernel times, summed by op type,
     as shares of the kernel total. Profiling itself slows every node down, the small ones most in
-    proportion: the same steps are timed unprofiled first (unprofiled_us_per_step)."""
+    proportion: the same steps are timed unprofiled first (unprofiled_us_per_step: the mean wall time
+    of a step, the runtime's Python and the argmax included, where run_us_per_step is the graph's run)."""
     import collections
     import json
     import tempfile

@@ -95,7 +95,8 @@ def ratio_lines(peer: str, r: dict) -> list[str]:
         parts = []
         for what in ("decode", "prefill"):
             q = ratios.get(f"pltkit_over_{peer}_{what}_{prec}_quartiles")
-            parts.append(f"{what} {ratios[f'pltkit_over_{peer}_{what}_{prec}']:.2f}x"
+            ratio = ratios[f"pltkit_over_{peer}_{what}_{prec}"]
+            parts.append(f"{what} " + ("-" if ratio is None else f"{ratio:.2f}x")
                          + (f" (repeats' ratios: median {q[1]:.2f}, quartiles {q[0]:.2f}-{q[2]:.2f})" if q else ""))
         lines.append(f"pltkit-{prec} over {theirs}: " + ", ".join(parts))
     return lines
