@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,12 +24,14 @@ import numpy as np
 from pltkit.runtime.artifact import Artifact
 from pltkit.runtime.ort_backend import OrtBackend
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_ab import prefilled  # noqa: E402
+
 
 def overhead_ms(path: str, context: int, steps: int, rounds: int, threads: int) -> float:
     backend = OrtBackend(Artifact.open(path), threads)
-    _, prefilled = backend.prefill(np.random.default_rng(0).integers(10, 4000, (1, context)), backend.new_state(1))
-    # room for every step up front: growing the cache is not a step's cost
-    prefilled.reserve(context + steps, backend.config.max_position_embeddings, backend.writes["decode"])
+    # with room for every step: growing the cache is not a step's cost
+    state0 = prefilled(backend, np.random.default_rng(0).integers(10, 4000, (1, context)), steps)
     session, inside = backend.sessions["decode"], [0.0]
     run = session.run_with_iobinding
 
@@ -40,7 +43,7 @@ def overhead_ms(path: str, context: int, steps: int, rounds: int, threads: int) 
     session.run_with_iobinding = timed_run
     per_round = []
     for _ in range(rounds):
-        state, inside[0] = prefilled.clone(), 0.0
+        state, inside[0] = state0.clone(), 0.0
         start = time.perf_counter()
         for i in range(steps):
             _, state = backend.decode(np.array([7 + i]), state)

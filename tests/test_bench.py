@@ -225,3 +225,8 @@ def test_the_loop_ratios_come_with_their_spread_over_the_repeats():
     text = tables(results)
     print(text)
     assert "repeats' plt2/plain: 1.05 1.20 1.25" in text
+    # three repeats make no quartiles worth printing
+    results["loops"]["repeats"]["ort-int8"][256] = {v: r[:3] for v, r in reps.items()}
+    out = summary(results, SimpleNamespace(threads=1, steps=1, repeats=3))
+    assert out["plt2_over_plain_decode_quartiles_all"] == {"ort-int8": {256: None}}
+    assert "repeats' plt2/plain" not in tables(results)

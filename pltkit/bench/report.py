@@ -115,30 +115,24 @@ def nodes_table(results: dict) -> list[str]:
         return []
     lines = ["", "nodes per decoder layer of the decode graph after ONNX Runtime's optimizations "
                  "(ORT_ENABLE_ALL, CPU; all nodes / layers)"]
+    loop_precs = sorted(loops or {}, key=_precision_order)
+    peer_precs = sorted({k.split("-")[1] for k in peers or {}}, key=_precision_order)
     if loops:
-        precs = precs_of(loops)
-        lines.append(f"{results['loops']['shape'] + ' shape':>18} " + " ".join(f"{p:>8}" for p in precs))
-        lines += [f"{v:>18} " + " ".join(f"{loops[p][v]:>8.1f}" for p in precs)
+        lines.append(f"{results['loops']['shape'] + ' shape':>18} " + " ".join(f"{p:>8}" for p in loop_precs))
+        lines += [f"{v:>18} " + " ".join(f"{loops[p][v]:>8.1f}" for p in loop_precs)
                   for v in ("plain", "plt2")]
     if peers:
-        precs = sorted({k.split("-")[1] for k in peers}, key=_precision_order)
-        lines.append(f"{'SmolLM2-135M':>18} " + " ".join(f"{p:>8}" for p in precs))
-        lines += [f"{label:>18} " + " ".join(f"{peers[f'{name}-{p}']:>8.1f}" for p in precs)
+        lines.append(f"{'SmolLM2-135M':>18} " + " ".join(f"{p:>8}" for p in peer_precs))
+        lines += [f"{label:>18} " + " ".join(f"{peers[f'{name}-{p}']:>8.1f}" for p in peer_precs)
                   for name, label in (("pltkit", "pltkit"), ("genai", "onnxruntime-genai"))]
     us = results.get("ort_us_per_node")
     if us is not None:
         lines.append(f"ONNX Runtime's cost of a small node here: {us:.2f} us (a chain of Adds, unprofiled); "
                      "per decoder layer and token, the node counts above differ by:")
-        if loops:
-            lines += [f"  PLT-2 over plain, {p}: {(loops[p]['plt2'] - loops[p]['plain']) * us:.1f} us" for p in precs_of(loops)]
-        if peers:
-            lines += [f"  pltkit over onnxruntime-genai, {p}: {(peers[f'pltkit-{p}'] - peers[f'genai-{p}']) * us:.1f} us"
-                      for p in sorted({k.split("-")[1] for k in peers}, key=_precision_order)]
+        lines += [f"  PLT-2 over plain, {p}: {(loops[p]['plt2'] - loops[p]['plain']) * us:.1f} us" for p in loop_precs]
+        lines += [f"  pltkit over onnxruntime-genai, {p}: {(peers[f'pltkit-{p}'] - peers[f'genai-{p}']) * us:.1f} us"
+                  for p in peer_precs]
     return lines
-
-
-def precs_of(loops: dict) -> list[str]:
-    return sorted(loops, key=_precision_order)
 
 
 def nodes_summary(results: dict) -> dict:

@@ -113,8 +113,7 @@ class OrtBackend:
         self._bound[phase] = (session, [weakref.ref(buf) for buf in state.kv.values()], io)
         return io
 
-    def _run_kv_buffer(self, phase: str, ids: np.ndarray, state: BufferState):
-        new = ids.shape[1] if phase == "prefill" else 1
+    def _run_kv_buffer(self, phase: str, ids: np.ndarray, state: BufferState, new: int):
         session = self._session(phase, ids.shape[0])
         io = self._binding(phase, session, state)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
@@ -142,7 +141,9 @@ class OrtBackend:
     def _run(self, phase: str, ids: np.ndarray, state: BufferState):
         new = ids.shape[1] if phase == "prefill" else 1
         state.reserve(state.pos + new, self.config.max_position_embeddings, spare=max(0, self.writes[phase] - new))
-        return (self._run_kv_buffer if self.kv_buffer[phase] else self._run_copying)(phase, ids, state)
+        if self.kv_buffer[phase]:
+            return self._run_kv_buffer(phase, ids, state, new)
+        return self._run_copying(phase, ids, state)
 
     def prefill(self, ids: np.ndarray, state: BufferState) -> tuple[np.ndarray, BufferState]:
         return self._run("prefill", ids, state)
