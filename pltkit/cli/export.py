@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
                            help="4-bit block-wise weight-only linear layers (MatMulNBits, block 32)")
     precision.add_argument("--int4-asym", dest="quant", action="store_const", const="int4-asym",
                            help="4-bit min/max blocks with offsets: keeps a llama.cpp Q4_1 import's weights as they "
-                                "are (float32 compute: about 1.4x slower decode than --int4)")
+                                "are (about 1.2x slower decode than --int4)")
     precision.add_argument("--int8-dq", dest="quant", action="store_const", const="int8-dq",
                            help="experimental: int8 weights per output column with activations quantized per tensor "
                                 "at run time (DynamicQuantizeMatMul): faster than --int8, but a model with outlier "

@@ -14,9 +14,9 @@ in about 0.02 % of the weights of the default model).
 
 `int4-asym` (AsymmetricNBits) gives each block an offset as well (min/max blocks, w = q * s + lo):
 the form that keeps llama.cpp Q4_1's weights (x = q * d + m) as they are, for the llama.cpp
-comparison. It runs as MatMulNBits plus a block-sum correction (see the class), computes in float32
-(accuracy_level 0), and its 8-bit head keeps Q8_0's grid (s = max|w| / 127): slower than int4 on one
-token (1.4x on SmolLM2-135M), so `--int4` stays symmetric.
+comparison. It runs as MatMulNBits plus a block-sum correction (see the class), computes in int8 as llama.cpp
+does (x rounded per block of 32, the block sums taken from the rounded x), and its 8-bit head keeps Q8_0's
+grid (s = max|w| / 127): slower than int4 on one token (1.24x on SmolLM2-135M), so `--int4` stays symmetric.
 
 `int8-dq` and `int8-dq-sq` (DynamicInt8, pltkit/quant/dynamic.py, opt-in) keep int8 weights per output
 column and quantize activations per tensor at run time (DynamicQuantizeMatMul); -sq smooths them first.
@@ -140,8 +140,11 @@ class AsymmetricNBits:
     points per block (llama.cpp's Q4_1: x = q * d + m) come back to within float rounding.
 
     In the graph: MatMulNBits with zero points 0 computes x @ (q * s), and the offsets are added as
-    (x @ E) @ lo: E [K, blocks] sums x over each block, lo [blocks, N] float32. Measured and rejected
-    (docs/benchmarks.md): MatMulNBits' own zero points.
+    (x @ E) @ lo: E [K, blocks] sums x over each block, lo [blocks, N] float32. x @ E is an 8-bit
+    MatMulNBits too (E's ones and zeros are exact on its grid), at the product's accuracy level: with int8
+    compute (level 4) ONNX Runtime rounds x to 8 bits per block, and the sums are then those of the rounded
+    x, as llama.cpp's Q8_1 activations carry them. Float sums beside a rounded product cost 4 points of
+    top-1 agreement with Q4_1 (docs/benchmarks.md). Measured and rejected: MatMulNBits' own zero points.
     Float ones are exact, but ONNX Runtime 1.32's CPU kernel dequantizes the whole weight each call
     (60x slower per layer); uint8 ones round Q4_1's offset to a whole step (no better than symmetric).
 
@@ -221,8 +224,11 @@ class AsymmetricNBits:
         shape = (n, -(-self.blocks(k) * self.bits // 8))
         zeros = builder.use_initializer(*store.derived(f"zero_points.{shape[0]}x{shape[1]}",
                                                        lambda: np.zeros(shape, np.uint8)))
-        e = builder.use_initializer(*store.derived(f"block_sums.{k}.{self.block_size}", lambda: self.block_sums(k)))
-        sums = g.op("MatMul", x, e)
+        e = f"block_sums.{k}.{self.block_size}.q8"
+        e, e_scales = (builder.use_initializer(*t) for t in store.derived_together(
+            [e, e + ".scales"], lambda: WeightOnlyNBits("sums", 8, self.block_size).pack(self.block_sums(k))))
+        sums = g.op("MatMulNBits", x, e, e_scales, domain="com.microsoft", K=k, N=self.blocks(k), bits=8,
+                    block_size=self.block_size, accuracy_level=self.accuracy_level)
         y = g.op("MatMulNBits", x, packed, scales, zeros, domain="com.microsoft", K=k, N=n, bits=self.bits,
                  block_size=self.block_size, accuracy_level=self.accuracy_level)
         return g.op("Add", y, g.op("MatMul", sums, lo))
@@ -236,12 +242,10 @@ class AsymmetricNBits:
 
 
 INT8 = WeightOnlyNBits("int8", 8, 32)
-# int4-asym computes in float32 (accuracy_level 0) and its 8-bit head on Q8_0's grid: on SmolLM2-135M's Q4_1
-# file, int8 compute in the linear layers or the int8 head's -2^7 scale each cost about 1-5 points of
-# top-1 agreement with llama.cpp (docs/benchmarks.md)
+# int4-asym's 8-bit head keeps Q8_0's grid: on SmolLM2-135M's Q4_1 file the int8 head's -2^7 scale cost about
+# 1-5 points of top-1 agreement with llama.cpp (docs/benchmarks.md)
 SCHEMES = {"int8": INT8, "int4": WeightOnlyNBits("int4", 4, 32, head=INT8),
-           "int4-asym": AsymmetricNBits("int4-asym", 4, 32, accuracy_level=0,
-                                        head=WeightOnlyNBits("int8-127", 8, 32, full_range=False)),
+           "int4-asym": AsymmetricNBits("int4-asym", 4, 32, head=WeightOnlyNBits("int8-127", 8, 32, full_range=False)),
            "int8-dq": DynamicInt8("int8-dq", head=INT8),  # opt-in: see pltkit/quant/dynamic.py
            "int8-dq-sq": DynamicInt8("int8-dq-sq", head=INT8, alpha=0.65, on_head=("mlp.down_proj.weight",))}
 
