@@ -230,3 +230,47 @@ def test_the_loop_ratios_come_with_their_spread_over_the_repeats():
     out = summary(results, SimpleNamespace(threads=1, steps=1, repeats=3))
     assert out["plt2_over_plain_decode_quartiles_all"] == {"ort-int8": {256: None}}
     assert "repeats' plt2/plain" not in tables(results)
+
+
+def test_plt2_cuts_cut_what_they_name_and_the_cut_graphs_run(tmp_path, capsys):
+    """benchmarks/plt2_cuts.py: each cut leaves a graph ONNX Runtime runs with the artifact's state (every
+    step, rings included, keeps its shapes), without the piece it names."""
+    import sys
+    from pathlib import Path
+
+    import onnx
+
+    from pltkit.export.artifact import export
+    from pltkit.quant.schemes import SCHEMES
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import plt2_cuts
+
+    arts = {}
+    for loops in (1, 2):
+        make_checkpoint(tmp_path / f"ckpt{loops}", make_config(plt_num_loops=loops, num_hidden_layers=2), seed=1)
+        arts[loops] = export(tmp_path / f"ckpt{loops}", tmp_path / f"art{loops}", quant=SCHEMES["int8"])
+    graph = onnx.load(arts[2] / "decode.gqa.onnx", load_external_data=False).graph
+
+    def rings(g):
+        return [n for n in g.node if n.op_type == "GroupQueryAttention"
+                and any(a.name == "local_window_size" and a.i != -1 for a in n.attribute)]
+
+    def layer_matmuls(g):
+        return [n for n in g.node if n.op_type == "MatMulNBits" and "/layers." in n.name]
+
+    assert len(rings(graph)) == 2 and layer_matmuls(graph)
+    cut = onnx.load(arts[2] / "decode.gqa.onnx", load_external_data=False).graph
+    plt2_cuts.no_ring_call(cut)
+    assert not rings(cut)
+    cut = onnx.load(arts[2] / "decode.gqa.onnx", load_external_data=False).graph
+    plt2_cuts.one_row_matmuls(cut)
+    made = {o: n for n in cut.node for o in n.output}
+    assert all(made[n.input[0]].op_type == "Slice" for n in layer_matmuls(cut))
+    # the cut graphs run, several steps, beside the whole one and the plain artifact
+    assert plt2_cuts.main([str(arts[2]), str(arts[1]), "--context", "24", "--steps", "3", "--rounds", "2",
+                           "--threads", "1"]) == 0
+    ms = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ms"]
+    assert set(ms) == {"plain", "PLT-2", *(f"PLT-2, {c}" for c in plt2_cuts.CUTS)}
+    assert all(v > 0 for v in ms.values())
+    assert not list(tmp_path.glob(".pltkit-cuts-*"))  # the cut graphs' folder is gone

@@ -1,0 +1,123 @@
+"""Where PLT-2's decode step spends its time over plain's, by cutting pieces out of its graph.
+
+ONNX Runtime's profiler cannot say: it slows some kernels more than others (on the medium shape it put
+PLT-2 at 1.08x plain where unprofiled steps take 1.3-1.4x). So this times the PLT-2 decode graph as
+exported and with one piece cut at a time, beside the plain artifact of the same weights, interleaved,
+medians of ms per step. The cut graphs compute wrong numbers; only their time means anything.
+
+- "no ring call": each ring GroupQueryAttention becomes its query passed through and its past ring with
+  the last position repeated (a Slice and a Concat per ring), so the rings keep their shapes.
+- "one row per MatMulNBits": each decoder layer's MatMulNBits reads the first row only and its output
+  is repeated (a Slice and a Concat per node): what the second row costs, less those two small nodes.
+
+    python benchmarks/plt2_cuts.py PLT2_ARTIFACT PLAIN_ARTIFACT [--context 256] [--rounds 21] [--threads 2]
+
+Prints a line per graph, then one JSON line. The cut graphs live in a temporary folder beside the artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from pltkit.runtime.artifact import Artifact
+from pltkit.runtime.ort_backend import OrtBackend
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_ab import prefilled, step_ms  # noqa: E402
+
+
+def _ints(graph, **values):
+    for name, v in values.items():
+        graph.initializer.append(numpy_helper.from_array(np.array([v], np.int64), f"cut.{name}"))
+
+
+def no_ring_call(graph):
+    nodes = []
+    for n in graph.node:
+        ring = n.op_type == "GroupQueryAttention" and any(
+            a.name == "local_window_size" and a.i != -1 for a in n.attribute)
+        if not ring:
+            nodes.append(n)
+            continue
+        nodes.append(helper.make_node("Identity", [n.input[0]], [n.output[0]]))
+        for past, present in ((n.input[3], n.output[1]), (n.input[4], n.output[2])):
+            nodes += [helper.make_node("Slice", [past, "cut.minus1", "cut.end", "cut.two"], [present + ".last"]),
+                      helper.make_node("Concat", [past, present + ".last"], [present], axis=2)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _ints(graph, minus1=-1, end=2**40, two=2)
+
+
+def one_row_matmuls(graph):
+    nodes = []
+    for n in graph.node:
+        if n.op_type == "MatMulNBits" and "/layers." in n.name:
+            x, out = n.input[0], n.output[0]
+            n.input[0], n.output[0] = x + ".row0", out + ".row0"
+            nodes += [helper.make_node("Slice", [x, "cut.zero", "cut.one", "cut.zero"], [x + ".row0"]), n,
+                      helper.make_node("Concat", [out + ".row0", out + ".row0"], [out], axis=0)]
+        else:
+            nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _ints(graph, zero=0, one=1)
+
+
+CUTS = {"no ring call": no_ring_call, "one row per MatMulNBits": one_row_matmuls}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("plt2")
+    ap.add_argument("plain")
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    import onnxruntime as ort
+
+    plt2 = Artifact.open(args.plt2)
+    if plt2.config.plt_num_loops != 2 or Artifact.open(args.plain).config.plt_num_loops != 1:
+        ap.error("give a PLT-2 artifact, then the plain artifact of the same weights")
+    backends = {"plain": OrtBackend(Artifact.open(args.plain), args.threads),
+                "PLT-2": OrtBackend(plt2, args.threads)}
+    source = plt2.graph_path("decode", backends["PLT-2"].attention)
+    # beside the artifact, its weights hard-linked: ONNX Runtime refuses external data through a symlink
+    with tempfile.TemporaryDirectory(prefix=".pltkit-cuts-", dir=Path(args.plt2).resolve().parent) as tmp:
+        (Path(tmp) / "weights.bin").hardlink_to(Path(args.plt2).resolve() / "weights.bin")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+        for name, cut in CUTS.items():
+            model = onnx.load(source, load_external_data=False)
+            cut(model.graph)
+            onnx.save(model, Path(tmp) / "decode.onnx")
+            backend = OrtBackend(plt2, args.threads)
+            backend.sessions["decode"] = ort.InferenceSession(str(Path(tmp) / "decode.onnx"), so,
+                                                              providers=["CPUExecutionProvider"])
+            backends[f"PLT-2, {name}"] = backend
+        ids = np.random.default_rng(0).integers(10, min(4000, plt2.config.vocab_size), (1, args.context))
+        states = {n: prefilled(be, ids, args.steps + 1) for n, be in backends.items()}
+        times = {n: [] for n in backends}
+        for r in range(args.rounds):
+            for n in (list(backends) if r % 2 == 0 else list(backends)[::-1]):
+                times[n].append(step_ms(backends[n], states[n], args.steps))
+    ms = {n: statistics.median(t) for n, t in times.items()}
+    for n, v in ms.items():
+        print(f"{n:>36}: {v:6.2f} ms  ({v / ms['plain']:.2f}x plain, {v - ms['PLT-2']:+.2f} ms against PLT-2)")
+    print(json.dumps({"context": args.context, "threads": args.threads, "rounds": args.rounds,
+                      "ms": {n: round(v, 3) for n, v in ms.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
