@@ -1,7 +1,7 @@
 """Where PLT-2's decode step spends its time over plain's, by cutting pieces out of its graph.
 
 ONNX Runtime's profiler cannot say: it slows some kernels more than others (on the medium shape it put
-PLT-2 at 1.08x plain where unprofiled steps take 1.3-1.4x). So this times the PLT-2 decode graph as
+PLT-2 at 1.03-1.08x plain where unprofiled steps take 1.3-1.4x). So this times the PLT-2 decode graph as
 exported and with one piece cut at a time, beside the plain artifact of the same weights, interleaved,
 medians of ms per step. The cut graphs compute wrong numbers; only their time means anything.
 
@@ -10,7 +10,7 @@ medians of ms per step. The cut graphs compute wrong numbers; only their time me
 - "one row per MatMulNBits": each decoder layer's MatMulNBits reads the first row only and its output
   is repeated (a Slice and a Concat per node): what the second row costs, less those two small nodes.
 
-    python benchmarks/plt2_cuts.py PLT2_ARTIFACT PLAIN_ARTIFACT [--context 256] [--rounds 21] [--threads 2]
+    python benchmarks/plt2_cuts.py PLT2_ARTIFACT PLAIN_ARTIFACT [--context 256] [--steps 16] [--rounds 21] [--threads 2]
 
 Prints a line per graph, then one JSON line. The cut graphs live in a temporary folder beside the artifact.
 """
@@ -86,11 +86,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import onnxruntime as ort
 
-    plt2 = Artifact.open(args.plt2)
-    if plt2.config.plt_num_loops != 2 or Artifact.open(args.plain).config.plt_num_loops != 1:
+    plt2, plain = Artifact.open(args.plt2), Artifact.open(args.plain)
+    if plt2.config.plt_num_loops != 2 or plain.config.plt_num_loops != 1:
         ap.error("give a PLT-2 artifact, then the plain artifact of the same weights")
-    backends = {"plain": OrtBackend(Artifact.open(args.plain), args.threads),
-                "PLT-2": OrtBackend(plt2, args.threads)}
+    backends = {"plain": OrtBackend(plain, args.threads), "PLT-2": OrtBackend(plt2, args.threads)}
     source = plt2.graph_path("decode", backends["PLT-2"].attention)
     # beside the artifact, its weights hard-linked: ONNX Runtime refuses external data through a symlink
     with tempfile.TemporaryDirectory(prefix=".pltkit-cuts-", dir=Path(args.plt2).resolve().parent) as tmp:

@@ -232,10 +232,9 @@ def test_the_loop_ratios_come_with_their_spread_over_the_repeats():
     assert "repeats' plt2/plain" not in tables(results)
 
 
-def test_plt2_cuts_cut_what_they_name_and_the_cut_graphs_run(tmp_path, capsys):
+def test_plt2_cuts_cut_what_they_name_and_the_cut_graphs_run(tmp_path, capsys, monkeypatch):
     """benchmarks/plt2_cuts.py: each cut leaves a graph ONNX Runtime runs with the artifact's state (every
     step, rings included, keeps its shapes), without the piece it names."""
-    import sys
     from pathlib import Path
 
     import onnx
@@ -243,7 +242,7 @@ def test_plt2_cuts_cut_what_they_name_and_the_cut_graphs_run(tmp_path, capsys):
     from pltkit.export.artifact import export
     from pltkit.quant.schemes import SCHEMES
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import plt2_cuts
 
     arts = {}

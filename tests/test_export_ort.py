@@ -130,8 +130,9 @@ def test_runtime_path_does_not_import_torch(exported):
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("exported", ["L1", "L2-hidden"], indirect=True)  # the command line does not vary with
-def test_cli_complete_same_tokens_on_both_backends(exported):  # the model (in process, every case: greedy_64 above)
+# the command line does not vary with the model: one loop and PLT-2 (every case's tokens: test_greedy_64_tokens_...)
+@pytest.mark.parametrize("exported", ["L1", "L2-hidden"], indirect=True)
+def test_cli_complete_same_tokens_on_both_backends(exported):
     ckpt, art = exported
     runs = [json.loads(subprocess.run(["plt-complete", "--model", str(m), *backend, "--json", "--max-tokens", "12",
                                        "def f(x):"], capture_output=True, text=True, check=True).stdout)

@@ -132,7 +132,8 @@ def exported_layer(scheme, w: np.ndarray, folder):
 def test_block_sums_are_those_of_the_rounded_activations(tmp_path):
     """int4-asym computes as llama.cpp's Q4_1 x Q8_1 does: x rounded to 8 bits per block of 32 (d = amax / 127),
     and both the product with the codes and the block sums that the offsets multiply taken from the rounded x.
-    The exported layer follows that to float rounding; sums of the unrounded x (the form before) do not."""
+    The exported layer follows that statement (with float32 d, where Q8_1 stores float16) to float rounding;
+    sums of the unrounded x (the form before) do not."""
     k, n = 256, 64
     w = q4_1_grid(k, n, seed=3)
     rng = np.random.default_rng(4)
@@ -202,9 +203,9 @@ def test_exported_layers_follow_the_format(exported):
 
 # max |logit difference| from the torch reference with the same weights, over 48 positions (logits span
 # about 26), where the int4 weights themselves move the logits by about 0.65: float32 compute leaves float
-# rounding (measured 2e-5); int8 activations (per block of 32) in every layer and the head about 0.18
-# (measured, seed 0)
-MAX_LOGIT_DIFF = {"float32 compute": 1e-3, "int4-asym": 0.3}
+# rounding (measured 2e-5); int8 activations (per block of 32) in every layer and the head about 0.10, and
+# 0.16 with float block sums beside them (measured, seed 0)
+MAX_LOGIT_DIFF = {"float32 compute": 1e-3, "int4-asym": 0.15}
 
 
 @pytest.mark.parametrize("form", list(MAX_LOGIT_DIFF))

@@ -224,9 +224,10 @@ class AsymmetricNBits:
         shape = (n, -(-self.blocks(k) * self.bits // 8))
         zeros = builder.use_initializer(*store.derived(f"zero_points.{shape[0]}x{shape[1]}",
                                                        lambda: np.zeros(shape, np.uint8)))
-        e = f"block_sums.{k}.{self.block_size}.q8"
+        sums_key = f"block_sums.{k}.{self.block_size}.q8"
+        sums_scheme = replace(INT8, block_size=self.block_size)  # E's ones and zeros are exact on its grid
         e, e_scales = (builder.use_initializer(*t) for t in store.derived_together(
-            [e, e + ".scales"], lambda: WeightOnlyNBits("sums", 8, self.block_size).pack(self.block_sums(k))))
+            [sums_key, sums_key + ".scales"], lambda: sums_scheme.pack(self.block_sums(k))))
         sums = g.op("MatMulNBits", x, e, e_scales, domain="com.microsoft", K=k, N=self.blocks(k), bits=8,
                     block_size=self.block_size, accuracy_level=self.accuracy_level)
         y = g.op("MatMulNBits", x, packed, scales, zeros, domain="com.microsoft", K=k, N=n, bits=self.bits,
