@@ -35,13 +35,13 @@ def prefilled(backend: OrtBackend, ids: np.ndarray, room: int):
     return state
 
 
-def step_ms(backend: OrtBackend, state, steps: int) -> float:
+def step_ms(backend: OrtBackend, state, steps: int, clock=time.perf_counter) -> float:
     state = state.clone()
     backend.decode(np.array([5]), state)
-    start = time.perf_counter()
+    start = clock()
     for i in range(steps):
         _, state = backend.decode(np.array([7 + i]), state)
-    return (time.perf_counter() - start) / steps * 1e3
+    return (clock() - start) / steps * 1e3
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,10 @@ medians of ms per step. The cut graphs compute wrong numbers; only their time me
   is repeated (a Slice and a Concat per node): what the second row costs, less those two small nodes.
 
     python benchmarks/plt2_cuts.py PLT2_ARTIFACT PLAIN_ARTIFACT [--context 256] [--steps 16] [--rounds 21] [--threads 2]
+    python benchmarks/plt2_cuts.py PLT2_ARTIFACT PLAIN_ARTIFACT --cpu-time
 
+--cpu-time measures the process's CPU time with ONNX Runtime's thread spinning off, which other work on a
+shared machine disturbs much less than wall time; without it, wall time with spinning on, as the runtime runs.
 Prints a line per graph, then one JSON line. The cut graphs live in a temporary folder beside the artifact.
 """
 
@@ -22,6 +25,7 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +33,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pltkit.runtime.artifact import Artifact
-from pltkit.runtime.ort_backend import OrtBackend
+from pltkit.runtime.ort_backend import OrtBackend, auto_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_ab import prefilled, step_ms  # noqa: E402
@@ -83,37 +87,45 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true", help="process CPU time, thread spinning off")
     args = ap.parse_args(argv)
     import onnxruntime as ort
 
     plt2, plain = Artifact.open(args.plt2), Artifact.open(args.plain)
     if plt2.config.plt_num_loops != 2 or plain.config.plt_num_loops != 1:
         ap.error("give a PLT-2 artifact, then the plain artifact of the same weights")
-    backends = {"plain": OrtBackend(plain, args.threads), "PLT-2": OrtBackend(plt2, args.threads)}
-    source = plt2.graph_path("decode", backends["PLT-2"].attention)
+    so = ort.SessionOptions()  # every decode session, the whole graphs' too, made alike here
+    so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0" if args.cpu_time else "1")
+    clock = time.process_time if args.cpu_time else time.perf_counter
+
+    def backend(artifact: Artifact, graph: Path) -> OrtBackend:
+        b = OrtBackend(artifact, args.threads)
+        b.sessions["decode"] = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+        return b
+
+    source = plt2.graph_path("decode", auto_attention(plt2))
+    backends = {"plain": backend(plain, plain.graph_path("decode", auto_attention(plain))),
+                "PLT-2": backend(plt2, source)}
     # beside the artifact, its weights hard-linked: ONNX Runtime refuses external data through a symlink
     with tempfile.TemporaryDirectory(prefix=".pltkit-cuts-", dir=Path(args.plt2).resolve().parent) as tmp:
         (Path(tmp) / "weights.bin").hardlink_to(Path(args.plt2).resolve() / "weights.bin")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
         for name, cut in CUTS.items():
             model = onnx.load(source, load_external_data=False)
             cut(model.graph)
-            onnx.save(model, Path(tmp) / "decode.onnx")
-            backend = OrtBackend(plt2, args.threads)
-            backend.sessions["decode"] = ort.InferenceSession(str(Path(tmp) / "decode.onnx"), so,
-                                                              providers=["CPUExecutionProvider"])
-            backends[f"PLT-2, {name}"] = backend
+            onnx.save(model, Path(tmp) / f"{cut.__name__}.onnx")
+            backends[f"PLT-2, {name}"] = backend(plt2, Path(tmp) / f"{cut.__name__}.onnx")
         ids = np.random.default_rng(0).integers(10, min(4000, plt2.config.vocab_size), (1, args.context))
         states = {n: prefilled(be, ids, args.steps + 1) for n, be in backends.items()}
         times = {n: [] for n in backends}
         for r in range(args.rounds):
             for n in (list(backends) if r % 2 == 0 else list(backends)[::-1]):
-                times[n].append(step_ms(backends[n], states[n], args.steps))
+                times[n].append(step_ms(backends[n], states[n], args.steps, clock))
     ms = {n: statistics.median(t) for n, t in times.items()}
     for n, v in ms.items():
         print(f"{n:>36}: {v:6.2f} ms  ({v / ms['plain']:.2f}x plain, {v - ms['PLT-2']:+.2f} ms against PLT-2)")
     print(json.dumps({"context": args.context, "threads": args.threads, "rounds": args.rounds,
+                      "cpu_time": args.cpu_time,
                       "ms": {n: round(v, 3) for n, v in ms.items()}}))
     return 0
 
