@@ -9,18 +9,21 @@ medians of ms per step. The cut graphs compute wrong numbers; only their time me
   the last position repeated (a Slice and a Concat per ring), so the rings keep their shapes.
 - "one row per MatMulNBits": each decoder layer's MatMulNBits reads the first row only and its output
   is repeated (a Slice and a Concat per node): what the second row costs, less those two small nodes.
+- "plain, two rows per MatMulNBits": the converse on the plain graph (its row twice in, the first row out):
+  what a second row costs a plain step.
 
     python benchmarks/plt2_cuts.py PLT2_ARTIFACT PLAIN_ARTIFACT [--context 256] [--steps 16] [--rounds 21] [--threads 2]
     python benchmarks/plt2_cuts.py PLT2_ARTIFACT PLAIN_ARTIFACT --cpu-time
 
 --cpu-time measures the process's CPU time with ONNX Runtime's thread spinning off, which other work on a
 shared machine disturbs much less than wall time; without it, wall time with spinning on, as the runtime runs.
-Prints a line per graph, then one JSON line. The cut graphs live in a temporary folder beside the artifact.
+Prints a line per graph, then one JSON line. The cut graphs live in temporary folders beside the artifacts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -61,14 +64,14 @@ def no_ring_call(graph):
     _ints(graph, minus1=-1, end=2**40, two=2)
 
 
-def one_row_matmuls(graph):
+def _wrap_layer_matmuls(graph, before, after):
+    """Each decoder layer's MatMulNBits between before(input, new input) and after(new output, output)."""
     nodes = []
     for n in graph.node:
         if n.op_type == "MatMulNBits" and "/layers." in n.name:
             x, out = n.input[0], n.output[0]
-            n.input[0], n.output[0] = x + ".row0", out + ".row0"
-            nodes += [helper.make_node("Slice", [x, "cut.zero", "cut.one", "cut.zero"], [x + ".row0"]), n,
-                      helper.make_node("Concat", [out + ".row0", out + ".row0"], [out], axis=0)]
+            n.input[0], n.output[0] = x + ".cut", out + ".cut"
+            nodes += [before(x, x + ".cut"), n, after(out + ".cut", out)]
         else:
             nodes.append(n)
     del graph.node[:]
@@ -76,7 +79,25 @@ def one_row_matmuls(graph):
     _ints(graph, zero=0, one=1)
 
 
-CUTS = {"no ring call": no_ring_call, "one row per MatMulNBits": one_row_matmuls}
+def _first_row(x, y):
+    return helper.make_node("Slice", [x, "cut.zero", "cut.one", "cut.zero"], [y])
+
+
+def _twice(x, y):
+    return helper.make_node("Concat", [x, x], [y], axis=0)
+
+
+def one_row_matmuls(graph):
+    _wrap_layer_matmuls(graph, _first_row, _twice)
+
+
+def two_row_matmuls(graph):
+    _wrap_layer_matmuls(graph, _twice, _first_row)
+
+
+# name -> (the graph it cuts, the cut)
+CUTS = {"PLT-2, no ring call": ("plt2", no_ring_call), "PLT-2, one row per MatMulNBits": ("plt2", one_row_matmuls),
+        "plain, two rows per MatMulNBits": ("plain", two_row_matmuls)}
 
 
 def main(argv=None) -> int:
@@ -104,17 +125,21 @@ def main(argv=None) -> int:
         b.sessions["decode"] = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
         return b
 
-    source = plt2.graph_path("decode", auto_attention(plt2))
-    backends = {"plain": backend(plain, plain.graph_path("decode", auto_attention(plain))),
-                "PLT-2": backend(plt2, source)}
-    # beside the artifact, its weights hard-linked: ONNX Runtime refuses external data through a symlink
-    with tempfile.TemporaryDirectory(prefix=".pltkit-cuts-", dir=Path(args.plt2).resolve().parent) as tmp:
-        (Path(tmp) / "weights.bin").hardlink_to(Path(args.plt2).resolve() / "weights.bin")
-        for name, cut in CUTS.items():
-            model = onnx.load(source, load_external_data=False)
+    arts = {"plt2": plt2, "plain": plain}
+    sources = {k: a.graph_path("decode", auto_attention(a)) for k, a in arts.items()}
+    backends = {"plain": backend(plain, sources["plain"]), "PLT-2": backend(plt2, sources["plt2"])}
+    with contextlib.ExitStack() as stack:
+        folders = {}
+        for k, a in arts.items():
+            # beside the artifact, its weights hard-linked: ONNX Runtime refuses external data through a symlink
+            folders[k] = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".pltkit-cuts-",
+                                                                              dir=a.path.resolve().parent)))
+            (folders[k] / "weights.bin").hardlink_to(a.path.resolve() / "weights.bin")
+        for name, (k, cut) in CUTS.items():
+            model = onnx.load(sources[k], load_external_data=False)
             cut(model.graph)
-            onnx.save(model, Path(tmp) / f"{cut.__name__}.onnx")
-            backends[f"PLT-2, {name}"] = backend(plt2, Path(tmp) / f"{cut.__name__}.onnx")
+            onnx.save(model, folders[k] / f"{cut.__name__}.onnx")
+            backends[name] = backend(arts[k], folders[k] / f"{cut.__name__}.onnx")
         ids = np.random.default_rng(0).integers(10, min(4000, plt2.config.vocab_size), (1, args.context))
         states = {n: prefilled(be, ids, args.steps + 1) for n, be in backends.items()}
         times = {n: [] for n in backends}
