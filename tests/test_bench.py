@@ -259,6 +259,12 @@ def test_plt2_cuts_cut_what_they_name_and_the_cut_graphs_run(tmp_path, capsys, m
         return [n for n in g.node if n.op_type == "MatMulNBits" and "/layers." in n.name]
 
     assert len(rings(graph)) == 2 and layer_matmuls(graph)
+    # int4-asym: a layer's block sums read the product's input; the cut wraps that input once
+    asym = export(tmp_path / "ckpt2", tmp_path / "asym", quant=SCHEMES["int4-asym"])
+    cut = onnx.load(asym / "decode.gqa.onnx", load_external_data=False).graph
+    plt2_cuts.one_row_matmuls(cut)
+    outputs = [o for n in cut.node for o in n.output]
+    assert len(outputs) == len(set(outputs)) and len(layer_matmuls(cut)) > len({n.input[0] for n in layer_matmuls(cut)})
     cut = onnx.load(arts[2] / "decode.gqa.onnx", load_external_data=False).graph
     plt2_cuts.no_ring_call(cut)
     assert not rings(cut)
