@@ -17,7 +17,8 @@ medians of ms per step. The cut graphs compute wrong numbers; only their time me
 
 --cpu-time measures the process's CPU time with ONNX Runtime's thread spinning off, which other work on a
 shared machine disturbs much less than wall time; without it, wall time with spinning on, as the runtime runs.
-Prints a line per graph, then one JSON line. The cut graphs live in temporary folders beside the artifacts.
+Prints a line per graph, then one JSON line. The cut graphs live in temporary folders beside the artifacts;
+each graph runs as a decode session swapped into its artifact's one backend, from one prefilled state.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pltkit.runtime.artifact import Artifact
-from pltkit.runtime.ort_backend import OrtBackend, auto_attention
+from pltkit.runtime.ort_backend import OrtBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_ab import prefilled, step_ms  # noqa: E402
@@ -99,7 +100,7 @@ def two_row_matmuls(graph):
 
 
 # name -> (the graph it cuts, the cut)
-CUTS = {"PLT-2, no ring call": ("plt2", no_ring_call), "PLT-2, one row per MatMulNBits": ("plt2", one_row_matmuls),
+CUTS = {"PLT-2, no ring call": ("PLT-2", no_ring_call), "PLT-2, one row per MatMulNBits": ("PLT-2", one_row_matmuls),
         "plain, two rows per MatMulNBits": ("plain", two_row_matmuls)}
 
 
@@ -123,35 +124,34 @@ def main(argv=None) -> int:
     so.add_session_config_entry("session.intra_op.allow_spinning", "0" if args.cpu_time else "1")
     clock = time.process_time if args.cpu_time else time.perf_counter
 
-    def backend(artifact: Artifact, graph: Path) -> OrtBackend:
-        b = OrtBackend(artifact, args.threads)
-        b.sessions["decode"] = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
-        return b
+    def session(graph: Path):
+        return ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
 
-    arts = {"plt2": plt2, "plain": plain}
-    sources = {k: a.graph_path("decode", auto_attention(a)) for k, a in arts.items()}
-    backends = {"plain": backend(plain, sources["plain"]), "PLT-2": backend(plt2, sources["plt2"])}
+    # one backend and one prefilled state per artifact; each graph is a decode session swapped in to time it
+    arts = {"plain": plain, "PLT-2": plt2}
+    backends = {k: OrtBackend(a, args.threads) for k, a in arts.items()}
+    sources = {k: a.graph_path("decode", backends[k].attention) for k, a in arts.items()}
+    graphs = {k: (k, session(sources[k])) for k in arts}  # name -> (its artifact, its decode session)
     with contextlib.ExitStack() as stack:
-        folders = {}
-        for k, a in arts.items():
-            # beside the artifact, its weights hard-linked: ONNX Runtime refuses external data through a symlink
-            folders[k] = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".pltkit-cuts-",
-                                                                              dir=a.path.resolve().parent)))
-            (folders[k] / "weights.bin").hardlink_to(a.path.resolve() / "weights.bin")
         for name, (k, cut) in CUTS.items():
+            # beside the artifact, its weights hard-linked: ONNX Runtime refuses external data through a symlink
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".pltkit-cuts-",
+                                                                         dir=arts[k].path.resolve().parent)))
+            (folder / "weights.bin").hardlink_to(arts[k].path.resolve() / "weights.bin")
             model = onnx.load(sources[k], load_external_data=False)
             cut(model.graph)
-            onnx.save(model, folders[k] / f"{cut.__name__}.onnx")
-            backends[name] = backend(arts[k], folders[k] / f"{cut.__name__}.onnx")
+            onnx.save(model, folder / "decode.onnx")
+            graphs[name] = (k, session(folder / "decode.onnx"))
         ids = np.random.default_rng(0).integers(10, min(4000, plt2.config.vocab_size), (1, args.context))
-        states = {n: prefilled(be, ids, args.steps + 1) for n, be in backends.items()}
-        times = {n: [] for n in backends}
+        states = {k: prefilled(b, ids, args.steps + 1) for k, b in backends.items()}
+        times = {n: [] for n in graphs}
         for r in range(args.rounds):
-            for n in (list(backends) if r % 2 == 0 else list(backends)[::-1]):
-                times[n].append(step_ms(backends[n], states[n], args.steps, clock))
+            for n in (list(graphs) if r % 2 == 0 else list(graphs)[::-1]):
+                k, backends[k].sessions["decode"] = graphs[n]
+                times[n].append(step_ms(backends[k], states[k], args.steps, clock))
     ms = {n: statistics.median(t) for n, t in times.items()}
     for n, v in ms.items():
-        whole = n.split(",")[0]  # the graph it was cut from
+        whole = graphs[n][0]  # the graph it was cut from
         print(f"{n:>36}: {v:6.2f} ms  ({v / ms['plain']:.2f}x plain, {v - ms[whole]:+.2f} ms against {whole})")
     print(json.dumps({"context": args.context, "threads": args.threads, "rounds": args.rounds,
                       "cpu_time": args.cpu_time,
