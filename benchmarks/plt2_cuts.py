@@ -13,7 +13,7 @@ medians of ms per step. The cut graphs compute wrong numbers; only their time me
   what a second row costs a plain step.
 
     python benchmarks/plt2_cuts.py PLT2_ARTIFACT PLAIN_ARTIFACT [--context 256] [--steps 16] [--rounds 21] [--threads 2]
-    python benchmarks/plt2_cuts.py PLT2_ARTIFACT PLAIN_ARTIFACT --cpu-time
+    python benchmarks/plt2_cuts.py PLT2_ARTIFACT PLAIN_ARTIFACT --cpu-time [--kernels pltkit]
 
 --cpu-time measures the process's CPU time with ONNX Runtime's thread spinning off, which other work on a
 shared machine disturbs much less than wall time; without it, wall time with spinning on, as the runtime runs.
@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from pltkit.runtime import kernels
 from pltkit.runtime.artifact import Artifact
 from pltkit.runtime.ort_backend import OrtBackend
 
@@ -113,23 +114,32 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cpu-time", action="store_true", help="process CPU time, thread spinning off")
+    ap.add_argument("--kernels", choices=["ort", "pltkit"], default="ort",
+                    help="the MatMulNBits kernels of every decode graph: ONNX Runtime's, or pltkit's where they apply")
     args = ap.parse_args(argv)
     import onnxruntime as ort
 
     plt2, plain = Artifact.open(args.plt2), Artifact.open(args.plain)
     if plt2.config.plt_num_loops != 2 or plain.config.plt_num_loops != 1:
         ap.error("give a PLT-2 artifact, then the plain artifact of the same weights")
-    so = ort.SessionOptions()  # every decode session, the whole graphs' too, made alike here
-    so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0" if args.cpu_time else "1")
-    clock = time.process_time if args.cpu_time else time.perf_counter
 
     def session(graph: Path):
-        return ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+        """A decode session of `graph`, every one made alike here (the whole graphs' too)."""
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0" if args.cpu_time else "1")
+        if args.kernels == "ort":
+            return ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+        model = onnx.load(graph, load_external_data=False)
+        kernels.rows_graph(model)
+        so.register_custom_ops_library(str(kernels.library()))
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.parent))
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
+    clock = time.process_time if args.cpu_time else time.perf_counter
     # one backend and one prefilled state per artifact; each graph is a decode session swapped in to time it
     arts = {"plain": plain, "PLT-2": plt2}
-    backends = {k: OrtBackend(a, args.threads) for k, a in arts.items()}
+    backends = {k: OrtBackend(a, args.threads, kernels="ort") for k, a in arts.items()}  # for prefill only
     sources = {k: a.graph_path("decode", backends[k].attention) for k, a in arts.items()}
     graphs = {k: (k, session(sources[k])) for k in arts}  # name -> (its artifact, its decode session)
     with contextlib.ExitStack() as stack:
@@ -154,7 +164,7 @@ def main(argv=None) -> int:
         whole = graphs[n][0]  # the graph it was cut from
         print(f"{n:>36}: {v:6.2f} ms  ({v / ms['plain']:.2f}x plain, {v - ms[whole]:+.2f} ms against {whole})")
     print(json.dumps({"context": args.context, "threads": args.threads, "rounds": args.rounds,
-                      "cpu_time": args.cpu_time,
+                      "cpu_time": args.cpu_time, "kernels": args.kernels,
                       "ms": {n: round(v, 3) for n, v in ms.items()}}))
     return 0
 

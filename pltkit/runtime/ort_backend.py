@@ -11,15 +11,31 @@ take the valid part and their new entries are written back into the buffers.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import numpy as np
 
 from pltkit.runtime.artifact import Artifact, ArtifactError
 from pltkit.runtime.backends import physical_cores
+from pltkit.runtime import kernels as kernels_mod
 from pltkit.runtime.buffer_state import BufferState
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def own_kernels(choice: str, device: str):
+    """The library of pltkit's kernels to load into decode sessions, or None (see OrtBackend's kernels)."""
+    if choice not in ("auto", "pltkit", "ort"):
+        raise ArtifactError(f"unknown kernels {choice!r} (known: auto, pltkit, ort)")
+    if choice == "ort" or device != "cpu":
+        return None
+    try:
+        return kernels_mod.library()
+    except kernels_mod.KernelUnavailable as e:
+        if choice == "pltkit":
+            raise ArtifactError(f"pltkit's kernels cannot run here: {e}") from None
+        return None
 
 
 def auto_attention(artifact: Artifact, device: str = "cpu") -> str:
@@ -32,20 +48,26 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, artifact: Artifact, threads: int | None = None, attention: str = "auto",
-                 device: str = "cpu"):
+                 device: str = "cpu", kernels: str | None = None):
         """threads: ONNX Runtime's intra-op threads (default: one per physical core).
         attention: 'gqa' (ONNX Runtime's GroupQueryAttention kernels over a kv buffer; a batched
         prefill runs the kvbuffer graph), 'function' (the LoopAttention function body, portable),
-        'kvbuffer' (the function body over a kv buffer: TensorRT's graphs), or 'auto' (auto_attention)."""
+        'kvbuffer' (the function body over a kv buffer: TensorRT's graphs), or 'auto' (auto_attention).
+        kernels: where pltkit's own kernel (pltkit.runtime.kernels) runs the decode graphs' MatMulNBits:
+        'auto' (where it builds and this CPU runs it), 'pltkit' (an error where it cannot), 'ort' (never);
+        default: $PLTKIT_KERNELS, else 'auto'."""
         try:
             import onnxruntime as ort
         except ImportError:
             raise ArtifactError("running an artifact needs onnxruntime: pip install onnxruntime") from None
         self.ort, self.artifact, self.config = ort, artifact, artifact.config
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or physical_cores()
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+        def options():
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads or physical_cores()
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            return so
         variants = artifact.attention_variants
         providers = PROVIDERS[device]
         if providers[0] not in ort.get_available_providers():
@@ -60,8 +82,25 @@ class OrtBackend:
         self.attention, self.device = attention, device
         if self.attention not in variants:
             raise ArtifactError(f"{artifact.path} has no {self.attention!r} graphs (it has: {', '.join(variants)})")
-        self._open = lambda phase, attention: ort.InferenceSession(str(artifact.graph_path(phase, attention)), so,
-                                                                  providers=providers)
+        self.kernels = own_kernels(kernels or os.environ.get("PLTKIT_KERNELS") or "auto", device)
+        self.own_nodes: dict[tuple[str, str], int] = {}  # (phase, attention) -> nodes on pltkit's kernel
+
+        def open_session(phase: str, attention: str):
+            path = artifact.graph_path(phase, attention)
+            if phase == "decode" and self.kernels:  # a graph of few rows: pltkit's kernel where it applies
+                import onnx
+
+                model = onnx.load(str(path), load_external_data=False)
+                self.own_nodes[phase, attention] = kernels_mod.rows_graph(model)
+                if self.own_nodes[phase, attention]:
+                    so = options()
+                    so.register_custom_ops_library(str(self.kernels))
+                    so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                str(path.parent))
+                    return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+            return ort.InferenceSession(str(path), options(), providers=providers)
+
+        self._open = open_session
         self.sessions = {phase: self._open(phase, self.attention) for phase in ("prefill", "decode")}
         self._batched: dict[str, object] = {}  # phase -> the kvbuffer graph's session, for a batch
         self.writes = {p: artifact.cache_writes(p, self.attention) for p in ("prefill", "decode")}

@@ -1,0 +1,294 @@
+/* pltkit.RowsMatMulNBits: ONNX Runtime's MatMulNBits of 8 and 4 bits (symmetric, block 32, accuracy_level 4),
+ * for the few rows of a decode step.
+ *
+ * PLT-2 decodes a token's two loops as two rows of one pass. ONNX Runtime's kernel pays about a sixth more
+ * for the second row of a layer whose weights come from memory; this one reads each 64-byte line of weights
+ * once for both rows, and its second row costs about 2 % (benchmarks/rows_kernel.py, docs/benchmarks.md).
+ *
+ * Numerics are MatMulNBits': each row is rounded to int8 per block of 32 (d = amax / 127, round half to
+ * even), the products are summed in int32 per block, and scaled in float32: y = sum_b dx_b dw_b sum(qx qw).
+ *
+ * Layout. MatMulNBits stores B as [N, K/32, 32] bytes (code + 128) and scales as [N, K/32]. At session start
+ * the kernel copies them into [N/16, K/32, 8, 16, 4]: for 16 columns, 4 consecutive k of each, so that one
+ * AVX-512 VNNI dot product (vpdpbusd) takes 64 bytes of weights against 4 bytes of a row broadcast, and
+ * the float work is done once per block of 32 instead of once per 4 bytes.
+ *
+ * The ABI: ONNX Runtime's C API is a table of function pointers that only grows (the slots below are those
+ * of onnxruntime_c_api.h; ParallelFor, the newest, came with API version 17, ONNX Runtime 1.17), and its
+ * custom-op structure grows by version too.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLK 32
+#define ROWS_MAX_K 32768
+
+/* -- the few pieces of ONNX Runtime's C API this library uses ------------------------------------------ */
+typedef void OrtStatus, OrtSessionOptions, OrtKernelInfo, OrtKernelContext, OrtValue, OrtShapeInfo, OrtDomain;
+typedef void *Slot;
+typedef struct { const Slot *(*GetApi)(uint32_t version); const char *(*GetVersionString)(void); } OrtApiBase;
+enum { API_VERSION = 17, OP_VERSION = 16, ORT_INVALID_ARGUMENT = 2, ORT_FAIL = 1, TYPE_FLOAT = 1, TYPE_UINT8 = 2 };
+enum {  /* slots of OrtApi */
+  CREATE_STATUS = 0, CREATE_DOMAIN = 26, DOMAIN_ADD = 27, ADD_DOMAIN = 28, TENSOR_DATA = 51, DIMS_COUNT = 61,
+  DIMS = 62, TYPE_AND_SHAPE = 65, ATTRIBUTE_INT64 = 86, CONTEXT_INPUT = 90, CONTEXT_OUTPUT = 91,
+  RELEASE_SHAPE = 99, CONSTANT_INPUT = 249, PARALLEL_FOR = 274,
+};
+static const Slot *api;
+#define CALL(slot, type) ((type)api[slot])
+#define TRY(expr) do { OrtStatus *s_ = (expr); if (s_) return s_; } while (0)
+static OrtStatus *error(int code, const char *msg) { return CALL(CREATE_STATUS, OrtStatus *(*)(int, const char *))(code, msg); }
+
+typedef struct OrtCustomOp {  /* the fields through version 20; version says which ONNX Runtime reads */
+  uint32_t version;
+  void *(*CreateKernel)(const struct OrtCustomOp *, const Slot *, const OrtKernelInfo *);
+  const char *(*GetName)(const struct OrtCustomOp *);
+  const char *(*GetExecutionProviderType)(const struct OrtCustomOp *);
+  int (*GetInputType)(const struct OrtCustomOp *, size_t);
+  size_t (*GetInputTypeCount)(const struct OrtCustomOp *);
+  int (*GetOutputType)(const struct OrtCustomOp *, size_t);
+  size_t (*GetOutputTypeCount)(const struct OrtCustomOp *);
+  void (*KernelCompute)(void *, OrtKernelContext *);
+  void (*KernelDestroy)(void *);
+  int (*GetInputCharacteristic)(const struct OrtCustomOp *, size_t);
+  int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
+  int (*GetInputMemoryType)(const struct OrtCustomOp *, size_t);
+  int (*GetVariadicInputMinArity)(const struct OrtCustomOp *);
+  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *);
+  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *);
+  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *);
+  OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *, const Slot *, const OrtKernelInfo *, void **);
+  OrtStatus *(*KernelComputeV2)(void *, OrtKernelContext *);
+  void *rest[7];  /* shape inference, opset range, in-place and alias maps: not used (versions 17 to 20) */
+} OrtCustomOp;
+
+/* -- the kernel ------------------------------------------------------------------------------------------ */
+typedef struct {
+  int64_t k, n, blocks, bits;
+  uint8_t *w;   /* 8 bits: [N/16, blocks, 8, 16, 4]; 4 bits: [N/16, blocks, 4, 16, 4], two k-steps a byte */
+  float *s;     /* [N/16, blocks, 16] */
+} Kernel;
+
+typedef struct {  /* one call's rows, rounded: up to 2 */
+  const Kernel *kern;
+  int rows;
+  const int8_t *q;      /* [rows, K] */
+  const float *d;       /* [rows, blocks] */
+  const int32_t *off;   /* [rows, blocks]: -z * sum(q), the weights' offset z (128 or 8) taken back */
+  float *y;             /* [rows, N] */
+  int64_t y_stride;
+} Call;
+
+static void round_row(const float *x, int64_t k, int zero, int8_t *q, float *d, int32_t *off) {
+  for (int64_t b = 0; b < k / BLK; b++) {
+    const float *p = x + b * BLK;
+    float amax = 0.f;
+    for (int i = 0; i < BLK; i++) amax = fmaxf(amax, fabsf(p[i]));
+    float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int i = 0; i < BLK; i++) { int v = (int)nearbyintf(p[i] * inv); q[b * BLK + i] = (int8_t)v; sum += v; }
+    d[b] = scale;
+    off[b] = -zero * sum;
+  }
+}
+
+/* G column groups of 16 at a time; each 64-byte line of weights meets both rows while it is in a register.
+ * 8 bits: a block's 8 lines hold its 32 k, 4 at a time, of 16 columns. 4 bits: 4 lines, each two steps of 4 k
+ * (the low and the high nibbles of its bytes). */
+#define G 4
+#define PREFETCH 2048
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,fma")))  /* only where the CPU has it */
+static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call *c, int64_t g0, int count, const int bits) {
+  const Kernel *kn = c->kern;
+  const int64_t nb = kn->blocks, lines = bits == 8 ? 8 : 4;
+  const int32_t *x0 = (const int32_t *)c->q, *x1 = (const int32_t *)(c->q + kn->k);
+  const int two = c->rows == 2;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 o0[G], o1[G];
+  for (int h = 0; h < count; h++) o0[h] = o1[h] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; b++) {
+    __m512i a0[G], a1[G];
+    for (int h = 0; h < count; h++) {
+      a0[h] = _mm512_set1_epi32(c->off[b]);
+      a1[h] = _mm512_set1_epi32(two ? c->off[nb + b] : 0);
+    }
+    for (int j = 0; j < lines; j++) {
+      const int step = bits == 8 ? j : 2 * j;  /* the line's (first) 4 k */
+      __m512i b0 = _mm512_set1_epi32(x0[b * 8 + step]), b1 = two ? _mm512_set1_epi32(x1[b * 8 + step]) : b0;
+      __m512i c0 = b0, c1 = b1;
+      if (bits == 4) {
+        c0 = _mm512_set1_epi32(x0[b * 8 + step + 1]);
+        c1 = two ? _mm512_set1_epi32(x1[b * 8 + step + 1]) : c0;
+      }
+      for (int h = 0; h < count; h++) {
+        const uint8_t *line = kn->w + (((g0 + h) * nb + b) * lines + j) * 64;
+        _mm_prefetch((const char *)(line + PREFETCH), _MM_HINT_T0);
+        __m512i w = _mm512_loadu_si512(line);
+        if (bits == 8) {
+          a0[h] = _mm512_dpbusd_epi32(a0[h], w, b0);
+          if (two) a1[h] = _mm512_dpbusd_epi32(a1[h], w, b1);
+        } else {
+          __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+          a0[h] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a0[h], lo, b0), hi, c0);
+          if (two) a1[h] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a1[h], lo, b1), hi, c1);
+        }
+      }
+    }
+    for (int h = 0; h < count; h++) {
+      __m512 s = _mm512_loadu_ps(kn->s + ((g0 + h) * nb + b) * 16);
+      o0[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[h]), _mm512_mul_ps(s, _mm512_set1_ps(c->d[b])), o0[h]);
+      if (two) o1[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[h]), _mm512_mul_ps(s, _mm512_set1_ps(c->d[nb + b])), o1[h]);
+    }
+  }
+  for (int h = 0; h < count; h++) {
+    _mm512_storeu_ps(c->y + (g0 + h) * 16, o0[h]);
+    if (two) _mm512_storeu_ps(c->y + c->y_stride + (g0 + h) * 16, o1[h]);
+  }
+}
+
+static AVX512 void groups(const Call *c, int64_t g0, int count) {
+  if (c->kern->bits == 8) groups_bits(c, g0, count, 8);
+  else groups_bits(c, g0, count, 4);
+}
+
+static AVX512 void chunk(void *data, size_t i) {  /* the i-th G groups of columns */
+  const Call *c = data;
+  int64_t g0 = (int64_t)i * G, total = c->kern->n / 16;
+  int count = g0 + G <= total ? G : (int)(total - g0);
+  if (count == G) groups(c, g0, G);
+  else for (int h = 0; h < count; h++) groups(c, g0 + h, 1);
+}
+
+static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
+  const Kernel *kn = kernel;
+  const OrtValue *x;
+  void *shape;
+  size_t ndim;
+  int64_t dims[8];
+  TRY(CALL(CONTEXT_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, 0, &x));
+  TRY(CALL(TYPE_AND_SHAPE, OrtStatus *(*)(const OrtValue *, void **))(x, &shape));
+  OrtStatus *st = CALL(DIMS_COUNT, OrtStatus *(*)(const void *, size_t *))(shape, &ndim);
+  if (!st && (ndim < 1 || ndim > 8)) st = error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: A must have 1 to 8 dimensions");
+  if (!st) st = CALL(DIMS, OrtStatus *(*)(const void *, int64_t *, size_t))(shape, dims, ndim);
+  CALL(RELEASE_SHAPE, void (*)(void *))(shape);
+  if (st) return st;
+  if (dims[ndim - 1] != kn->k) return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: A's last dimension is not K");
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < ndim; i++) rows *= dims[i];
+  dims[ndim - 1] = kn->n;
+  OrtValue *out;
+  float *y;
+  const float *xd;
+  TRY(CALL(CONTEXT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(ctx, 0, dims, ndim, &out));
+  TRY(CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))(out, (void **)&y));
+  TRY(CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)x, (void **)&xd));
+  int8_t q[2 * ROWS_MAX_K] __attribute__((aligned(64)));
+  float d[2 * ROWS_MAX_K / BLK];
+  int32_t off[2 * ROWS_MAX_K / BLK];
+  for (int64_t r = 0; r < rows; r += 2) {
+    Call c = {kn, rows - r >= 2 ? 2 : 1, q, d, off, y + r * kn->n, kn->n};
+    for (int i = 0; i < c.rows; i++)
+      round_row(xd + (r + i) * kn->k, kn->k, kn->bits == 8 ? 128 : 8, q + i * kn->k, d + i * kn->blocks, off + i * kn->blocks);
+    size_t chunks = (size_t)((kn->n / 16 + G - 1) / G);
+    TRY(CALL(PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
+        ctx, chunk, chunks, 0, &c));
+  }
+  return NULL;
+}
+
+static OrtStatus *constant(const OrtKernelInfo *info, size_t index, const void **data) {
+  int is_constant = 0;
+  const OrtValue *v;
+  TRY(CALL(CONSTANT_INPUT, OrtStatus *(*)(const OrtKernelInfo *, size_t, int *, const OrtValue **))(info, index, &is_constant, &v));
+  if (!is_constant) return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: B and scales must be initializers");
+  return CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)v, (void **)data);
+}
+
+static void destroy(void *kernel) {
+  Kernel *kn = kernel;
+  if (kn) { free(kn->w); free(kn->s); free(kn); }
+}
+
+static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernelInfo *info, void **out) {
+  (void)op; (void)ort;
+  int64_t k, n, bits, block;
+  const char *names[] = {"K", "N", "bits", "block_size"};
+  int64_t *vals[] = {&k, &n, &bits, &block};
+  for (int i = 0; i < 4; i++)
+    TRY(CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, names[i], vals[i]));
+  if ((bits != 8 && bits != 4) || block != BLK || k % BLK || n % 16 || k > ROWS_MAX_K)
+    return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: needs bits 8 or 4, block_size 32, K a multiple of 32 "
+                                       "(at most 32768) and N a multiple of 16");
+  const uint8_t *b;
+  const float *s;
+  TRY(constant(info, 1, (const void **)&b));
+  TRY(constant(info, 2, (const void **)&s));
+  Kernel *kn = calloc(1, sizeof *kn);
+  if (!kn) return error(ORT_FAIL, "RowsMatMulNBits: out of memory");
+  kn->k = k, kn->n = n, kn->blocks = k / BLK, kn->bits = bits;
+  kn->w = aligned_alloc(64, (size_t)n * k * bits / 8);
+  kn->s = aligned_alloc(64, (size_t)n * kn->blocks * sizeof(float));
+  if (!kn->w || !kn->s) { destroy(kn); return error(ORT_FAIL, "RowsMatMulNBits: out of memory"); }
+  const int64_t nb = kn->blocks, row = BLK * bits / 8;  /* bytes of a block of one column in B */
+  for (int64_t g = 0; g < n / 16; g++)
+    for (int64_t blk = 0; blk < nb; blk++) {
+      for (int c = 0; c < 16; c++) kn->s[(g * nb + blk) * 16 + c] = s[(g * 16 + c) * nb + blk];
+      const uint8_t *src = b + (g * 16 * nb + blk) * row;  /* column g*16 + c at src + c * nb * row */
+      if (bits == 8) {
+        uint32_t *dst = (uint32_t *)(kn->w + (g * nb + blk) * 512);
+        for (int j = 0; j < 8; j++)
+          for (int c = 0; c < 16; c++) memcpy(dst + j * 16 + c, src + c * nb * row + j * 4, 4);
+      } else {  /* byte p of line j: code of (column p/4, k 8j + p%4) low, of k 8j + 4 + p%4 high */
+        uint8_t *dst = kn->w + (g * nb + blk) * 256;
+        for (int j = 0; j < 4; j++)
+          for (int p = 0; p < 64; p++) {
+            const uint8_t *col = src + (p / 4) * nb * row;
+            int k0 = 8 * j + p % 4, k1 = k0 + 4;
+            uint8_t lo = (col[k0 / 2] >> (4 * (k0 % 2))) & 15, hi = (col[k1 / 2] >> (4 * (k1 % 2))) & 15;
+            dst[j * 64 + p] = (uint8_t)(lo | hi << 4);
+          }
+      }
+    }
+  *out = kn;
+  return NULL;
+}
+
+static const char *name(const OrtCustomOp *op) { (void)op; return "RowsMatMulNBits"; }
+static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
+static size_t input_count(const OrtCustomOp *op) { (void)op; return 3; }
+static int output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static size_t output_count(const OrtCustomOp *op) { (void)op; return 1; }
+static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static int memory_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static int one(const OrtCustomOp *op) { (void)op; return 1; }
+
+static OrtCustomOp rows_op = {
+  .version = OP_VERSION, .GetName = name, .GetExecutionProviderType = provider,
+  .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
+  .GetOutputTypeCount = output_count, .KernelDestroy = destroy, .GetInputCharacteristic = required,
+  .GetOutputCharacteristic = required, .GetInputMemoryType = memory_default,
+  .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one,
+  .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create, .KernelComputeV2 = compute,
+};
+
+/* 1 where this CPU runs the kernel (AVX-512 F, BW and VNNI), for the loader to ask before it opens a session */
+int pltkit_rows_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+/* ONNX Runtime calls this when a session registers the library (SessionOptions.register_custom_ops_library) */
+OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+  api = base->GetApi(API_VERSION);
+  if (!api) return NULL;  /* an ONNX Runtime older than 1.17: it reports the op as unknown */
+  if (!pltkit_rows_supported()) return error(ORT_FAIL, "pltkit.RowsMatMulNBits needs AVX-512 VNNI");
+  OrtDomain *domain;
+  TRY(CALL(CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtDomain **))("pltkit", &domain));
+  TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(domain, &rows_op));
+  return CALL(ADD_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtDomain *))(options, domain);
+}
