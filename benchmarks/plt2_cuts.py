@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         if args.kernels == "ort":
             return ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
         model = onnx.load(graph, load_external_data=False)
-        kernels.rows_graph(model)
+        kernels.rows_graph(model, graph.parent)
         so.register_custom_ops_library(str(kernels.library()))
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.parent))
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -20,23 +20,31 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="pltkit's ker
 OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
 
 
-def layer_model(scheme, w: np.ndarray, extra_inputs: int = 0, weights_as_input: bool = False, **attrs):
-    """One MatMulNBits node x @ W for W [K, N] packed by `scheme` (attrs override the node's attributes)."""
+def layer_model(scheme, w: np.ndarray, zero_points=None, weights_as_input: bool = False, **attrs):
+    """One MatMulNBits node x @ W for W [K, N] packed by `scheme` (zero_points: a uint8 tensor given as the
+    node's fourth input; attrs override the node's attributes). Returns (model, packed, scales)."""
     k, n = w.shape
-    packed, scales = scheme.pack(w)
+    packed, scales = scheme.pack(w)[:2]  # int4-asym's offsets are not this node's
     inits = [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales, "s")]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
-    if extra_inputs:  # zero points
-        inits.append(numpy_helper.from_array(np.full((n, -(-scales.shape[1] * scheme.bits // 8)), 0x88, np.uint8), "z"))
+    if zero_points is not None:
+        inits.append(numpy_helper.from_array(zero_points, "z"))
     if weights_as_input:
         inputs.append(helper.make_tensor_value_info("b", TensorProto.UINT8, list(packed.shape)))
         inits = inits[1:]
     attrs = {"K": k, "N": n, "bits": scheme.bits, "block_size": scheme.block_size,
              "accuracy_level": scheme.accuracy_level, **attrs}
-    node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"][:3 + extra_inputs], ["y"], domain="com.microsoft",
-                            **attrs)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s", "z"][:3 + (zero_points is not None)], ["y"],
+                            domain="com.microsoft", **attrs)
     graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=OPSETS, ir_version=10), packed, scales
+
+
+def zero_points(scheme, n: int, k: int, value: int) -> np.ndarray:
+    """MatMulNBits' zero points [N, ceil(blocks * bits / 8)], every block's `value`."""
+    per_byte = 8 // scheme.bits
+    byte = value if scheme.bits == 8 else value | value << 4
+    return np.full((n, -(-(k // scheme.block_size) // per_byte)), byte, np.uint8)
 
 
 def session(model, own: bool, threads: int = 2):
@@ -62,18 +70,26 @@ def statement(x: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarra
     return y.reshape(*x.shape[:-1], -1)
 
 
+# name -> (scheme, the zero point written as the node's input, or None for MatMulNBits' default)
+LAYER_FORMS = {"int8": ("int8", None), "int4": ("int4", None),
+               "int4, zero points 8 given": ("int4", 8),
+               "int4-asym (unsigned codes, zero points 0)": ("int4-asym", 0)}
+
+
 @needs_kernels
-@pytest.mark.parametrize("form", ["int8", "int4"])
-@pytest.mark.parametrize("k,n", [(64, 16), (96, 80), (576, 1536)])  # 80: groups of 16 left after groups of 64
+@pytest.mark.parametrize("form", list(LAYER_FORMS))
+@pytest.mark.parametrize("k,n", [(64, 16), (96, 80), (64, 18), (576, 1536)])  # 80, 18: groups left over
 def test_rows_kernel_equals_its_statement_and_matmulnbits(form, k, n):
-    scheme = SCHEMES[form]
+    name, zero = LAYER_FORMS[form]
+    scheme = SCHEMES[name]
     rng = np.random.default_rng(k + n)
     w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
-    model, packed, scales = layer_model(scheme, w)
+    z = None if zero is None else zero_points(scheme, n, k, zero)
+    model, packed, scales = layer_model(scheme, w, z)
     own_model = copy.deepcopy(model)
     assert kernels.rows_graph(own_model) == 1 and own_model.graph.node[0].op_type == kernels.OP
     own, ort_kernel = session(own_model, True), session(model, False)
-    codes = scheme.unpack(packed).reshape(n, -1)[:, :k]
+    codes = scheme.unpack(packed).reshape(n, -1)[:, :k]  # signed codes; int4-asym's unsigned, zero point 0
     for shape in [(1, k), (2, k), (1, 2, 1, k), (3, k), (5, 1, k)]:  # PLT-2's [1, 2, 1, K]; odd rows; batches
         x = (rng.standard_normal(shape) * 3).astype(np.float32)
         x.reshape(-1, k)[0, :32] = 0  # an all-zero block (d = 0)
@@ -81,8 +97,8 @@ def test_rows_kernel_equals_its_statement_and_matmulnbits(form, k, n):
         ref, theirs = statement(x, codes, scales), ort_kernel.run(None, {"x": x})[0]
         scale = np.abs(ref).max()
         err, err_ort = np.abs(y - ref).max(), np.abs(y - theirs).max()
-        print(f"{form} K {k} N {n} x {shape}: max|own - statement| {err:.1e}, max|own - MatMulNBits| {err_ort:.1e}"
-              f" (outputs up to {scale:.1f})")
+        print(f"{form}, K {k} N {n}, x {shape}: max|own - statement| {err:.1e}, max|own - MatMulNBits| "
+              f"{err_ort:.1e} (outputs up to {scale:.1f})")
         assert y.shape == (*shape[:-1], n)
         assert err <= 2e-6 * scale and err_ort <= 2e-6 * scale
 
@@ -90,24 +106,29 @@ def test_rows_kernel_equals_its_statement_and_matmulnbits(form, k, n):
 @needs_kernels
 def test_rows_graph_replaces_only_what_the_kernel_computes():
     w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
-    int8 = SCHEMES["int8"]
-    cases = {  # name -> (model, replaced?)
-        "int8": (layer_model(int8, w)[0], True),
-        "int4": (layer_model(SCHEMES["int4"], w)[0], True),
-        "float compute (accuracy_level 0)": (layer_model(int8, w, accuracy_level=0)[0], False),
-        "zero points": (layer_model(SCHEMES["int4"], w, extra_inputs=1)[0], False),
-        "N not a multiple of 16": (layer_model(int8, w[:, :24])[0], False),
-        "block 64": (layer_model(int8, w, block_size=64)[0], False),
-        "2 bits": (layer_model(int8, w, bits=2)[0], False),
-        "weights fed at run time": (layer_model(int8, w, weights_as_input=True)[0], False),
+    int8, int4 = SCHEMES["int8"], SCHEMES["int4"]
+    mixed = zero_points(int4, 32, 64, 8)
+    mixed[3, 0] = 0x78  # one block's zero point 7
+    cases = {  # name -> (model, the zero point it runs with, or None where it stays MatMulNBits)
+        "int8": (layer_model(int8, w)[0], 128),
+        "int4": (layer_model(int4, w)[0], 8),
+        "N not a multiple of 16": (layer_model(int8, w[:, :24])[0], 128),
+        "int4, zero points 0": (layer_model(int4, w, zero_points(int4, 32, 64, 0))[0], 0),
+        "int4, zero points not all alike": (layer_model(int4, w, mixed)[0], None),
+        "float compute (accuracy_level 0)": (layer_model(int8, w, accuracy_level=0)[0], None),
+        "block 64": (layer_model(int8, w, block_size=64)[0], None),
+        "2 bits": (layer_model(int8, w, bits=2)[0], None),
+        "weights fed at run time": (layer_model(int8, w, weights_as_input=True)[0], None),
     }
-    for name, (model, replaced) in cases.items():
+    for name, (model, zero) in cases.items():
         before = model.SerializeToString()
-        assert kernels.rows_graph(model) == int(replaced), name
-        if replaced:
-            assert any(o.domain == kernels.DOMAIN for o in model.opset_import)
-        else:
+        assert kernels.rows_graph(model) == int(zero is not None), name
+        if zero is None:
             assert model.SerializeToString() == before, name
+            continue
+        node = model.graph.node[0]
+        assert list(node.input) == ["x", "b", "s"] and any(o.domain == kernels.DOMAIN for o in model.opset_import)
+        assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["zero_point"] == zero, name
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +138,7 @@ def artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("kernels")  # K of every layer a multiple of 32, N of 16: all replaceable
     make_checkpoint(root / "ckpt", make_config(hidden_size=64, intermediate_size=96, head_dim=16), seed=3)
     return {"ckpt": root / "ckpt", **{form: export(root / "ckpt", root / form, quant=SCHEMES[form])
-                                      for form in ("int8", "int4")}}
+                                      for form in ("int8", "int4", "int4-asym")}}
 
 
 def decode_logits(backend, ids: np.ndarray, prompt: int = 8) -> np.ndarray:
@@ -151,19 +172,25 @@ def torch_same_weights(ckpt, scheme, ids: np.ndarray) -> np.ndarray:
 
 
 # max |logit difference| of the decode from torch with the same weights, on the tiny random model below
-# (logits span about 12): what is left is the int8 rounding of activations per block of 32 (accuracy level
-# 4), measured 0.61 (int8) and 0.56 (int4) on pltkit's kernel and on ONNX Runtime's alike; the same int8
-# artifact with float compute (level 0) leaves 1e-5. The kernels themselves must agree to 1e-4.
+# (logits span about 12): what is left is the int8 rounding of activations per block of 32 (accuracy
+# level 4), measured 0.61 (int8), 0.56 (int4) and 0.59 (int4-asym) on pltkit's kernel and on ONNX
+# Runtime's alike; the same int8 artifact with float compute (level 0) leaves 1e-5. The two kernels
+# must agree to 1e-4.
 MAX_LOGIT_DIFF = 1.0
 
 
+# nodes of the tiny model's decode graph on pltkit's kernel: q/k/v, o, gate/up and down of 2 layers and the
+# 8-bit head; int4-asym's block sums as well (an 8-bit MatMulNBits beside each of its 8 linear nodes)
+OWN_NODES = {"int8": 9, "int4": 9, "int4-asym": 17}
+
+
 @needs_kernels
-@pytest.mark.parametrize("form", ["int8", "int4"])
+@pytest.mark.parametrize("form", list(OWN_NODES))
 def test_decode_on_own_kernels_matches_ort_kernels_and_torch(artifacts, form):
     art = Artifact.open(artifacts[form])
-    decode_graph = onnx.load(str(art.graph_path("decode", "gqa")), load_external_data=False)
-    replaced = kernels.rows_graph(decode_graph)
-    assert replaced == 2 * 4 + 1  # q/k/v, o, gate/up and down of 2 layers, and the 8-bit head
+    path = art.graph_path("decode", "gqa")
+    replaced = kernels.rows_graph(onnx.load(str(path), load_external_data=False), path.parent)
+    assert replaced == OWN_NODES[form]
     own, theirs = OrtBackend(art, 1, kernels="pltkit"), OrtBackend(art, 1, kernels="ort")
     assert own.own_nodes == {("decode", "gqa"): replaced} and theirs.kernels is None and not theirs.own_nodes
     ids = np.random.default_rng(1).integers(4, 320, (1, 20))

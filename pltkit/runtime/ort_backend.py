@@ -91,7 +91,7 @@ class OrtBackend:
                 import onnx
 
                 model = onnx.load(str(path), load_external_data=False)
-                self.own_nodes[phase, attention] = kernels_mod.rows_graph(model)
+                self.own_nodes[phase, attention] = kernels_mod.rows_graph(model, path.parent)
                 if self.own_nodes[phase, attention]:
                     so = options()
                     so.register_custom_ops_library(str(self.kernels))

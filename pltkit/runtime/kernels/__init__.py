@@ -2,7 +2,7 @@
 compiler into pltkit's cache, and loaded into the sessions that run them.
 
 One kernel for now, `pltkit.RowsMatMulNBits` (rows_matmul.c): MatMulNBits of 8 and 4 bits for the one to few
-rows of a decode step, which reads each line of weights once for two rows. `rows_graph` puts it in place of the
+rows of a decode step, which reads each line of weights once for two rows (PLT-2's loops). `rows_graph` puts it in place of the
 MatMulNBits nodes it can run; the artifact on disk is unchanged.
 """
 
@@ -18,6 +18,8 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from pltkit.model.paths import user_cache_dir
 
@@ -67,26 +69,37 @@ def available() -> bool:
         return False
 
 
-def rows_graph(model) -> int:
+def rows_graph(model, folder=None) -> int:
     """Put pltkit.RowsMatMulNBits in place of each MatMulNBits node of `model` (an onnx ModelProto, changed in
-    place) that it computes exactly: 8 or 4 bits, block 32, accuracy level 4, no zero points or bias, K a multiple
-    of 32 and N of 16, weights and scales initializers. Returns how many it replaced."""
-    from onnx import helper
+    place) that it computes exactly: 8 or 4 bits, block 32, accuracy level 4, K a multiple of 32, weights and
+    scales initializers, no bias, and zero points, if any, one value for every block (an initializer; read
+    from the external data in `folder` where it lies there). Returns how many it replaced."""
+    from onnx import helper, numpy_helper
 
     graph = model.graph
-    initializers = {t.name for t in graph.initializer}
+    initializers = {t.name: t for t in graph.initializer}
     count = 0
     for node in graph.node:
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (any(attrs.get(k) != v for k, v in REPLACEABLE.items()) or attrs.get("bits") not in BITS
-                or len(node.input) != 3
-                or attrs["K"] % 32 or attrs["N"] % 16 or not set(node.input[1:]) <= initializers):
+        bits = attrs.get("bits")
+        if (any(attrs.get(k) != v for k, v in REPLACEABLE.items()) or bits not in BITS or attrs["K"] % 32
+                or not 3 <= len(node.input) <= 4 or not set(node.input[1:]) <= set(initializers)):
             continue
+        zero = 1 << (bits - 1)  # MatMulNBits' default
+        if len(node.input) == 4:
+            codes = numpy_helper.to_array(initializers[node.input[3]], base_dir=str(folder or ""))
+            codes = np.stack([codes & 15, codes >> 4]) if bits == 4 else codes
+            if codes.size == 0 or (codes != codes.flat[0]).any():
+                continue
+            zero = int(codes.flat[0])
+            del node.input[3]
         node.op_type, node.domain = OP, DOMAIN
         del node.attribute[:]
-        node.attribute.extend(helper.make_attribute(k, attrs[k]) for k in ("K", "N", "bits", "block_size"))
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in
+                              (("K", attrs["K"]), ("N", attrs["N"]), ("bits", bits),
+                               ("block_size", attrs["block_size"]), ("zero_point", zero)))
         count += 1
     if count and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))

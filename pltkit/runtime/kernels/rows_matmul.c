@@ -1,17 +1,19 @@
-/* pltkit.RowsMatMulNBits: ONNX Runtime's MatMulNBits of 8 and 4 bits (symmetric, block 32, accuracy_level 4),
- * for the few rows of a decode step.
+/* pltkit.RowsMatMulNBits: ONNX Runtime's MatMulNBits of 8 and 4 bits (block 32, accuracy_level 4, one zero
+ * point for all blocks), for the few rows of a decode step.
  *
  * PLT-2 decodes a token's two loops as two rows of one pass. ONNX Runtime's kernel pays about a sixth more
  * for the second row of a layer whose weights come from memory; this one reads each 64-byte line of weights
- * once for both rows, and its second row costs about 2 % (benchmarks/rows_kernel.py, docs/benchmarks.md).
+ * once for both rows (docs/benchmarks.md, "pltkit's own kernel").
  *
  * Numerics are MatMulNBits': each row is rounded to int8 per block of 32 (d = amax / 127, round half to
- * even), the products are summed in int32 per block, and scaled in float32: y = sum_b dx_b dw_b sum(qx qw).
+ * even), the products of codes summed in int32 per block, then scaled in float32:
+ * y = sum_b dx_b dw_b sum_i qx (code - zero_point).
  *
- * Layout. MatMulNBits stores B as [N, K/32, 32] bytes (code + 128) and scales as [N, K/32]. At session start
- * the kernel copies them into [N/16, K/32, 8, 16, 4]: for 16 columns, 4 consecutive k of each, so that one
- * AVX-512 VNNI dot product (vpdpbusd) takes 64 bytes of weights against 4 bytes of a row broadcast, and
- * the float work is done once per block of 32 instead of once per 4 bytes.
+ * Layout. MatMulNBits stores B as [N, K/32, 32 * bits / 8] bytes and the scales as [N, K/32]. At session start
+ * the kernel copies them into groups of 16 columns (N rounded up, the columns past it zero): per group and
+ * block, 8 bits take 8 lines of 64 bytes, each 4 consecutive k of the 16 columns; 4 bits take 4 lines, whose
+ * low nibbles hold one such step and high nibbles the next. One AVX-512 VNNI dot product (vpdpbusd) then
+ * takes a line against 4 bytes of a row broadcast, and the float work is done once per block of 32.
  *
  * The ABI: ONNX Runtime's C API is a table of function pointers that only grows (the slots below are those
  * of onnxruntime_c_api.h; ParallelFor, the newest, came with API version 17, ONNX Runtime 1.17), and its
@@ -67,7 +69,7 @@ typedef struct OrtCustomOp {  /* the fields through version 20; version says whi
 
 /* -- the kernel ------------------------------------------------------------------------------------------ */
 typedef struct {
-  int64_t k, n, blocks, bits;
+  int64_t k, n, blocks, bits, zero, groups;  /* zero: the code of weight 0; groups: ceil(N / 16) */
   uint8_t *w;   /* 8 bits: [N/16, blocks, 8, 16, 4]; 4 bits: [N/16, blocks, 4, 16, 4], two k-steps a byte */
   float *s;     /* [N/16, blocks, 16] */
 } Kernel;
@@ -77,7 +79,7 @@ typedef struct {  /* one call's rows, rounded: up to 2 */
   int rows;
   const int8_t *q;      /* [rows, K] */
   const float *d;       /* [rows, blocks] */
-  const int32_t *off;   /* [rows, blocks]: -z * sum(q), the weights' offset z (128 or 8) taken back */
+  const int32_t *off;   /* [rows, blocks]: -z * sum(q), the weights' zero point z taken back */
   float *y;             /* [rows, N] */
   int64_t y_stride;
 } Call;
@@ -144,8 +146,10 @@ static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call 
     }
   }
   for (int h = 0; h < count; h++) {
-    _mm512_storeu_ps(c->y + (g0 + h) * 16, o0[h]);
-    if (two) _mm512_storeu_ps(c->y + c->y_stride + (g0 + h) * 16, o1[h]);
+    int64_t left = kn->n - (g0 + h) * 16;  /* the last group may hold fewer than 16 columns */
+    __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    _mm512_mask_storeu_ps(c->y + (g0 + h) * 16, m, o0[h]);
+    if (two) _mm512_mask_storeu_ps(c->y + c->y_stride + (g0 + h) * 16, m, o1[h]);
   }
 }
 
@@ -156,7 +160,7 @@ static AVX512 void groups(const Call *c, int64_t g0, int count) {
 
 static AVX512 void chunk(void *data, size_t i) {  /* the i-th G groups of columns */
   const Call *c = data;
-  int64_t g0 = (int64_t)i * G, total = c->kern->n / 16;
+  int64_t g0 = (int64_t)i * G, total = c->kern->groups;
   int count = g0 + G <= total ? G : (int)(total - g0);
   if (count == G) groups(c, g0, G);
   else for (int h = 0; h < count; h++) groups(c, g0 + h, 1);
@@ -191,8 +195,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   for (int64_t r = 0; r < rows; r += 2) {
     Call c = {kn, rows - r >= 2 ? 2 : 1, q, d, off, y + r * kn->n, kn->n};
     for (int i = 0; i < c.rows; i++)
-      round_row(xd + (r + i) * kn->k, kn->k, kn->bits == 8 ? 128 : 8, q + i * kn->k, d + i * kn->blocks, off + i * kn->blocks);
-    size_t chunks = (size_t)((kn->n / 16 + G - 1) / G);
+      round_row(xd + (r + i) * kn->k, kn->k, (int)kn->zero, q + i * kn->k, d + i * kn->blocks, off + i * kn->blocks);
+    size_t chunks = (size_t)((kn->groups + G - 1) / G);
     TRY(CALL(PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
         ctx, chunk, chunks, 0, &c));
   }
@@ -214,40 +218,45 @@ static void destroy(void *kernel) {
 
 static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernelInfo *info, void **out) {
   (void)op; (void)ort;
-  int64_t k, n, bits, block;
-  const char *names[] = {"K", "N", "bits", "block_size"};
-  int64_t *vals[] = {&k, &n, &bits, &block};
-  for (int i = 0; i < 4; i++)
+  int64_t k, n, bits, block, zero;
+  const char *names[] = {"K", "N", "bits", "block_size", "zero_point"};
+  int64_t *vals[] = {&k, &n, &bits, &block, &zero};
+  for (int i = 0; i < 5; i++)
     TRY(CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, names[i], vals[i]));
-  if ((bits != 8 && bits != 4) || block != BLK || k % BLK || n % 16 || k > ROWS_MAX_K)
+  if ((bits != 8 && bits != 4) || block != BLK || k % BLK || k > ROWS_MAX_K || n < 1 || zero < 0 || zero >> bits)
     return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: needs bits 8 or 4, block_size 32, K a multiple of 32 "
-                                       "(at most 32768) and N a multiple of 16");
+                                       "(at most 32768), and a zero point within the bits");
   const uint8_t *b;
   const float *s;
   TRY(constant(info, 1, (const void **)&b));
   TRY(constant(info, 2, (const void **)&s));
   Kernel *kn = calloc(1, sizeof *kn);
   if (!kn) return error(ORT_FAIL, "RowsMatMulNBits: out of memory");
-  kn->k = k, kn->n = n, kn->blocks = k / BLK, kn->bits = bits;
-  kn->w = aligned_alloc(64, (size_t)n * k * bits / 8);
-  kn->s = aligned_alloc(64, (size_t)n * kn->blocks * sizeof(float));
+  kn->k = k, kn->n = n, kn->blocks = k / BLK, kn->bits = bits, kn->zero = zero, kn->groups = (n + 15) / 16;
+  kn->w = aligned_alloc(64, (size_t)kn->groups * 16 * k * bits / 8);
+  kn->s = aligned_alloc(64, (size_t)kn->groups * 16 * kn->blocks * sizeof(float));
   if (!kn->w || !kn->s) { destroy(kn); return error(ORT_FAIL, "RowsMatMulNBits: out of memory"); }
   const int64_t nb = kn->blocks, row = BLK * bits / 8;  /* bytes of a block of one column in B */
-  for (int64_t g = 0; g < n / 16; g++)
+  const uint8_t pad[BLK] = {0};  /* columns past N: codes 0, scale 0 */
+  for (int64_t g = 0; g < kn->groups; g++)
     for (int64_t blk = 0; blk < nb; blk++) {
-      for (int c = 0; c < 16; c++) kn->s[(g * nb + blk) * 16 + c] = s[(g * 16 + c) * nb + blk];
-      const uint8_t *src = b + (g * 16 * nb + blk) * row;  /* column g*16 + c at src + c * nb * row */
+      const uint8_t *col[16];
+      for (int c = 0; c < 16; c++) {
+        int64_t j = g * 16 + c;
+        col[c] = j < n ? b + (j * nb + blk) * row : pad;
+        kn->s[(g * nb + blk) * 16 + c] = j < n ? s[j * nb + blk] : 0.f;
+      }
       if (bits == 8) {
         uint32_t *dst = (uint32_t *)(kn->w + (g * nb + blk) * 512);
         for (int j = 0; j < 8; j++)
-          for (int c = 0; c < 16; c++) memcpy(dst + j * 16 + c, src + c * nb * row + j * 4, 4);
+          for (int c = 0; c < 16; c++) memcpy(dst + j * 16 + c, col[c] + j * 4, 4);
       } else {  /* byte p of line j: code of (column p/4, k 8j + p%4) low, of k 8j + 4 + p%4 high */
         uint8_t *dst = kn->w + (g * nb + blk) * 256;
         for (int j = 0; j < 4; j++)
           for (int p = 0; p < 64; p++) {
-            const uint8_t *col = src + (p / 4) * nb * row;
             int k0 = 8 * j + p % 4, k1 = k0 + 4;
-            uint8_t lo = (col[k0 / 2] >> (4 * (k0 % 2))) & 15, hi = (col[k1 / 2] >> (4 * (k1 % 2))) & 15;
+            const uint8_t *cb = col[p / 4];
+            uint8_t lo = (cb[k0 / 2] >> (4 * (k0 % 2))) & 15, hi = (cb[k1 / 2] >> (4 * (k1 % 2))) & 15;
             dst[j * 64 + p] = (uint8_t)(lo | hi << 4);
           }
       }
