@@ -284,3 +284,16 @@ def test_plt2_cuts_cut_what_they_name_and_the_cut_graphs_run(tmp_path, capsys, m
     assert set(ms) == {"plain", "PLT-2", *plt2_cuts.CUTS}
     assert all(v > 0 for v in ms.values())
     assert not list(tmp_path.glob(".pltkit-cuts-*"))  # the cut graphs' folder is gone
+    from pltkit.runtime import kernels
+
+    if kernels.available():  # every graph, cut or whole, on pltkit's kernel where it applies
+        assert plt2_cuts.main([str(arts[2]), str(arts[1]), "--context", "24", "--steps", "2", "--rounds", "1",
+                               "--threads", "1", "--kernels", "pltkit"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kernels"] == "pltkit"
+        import kernels_ab
+
+        assert kernels_ab.main([str(arts[1]), str(arts[2]), "--contexts", "24", "--steps", "2", "--rounds", "2",
+                                "--threads", "1"]) == 0
+        row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["contexts"]["24"]
+        assert set(row) >= {"plain_ort_ms", "plain_pltkit_ms", "plt2_ort_ms", "plt2_pltkit_ms",
+                            "plt2_over_plain_pltkit", "pltkit_over_ort_plt2"} and all(v > 0 for v in row.values())

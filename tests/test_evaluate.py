@@ -67,7 +67,7 @@ class Scripted:
         one_hot[tokens[i] if i < len(tokens) else 0] = 5.0
         return one_hot
 
-    def prefill(self, ids, state):
+    def prefill(self, ids, state, last=False):
         ids = np.asarray(ids)
         assert ids.ndim == 2 and ids.shape[0] == 1
         toks = tuple(int(t) for t in ids[0])

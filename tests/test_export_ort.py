@@ -285,3 +285,21 @@ def test_graphs_hold_no_dead_nodes(exported):
         dead = [n.name for n in g.node if not any(o in read for o in n.output)]
         assert not dead, f"{f}: {dead}"
         assert all(t.name in read for t in g.initializer), f
+
+
+def test_prefill_of_the_last_position_only(exported):
+    """prefill(last=True), as completion asks: the GQA prefill graph runs the head on the last position only
+    (logits_from), and its logits are the last row of a whole prefill's; the graphs without that input
+    (function, kvbuffer) give every position, as before. The state moves on alike."""
+    _, art = exported
+    ids = np.random.default_rng(6).integers(0, 300, (1, 11))
+    for attention, rows in (("gqa", 1), ("function", 11), ("kvbuffer", 11)):
+        b = OrtBackend(Artifact.open(art), 1, attention)
+        whole, s1 = b.prefill(ids, b.new_state(1))
+        last, s2 = b.prefill(ids, b.new_state(1), last=True)
+        diff = np.abs(last[:, -1] - whole[:, -1]).max()
+        print(f"{attention}: logits {last.shape}, max|last - whole's last row| {diff:.1e}")
+        assert last.shape == (1, rows, whole.shape[-1]) and diff <= 1e-5
+        assert s1.pos == s2.pos == 11
+        step1, step2 = (b.decode(ids[:, -1], s)[0] for s in (s1, s2))  # the caches are alike
+        assert np.abs(step1 - step2).max() <= 1e-5

@@ -30,7 +30,7 @@ class Bigram:
     def new_state(self, batch):
         return SimpleNamespace(pos=0)
 
-    def prefill(self, ids, state):
+    def prefill(self, ids, state, last=False):
         state.pos += ids.shape[1]
         return self.table[ids], state
 

@@ -120,7 +120,7 @@ class PltkitRunner(Runner):
         self.backend = open_backend(artifact, "ort", threads)
 
     def _prefill(self, ids):
-        logits, self.state = self.backend.prefill(np.asarray([ids]), self.backend.new_state(1))
+        logits, self.state = self.backend.prefill(np.asarray([ids]), self.backend.new_state(1), last=True)
         self.next = int(logits[0, -1].argmax())
 
     def _decode(self, token):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from onnx import TensorProto
 
 from pltkit.export.attention import ALL_LOOPS, ATTENTION, LATER, LOOP0, Rows
 from pltkit.export.builder import Builder
@@ -78,8 +79,11 @@ def prefill_graph(cfg: PLTConfig, store, opset: int, attention: str = "function"
         present[f"ring_value.{i}"] = g.op("Concat", *[v for _, v in parts], axis=0)
     if carries:
         present["carry"] = g.op("Concat", *carries, axis=0)
+    if attention == "gqa":  # the CPU fast path: the head only from position `logits_from` on (completion: the last)
+        start = g.op("Unsqueeze", g.input("logits_from", TensorProto.INT64, []), g.const([0]))
+        x = g.op("Slice", x, start, g.const([TO_END]), g.const([2]))
     logits = b.logits(g.op("Squeeze", x, g.const([0])))
-    b.outputs(present, logits, ["batch", "seq", cfg.vocab_size])
+    b.outputs(present, logits, ["batch", "logits_seq" if attention == "gqa" else "seq", cfg.vocab_size])
     return g
 
 

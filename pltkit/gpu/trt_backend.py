@@ -83,7 +83,7 @@ class TrtBackend:
         state.pos += new
         return out["logits"].float().cpu().numpy(), state
 
-    def prefill(self, ids: np.ndarray, state: BufferState):
+    def prefill(self, ids: np.ndarray, state: BufferState, last: bool = False):
         return self._run("prefill", ids, state)
 
     def decode(self, ids: np.ndarray, state: BufferState):

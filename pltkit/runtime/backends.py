@@ -53,8 +53,9 @@ class Backend(Protocol):
     def new_state(self, batch: int = 1) -> State:
         """No tokens yet, for `batch` sequences."""
 
-    def prefill(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        """ids [B, S] after the state -> logits [B, S, V] and the state moved on by S."""
+    def prefill(self, ids: np.ndarray, state: State, last: bool = False) -> tuple[np.ndarray, State]:
+        """ids [B, S] after the state -> logits [B, S, V] and the state moved on by S. last: only the last
+        position's logits are wanted (a backend that can skip the others returns [B, 1, V])."""
 
     def decode(self, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         """ids [B], one token per sequence -> logits [B, V] and the state moved on by 1."""

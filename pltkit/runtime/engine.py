@@ -163,7 +163,7 @@ class Engine:
                 return "cancelled"
             end = min((m for m in marks if m > pos), default=len(slot.ids) + len(ids))
             n = min(len(ids), self.chunk - pos % self.chunk, end - pos)
-            out, slot.state = self.backend.prefill(np.asarray([ids[:n]], np.int64), slot.state)
+            out, slot.state = self.backend.prefill(np.asarray([ids[:n]], np.int64), slot.state, last=True)
             slot.ids += ids[:n]
             ids, pos, logits = ids[n:], pos + n, out[0, -1]
             if pos % self.chunk == 0 or pos in marks:

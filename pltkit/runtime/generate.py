@@ -16,7 +16,7 @@ def generate(backend, prompt: list[int], max_new: int, params: SamplingParams = 
     if not prompt:
         raise ValueError("the prompt is empty")
     rng = np.random.default_rng(seed)
-    logits, state = backend.prefill(np.asarray([prompt], np.int64), backend.new_state(1))
+    logits, state = backend.prefill(np.asarray([prompt], np.int64), backend.new_state(1), last=True)
     logits = logits[0, -1]
     limit = backend.config.max_position_embeddings
     for _ in range(max_new):

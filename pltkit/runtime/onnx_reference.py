@@ -41,7 +41,7 @@ class ReferenceBackend:
         state.pos += new
         return out["logits"], state
 
-    def prefill(self, ids: np.ndarray, state: BufferState):
+    def prefill(self, ids: np.ndarray, state: BufferState, last: bool = False):
         return self._run("prefill", ids, state)
 
     def decode(self, ids: np.ndarray, state: BufferState):

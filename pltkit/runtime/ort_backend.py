@@ -61,18 +61,12 @@ class OrtBackend:
         except ImportError:
             raise ArtifactError("running an artifact needs onnxruntime: pip install onnxruntime") from None
         self.ort, self.artifact, self.config = ort, artifact, artifact.config
-
-        def options():
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads or physical_cores()
-            so.inter_op_num_threads = 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            return so
+        self.threads = threads or physical_cores()
         variants = artifact.attention_variants
-        providers = PROVIDERS[device]
-        if providers[0] not in ort.get_available_providers():
-            raise ArtifactError(f"ONNX Runtime's {providers[0]} is not available: on a machine with an NVIDIA GPU, "
-                                f"pip uninstall onnxruntime && pip install onnxruntime-gpu")
+        self.providers = PROVIDERS[device]
+        if self.providers[0] not in ort.get_available_providers():
+            raise ArtifactError(f"ONNX Runtime's {self.providers[0]} is not available: on a machine with an NVIDIA "
+                                f"GPU, pip uninstall onnxruntime && pip install onnxruntime-gpu")
         if artifact.manifest["state"].get("dtype") == "bfloat16" and device == "cpu":
             raise ArtifactError(f"{artifact.path} is bfloat16, which ONNX Runtime's CPU provider cannot run: use "
                                 f"--backend trt on a GPU, or onnx-reference (slow) on a CPU, or export float32 / "
@@ -84,30 +78,35 @@ class OrtBackend:
             raise ArtifactError(f"{artifact.path} has no {self.attention!r} graphs (it has: {', '.join(variants)})")
         self.kernels = own_kernels(kernels or os.environ.get("PLTKIT_KERNELS") or "auto", device)
         self.own_nodes: dict[tuple[str, str], int] = {}  # (phase, attention) -> nodes on pltkit's kernel
-
-        def open_session(phase: str, attention: str):
-            path = artifact.graph_path(phase, attention)
-            if phase == "decode" and self.kernels:  # a graph of few rows: pltkit's kernel where it applies
-                import onnx
-
-                model = onnx.load(str(path), load_external_data=False)
-                self.own_nodes[phase, attention] = kernels_mod.rows_graph(model, path.parent)
-                if self.own_nodes[phase, attention]:
-                    so = options()
-                    so.register_custom_ops_library(str(self.kernels))
-                    so.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                str(path.parent))
-                    return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-            return ort.InferenceSession(str(path), options(), providers=providers)
-
-        self._open = open_session
         self.sessions = {phase: self._open(phase, self.attention) for phase in ("prefill", "decode")}
         self._batched: dict[str, object] = {}  # phase -> the kvbuffer graph's session, for a batch
         self.writes = {p: artifact.cache_writes(p, self.attention) for p in ("prefill", "decode")}
         self._bound: dict[str, tuple] = {}  # phase -> (session, weak refs to the buffers, IO binding)
+        self._takes_start: dict[int, bool] = {}  # id(session) -> it takes logits_from
         self.outputs = {p: [o.name for o in s.get_outputs()] for p, s in self.sessions.items()}
         # graphs that take the cache as a kv buffer (whole, `past_len` valid) and write into it
         self.kv_buffer = {p: "past_len" in {i.name for i in s.get_inputs()} for p, s in self.sessions.items()}
+
+    def _options(self):
+        so = self.ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
+        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return so
+
+    def _open(self, phase: str, attention: str):
+        """A session of the artifact's graph; a decode graph (few rows) on pltkit's kernel where it applies."""
+        path = self.artifact.graph_path(phase, attention)
+        if phase == "decode" and self.kernels:
+            import onnx
+
+            model = onnx.load(str(path), load_external_data=False)
+            self.own_nodes[phase, attention] = kernels_mod.rows_graph(model, path.parent)
+            if self.own_nodes[phase, attention]:
+                so = self._options()
+                so.register_custom_ops_library(str(self.kernels))
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+                return self.ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
+        return self.ort.InferenceSession(str(path), self._options(), providers=self.providers)
 
     def new_state(self, batch: int = 1) -> BufferState:
         return BufferState.empty(self.artifact, batch)
@@ -152,16 +151,22 @@ class OrtBackend:
         self._bound[phase] = (session, [weakref.ref(buf) for buf in state.kv.values()], io)
         return io
 
-    def _run_kv_buffer(self, phase: str, ids: np.ndarray, state: BufferState, new: int):
+    def _run_kv_buffer(self, phase: str, ids: np.ndarray, state: BufferState, new: int, last: bool = False):
         session = self._session(phase, ids.shape[0])
         io = self._binding(phase, session, state)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("past_len", np.array(state.pos, np.int64))
+        rows = new
+        if self._logits_from(session):  # the GQA prefill graph computes the head from this position on
+            start = rows - 1 if last else 0
+            io.bind_cpu_input("logits_from", np.array(start, np.int64))
+            rows -= start
         for n, a in state.other.items():
             io.bind_cpu_input("past_" + n, a)
         # the outputs go into arrays made here, so no step reads back all of the graph's outputs, the
         # cache buffers among them (SmolLM2-135M: half the step's Python time, benchmarks/step_overhead.py)
-        out = {"logits": np.empty((*ids.shape, self.config.vocab_size), np.float32),
+        logits_shape = (ids.shape[0], rows) if phase == "prefill" else ids.shape
+        out = {"logits": np.empty((*logits_shape, self.config.vocab_size), np.float32),
                **{"present_" + n: np.empty(self._next_shape(n, a, new), a.dtype) for n, a in state.other.items()}}
         for name, a in out.items():
             io.bind_ortvalue_output(name, self.ort.OrtValue.ortvalue_from_numpy(a))
@@ -177,15 +182,22 @@ class OrtBackend:
             return past.shape
         return (*past.shape[:3], min(self.config.window_left, past.shape[3] + new), *past.shape[4:])
 
-    def _run(self, phase: str, ids: np.ndarray, state: BufferState):
+    def _logits_from(self, session) -> bool:
+        """Whether the session's graph takes `logits_from` (artifacts exported since it came: GQA prefill)."""
+        key = id(session)
+        if key not in self._takes_start:
+            self._takes_start[key] = "logits_from" in {i.name for i in session.get_inputs()}
+        return self._takes_start[key]
+
+    def _run(self, phase: str, ids: np.ndarray, state: BufferState, last: bool = False):
         new = ids.shape[1] if phase == "prefill" else 1
         state.reserve(state.pos + new, self.config.max_position_embeddings, spare=max(0, self.writes[phase] - new))
         if self.kv_buffer[phase]:
-            return self._run_kv_buffer(phase, ids, state, new)
+            return self._run_kv_buffer(phase, ids, state, new, last)
         return self._run_copying(phase, ids, state)
 
-    def prefill(self, ids: np.ndarray, state: BufferState) -> tuple[np.ndarray, BufferState]:
-        return self._run("prefill", ids, state)
+    def prefill(self, ids: np.ndarray, state: BufferState, last: bool = False) -> tuple[np.ndarray, BufferState]:
+        return self._run("prefill", ids, state, last)
 
     def decode(self, ids: np.ndarray, state: BufferState) -> tuple[np.ndarray, BufferState]:
         return self._run("decode", ids, state)

@@ -57,7 +57,7 @@ class SerialLoops:
             logits, state.states[i] = call(ids, s)
         return logits, state
 
-    def prefill(self, ids: np.ndarray, state: SerialState):
+    def prefill(self, ids: np.ndarray, state: SerialState, last: bool = False):
         return self._run(self.inner.prefill, ids, state)
 
     def decode(self, ids: np.ndarray, state: SerialState):

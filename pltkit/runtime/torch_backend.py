@@ -23,7 +23,7 @@ class TorchBackend:
         return self.model.new_state(batch)
 
     @torch.inference_mode()
-    def prefill(self, ids: np.ndarray, state: PLTState) -> tuple[np.ndarray, PLTState]:
+    def prefill(self, ids: np.ndarray, state: PLTState, last: bool = False) -> tuple[np.ndarray, PLTState]:
         logits, state = self.model.prefill(torch.from_numpy(np.asarray(ids, np.int64)), state)
         return logits.float().numpy(), state
 
