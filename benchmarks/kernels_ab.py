@@ -57,7 +57,8 @@ def main(argv=None) -> int:
                 for m, k in itertools.product(("plain", "plt2"), KERNELS)}
     out = {}
     for ctx in args.contexts:
-        ids = np.random.default_rng(0).integers(10, 4000, (1, ctx))
+        vocab = backends["plain", "ort"].config.vocab_size
+        ids = np.random.default_rng(0).integers(10, min(4000, vocab), (1, ctx))
         states = {key: prefilled(be, ids, args.steps + 1) for key, be in backends.items()}
         times = {key: [] for key in backends}
         for r in range(args.rounds):

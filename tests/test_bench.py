@@ -203,7 +203,7 @@ def test_the_decode_profile_comes_with_the_unprofiled_step(tmp_path):
 
     make_checkpoint(tmp_path / "ckpt", make_config(num_hidden_layers=2), seed=3)
     backend = open_backend(export(tmp_path / "ckpt", tmp_path / "art"), "ort", 1)
-    prof = ort_profile(backend, list(range(5, 21)), threads=1, steps=4)
+    prof = ort_profile(backend, list(range(5, 21)), steps=4)
     print(prof)
     assert prof["unprofiled_us_per_step"] > 0 and prof["kernel_us_per_step"] > 0
     # the shares are of the kernel total, the largest op types' only: their ranking depends on the load

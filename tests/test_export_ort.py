@@ -303,3 +303,4 @@ def test_prefill_of_the_last_position_only(exported):
         assert s1.pos == s2.pos == 11
         step1, step2 = (b.decode(ids[:, -1], s)[0] for s in (s1, s2))  # the caches are alike
         assert np.abs(step1 - step2).max() <= 1e-5
+

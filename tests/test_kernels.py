@@ -93,6 +93,7 @@ def test_rows_kernel_equals_its_statement_and_matmulnbits(form, k, n):
     for shape in [(1, k), (2, k), (1, 2, 1, k), (3, k), (5, 1, k)]:  # PLT-2's [1, 2, 1, K]; odd rows; batches
         x = (rng.standard_normal(shape) * 3).astype(np.float32)
         x.reshape(-1, k)[0, :32] = 0  # an all-zero block (d = 0)
+        x.reshape(-1, k)[-1, 32:64] = np.r_[127, np.arange(31) - 15.5]  # d = 1: ties, rounded half to even
         y = own.run(None, {"x": x})[0]
         ref, theirs = statement(x, codes, scales), ort_kernel.run(None, {"x": x})[0]
         scale = np.abs(ref).max()
@@ -109,12 +110,27 @@ def test_rows_graph_replaces_only_what_the_kernel_computes():
     int8, int4 = SCHEMES["int8"], SCHEMES["int4"]
     mixed = zero_points(int4, 32, 64, 8)
     mixed[3, 0] = 0x78  # one block's zero point 7
+    odd = zero_points(int4, 32, 96, 8)  # 3 blocks: the last byte's high nibble is padding
+    odd[:, -1] &= 0x0F
+    with_bias = layer_model(int8, w)[0]
+    with_bias.graph.node[0].input.extend(["", "", "bias"])  # zero points, g_idx absent; a bias
+    with_bias.graph.initializer.append(numpy_helper.from_array(np.zeros(32, np.float32), "bias"))
+    too_few_columns = layer_model(int8, w)[0]  # N says 48, B and scales hold 32 columns
+    next(a for a in too_few_columns.graph.node[0].attribute if a.name == "N").i = 48
+    float_zeros = layer_model(int8, w)[0]
+    float_zeros.graph.node[0].input.append("z")
+    float_zeros.graph.initializer.append(numpy_helper.from_array(np.full((32, 2), 128, np.float32), "z"))
     cases = {  # name -> (model, the zero point it runs with, or None where it stays MatMulNBits)
         "int8": (layer_model(int8, w)[0], 128),
         "int4": (layer_model(int4, w)[0], 8),
         "N not a multiple of 16": (layer_model(int8, w[:, :24])[0], 128),
         "int4, zero points 0": (layer_model(int4, w, zero_points(int4, 32, 64, 0))[0], 0),
+        "int4, 3 blocks, padding nibble 0": (layer_model(int4, np.vstack([w, w[:32]]), odd)[0], 8),
         "int4, zero points not all alike": (layer_model(int4, w, mixed)[0], None),
+        "float zero points": (float_zeros, None),
+        "a bias": (with_bias, None),
+        "B smaller than K and N say": (too_few_columns, None),
+        "K not a multiple of 32": (layer_model(int8, w[:48])[0], None),
         "float compute (accuracy_level 0)": (layer_model(int8, w, accuracy_level=0)[0], None),
         "block 64": (layer_model(int8, w, block_size=64)[0], None),
         "2 bits": (layer_model(int8, w, bits=2)[0], None),
@@ -129,6 +145,19 @@ def test_rows_graph_replaces_only_what_the_kernel_computes():
         node = model.graph.node[0]
         assert list(node.input) == ["x", "b", "s"] and any(o.domain == kernels.DOMAIN for o in model.opset_import)
         assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["zero_point"] == zero, name
+        assert {t.name for t in model.graph.initializer} == {"b", "s"}, name  # zero points read no more: dropped
+
+
+@needs_kernels
+def test_the_op_refuses_what_it_cannot_compute_with_a_clear_error():
+    """Nodes written by hand, not by rows_graph: B smaller than K and N say, a zero point beyond the bits."""
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    for attr, value, message in (("N", 48, "B is not uint8 of N x K/32"), ("zero_point", 300, "zero point")):
+        model = layer_model(SCHEMES["int8"], w)[0]
+        assert kernels.rows_graph(model) == 1
+        next(a for a in model.graph.node[0].attribute if a.name == attr).i = value
+        with pytest.raises(Exception, match=message):
+            session(model, True)
 
 
 @pytest.fixture(scope="module")
@@ -208,14 +237,41 @@ def test_kernels_choice_is_checked(artifacts, monkeypatch, tmp_path):
     art = Artifact.open(artifacts["int8"])
     with pytest.raises(ArtifactError, match="unknown kernels 'fast'"):
         OrtBackend(art, 1, kernels="fast")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    kernels.library.cache_clear()
-    try:
-        with pytest.raises(ArtifactError, match="pltkit's kernels cannot run here: no C compiler"):
-            OrtBackend(art, 1, kernels="pltkit")
-        auto = OrtBackend(art, 1, kernels="auto")  # falls back to ONNX Runtime's kernels, and runs
-        assert auto.kernels is None
-        assert decode_logits(auto, np.array([[5, 6, 7, 8]]), prompt=3).shape == (4, 320)
-    finally:
-        kernels.library.cache_clear()
+    (tmp_path / "a-file").write_text("")
+    broken = {"no C compiler": ("CC", str(tmp_path / "no-such-cc")),  # the cache: a file, not a folder
+              "building or loading pltkit's kernels failed": ("XDG_CACHE_HOME", str(tmp_path / "a-file"))}
+    for why, (name, value) in broken.items():
+        with monkeypatch.context() as m:
+            m.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there
+            m.setenv(name, value)
+            kernels._built.cache_clear()
+            try:
+                with pytest.raises(ArtifactError, match=f"pltkit's kernels cannot run here: {why}"):
+                    OrtBackend(art, 1, kernels="pltkit")
+                auto = OrtBackend(art, 1, kernels="auto")  # falls back to ONNX Runtime's kernels, and runs
+                assert auto.kernels is None and not auto.own_nodes
+                assert decode_logits(auto, np.array([[5, 6, 7, 8]]), prompt=3).shape == (4, 320)
+            finally:
+                kernels._built.cache_clear()
+
+
+@needs_kernels
+def test_a_graph_the_kernel_refuses_decodes_on_ort_kernels_under_auto(artifacts, monkeypatch):
+    """Should rows_graph write a node the op refuses, 'auto' opens the graph as it is, 'pltkit' says why."""
+    art = Artifact.open(artifacts["int8"])
+    real = kernels.rows_graph
+
+    def broken(model, folder=None):
+        count = real(model, folder)
+        for node in model.graph.node:
+            for a in node.attribute:
+                if node.op_type == kernels.OP and a.name == "zero_point":
+                    a.i = 300
+        return count
+
+    monkeypatch.setattr(kernels, "rows_graph", broken)
+    with pytest.raises(ArtifactError, match="pltkit's kernel cannot run decode.gqa.onnx"):
+        OrtBackend(art, 1, kernels="pltkit")
+    auto = OrtBackend(art, 1, kernels="auto")
+    assert auto.kernels is None and not auto.own_nodes
+    assert decode_logits(auto, np.array([[5, 6, 7, 8]]), prompt=3).shape == (4, 320)

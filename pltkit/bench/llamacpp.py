@@ -190,7 +190,7 @@ def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=pri
            **timed(systems, ids, steps, repeats),
            "top1_agreement": {prec: agreement(systems[f"pltkit-{prec}"].backend, ggufs[kind], ids[:256], threads)
                               for prec, kind in pairs.items()}}
-    out["profile"] = ort_profile(systems["pltkit-int8"].backend, ids, threads)
+    out["profile"] = ort_profile(systems["pltkit-int8"].backend, ids)
     return out
 
 
@@ -207,7 +207,7 @@ def agreement(backend, gguf: Path, ids: list[int], threads: int) -> float:
     return float((ours == theirs).mean())
 
 
-def ort_profile(backend, ids: list[int], threads: int, steps: int = 32) -> dict:
+def ort_profile(backend, ids: list[int], steps: int = 32) -> dict:
     """Where a decode step's time goes: ONNX Runtime's per-node kernel times, summed by op type,
     as shares of the kernel total. Profiling itself slows every node down, the small ones most in
     proportion: the same steps are timed unprofiled first (unprofiled_us_per_step: the mean wall time
@@ -215,8 +215,6 @@ def ort_profile(backend, ids: list[int], threads: int, steps: int = 32) -> dict:
     import collections
     import json
     import tempfile
-
-    import onnxruntime as ort
 
     def steps_from_prompt():
         _, state = backend.prefill(np.asarray([ids]), backend.new_state(1))
@@ -227,13 +225,9 @@ def ort_profile(backend, ids: list[int], threads: int, steps: int = 32) -> dict:
         return (time.perf_counter() - start) / steps * 1e6
 
     unprofiled = steps_from_prompt()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "decode")
-    original = backend.sessions["decode"]
-    graph = str(backend.artifact.graph_path("decode", backend.attention))
-    backend.sessions["decode"] = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+    original = backend.sessions["decode"]  # profiled: the same graph on the same kernels
+    backend.sessions["decode"] = backend.open_session("decode", backend.attention,
+                                                      profile=str(Path(tempfile.mkdtemp()) / "decode"))
     try:
         steps_from_prompt()
         events = json.load(open(backend.sessions["decode"].end_profiling()))

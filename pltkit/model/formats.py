@@ -9,8 +9,11 @@ import numpy as np
 
 MANIFEST = "pltkit.json"
 ARTIFACT_FORMAT = "pltkit-artifact"
-ARTIFACT_VERSION = 2  # 2: prefill.gqa.onnx (in version 1 the gqa set's prefill is prefill.onnx)
-READABLE_VERSIONS = (1, 2)
+# 2: prefill.gqa.onnx (in version 1 the gqa set's prefill is prefill.onnx); 3: prefill.gqa.onnx takes
+# logits_from, the first position the head runs on (required, so a runtime that does not feed it refuses the
+# artifact by its version instead of failing at its first prefill)
+ARTIFACT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)

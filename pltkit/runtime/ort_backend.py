@@ -11,31 +11,20 @@ take the valid part and their new entries are written back into the buffers.
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 
 import numpy as np
 
+from pltkit.runtime import kernels as kernels_mod
 from pltkit.runtime.artifact import Artifact, ArtifactError
 from pltkit.runtime.backends import physical_cores
-from pltkit.runtime import kernels as kernels_mod
 from pltkit.runtime.buffer_state import BufferState
 
+log = logging.getLogger(__name__)
+KERNEL_CHOICES = ("auto", "pltkit", "ort")
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-
-
-def own_kernels(choice: str, device: str):
-    """The library of pltkit's kernels to load into decode sessions, or None (see OrtBackend's kernels)."""
-    if choice not in ("auto", "pltkit", "ort"):
-        raise ArtifactError(f"unknown kernels {choice!r} (known: auto, pltkit, ort)")
-    if choice == "ort" or device != "cpu":
-        return None
-    try:
-        return kernels_mod.library()
-    except kernels_mod.KernelUnavailable as e:
-        if choice == "pltkit":
-            raise ArtifactError(f"pltkit's kernels cannot run here: {e}") from None
-        return None
 
 
 def auto_attention(artifact: Artifact, device: str = "cpu") -> str:
@@ -76,9 +65,12 @@ class OrtBackend:
         self.attention, self.device = attention, device
         if self.attention not in variants:
             raise ArtifactError(f"{artifact.path} has no {self.attention!r} graphs (it has: {', '.join(variants)})")
-        self.kernels = own_kernels(kernels or os.environ.get("PLTKIT_KERNELS") or "auto", device)
+        self.kernel_choice = kernels or os.environ.get("PLTKIT_KERNELS") or "auto"
+        if self.kernel_choice not in KERNEL_CHOICES:
+            raise ArtifactError(f"unknown kernels {self.kernel_choice!r} (known: {', '.join(KERNEL_CHOICES)})")
+        self.kernels = None  # the library of pltkit's kernels, once a session runs on it
         self.own_nodes: dict[tuple[str, str], int] = {}  # (phase, attention) -> nodes on pltkit's kernel
-        self.sessions = {phase: self._open(phase, self.attention) for phase in ("prefill", "decode")}
+        self.sessions = {phase: self.open_session(phase, self.attention) for phase in ("prefill", "decode")}
         self._batched: dict[str, object] = {}  # phase -> the kvbuffer graph's session, for a batch
         self.writes = {p: artifact.cache_writes(p, self.attention) for p in ("prefill", "decode")}
         self._bound: dict[str, tuple] = {}  # phase -> (session, weak refs to the buffers, IO binding)
@@ -87,26 +79,48 @@ class OrtBackend:
         # graphs that take the cache as a kv buffer (whole, `past_len` valid) and write into it
         self.kv_buffer = {p: "past_len" in {i.name for i in s.get_inputs()} for p, s in self.sessions.items()}
 
-    def _options(self):
+    def _options(self, profile: str | None = None):
         so = self.ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
         so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if profile:
+            so.enable_profiling, so.profile_file_prefix = True, profile
         return so
 
-    def _open(self, phase: str, attention: str):
-        """A session of the artifact's graph; a decode graph (few rows) on pltkit's kernel where it applies."""
+    def _library(self):
+        """pltkit's kernels, built on first use; None where they cannot run (an error if they were asked for)."""
+        try:
+            return kernels_mod.library()
+        except kernels_mod.KernelUnavailable as e:
+            if self.kernel_choice == "pltkit":
+                raise ArtifactError(f"pltkit's kernels cannot run here: {e}") from None
+            log.info("decoding on ONNX Runtime's kernels only: %s", e)
+            return None
+
+    def open_session(self, phase: str, attention: str, profile: str | None = None):
+        """A session of the artifact's graph (profiled into files named `profile`...); a decode graph (few rows)
+        runs its MatMulNBits on pltkit's kernel where it applies (`kernels`)."""
         path = self.artifact.graph_path(phase, attention)
-        if phase == "decode" and self.kernels:
+        if phase == "decode" and self.kernel_choice != "ort" and self.device == "cpu":
             import onnx
 
             model = onnx.load(str(path), load_external_data=False)
-            self.own_nodes[phase, attention] = kernels_mod.rows_graph(model, path.parent)
-            if self.own_nodes[phase, attention]:
-                so = self._options()
-                so.register_custom_ops_library(str(self.kernels))
+            count = kernels_mod.rows_graph(model, path.parent)
+            library = self._library() if count else None
+            if library:
+                so = self._options(profile)
+                so.register_custom_ops_library(str(library))
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-                return self.ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
-        return self.ort.InferenceSession(str(path), self._options(), providers=self.providers)
+                try:
+                    session = self.ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
+                except Exception as e:  # onnxruntime's own exception types
+                    if self.kernel_choice == "pltkit":
+                        raise ArtifactError(f"pltkit's kernel cannot run {path.name}: {e}") from None
+                    log.warning("pltkit's kernel cannot run %s, ONNX Runtime's will: %s", path.name, e)
+                else:
+                    self.kernels, self.own_nodes[phase, attention] = library, count
+                    return session
+        return self.ort.InferenceSession(str(path), self._options(profile), providers=self.providers)
 
     def new_state(self, batch: int = 1) -> BufferState:
         return BufferState.empty(self.artifact, batch)
@@ -130,7 +144,7 @@ class OrtBackend:
         (cache_writes), run the kvbuffer graph (same inputs and state, opened when first needed)."""
         if batch > 1 and self.attention == "gqa" and (phase == "prefill" or self.writes[phase] > 1):
             if phase not in self._batched:
-                self._batched[phase] = self._open(phase, "kvbuffer")
+                self._batched[phase] = self.open_session(phase, "kvbuffer")
             return self._batched[phase]
         return self.sessions[phase]
 

@@ -36,29 +36,40 @@ class KernelUnavailable(RuntimeError):
     """pltkit's kernels cannot run here: no C compiler, a failed build, or a CPU without AVX-512 VNNI."""
 
 
-@functools.cache
 def library() -> Path:
-    """The built library (built once per source and compiler), or KernelUnavailable saying why not."""
+    """The built library (built once per source and compiler), or KernelUnavailable saying why not; a
+    failure is remembered for the process, so a broken compiler is not run again at every session."""
+    path, why = _built()
+    if why:
+        raise KernelUnavailable(why)
+    return path
+
+
+@functools.cache
+def _built() -> tuple[Path | None, str | None]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise KernelUnavailable(f"pltkit's kernels are for x86-64 CPUs (this is {platform.machine()})")
+        return None, f"pltkit's kernels are for x86-64 CPUs (this is {platform.machine()})"
     cc = shutil.which(os.environ.get("CC") or "cc") or (None if os.environ.get("CC") else shutil.which("gcc"))
     if not cc:
-        raise KernelUnavailable("no C compiler (cc or gcc) to build pltkit's kernels")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    path = user_cache_dir() / "kernels" / f"rows_matmul-{key}.so"
-    if not path.exists():
-        log.info("building pltkit's kernels into %s (once)", path.parent)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            out = Path(tmp) / path.name
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
-            if done.returncode:
-                raise KernelUnavailable(f"building {SOURCE.name} failed:\n{done.stderr.strip()}")
-            os.replace(out, path)  # whole or not at all, whoever builds it at the same time
-    if not ctypes.CDLL(str(path)).pltkit_rows_supported():
-        raise KernelUnavailable("this CPU lacks AVX-512 VNNI, which pltkit.RowsMatMulNBits needs")
-    return path
+        return None, "no C compiler (cc or gcc) to build pltkit's kernels"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+        path = user_cache_dir() / "kernels" / f"rows_matmul-{key}.so"
+        if not path.exists():
+            log.info("building pltkit's kernels into %s (once)", path.parent)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                out = Path(tmp) / path.name
+                done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+                if done.returncode:
+                    return None, f"building {SOURCE.name} failed:\n{done.stderr.strip()}"
+                os.replace(out, path)  # whole or not at all, whoever builds it at the same time
+        if not ctypes.CDLL(str(path)).pltkit_rows_supported():
+            return None, "this CPU lacks AVX-512 VNNI, which pltkit.RowsMatMulNBits needs"
+    except OSError as e:  # an unwritable cache, a library that does not load (noexec), ...
+        return None, f"building or loading pltkit's kernels failed: {e}"
+    return path, None
 
 
 def available() -> bool:
@@ -72,35 +83,52 @@ def available() -> bool:
 def rows_graph(model, folder=None) -> int:
     """Put pltkit.RowsMatMulNBits in place of each MatMulNBits node of `model` (an onnx ModelProto, changed in
     place) that it computes exactly: 8 or 4 bits, block 32, accuracy level 4, K a multiple of 32, weights and
-    scales initializers, no bias, and zero points, if any, one value for every block (an initializer; read
-    from the external data in `folder` where it lies there). Returns how many it replaced."""
-    from onnx import helper, numpy_helper
+    scales initializers of MatMulNBits' shapes, no bias, and zero points, if any, a uint8 initializer with one
+    value for every block (read from the external data in `folder` where it lies there). Zero points left
+    unread are dropped. Returns how many nodes it replaced."""
+    from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    count = 0
+
+    def shaped(name: str, dtype: int, dims: tuple) -> bool:
+        t = initializers.get(name)
+        return t is not None and t.data_type == dtype and tuple(t.dims) == dims
+
+    count, dropped = 0, set()
     for node in graph.node:
         if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        bits = attrs.get("bits")
-        if (any(attrs.get(k) != v for k, v in REPLACEABLE.items()) or bits not in BITS or attrs["K"] % 32
-                or not 3 <= len(node.input) <= 4 or not set(node.input[1:]) <= set(initializers)):
+        bits, k, n = attrs.get("bits"), attrs.get("K", 0), attrs.get("N", 0)
+        if (any(attrs.get(key) != v for key, v in REPLACEABLE.items()) or bits not in BITS or k < 32 or k % 32
+                or n < 1 or not 3 <= len(node.input) <= 4
+                or not shaped(node.input[1], TensorProto.UINT8, (n, k // 32, 32 * bits // 8))
+                or not shaped(node.input[2], TensorProto.FLOAT, (n, k // 32))
+                and not shaped(node.input[2], TensorProto.FLOAT, (n * k // 32,))):
             continue
         zero = 1 << (bits - 1)  # MatMulNBits' default
         if len(node.input) == 4:
-            codes = numpy_helper.to_array(initializers[node.input[3]], base_dir=str(folder or ""))
-            codes = np.stack([codes & 15, codes >> 4]) if bits == 4 else codes
-            if codes.size == 0 or (codes != codes.flat[0]).any():
+            z = node.input[3]
+            if not shaped(z, TensorProto.UINT8, (n, -(-(k // 32) * bits // 8))):
+                continue
+            codes = numpy_helper.to_array(initializers[z], base_dir=str(folder or ""))
+            if bits == 4:  # two a byte, low nibble first; the last byte of a row may hold a padding nibble
+                codes = np.stack([codes & 15, codes >> 4], -1).reshape(n, -1)[:, :k // 32]
+            if (codes != codes.flat[0]).any():
                 continue
             zero = int(codes.flat[0])
+            dropped.add(z)
             del node.input[3]
         node.op_type, node.domain = OP, DOMAIN
         del node.attribute[:]
-        node.attribute.extend(helper.make_attribute(k, v) for k, v in
-                              (("K", attrs["K"]), ("N", attrs["N"]), ("bits", bits),
-                               ("block_size", attrs["block_size"]), ("zero_point", zero)))
+        node.attribute.extend(helper.make_attribute(key, v) for key, v in
+                              (("K", k), ("N", n), ("bits", bits), ("block_size", 32), ("zero_point", zero)))
         count += 1
+    unread = dropped - {i for node in graph.node for i in node.input}
+    kept = [t for t in graph.initializer if t.name not in unread]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     if count and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return count

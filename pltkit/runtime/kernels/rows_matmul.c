@@ -27,7 +27,6 @@
 #include <string.h>
 
 #define BLK 32
-#define ROWS_MAX_K 32768
 
 /* -- the few pieces of ONNX Runtime's C API this library uses ------------------------------------------ */
 typedef void OrtStatus, OrtSessionOptions, OrtKernelInfo, OrtKernelContext, OrtValue, OrtShapeInfo, OrtDomain;
@@ -37,7 +36,7 @@ enum { API_VERSION = 17, OP_VERSION = 16, ORT_INVALID_ARGUMENT = 2, ORT_FAIL = 1
 enum {  /* slots of OrtApi */
   CREATE_STATUS = 0, CREATE_DOMAIN = 26, DOMAIN_ADD = 27, ADD_DOMAIN = 28, TENSOR_DATA = 51, DIMS_COUNT = 61,
   DIMS = 62, TYPE_AND_SHAPE = 65, ATTRIBUTE_INT64 = 86, CONTEXT_INPUT = 90, CONTEXT_OUTPUT = 91,
-  RELEASE_SHAPE = 99, CONSTANT_INPUT = 249, PARALLEL_FOR = 274,
+  RELEASE_SHAPE = 99, CONSTANT_INPUT = 249, PARALLEL_FOR = 274, ELEMENT_TYPE = 60,
 };
 static const Slot *api;
 #define CALL(slot, type) ((type)api[slot])
@@ -68,6 +67,7 @@ typedef struct OrtCustomOp {  /* the fields through version 20; version says whi
 } OrtCustomOp;
 
 /* -- the kernel ------------------------------------------------------------------------------------------ */
+typedef int32_t __attribute__((may_alias)) i32;  /* 4 bytes of a rounded row, read as one */
 typedef struct {
   int64_t k, n, blocks, bits, zero, groups;  /* zero: the code of weight 0; groups: ceil(N / 16) */
   uint8_t *w;   /* 8 bits: [N/16, blocks, 8, 16, 4]; 4 bits: [N/16, blocks, 4, 16, 4], two k-steps a byte */
@@ -91,7 +91,12 @@ static void round_row(const float *x, int64_t k, int zero, int8_t *q, float *d, 
     for (int i = 0; i < BLK; i++) amax = fmaxf(amax, fabsf(p[i]));
     float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
     int32_t sum = 0;
-    for (int i = 0; i < BLK; i++) { int v = (int)nearbyintf(p[i] * inv); q[b * BLK + i] = (int8_t)v; sum += v; }
+    for (int i = 0; i < BLK; i++) {
+      float v = nearbyintf(p[i] * inv);  /* half to even, as ONNX Runtime's quantizer */
+      int8_t c = v >= 127.f ? 127 : v <= -127.f ? -127 : v == v ? (int8_t)v : 0;  /* inf and NaN: defined */
+      q[b * BLK + i] = c;
+      sum += c;
+    }
     d[b] = scale;
     off[b] = -zero * sum;
   }
@@ -106,7 +111,7 @@ static void round_row(const float *x, int64_t k, int zero, int8_t *q, float *d, 
 static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call *c, int64_t g0, int count, const int bits) {
   const Kernel *kn = c->kern;
   const int64_t nb = kn->blocks, lines = bits == 8 ? 8 : 4;
-  const int32_t *x0 = (const int32_t *)c->q, *x1 = (const int32_t *)(c->q + kn->k);
+  const i32 *x0 = (const i32 *)c->q, *x1 = (const i32 *)(c->q + kn->k);
   const int two = c->rows == 2;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 o0[G], o1[G];
@@ -184,31 +189,50 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   for (size_t i = 0; i + 1 < ndim; i++) rows *= dims[i];
   dims[ndim - 1] = kn->n;
   OrtValue *out;
-  float *y;
-  const float *xd;
+  void *y, *xd;
   TRY(CALL(CONTEXT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(ctx, 0, dims, ndim, &out));
-  TRY(CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))(out, (void **)&y));
-  TRY(CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)x, (void **)&xd));
-  int8_t q[2 * ROWS_MAX_K] __attribute__((aligned(64)));
-  float d[2 * ROWS_MAX_K / BLK];
-  int32_t off[2 * ROWS_MAX_K / BLK];
-  for (int64_t r = 0; r < rows; r += 2) {
-    Call c = {kn, rows - r >= 2 ? 2 : 1, q, d, off, y + r * kn->n, kn->n};
+  TRY(CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))(out, &y));
+  TRY(CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)x, &xd));
+  /* two rounded rows: codes, scales and offsets (on the heap: K is not bounded here) */
+  size_t codes = (size_t)(2 * kn->k + 63) / 64 * 64;
+  int8_t *q = aligned_alloc(64, codes + 2 * (size_t)kn->blocks * (sizeof(float) + sizeof(int32_t)));
+  if (!q) return error(ORT_FAIL, "RowsMatMulNBits: out of memory");
+  float *d = (float *)(q + codes);
+  int32_t *off = (int32_t *)(d + 2 * kn->blocks);
+  OrtStatus *status = NULL;
+  for (int64_t r = 0; r < rows && !status; r += 2) {
+    Call c = {kn, rows - r >= 2 ? 2 : 1, q, d, off, (float *)y + r * kn->n, kn->n};
     for (int i = 0; i < c.rows; i++)
-      round_row(xd + (r + i) * kn->k, kn->k, (int)kn->zero, q + i * kn->k, d + i * kn->blocks, off + i * kn->blocks);
+      round_row((const float *)xd + (r + i) * kn->k, kn->k, (int)kn->zero, q + i * kn->k, d + i * kn->blocks,
+                off + i * kn->blocks);
     size_t chunks = (size_t)((kn->groups + G - 1) / G);
-    TRY(CALL(PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
-        ctx, chunk, chunks, 0, &c));
+    status = CALL(PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t,
+                                                void *))(ctx, chunk, chunks, 0, &c);
   }
-  return NULL;
+  free(q);
+  return status;
 }
 
-static OrtStatus *constant(const OrtKernelInfo *info, size_t index, const void **data) {
-  int is_constant = 0;
+/* input `index`, an initializer of `type` and `count` elements (the sizes K, N and bits say) */
+static OrtStatus *constant(const OrtKernelInfo *info, size_t index, int type, int64_t count, void **data) {
+  int is_constant = 0, elem = 0;
   const OrtValue *v;
+  void *shape;
+  size_t ndim = 0;
+  int64_t dims[8], total = 1;
   TRY(CALL(CONSTANT_INPUT, OrtStatus *(*)(const OrtKernelInfo *, size_t, int *, const OrtValue **))(info, index, &is_constant, &v));
   if (!is_constant) return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: B and scales must be initializers");
-  return CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)v, (void **)data);
+  TRY(CALL(TYPE_AND_SHAPE, OrtStatus *(*)(const OrtValue *, void **))(v, &shape));
+  OrtStatus *st = CALL(ELEMENT_TYPE, OrtStatus *(*)(const void *, int *))(shape, &elem);
+  if (!st) st = CALL(DIMS_COUNT, OrtStatus *(*)(const void *, size_t *))(shape, &ndim);
+  if (!st && ndim <= 8) st = CALL(DIMS, OrtStatus *(*)(const void *, int64_t *, size_t))(shape, dims, ndim);
+  CALL(RELEASE_SHAPE, void (*)(void *))(shape);
+  if (st) return st;
+  for (size_t i = 0; i < ndim && ndim <= 8; i++) total *= dims[i];
+  if (elem != type || ndim > 8 || total != count)
+    return error(ORT_INVALID_ARGUMENT, index == 1 ? "RowsMatMulNBits: B is not uint8 of N x K/32 x 32*bits/8"
+                                                  : "RowsMatMulNBits: scales are not float of N x K/32");
+  return CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)v, data);
 }
 
 static void destroy(void *kernel) {
@@ -223,13 +247,14 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   int64_t *vals[] = {&k, &n, &bits, &block, &zero};
   for (int i = 0; i < 5; i++)
     TRY(CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, names[i], vals[i]));
-  if ((bits != 8 && bits != 4) || block != BLK || k % BLK || k > ROWS_MAX_K || n < 1 || zero < 0 || zero >> bits)
-    return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: needs bits 8 or 4, block_size 32, K a multiple of 32 "
-                                       "(at most 32768), and a zero point within the bits");
-  const uint8_t *b;
-  const float *s;
-  TRY(constant(info, 1, (const void **)&b));
-  TRY(constant(info, 2, (const void **)&s));
+  if ((bits != 8 && bits != 4) || block != BLK || k < BLK || k % BLK || n < 1 || zero < 0 || zero >> bits)
+    return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: needs bits 8 or 4, block_size 32, K a positive multiple "
+                                       "of 32, N positive, and a zero point within the bits");
+  void *bv, *sv;
+  TRY(constant(info, 1, TYPE_UINT8, n * k * bits / 8, &bv));
+  TRY(constant(info, 2, TYPE_FLOAT, n * (k / BLK), &sv));
+  const uint8_t *b = bv;
+  const float *s = sv;
   Kernel *kn = calloc(1, sizeof *kn);
   if (!kn) return error(ORT_FAIL, "RowsMatMulNBits: out of memory");
   kn->k = k, kn->n = n, kn->blocks = k / BLK, kn->bits = bits, kn->zero = zero, kn->groups = (n + 15) / 16;
@@ -296,8 +321,12 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
   api = base->GetApi(API_VERSION);
   if (!api) return NULL;  /* an ONNX Runtime older than 1.17: it reports the op as unknown */
   if (!pltkit_rows_supported()) return error(ORT_FAIL, "pltkit.RowsMatMulNBits needs AVX-512 VNNI");
-  OrtDomain *domain;
-  TRY(CALL(CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtDomain **))("pltkit", &domain));
-  TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(domain, &rows_op));
+  static OrtDomain *domain;  /* one for every session: a domain must outlive the sessions that use it */
+  if (!domain) {
+    OrtDomain *made;
+    TRY(CALL(CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtDomain **))("pltkit", &made));
+    TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(made, &rows_op));
+    domain = made;
+  }
   return CALL(ADD_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtDomain *))(options, domain);
 }
