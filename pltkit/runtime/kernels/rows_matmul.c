@@ -195,7 +195,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   TRY(CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)x, &xd));
   /* two rounded rows: codes, scales and offsets (on the heap: K is not bounded here) */
   size_t codes = (size_t)(2 * kn->k + 63) / 64 * 64;
-  int8_t *q = aligned_alloc(64, codes + 2 * (size_t)kn->blocks * (sizeof(float) + sizeof(int32_t)));
+  size_t bytes = (codes + 2 * (size_t)kn->blocks * (sizeof(float) + sizeof(int32_t)) + 63) / 64 * 64;
+  int8_t *q = aligned_alloc(64, bytes);  /* a size that is a multiple of the alignment, as C11 asks */
   if (!q) return error(ORT_FAIL, "RowsMatMulNBits: out of memory");
   float *d = (float *)(q + codes);
   int32_t *off = (int32_t *)(d + 2 * kn->blocks);
