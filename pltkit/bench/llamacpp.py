@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pltkit.bench import export_stamp
+from pltkit.export import export_stamp
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAIRS = {"int8": "q8_0", "int4": "q4_1"}  # pltkit precision -> llama.cpp type of comparable bits

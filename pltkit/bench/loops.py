@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pltkit.bench import export_stamp
+from pltkit.export import export_stamp
 from pltkit.bench.nodes import loop_nodes
 
 VARIANTS = ("plain", "serial2", "plt2")

@@ -132,14 +132,17 @@ def open_backend(model: str | os.PathLike = "default", backend: str | None = Non
 
 def cached_artifact(checkpoint: Path) -> Path:
     """The float32 artifact of a checkpoint in the user cache, keyed by its files' names, sizes and
-    times (hashing a 7B checkpoint's bytes would cost seconds on every run), exported on first use
+    times (hashing a 7B checkpoint's bytes would cost seconds on every run) and by the exporter's code
+    (pltkit.export.export_stamp: a new pltkit writes its own graphs), exported on first use
     (atomically: an interrupted export leaves nothing behind). Exporting needs torch (ImportError
     without it); finding an earlier export does not. An earlier export that does not open or
     verify (files missing or damaged, manifest unreadable) is exported again: the cache heals itself,
     whatever --no-verify says of the model the user named."""
     from pltkit.runtime.artifact import ArtifactError
 
-    out = user_cache_dir() / "artifacts" / f"{checkpoint.name}-{checkpoint_stamp(checkpoint)[:16]}-fp32"
+    from pltkit.export import export_stamp  # the exporter's own code: an upgrade exports anew
+
+    out = user_cache_dir() / "artifacts" / f"{checkpoint.name}-{checkpoint_stamp(checkpoint)[:16]}-{export_stamp()}-fp32"
     try:
         Artifact.open(out)
     except ArtifactError as e:
