@@ -130,11 +130,9 @@ def main(argv=None) -> int:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0" if args.cpu_time else "1")
         if args.kernels == "ort":
             return ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
-        model = onnx.load(graph, load_external_data=False)
-        kernels.rows_graph(model, graph.parent)
-        so.register_custom_ops_library(str(kernels.library()))
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.parent))
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        model, _ = kernels.rows_model(graph)
+        kernels.load_into(so, graph.parent)
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
     clock = time.process_time if args.cpu_time else time.perf_counter
     # one backend and one prefilled state per artifact; each graph is a decode session swapped in to time it

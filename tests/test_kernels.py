@@ -191,7 +191,8 @@ def torch_same_weights(ckpt, scheme, ids: np.ndarray) -> np.ndarray:
     model = open_backend(ckpt, "torch", threads=1).model
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            q = scheme if name.endswith("_proj.weight") else (scheme.head or scheme) if name == "lm_head.weight" else None
+            head = name == "lm_head.weight"
+            q = scheme if name.endswith("_proj.weight") else (scheme.head or scheme) if head else None
             if q is not None:
                 w = t.numpy().T
                 t.copy_(torch.from_numpy(q.dequantize(*q.pack(w), w.shape[0]).T.copy()))

@@ -142,7 +142,8 @@ def cached_artifact(checkpoint: Path) -> Path:
 
     from pltkit.export import export_stamp  # the exporter's own code: an upgrade exports anew
 
-    out = user_cache_dir() / "artifacts" / f"{checkpoint.name}-{checkpoint_stamp(checkpoint)[:16]}-{export_stamp()}-fp32"
+    stamp = f"{checkpoint_stamp(checkpoint)[:16]}-{export_stamp()}"
+    out = user_cache_dir() / "artifacts" / f"{checkpoint.name}-{stamp}-fp32"
     try:
         Artifact.open(out)
     except ArtifactError as e:

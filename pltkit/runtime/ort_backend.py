@@ -74,10 +74,12 @@ class OrtBackend:
         self._batched: dict[str, object] = {}  # phase -> the kvbuffer graph's session, for a batch
         self.writes = {p: artifact.cache_writes(p, self.attention) for p in ("prefill", "decode")}
         self._bound: dict[str, tuple] = {}  # phase -> (session, weak refs to the buffers, IO binding)
-        self._takes_start: dict[int, bool] = {}  # id(session) -> it takes logits_from
         self.outputs = {p: [o.name for o in s.get_outputs()] for p, s in self.sessions.items()}
+        inputs = {p: {i.name for i in s.get_inputs()} for p, s in self.sessions.items()}
         # graphs that take the cache as a kv buffer (whole, `past_len` valid) and write into it
-        self.kv_buffer = {p: "past_len" in {i.name for i in s.get_inputs()} for p, s in self.sessions.items()}
+        self.kv_buffer = {p: "past_len" in names for p, names in inputs.items()}
+        # the GQA prefill graph (format 3) runs the head from position `logits_from` on
+        self.logits_from = {p: "logits_from" in names for p, names in inputs.items()}
 
     def _options(self, profile: str | None = None):
         so = self.ort.SessionOptions()
@@ -102,17 +104,13 @@ class OrtBackend:
         runs its MatMulNBits on pltkit's kernel where it applies (`kernels`)."""
         path = self.artifact.graph_path(phase, attention)
         if phase == "decode" and self.kernel_choice != "ort" and self.device == "cpu":
-            import onnx
-
-            model = onnx.load(str(path), load_external_data=False)
-            count = kernels_mod.rows_graph(model, path.parent)
+            model, count = kernels_mod.rows_model(path)
             library = self._library() if count else None
             if library:
                 so = self._options(profile)
-                so.register_custom_ops_library(str(library))
-                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+                kernels_mod.load_into(so, path.parent)
                 try:
-                    session = self.ort.InferenceSession(model.SerializeToString(), so, providers=self.providers)
+                    session = self.ort.InferenceSession(model, so, providers=self.providers)
                 except Exception as e:  # onnxruntime's own exception types
                     if self.kernel_choice == "pltkit":
                         raise ArtifactError(f"pltkit's kernel cannot run {path.name}: {e}") from None
@@ -171,7 +169,7 @@ class OrtBackend:
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("past_len", np.array(state.pos, np.int64))
         rows = new
-        if self._logits_from(session):  # the GQA prefill graph computes the head from this position on
+        if self.logits_from[phase] and session is self.sessions[phase]:  # not the batched kvbuffer graph
             start = rows - 1 if last else 0
             io.bind_cpu_input("logits_from", np.array(start, np.int64))
             rows -= start
@@ -195,13 +193,6 @@ class OrtBackend:
         if not name.startswith("ring_"):
             return past.shape
         return (*past.shape[:3], min(self.config.window_left, past.shape[3] + new), *past.shape[4:])
-
-    def _logits_from(self, session) -> bool:
-        """Whether the session's graph takes `logits_from` (artifacts exported since it came: GQA prefill)."""
-        key = id(session)
-        if key not in self._takes_start:
-            self._takes_start[key] = "logits_from" in {i.name for i in session.get_inputs()}
-        return self._takes_start[key]
 
     def _run(self, phase: str, ids: np.ndarray, state: BufferState, last: bool = False):
         new = ids.shape[1] if phase == "prefill" else 1

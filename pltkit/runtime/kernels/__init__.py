@@ -2,8 +2,9 @@
 compiler into pltkit's cache, and loaded into the sessions that run them.
 
 One kernel for now, `pltkit.RowsMatMulNBits` (rows_matmul.c): MatMulNBits of 8 and 4 bits for the one to few
-rows of a decode step, which reads each line of weights once for two rows (PLT-2's loops). `rows_graph` puts it in place of the
-MatMulNBits nodes it can run; the artifact on disk is unchanged.
+rows of a decode step, which reads each line of weights once for two rows (PLT-2's loops). `rows_graph` puts it
+in place of the MatMulNBits nodes it can run, `rows_model` does so to a graph file, and `load_into` readies
+session options for the result; the artifact on disk is unchanged.
 """
 
 from __future__ import annotations
@@ -132,3 +133,19 @@ def rows_graph(model, folder=None) -> int:
     if count and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return count
+
+
+def rows_model(path: Path) -> tuple[bytes, int]:
+    """The graph file at `path` with rows_graph applied, serialized, and how many nodes it replaced."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    count = rows_graph(model, path.parent)
+    return model.SerializeToString(), count
+
+
+def load_into(so, folder: Path) -> None:
+    """ONNX Runtime session options `so` for a rows_model graph whose external data lie in `folder`: the library
+    registered (KernelUnavailable where it cannot run)."""
+    so.register_custom_ops_library(str(library()))
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))

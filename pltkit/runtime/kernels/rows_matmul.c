@@ -41,7 +41,9 @@ enum {  /* slots of OrtApi */
 static const Slot *api;
 #define CALL(slot, type) ((type)api[slot])
 #define TRY(expr) do { OrtStatus *s_ = (expr); if (s_) return s_; } while (0)
-static OrtStatus *error(int code, const char *msg) { return CALL(CREATE_STATUS, OrtStatus *(*)(int, const char *))(code, msg); }
+static OrtStatus *error(int code, const char *msg) {
+  return CALL(CREATE_STATUS, OrtStatus *(*)(int, const char *))(code, msg);
+}
 
 typedef struct OrtCustomOp {  /* the fields through version 20; version says which ONNX Runtime reads */
   uint32_t version;
@@ -108,7 +110,8 @@ static void round_row(const float *x, int64_t k, int zero, int8_t *q, float *d, 
 #define G 4
 #define PREFETCH 2048
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,fma")))  /* only where the CPU has it */
-static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call *c, int64_t g0, int count, const int bits) {
+static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call *c, int64_t g0, int count,
+                                                                     const int bits) {
   const Kernel *kn = c->kern;
   const int64_t nb = kn->blocks, lines = bits == 8 ? 8 : 4;
   const i32 *x0 = (const i32 *)c->q, *x1 = (const i32 *)(c->q + kn->k);
@@ -147,7 +150,8 @@ static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call 
     for (int h = 0; h < count; h++) {
       __m512 s = _mm512_loadu_ps(kn->s + ((g0 + h) * nb + b) * 16);
       o0[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[h]), _mm512_mul_ps(s, _mm512_set1_ps(c->d[b])), o0[h]);
-      if (two) o1[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[h]), _mm512_mul_ps(s, _mm512_set1_ps(c->d[nb + b])), o1[h]);
+      if (two)
+        o1[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[h]), _mm512_mul_ps(s, _mm512_set1_ps(c->d[nb + b])), o1[h]);
     }
   }
   for (int h = 0; h < count; h++) {
@@ -190,7 +194,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   dims[ndim - 1] = kn->n;
   OrtValue *out;
   void *y, *xd;
-  TRY(CALL(CONTEXT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(ctx, 0, dims, ndim, &out));
+  TRY(CALL(CONTEXT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
+      ctx, 0, dims, ndim, &out));
   TRY(CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))(out, &y));
   TRY(CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)x, &xd));
   /* two rounded rows: codes, scales and offsets (on the heap: K is not bounded here) */
@@ -221,7 +226,8 @@ static OrtStatus *constant(const OrtKernelInfo *info, size_t index, int type, in
   void *shape;
   size_t ndim = 0;
   int64_t dims[8], total = 1;
-  TRY(CALL(CONSTANT_INPUT, OrtStatus *(*)(const OrtKernelInfo *, size_t, int *, const OrtValue **))(info, index, &is_constant, &v));
+  TRY(CALL(CONSTANT_INPUT, OrtStatus *(*)(const OrtKernelInfo *, size_t, int *, const OrtValue **))(
+      info, index, &is_constant, &v));
   if (!is_constant) return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: B and scales must be initializers");
   TRY(CALL(TYPE_AND_SHAPE, OrtStatus *(*)(const OrtValue *, void **))(v, &shape));
   OrtStatus *st = CALL(ELEMENT_TYPE, OrtStatus *(*)(const void *, int *))(shape, &elem);
