@@ -5,8 +5,9 @@ PLT-2 at 1.03-1.08x plain where unprofiled steps take 1.3-1.4x). So this times t
 exported and with one piece cut at a time, beside the plain artifact of the same weights, interleaved,
 medians of ms per step. The cut graphs compute wrong numbers; only their time means anything.
 
-- "no ring call": each ring GroupQueryAttention becomes its query passed through and its past ring with
-  the last position repeated (a Slice and a Concat per ring), so the rings keep their shapes.
+- "no RingMix": each RingMix node (the rows of loops >= 1 over their rings, and their mix with the global
+  call's output) becomes its query passed through and its past ring with the last position repeated (a
+  Slice, a Concat and a Slice per ring), so the rings keep their shapes.
 - "one row per MatMulNBits": each decoder layer's MatMulNBits reads the first row only and its output
   is repeated (a Slice and a Concat per node): what the second row costs, less those two small nodes.
 - "plain, two rows per MatMulNBits": the converse on the plain graph (its row twice in, the first row out):
@@ -49,21 +50,24 @@ def _ints(graph, **values):
         graph.initializer.append(numpy_helper.from_array(np.array([v], np.int64), f"cut.{name}"))
 
 
-def no_ring_call(graph):
+def no_ring_mix(graph):
     nodes = []
     for n in graph.node:
-        ring = n.op_type == "GroupQueryAttention" and any(
-            a.name == "local_window_size" and a.i != -1 for a in n.attribute)
-        if not ring:
+        if n.op_type != "RingMix":
             nodes.append(n)
             continue
+        window = next(a.i for a in n.attribute if a.name == "window")
         nodes.append(helper.make_node("Identity", [n.input[0]], [n.output[0]]))
-        for past, present in ((n.input[3], n.output[1]), (n.input[4], n.output[2])):
-            nodes += [helper.make_node("Slice", [past, "cut.minus1", "cut.end", "cut.two"], [present + ".last"]),
-                      helper.make_node("Concat", [past, present + ".last"], [present], axis=2)]
+        for past, present in ((n.input[4], n.output[1]), (n.input[5], n.output[2])):
+            nodes += [helper.make_node("Slice", [past, "cut.minus1", "cut.end", "cut.three"], [present + ".last"]),
+                      helper.make_node("Concat", [past, present + ".last"], [present + ".all"], axis=3),
+                      helper.make_node("Slice", [present + ".all", f"cut.window{window}", "cut.end", "cut.three"],
+                                       [present])]
+        if not any(t.name == f"cut.window{window}" for t in graph.initializer):
+            _ints(graph, **{f"window{window}": -window})
     del graph.node[:]
     graph.node.extend(nodes)
-    _ints(graph, minus1=-1, end=2**40, two=2)
+    _ints(graph, minus1=-1, end=2**40, three=3)
 
 
 def _wrap_layer_matmuls(graph, before, after):
@@ -101,7 +105,7 @@ def two_row_matmuls(graph):
 
 
 # name -> (the graph it cuts, the cut)
-CUTS = {"PLT-2, no ring call": ("PLT-2", no_ring_call), "PLT-2, one row per MatMulNBits": ("PLT-2", one_row_matmuls),
+CUTS = {"PLT-2, no RingMix": ("PLT-2", no_ring_mix), "PLT-2, one row per MatMulNBits": ("PLT-2", one_row_matmuls),
         "plain, two rows per MatMulNBits": ("plain", two_row_matmuls)}
 
 
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0" if args.cpu_time else "1")
         if args.kernels == "ort":
             return ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
-        model, _ = kernels.rows_model(graph)
+        model, _ = kernels.kernel_model(graph)
         kernels.load_into(so, graph.parent)
         return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 

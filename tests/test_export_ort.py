@@ -118,7 +118,13 @@ def test_artifact_is_self_describing(exported):
         assert set(m["graphs"]["function"][phase]["inputs"]) == {i.name for i in model.graph.input}
     fast = onnx.load(art / m["graphs"]["gqa"]["decode"]["file"], load_external_data=False)
     gqa = [n for n in fast.graph.node if n.op_type == "GroupQueryAttention"]
-    assert len(gqa) == cfg.num_hidden_layers * cfg.plt_num_loops  # one global call, one per ring
+    ring_mix = [n for n in fast.graph.node if (n.domain, n.op_type) == ("pltkit", "RingMix")]
+    assert len(gqa) == cfg.num_hidden_layers  # a layer: one global call, and with loops >= 1 one RingMix
+    assert len(ring_mix) == (cfg.num_hidden_layers if cfg.plt_num_loops > 1 else 0)
+    bodies = {f.name: f for f in fast.functions}
+    assert ("RingMix" in bodies) == bool(ring_mix)
+    if ring_mix:  # its body has a call per ring
+        assert sum(n.op_type == "GroupQueryAttention" for n in bodies["RingMix"].node) == cfg.plt_num_loops - 1
 
 
 def test_runtime_path_does_not_import_torch(exported):

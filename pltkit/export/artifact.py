@@ -128,11 +128,12 @@ class WeightStore:
 
 
 def _model_proto(graph, name: str, dtype: str) -> onnx.ModelProto:
+    own = [helper.make_opsetid(la.KERNEL_DOMAIN, 1)] if graph.functions else []
     return helper.make_model(
         graph.graph(name), producer_name="pltkit", producer_version=pltkit.__version__, ir_version=IR_VERSION,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(la.DOMAIN, la.VERSION),
-                       helper.make_opsetid("com.microsoft", 1)],
-        functions=[la.function_proto(OPSET, dtype)])
+                       helper.make_opsetid("com.microsoft", 1), *own],
+        functions=[la.function_proto(OPSET, dtype), *graph.functions.values()])
 
 
 def _io(graph) -> dict:

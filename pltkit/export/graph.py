@@ -23,6 +23,7 @@ class Graph:
         self._consts: dict[tuple, str] = {}
         self._shared: dict = {}
         self._count = 0
+        self.functions: dict[str, onnx.FunctionProto] = {}  # model-local functions the nodes call, by name
         self.meta: dict = {}  # what the graph tells the manifest about itself (its entry in "graphs")
 
     # -- naming -----------------------------------------------------------------

@@ -10,7 +10,7 @@ that start at loop 0 (decode, and prefill's loop 0).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -26,6 +26,12 @@ PLUGIN_NAMESPACE = "pltkit"
 PLUGIN_VERSION = "1"  # TensorRT's Python plugins are always version 1
 INPUTS = ["query", "key", "value", "past_key", "past_value", "ring_key", "ring_value", "gate", "pos0"]
 OUTPUTS = ["output", "present_key", "present_value", "present_ring_key", "present_ring_value"]
+# pltkit.RingMix (GQA.all_loops): the rows of loops >= 1 of a decode step over their rings, mixed with the
+# global call's output; a model-local function, which pltkit's CPU kernel replaces where it runs
+KERNEL_DOMAIN, RING_MIX = "pltkit", "RingMix"
+RING_MIX_INPUTS = ["query", "key", "value", "global", "ring_key", "ring_value", "gate", "seqlens_k",
+                   "total_sequence_length", "cos_cache", "sin_cache", "position_ids"]
+RING_MIX_OUTPUTS = ["output", "present_ring_key", "present_ring_value"]
 ATTRIBUTES = {"first_loop": AttributeProto.INT, "window": AttributeProto.INT, "scale": AttributeProto.FLOAT,
               "kv_buffer": AttributeProto.INT, "plugin_namespace": AttributeProto.STRING,
               "plugin_version": AttributeProto.STRING}
@@ -204,29 +210,79 @@ class GQA:
 
     def all_loops(self, g: Graph, inputs: list[str], rows: int) -> list[str]:
         """The `rows` loops of a decode step (S = 1), LoopAttention's inputs and outputs with
-        gate [R-1, B, H, 1]."""
+        gate [R-1, B, H, 1]: the global call (`step_call`), then the rows of loops >= 1 over their
+        rings and their gated mix as one pltkit.RingMix node (`ring_mix`)."""
         q, k, v, past_k, past_v, ring_k, ring_v, gate, pos0 = inputs
+        y, present_k, present_v = self.step_call(g, q, k, v, past_k, past_v, pos0, rows)
+        batch = _batch(g, q)
+        total = g.shared("gqa.ring.total", lambda: g.op("Add", g.op("Gather", g.op("Shape", ring_k), g.const(3)),
+                                                        g.const(1)))
+        total32, seqlens = g.shared("gqa.ring.lengths", lambda: _lengths(g, batch, total))
+        rotary = self.rotary and (*self.rotary, _positions(g, batch, pos0, 1))
+        if RING_MIX not in g.functions:
+            g.functions[RING_MIX] = self.ring_mix_function(g.opset, rows)
+        out, rings_k, rings_v = g.op(RING_MIX, q, k, v, y, ring_k, ring_v, gate, seqlens, total32, *rotary, n_out=3,
+                                     domain=KERNEL_DOMAIN, num_heads=self.heads, kv_num_heads=self.kv_heads,
+                                     window=self.window, scale=self.scale)
+        return [out, present_k, present_v, rings_k, rings_v]
+
+    def ring_mix(self, g: Graph, q, k, v, y_step, ring_k, ring_v, gate, seqlens, total32, rows: int,
+                 positions=None) -> list[str]:
+        """pltkit.RingMix in standard and GroupQueryAttention nodes (the function body; pltkit's
+        kernel computes the same in one call): row 0 is the global call's output; each row r >= 1
+        attends over its ring and its own key (one GroupQueryAttention call, local_window_size
+        window + 1, seqlens and total32 its lengths), and is mixed: g * global + (1 - g) * local.
+        Returns the output [R, B, 1, H*Dh] (o_proj's input) and the rings' new keys and values."""
         zero = g.const([0])
-        y_rows, present_k, present_v = self.step(g, q, k, v, past_k, past_v, pos0, rows)  # [R, B, H, Dh]
-        locals_, rings_k, rings_v = zip(*(self._ring(g, r, q, k, v, ring_k, ring_v, pos0) for r in range(1, rows)))
+        y_rows = self.step_rows(g, y_step, rows)  # [R, B, H, Dh]
+        locals_, rings_k, rings_v = [], [], []
+        for r in range(1, rows):
+            y, loc_k, loc_v = self.call(g, _take(g, q, r), _take(g, k, r), _take(g, v, r), _take(g, ring_k, r - 1),
+                                        _take(g, ring_v, r - 1), self.heads, (total32, seqlens),
+                                        window_size=self.window + 1,
+                                        caches=self.rotary and (*self.rotary, positions))
+            locals_.append(g.op("Reshape", y, g.const([1, -1, self.heads, self.head_dim])))
+            for ring, x in ((rings_k, loc_k), (rings_v, loc_v)):  # the newest `window` of the call's keys
+                ring.append(g.op("Unsqueeze", g.op("Slice", x, g.const([-self.window]), g.const([TO_END]),
+                                                   g.const([2])), zero))
         y_local = _rows_of(g, locals_)
         # rows >= 1: g * global + (1 - g) * local = local + g * (global - local)
         y_g = g.op("Slice", y_rows, g.const([1]), g.const([TO_END]), zero)
         mixed = g.op("Add", y_local, g.op("Mul", gate, g.op("Sub", y_g, y_local)))
         out = g.op("Concat", g.op("Slice", y_rows, zero, g.const([1]), zero), mixed, axis=0)
-        out = g.op("Reshape", out, g.const([0, 0, 1, -1]))
-        return [out, present_k, present_v, _rows_of(g, rings_k), _rows_of(g, rings_v)]
+        return [g.op("Reshape", out, g.const([0, 0, 1, -1])), _rows_of(g, rings_k), _rows_of(g, rings_v)]
+
+    def ring_mix_function(self, opset: int, rows: int) -> onnx.FunctionProto:
+        """The model-local function pltkit.RingMix. This model's rows, heads, window and scale are
+        constants of the body (the node's attributes tell a kernel the same); the rotary inputs
+        (cos_cache, sin_cache, position_ids) are there where GroupQueryAttention rotates q and k."""
+        body = Graph(opset)
+        inputs = RING_MIX_INPUTS if self.rotary else RING_MIX_INPUTS[:-3]
+        local = replace(self, rotary=tuple(inputs[-3:-1]) if self.rotary else ())
+        outs = local.ring_mix(body, *inputs[:9], rows, positions=inputs[-1] if self.rotary else None)
+        nodes = body.nodes + [helper.make_node("Identity", [o], [name], name=f"/out/{name}")
+                              for o, name in zip(outs, RING_MIX_OUTPUTS)]
+        return helper.make_function(KERNEL_DOMAIN, RING_MIX, inputs, RING_MIX_OUTPUTS, nodes,
+                                    [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)],
+                                    attributes=["num_heads", "kv_num_heads", "window", "scale"])
 
     def step(self, g: Graph, q, k, v, past_k, past_v, pos0, rows: int) -> list[str]:
-        """The global call of a decode step (S = 1) for `rows` rows: output [R, B, H, Dh], present
-        key, present value. q [R, B, 1, H*Dh], k and v [R, B, 1, Hkv*Dh].
+        """The global call of a decode step for `rows` rows: output [R, B, H, Dh], present key,
+        present value (step_call, step_rows)."""
+        y, present_k, present_v = self.step_call(g, q, k, v, past_k, past_v, pos0, rows)
+        return [self.step_rows(g, y, rows), present_k, present_v]
+
+    def step_call(self, g: Graph, q, k, v, past_k, past_v, pos0, rows: int) -> list[str]:
+        """The global call of a decode step (S = 1) for `rows` rows: output [B, n, Hkv*Dh] (n below),
+        present key, present value. q [R, B, 1, H*Dh], k and v [R, B, 1, Hkv*Dh].
 
         The call has Hkv heads, and a kv group's query heads of all rows are its n = R * H / Hkv
-        positions: ONNX Runtime's CPU kernel reads a head's keys once per call (per query head,
-        had they come as heads). The n positions all get loop 0's key and value, so the call writes
-        n - 1 copies after position pos0: the buffer keeps n - 1 spare positions, the next step
-        overwrites them, and an attention bias hides them from every row. The kernel takes n > 1
-        positions after a past for batch 1 only (the runtime runs a batch on the kvbuffer graph)."""
+        positions, row-major (position r * H / Hkv + j is row r's head j of the group): ONNX Runtime's
+        CPU kernel reads a head's keys once per call (per query head, had they come as heads). The n
+        positions all get loop 0's key and value, so the call writes n - 1 copies after position pos0:
+        the buffer keeps n - 1 spare positions, the next step overwrites them, and an attention bias
+        hides them from every row. The kernel takes n > 1 positions after a past for batch 1 only (the
+        runtime runs a batch on the kvbuffer graph)."""
         heads, hkv, dh = self.heads, self.kv_heads, self.head_dim
         rep, n = heads // hkv, step_positions(rows, heads, hkv)
         g.meta["cache_writes"] = n
@@ -241,26 +297,13 @@ class GQA:
         batch = _batch(g, q)
         lens = g.shared("gqa.step.lengths", lambda: _lengths(g, batch, g.op("Add", pos0, g.const(n))))
         caches = self.rotary and (*self.rotary, _positions(g, batch, pos0, n))
-        y, present_k, present_v = self.call(g, qg, key, value, past_k, past_v, hkv, lens, caches=caches, bias=bias)
+        return self.call(g, qg, key, value, past_k, past_v, hkv, lens, caches=caches, bias=bias)
+
+    def step_rows(self, g: Graph, y: str, rows: int) -> str:
+        """The global call's output [B, n, Hkv*Dh] as rows of heads, [R, B, H, Dh]."""
+        rep, hkv, dh = self.heads // self.kv_heads, self.kv_heads, self.head_dim
         y = g.op("Transpose", g.op("Reshape", y, g.const([0, rows, rep, hkv, dh])), perm=[1, 0, 3, 2, 4])
-        return [g.op("Reshape", y, g.const([0, 0, heads, dh])), present_k, present_v]
-
-    def _ring(self, g: Graph, r: int, q, k, v, ring_k, ring_v, pos0) -> tuple[str, str, str]:
-        """The local call of row r over its ring: (output [1, B, H, Dh], new ring key, value)."""
-        rk, batch, zero = _take(g, ring_k, r - 1), _batch(g, q), g.const([0])
-        total = g.shared(("gqa.ring.total", r), lambda: g.op("Add", g.op("Gather", g.op("Shape", rk), g.const(2)),
-                                                             g.const(1)))
-        y, loc_k, loc_v = self.call(g, _take(g, q, r), _take(g, k, r), _take(g, v, r), rk, _take(g, ring_v, r - 1),
-                                    self.heads, g.shared(("gqa.ring.lengths", r), lambda: _lengths(g, batch, total)),
-                                    window_size=self.window + 1,
-                                    caches=self.rotary and (*self.rotary, _positions(g, batch, pos0, 1)))
-        y = g.op("Reshape", y, g.const([1, -1, self.heads, self.head_dim]))
-        keep = g.shared(("gqa.ring.keep", r),  # the local call's keys (total of them) -> the newest `window`
-                        lambda: g.op("Unsqueeze", g.op("Max", g.const(0), g.op("Sub", total, g.const(self.window))),
-                                     zero))
-        return (y, *(g.op("Unsqueeze", g.op("Slice", x, keep, g.const([TO_END]), g.const([2])), zero)
-                     for x in (loc_k, loc_v)))
-
+        return g.op("Reshape", y, g.const([0, 0, self.heads, dh]))
 
 def step_positions(rows: int, heads: int, kv_heads: int) -> int:
     """The positions of a decode step's global call (GQA.step): its rows' query heads of one kv group."""

@@ -101,10 +101,10 @@ class OrtBackend:
 
     def open_session(self, phase: str, attention: str, profile: str | None = None):
         """A session of the artifact's graph (profiled into files named `profile`...); a decode graph (few rows)
-        runs its MatMulNBits on pltkit's kernel where it applies (`kernels`)."""
+        runs its MatMulNBits and RingMix nodes on pltkit's kernels where they apply (`kernels`)."""
         path = self.artifact.graph_path(phase, attention)
         if phase == "decode" and self.kernel_choice != "ort" and self.device == "cpu":
-            model, count = kernels_mod.rows_model(path)
+            model, count = kernels_mod.kernel_model(path)
             library = self._library() if count else None
             if library:
                 so = self._options(profile)

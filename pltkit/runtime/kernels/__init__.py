@@ -1,10 +1,15 @@
 """pltkit's own ONNX Runtime kernels: C sources in this folder, built on first use with the machine's C
 compiler into pltkit's cache, and loaded into the sessions that run them.
 
-One kernel for now, `pltkit.RowsMatMulNBits` (rows_matmul.c): MatMulNBits of 8 and 4 bits for the one to few
-rows of a decode step, which reads each line of weights once for two rows (PLT-2's loops). `rows_graph` puts it
-in place of the MatMulNBits nodes it can run, `rows_model` does so to a graph file, and `load_into` readies
-session options for the result; the artifact on disk is unchanged.
+Two kernels, one library (library.c; ort_abi.h declares the pieces of ONNX Runtime's C API they use):
+- `pltkit.RowsMatMulNBits` (rows_matmul.c): MatMulNBits of 8 and 4 bits for the one to few rows of a decode
+  step, which reads each line of weights once for two rows (PLT-2's loops). `rows_graph` puts it in place of
+  the MatMulNBits nodes it can run; the artifact on disk is unchanged.
+- `pltkit.RingMix` (ring_mix.c): the rows of loops >= 1 of a decode step over their rings, mixed with the global
+  attention. The exporter writes these nodes with a function body, which ONNX Runtime runs where the library is
+  not loaded.
+`kernel_model` readies a decode graph file for them and counts the nodes they run, and `load_into` readies
+session options for the result.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import numpy as np
 from pltkit.model.paths import user_cache_dir
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("rows_matmul.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / n for n in ("library.c", "rows_matmul.c", "ring_mix.c")]
+HEADERS = [HERE / "ort_abi.h"]
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared"]  # the kernel's functions name their AVX-512 targets themselves
-DOMAIN, OP = "pltkit", "RowsMatMulNBits"
+DOMAIN, OP, RING_MIX = "pltkit", "RowsMatMulNBits", "RingMix"
 # MatMulNBits attributes the kernel computes exactly as ONNX Runtime does
 REPLACEABLE = {"block_size": 32, "accuracy_level": 4}
 BITS = (8, 4)
@@ -55,19 +62,21 @@ def _built() -> tuple[Path | None, str | None]:
         return None, "no C compiler (cc or gcc) to build pltkit's kernels"
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-        path = user_cache_dir() / "kernels" / f"rows_matmul-{key}.so"
+        code = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
+        key = hashlib.sha256(code + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+        path = user_cache_dir() / "kernels" / f"pltkit-kernels-{key}.so"
         if not path.exists():
             log.info("building pltkit's kernels into %s (once)", path.parent)
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 out = Path(tmp) / path.name
-                done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+                done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(out), "-lm"], capture_output=True,
+                                      text=True)
                 if done.returncode:
-                    return None, f"building {SOURCE.name} failed:\n{done.stderr.strip()}"
+                    return None, f"building pltkit's kernels failed:\n{done.stderr.strip()}"
                 os.replace(out, path)  # whole or not at all, whoever builds it at the same time
-        if not ctypes.CDLL(str(path)).pltkit_rows_supported():
-            return None, "this CPU lacks AVX-512 VNNI, which pltkit.RowsMatMulNBits needs"
+        if not ctypes.CDLL(str(path)).pltkit_kernels_supported():
+            return None, "this CPU lacks AVX-512 VNNI, which pltkit's kernels need"
     except OSError as e:  # an unwritable cache, a library that does not load (noexec), ...
         return None, f"building or loading pltkit's kernels failed: {e}"
     return path, None
@@ -135,17 +144,21 @@ def rows_graph(model, folder=None) -> int:
     return count
 
 
-def rows_model(path: Path) -> tuple[bytes, int]:
-    """The graph file at `path` with rows_graph applied, serialized, and how many nodes it replaced."""
+def kernel_model(path: Path) -> tuple[bytes, int]:
+    """The graph file at `path` with rows_graph applied, serialized, and how many of its nodes pltkit's kernels
+    run: those rows_graph replaced and the RingMix nodes of a float32 graph (the kernel's only type)."""
     import onnx
+    from onnx import TensorProto
 
     model = onnx.load(str(path), load_external_data=False)
     count = rows_graph(model, path.parent)
+    if all(i.type.tensor_type.elem_type == TensorProto.FLOAT for i in model.graph.input if i.name == "past_carry"):
+        count += sum(n.op_type == RING_MIX and n.domain == DOMAIN for n in model.graph.node)
     return model.SerializeToString(), count
 
 
 def load_into(so, folder: Path) -> None:
-    """ONNX Runtime session options `so` for a rows_model graph whose external data lie in `folder`: the library
+    """ONNX Runtime session options `so` for a kernel_model graph whose external data lie in `folder`: the library
     registered (KernelUnavailable where it cannot run)."""
     so.register_custom_ops_library(str(library()))
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))

@@ -15,9 +15,7 @@
  * low nibbles hold one such step and high nibbles the next. One AVX-512 VNNI dot product (vpdpbusd) then
  * takes a line against 4 bytes of a row broadcast, and the float work is done once per block of 32.
  *
- * The ABI: ONNX Runtime's C API is a table of function pointers that only grows (the slots below are those
- * of onnxruntime_c_api.h; ParallelFor, the newest, came with API version 17, ONNX Runtime 1.17), and its
- * custom-op structure grows by version too.
+ * ONNX Runtime's C API as this library declares it: ort_abi.h.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -26,47 +24,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ort_abi.h"
+
 #define BLK 32
-
-/* -- the few pieces of ONNX Runtime's C API this library uses ------------------------------------------ */
-typedef void OrtStatus, OrtSessionOptions, OrtKernelInfo, OrtKernelContext, OrtValue, OrtShapeInfo, OrtDomain;
-typedef void *Slot;
-typedef struct { const Slot *(*GetApi)(uint32_t version); const char *(*GetVersionString)(void); } OrtApiBase;
-enum { API_VERSION = 17, OP_VERSION = 16, ORT_INVALID_ARGUMENT = 2, ORT_FAIL = 1, TYPE_FLOAT = 1, TYPE_UINT8 = 2 };
-enum {  /* slots of OrtApi */
-  CREATE_STATUS = 0, CREATE_DOMAIN = 26, DOMAIN_ADD = 27, ADD_DOMAIN = 28, TENSOR_DATA = 51, DIMS_COUNT = 61,
-  DIMS = 62, TYPE_AND_SHAPE = 65, ATTRIBUTE_INT64 = 86, CONTEXT_INPUT = 90, CONTEXT_OUTPUT = 91,
-  RELEASE_SHAPE = 99, CONSTANT_INPUT = 249, PARALLEL_FOR = 274, ELEMENT_TYPE = 60,
-};
-static const Slot *api;
-#define CALL(slot, type) ((type)api[slot])
-#define TRY(expr) do { OrtStatus *s_ = (expr); if (s_) return s_; } while (0)
-static OrtStatus *error(int code, const char *msg) {
-  return CALL(CREATE_STATUS, OrtStatus *(*)(int, const char *))(code, msg);
-}
-
-typedef struct OrtCustomOp {  /* the fields through version 20; version says which ONNX Runtime reads */
-  uint32_t version;
-  void *(*CreateKernel)(const struct OrtCustomOp *, const Slot *, const OrtKernelInfo *);
-  const char *(*GetName)(const struct OrtCustomOp *);
-  const char *(*GetExecutionProviderType)(const struct OrtCustomOp *);
-  int (*GetInputType)(const struct OrtCustomOp *, size_t);
-  size_t (*GetInputTypeCount)(const struct OrtCustomOp *);
-  int (*GetOutputType)(const struct OrtCustomOp *, size_t);
-  size_t (*GetOutputTypeCount)(const struct OrtCustomOp *);
-  void (*KernelCompute)(void *, OrtKernelContext *);
-  void (*KernelDestroy)(void *);
-  int (*GetInputCharacteristic)(const struct OrtCustomOp *, size_t);
-  int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
-  int (*GetInputMemoryType)(const struct OrtCustomOp *, size_t);
-  int (*GetVariadicInputMinArity)(const struct OrtCustomOp *);
-  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *);
-  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *);
-  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *);
-  OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *, const Slot *, const OrtKernelInfo *, void **);
-  OrtStatus *(*KernelComputeV2)(void *, OrtKernelContext *);
-  void *rest[7];  /* shape inference, opset range, in-place and alias maps: not used (versions 17 to 20) */
-} OrtCustomOp;
 
 /* -- the kernel ------------------------------------------------------------------------------------------ */
 typedef int32_t __attribute__((may_alias)) i32;  /* 4 bytes of a rounded row, read as one */
@@ -106,10 +66,11 @@ static void round_row(const float *x, int64_t k, int zero, int8_t *q, float *d, 
 
 /* G column groups of 16 at a time; each 64-byte line of weights meets both rows while it is in a register.
  * 8 bits: a block's 8 lines hold its 32 k, 4 at a time, of 16 columns. 4 bits: 4 lines, each two steps of 4 k
- * (the low and the high nibbles of its bytes). */
-#define G 4
+ * (the low and the high nibbles of its bytes). G = 1, one sequential stream of weights a thread: on a 2-core
+ * AMD EPYC (Zen 5) it took 0.85x (int8) and 0.78x (int4) of G = 4's time for one row, 0.97x and 0.87x for two,
+ * interleaved in one run (docs/benchmarks.md). */
+#define G 1
 #define PREFETCH 2048
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,fma")))  /* only where the CPU has it */
 static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call *c, int64_t g0, int count,
                                                                      const int bits) {
   const Kernel *kn = c->kern;
@@ -307,7 +268,7 @@ static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return
 static int memory_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
 static int one(const OrtCustomOp *op) { (void)op; return 1; }
 
-static OrtCustomOp rows_op = {
+OrtCustomOp pltkit_rows_op = {
   .version = OP_VERSION, .GetName = name, .GetExecutionProviderType = provider,
   .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
   .GetOutputTypeCount = output_count, .KernelDestroy = destroy, .GetInputCharacteristic = required,
@@ -316,24 +277,3 @@ static OrtCustomOp rows_op = {
   .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create, .KernelComputeV2 = compute,
 };
 
-/* 1 where this CPU runs the kernel (AVX-512 F, BW and VNNI), for the loader to ask before it opens a session */
-int pltkit_rows_supported(void) {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
-}
-
-/* ONNX Runtime calls this when a session registers the library (SessionOptions.register_custom_ops_library) */
-OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
-  api = base->GetApi(API_VERSION);
-  if (!api) return NULL;  /* an ONNX Runtime older than 1.17: it reports the op as unknown */
-  if (!pltkit_rows_supported()) return error(ORT_FAIL, "pltkit.RowsMatMulNBits needs AVX-512 VNNI");
-  static OrtDomain *domain;  /* one for every session: a domain must outlive the sessions that use it */
-  if (!domain) {
-    OrtDomain *made;
-    TRY(CALL(CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtDomain **))("pltkit", &made));
-    TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(made, &rows_op));
-    domain = made;
-  }
-  return CALL(ADD_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtDomain *))(options, domain);
-}

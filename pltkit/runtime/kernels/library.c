@@ -1,0 +1,28 @@
+/* pltkit's ONNX Runtime kernels as one library: the domain "pltkit" with its ops (rows_matmul.c, ring_mix.c). */
+#include "ort_abi.h"
+
+const Slot *pltkit_api;
+extern OrtCustomOp pltkit_rows_op, pltkit_ring_mix_op;
+
+/* 1 where this CPU runs the kernels (AVX-512 F, BW and VNNI), for the loader to ask before it opens a session */
+int pltkit_kernels_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+/* ONNX Runtime calls this when a session registers the library (SessionOptions.register_custom_ops_library) */
+OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+  pltkit_api = base->GetApi(API_VERSION);
+  if (!pltkit_api) return NULL;  /* an ONNX Runtime older than 1.17: it reports the ops as unknown */
+  if (!pltkit_kernels_supported()) return error(ORT_FAIL, "pltkit's kernels need AVX-512 VNNI");
+  static OrtDomain *domain;  /* one for every session: a domain must outlive the sessions that use it */
+  if (!domain) {
+    OrtDomain *made;
+    TRY(CALL(CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtDomain **))("pltkit", &made));
+    TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(made, &pltkit_rows_op));
+    TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(made, &pltkit_ring_mix_op));
+    domain = made;
+  }
+  return CALL(ADD_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtDomain *))(options, domain);
+}

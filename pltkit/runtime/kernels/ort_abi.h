@@ -1,0 +1,74 @@
+/* The pieces of ONNX Runtime's C API that pltkit's kernels use, declared here: the onnxruntime wheel ships
+ * no C headers. The API is a table of function pointers that only grows (the slots below are those of
+ * onnxruntime_c_api.h; ParallelFor, the newest, came with API version 17, ONNX Runtime 1.17), and the
+ * custom-op structure grows by version too.
+ */
+#ifndef PLTKIT_ORT_ABI_H
+#define PLTKIT_ORT_ABI_H
+#include <stddef.h>
+#include <stdint.h>
+
+typedef void OrtStatus, OrtSessionOptions, OrtKernelInfo, OrtKernelContext, OrtValue, OrtShapeInfo, OrtDomain;
+typedef void *Slot;
+typedef struct { const Slot *(*GetApi)(uint32_t version); const char *(*GetVersionString)(void); } OrtApiBase;
+enum {
+  API_VERSION = 17, OP_VERSION = 16, ORT_INVALID_ARGUMENT = 2, ORT_FAIL = 1,
+  TYPE_FLOAT = 1, TYPE_UINT8 = 2, TYPE_INT32 = 6, TYPE_INT64 = 7,
+  REQUIRED = 0, OPTIONAL = 1,  /* OrtCustomOpInputOutputCharacteristic */
+};
+enum {  /* slots of OrtApi */
+  CREATE_STATUS = 0, CREATE_DOMAIN = 26, DOMAIN_ADD = 27, ADD_DOMAIN = 28, TENSOR_DATA = 51, ELEMENT_TYPE = 60,
+  DIMS_COUNT = 61, DIMS = 62, TYPE_AND_SHAPE = 65, ATTRIBUTE_FLOAT = 85, ATTRIBUTE_INT64 = 86,
+  CONTEXT_INPUT_COUNT = 88, CONTEXT_INPUT = 90, CONTEXT_OUTPUT = 91, RELEASE_SHAPE = 99, CONSTANT_INPUT = 249,
+  PARALLEL_FOR = 274,
+};
+extern const Slot *pltkit_api;  /* set when ONNX Runtime registers the library (library.c) */
+#define CALL(slot, type) ((type)pltkit_api[slot])
+#define TRY(expr) do { OrtStatus *s_ = (expr); if (s_) return s_; } while (0)
+static inline OrtStatus *error(int code, const char *msg) {
+  return CALL(CREATE_STATUS, OrtStatus *(*)(int, const char *))(code, msg);
+}
+
+typedef struct OrtCustomOp {  /* the fields through version 20; version says which ONNX Runtime reads */
+  uint32_t version;
+  void *(*CreateKernel)(const struct OrtCustomOp *, const Slot *, const OrtKernelInfo *);
+  const char *(*GetName)(const struct OrtCustomOp *);
+  const char *(*GetExecutionProviderType)(const struct OrtCustomOp *);
+  int (*GetInputType)(const struct OrtCustomOp *, size_t);
+  size_t (*GetInputTypeCount)(const struct OrtCustomOp *);
+  int (*GetOutputType)(const struct OrtCustomOp *, size_t);
+  size_t (*GetOutputTypeCount)(const struct OrtCustomOp *);
+  void (*KernelCompute)(void *, OrtKernelContext *);
+  void (*KernelDestroy)(void *);
+  int (*GetInputCharacteristic)(const struct OrtCustomOp *, size_t);
+  int (*GetOutputCharacteristic)(const struct OrtCustomOp *, size_t);
+  int (*GetInputMemoryType)(const struct OrtCustomOp *, size_t);
+  int (*GetVariadicInputMinArity)(const struct OrtCustomOp *);
+  int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *);
+  int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *);
+  int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *);
+  OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *, const Slot *, const OrtKernelInfo *, void **);
+  OrtStatus *(*KernelComputeV2)(void *, OrtKernelContext *);
+  void *rest[7];  /* shape inference, opset range, in-place and alias maps: not used (versions 17 to 20) */
+} OrtCustomOp;
+
+/* A tensor's element type and dimensions (at most `cap` of them). */
+static inline OrtStatus *tensor_shape(const OrtValue *v, int *elem, int64_t *dims, size_t *ndim, size_t cap) {
+  void *shape;
+  TRY(CALL(TYPE_AND_SHAPE, OrtStatus *(*)(const OrtValue *, void **))(v, &shape));
+  OrtStatus *st = CALL(ELEMENT_TYPE, OrtStatus *(*)(const void *, int *))(shape, elem);
+  if (!st) st = CALL(DIMS_COUNT, OrtStatus *(*)(const void *, size_t *))(shape, ndim);
+  if (!st && *ndim > cap) st = error(ORT_INVALID_ARGUMENT, "pltkit: a tensor of too many dimensions");
+  if (!st) st = CALL(DIMS, OrtStatus *(*)(const void *, int64_t *, size_t))(shape, dims, *ndim);
+  CALL(RELEASE_SHAPE, void (*)(void *))(shape);
+  return st;
+}
+
+static inline void *tensor_data(const OrtValue *v) {
+  void *data = NULL;
+  OrtStatus *st = CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)v, &data);
+  return st ? NULL : data;
+}
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,fma")))  /* only where the CPU has it */
+#endif

@@ -1,0 +1,240 @@
+/* pltkit.RingMix: the rows of loops >= 1 of a PLT decode step over their rings (the local branch of gated
+ * sliding-window attention) and their mix with the global call's output, in one call. The graph's own
+ * function body (pltkit/export/loop_attention.py, GQA.ring_mix) computes the same with a GroupQueryAttention
+ * call per row and some twenty small nodes per layer; this kernel does it without copying the rings twice.
+ *
+ * S = 1 token, R rows (loops), B batch, H heads, Hkv kv heads, Dh head size, rep = H / Hkv, W ring length:
+ *   0 query [R, B, 1, H*Dh], 1 key and 2 value [R, B, 1, Hkv*Dh]: the rows' projections (q and k not rotated
+ *     where inputs 9-11 are given)
+ *   3 global [B, R*rep, Hkv*Dh]: the global call's output, position r*rep + j is row r's head j of a kv group
+ *   4 ring_key, 5 ring_value [R-1, B, Hkv, W, Dh]: keys (rotated) and values of positions pos0-W .. pos0-1
+ *   6 gate [R-1, B, H, 1]
+ *   7 seqlens_k [B] int32, 8 total_sequence_length [] int32: the body's GroupQueryAttention lengths (W, W + 1);
+ *     the kernel takes W from ring_key
+ *   9 cos_cache, 10 sin_cache [P, Dh/2], 11 position_ids [B, 1] int64: optional, together; q and k of a row
+ *     are rotated (rotate-half) at the position of its batch entry
+ * Outputs: 0 [R, B, 1, H*Dh]: row 0 is global's, row r >= 1 is local + g (global - local), where local is
+ *   softmax attention over the last min(W, window) ring entries and the row's own key;
+ *   1 present_ring_key, 2 present_ring_value [R-1, B, Hkv, min(W + 1, window), Dh]: the newest of those.
+ * Attributes: num_heads, kv_num_heads, window (int), scale (float).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ort_abi.h"
+
+enum { IN_Q, IN_K, IN_V, IN_GLOBAL, IN_RING_K, IN_RING_V, IN_GATE, IN_SEQLENS, IN_TOTAL, IN_COS, IN_SIN, IN_POS,
+       INPUTS };
+#define MAX_DH 1024
+
+typedef struct { int64_t heads, kv_heads, window; float scale; } Kernel;
+
+typedef struct {  /* one call */
+  const Kernel *kn;
+  int64_t rows, batch, dh, w, vis, keep;  /* vis: ring entries visible; keep: present ring length */
+  const float *q, *k, *v, *global, *ring_k, *ring_v, *gate, *cos, *sin;
+  const int64_t *pos;
+  float *out, *out_k, *out_v, *scratch;  /* scratch: per unit, vis + 1 scores and two vectors of Dh */
+} Call;
+
+static inline AVX512 float dot(const float *a, const float *b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+static inline AVX512 void axpy(float a, const float *x, float *y, int64_t n) {  /* y += a x */
+  int64_t i = 0;
+  __m512 va = _mm512_set1_ps(a);
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* x rotated at one position (cos, sin: that position's row of the caches), or copied where there is no cache */
+static void rotate(const float *x, const float *cs, const float *sn, int64_t dh, float *out) {
+  if (!cs) { memcpy(out, x, (size_t)dh * sizeof(float)); return; }
+  int64_t half = dh / 2;
+  for (int64_t i = 0; i < half; i++) {
+    out[i] = x[i] * cs[i] - x[i + half] * sn[i];
+    out[i + half] = x[i + half] * cs[i] + x[i] * sn[i];
+  }
+}
+
+/* unit u: one row r >= 1, batch entry b and kv head: its rep query heads over the ring, and its ring's update */
+static AVX512 void unit(void *data, size_t u) {
+  const Call *c = data;
+  const Kernel *kn = c->kn;
+  const int64_t hkv = kn->kv_heads, heads = kn->heads, rep = heads / hkv, dh = c->dh, B = c->batch;
+  const int64_t kh = (int64_t)u % hkv, b = (int64_t)u / hkv % B, r = 1 + (int64_t)u / (hkv * B);
+  const int64_t ring = ((r - 1) * B + b) * hkv + kh;  /* this unit's ring, of W entries */
+  const float *rk = c->ring_k + ring * c->w * dh, *rv = c->ring_v + ring * c->w * dh;
+  const float *first_k = rk + (c->w - c->vis) * dh, *first_v = rv + (c->w - c->vis) * dh;
+  const float *cs = c->cos ? c->cos + c->pos[b] * (dh / 2) : NULL, *sn = c->cos ? c->sin + c->pos[b] * (dh / 2) : NULL;
+  float *scores = c->scratch + (int64_t)u * (c->vis + 1 + 2 * dh), *key = scores + c->vis + 1, *y = key + dh;
+  const float *v_new = c->v + ((r * B + b) * hkv + kh) * dh;
+  rotate(c->k + ((r * B + b) * hkv + kh) * dh, cs, sn, dh, key);
+  float qr[MAX_DH];
+  for (int64_t j = 0; j < rep; j++) {
+    const int64_t h = kh * rep + j;
+    rotate(c->q + ((r * B + b) * heads + h) * dh, cs, sn, dh, qr);
+    float top = -INFINITY, sum = 0.f;
+    for (int64_t e = 0; e <= c->vis; e++) {
+      scores[e] = kn->scale * dot(qr, e < c->vis ? first_k + e * dh : key, dh);
+      top = fmaxf(top, scores[e]);
+    }
+    memset(y, 0, (size_t)dh * sizeof(float));
+    for (int64_t e = 0; e <= c->vis; e++) {
+      float p = expf(scores[e] - top);
+      sum += p;
+      axpy(p, e < c->vis ? first_v + e * dh : v_new, y, dh);
+    }
+    const float g = c->gate[((r - 1) * B + b) * heads + h], inv = 1.f / sum;
+    const float *glob = c->global + (b * c->rows * rep + r * rep + j) * hkv * dh + kh * dh;
+    float *o = c->out + ((r * B + b) * heads + h) * dh;
+    for (int64_t d = 0; d < dh; d++) {
+      float local = y[d] * inv;
+      o[d] = local + g * (glob[d] - local);
+    }
+  }
+  if (c->keep) {  /* the newest `keep` of the ring's W entries and the row's own */
+    float *ok = c->out_k + ring * c->keep * dh, *ov = c->out_v + ring * c->keep * dh;
+    size_t old = (size_t)(c->keep - 1) * dh * sizeof(float);
+    memcpy(ok, rk + (c->w + 1 - c->keep) * dh, old);
+    memcpy(ov, rv + (c->w + 1 - c->keep) * dh, old);
+    memcpy(ok + (c->keep - 1) * dh, key, (size_t)dh * sizeof(float));
+    memcpy(ov + (c->keep - 1) * dh, v_new, (size_t)dh * sizeof(float));
+  }
+}
+
+static OrtStatus *input(OrtKernelContext *ctx, size_t i, const OrtValue **v) {
+  return CALL(CONTEXT_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, i, v);
+}
+
+static OrtStatus *output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t n, float **data) {
+  OrtValue *v;
+  TRY(CALL(CONTEXT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
+      ctx, i, dims, n, &v));
+  int64_t size = 1;
+  for (size_t d = 0; d < n; d++) size *= dims[d];
+  *data = tensor_data(v);
+  return *data || !size ? NULL : error(ORT_FAIL, "RingMix: an output has no data");
+}
+
+static int same(const int64_t *a, const int64_t *b, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (a[i] != b[i]) return 0;
+  return 1;
+}
+
+#define BAD(msg) return error(ORT_INVALID_ARGUMENT, "RingMix: " msg)
+
+static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
+  const Kernel *kn = kernel;
+  const int64_t heads = kn->heads, hkv = kn->kv_heads, rep = heads / hkv;
+  const OrtValue *in[INPUTS] = {0};
+  int64_t dims[INPUTS][8];
+  size_t nd[INPUTS] = {0}, count = 0;
+  TRY(CALL(CONTEXT_INPUT_COUNT, OrtStatus *(*)(const OrtKernelContext *, size_t *))(ctx, &count));
+  for (size_t i = 0; i < INPUTS && i < count; i++) {
+    int elem;
+    TRY(input(ctx, i, &in[i]));
+    if (in[i]) TRY(tensor_shape(in[i], &elem, dims[i], &nd[i], 8));
+  }
+  for (int i = 0; i < IN_COS; i++)
+    if (!in[i]) BAD("inputs 0 to 8 are required");
+  const int rotary = in[IN_COS] != NULL;
+  if (rotary != (in[IN_SIN] != NULL) || rotary != (in[IN_POS] != NULL))
+    BAD("cos_cache, sin_cache and position_ids come together");
+  if (nd[IN_Q] != 4 || dims[IN_Q][0] < 2 || dims[IN_Q][2] != 1 || dims[IN_Q][3] % heads)
+    BAD("query must be [R >= 2, B, 1, num_heads * head size]");
+  const int64_t R = dims[IN_Q][0], B = dims[IN_Q][1], dh = dims[IN_Q][3] / heads;
+  if (dh < 1 || dh > MAX_DH || (rotary && dh % 2)) BAD("the head size must be 1 to 1024, and even with rotary");
+  const int64_t kv[4] = {R, B, 1, hkv * dh}, glob[3] = {B, R * rep, hkv * dh};
+  if (nd[IN_K] != 4 || !same(dims[IN_K], kv, 4) || nd[IN_V] != 4 || !same(dims[IN_V], kv, 4))
+    BAD("key and value must be [R, B, 1, kv_num_heads * head size]");
+  if (nd[IN_GLOBAL] != 3 || !same(dims[IN_GLOBAL], glob, 3))
+    BAD("global must be [B, R * num_heads / kv_num_heads, kv_num_heads * head size]");
+  if (nd[IN_RING_K] != 5 || nd[IN_RING_V] != 5 || !same(dims[IN_RING_K], dims[IN_RING_V], 5) ||
+      dims[IN_RING_K][0] != R - 1 || dims[IN_RING_K][1] != B || dims[IN_RING_K][2] != hkv || dims[IN_RING_K][4] != dh)
+    BAD("ring_key and ring_value must be [R - 1, B, kv_num_heads, W, head size]");
+  int64_t gates = 1;
+  for (size_t i = 0; i < nd[IN_GATE]; i++) gates *= dims[IN_GATE][i];
+  if (gates != (R - 1) * B * heads) BAD("gate must hold (R - 1) * B * num_heads values");
+  Call c = {.kn = kn, .rows = R, .batch = B, .dh = dh, .w = dims[IN_RING_K][3]};
+  c.vis = c.w < kn->window ? c.w : kn->window;
+  c.keep = c.w + 1 < kn->window ? c.w + 1 : kn->window;
+  if (rotary) {
+    if (nd[IN_COS] != 2 || !same(dims[IN_COS], dims[IN_SIN], 2) || dims[IN_COS][1] != dh / 2)
+      BAD("cos_cache and sin_cache must be [positions, head size / 2]");
+    int64_t ids = 1;
+    for (size_t i = 0; i < nd[IN_POS]; i++) ids *= dims[IN_POS][i];
+    if (ids != B) BAD("position_ids must hold one position for each batch entry");
+    c.cos = tensor_data(in[IN_COS]), c.sin = tensor_data(in[IN_SIN]), c.pos = tensor_data(in[IN_POS]);
+    for (int64_t b = 0; b < B; b++)
+      if (c.pos[b] < 0 || c.pos[b] >= dims[IN_COS][0]) BAD("a position is outside cos_cache");
+  }
+  c.q = tensor_data(in[IN_Q]), c.k = tensor_data(in[IN_K]), c.v = tensor_data(in[IN_V]);
+  c.global = tensor_data(in[IN_GLOBAL]), c.gate = tensor_data(in[IN_GATE]);
+  c.ring_k = tensor_data(in[IN_RING_K]), c.ring_v = tensor_data(in[IN_RING_V]);
+  const int64_t out_dims[4] = {R, B, 1, heads * dh}, ring_dims[5] = {R - 1, B, hkv, c.keep, dh};
+  TRY(output(ctx, 0, out_dims, 4, &c.out));
+  TRY(output(ctx, 1, ring_dims, 5, &c.out_k));
+  TRY(output(ctx, 2, ring_dims, 5, &c.out_v));
+  for (int64_t b = 0; b < B; b++)  /* row 0: the global call's loop-0 heads, as they are */
+    for (int64_t h = 0; h < heads; h++)
+      memcpy(c.out + (b * heads + h) * dh, c.global + (b * R * rep + h % rep) * hkv * dh + h / rep * dh,
+             (size_t)dh * sizeof(float));
+  const size_t units = (size_t)((R - 1) * B * hkv);
+  if (!units) return NULL;
+  c.scratch = malloc(units * (size_t)(c.vis + 1 + 2 * dh) * sizeof(float));
+  if (!c.scratch) return error(ORT_FAIL, "RingMix: out of memory");
+  OrtStatus *st = CALL(PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t,
+                                                    size_t, void *))(ctx, unit, units, 0, &c);
+  free(c.scratch);
+  return st;
+}
+
+static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernelInfo *info, void **out) {
+  (void)op; (void)ort;
+  Kernel k;
+  TRY(CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, "num_heads", &k.heads));
+  TRY(CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, "kv_num_heads",
+                                                                                            &k.kv_heads));
+  TRY(CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, "window", &k.window));
+  TRY(CALL(ATTRIBUTE_FLOAT, OrtStatus *(*)(const OrtKernelInfo *, const char *, float *))(info, "scale", &k.scale));
+  if (k.heads < 1 || k.kv_heads < 1 || k.heads % k.kv_heads || k.window < 0)
+    BAD("num_heads must be a positive multiple of kv_num_heads, and window at least 0");
+  Kernel *kn = malloc(sizeof *kn);
+  if (!kn) return error(ORT_FAIL, "RingMix: out of memory");
+  *kn = k;
+  *out = kn;
+  return NULL;
+}
+
+static const char *name(const OrtCustomOp *op) { (void)op; return "RingMix"; }
+static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return i == IN_SEQLENS || i == IN_TOTAL ? TYPE_INT32 : i == IN_POS ? TYPE_INT64 : TYPE_FLOAT;
+}
+static size_t input_count(const OrtCustomOp *op) { (void)op; return INPUTS; }
+static int output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
+static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= IN_COS ? OPTIONAL : REQUIRED; }
+static int output_kind(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return REQUIRED; }
+static int memory_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static int one(const OrtCustomOp *op) { (void)op; return 1; }
+
+OrtCustomOp pltkit_ring_mix_op = {
+  .version = OP_VERSION, .GetName = name, .GetExecutionProviderType = provider,
+  .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
+  .GetOutputTypeCount = output_count, .KernelDestroy = free, .GetInputCharacteristic = input_kind,
+  .GetOutputCharacteristic = output_kind, .GetInputMemoryType = memory_default,
+  .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one,
+  .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create, .KernelComputeV2 = compute,
+};
