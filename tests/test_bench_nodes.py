@@ -9,6 +9,7 @@ from synth import make_checkpoint, make_config
 
 from pltkit.bench import nodes, report
 from pltkit.export.artifact import export
+from pltkit.runtime import kernels
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,15 @@ def test_nodes_per_layer_of_the_decode_graph(artifact):
     assert 0 < optimized < loaded
 
 
+@pytest.mark.skipif(not kernels.available(), reason="pltkit's kernels do not build or run here")
+def test_nodes_per_layer_on_pltkits_kernels(artifact):
+    """As the runtime opens the graph: each layer's RingMix is one node instead of its function body."""
+    graph = nodes.decode_graph(artifact)
+    stock, own = nodes.per_layer(graph), nodes.per_layer(graph, own_kernels=True)
+    print(f"decode graph: {stock} nodes per layer on ONNX Runtime's kernels, {own} on pltkit's")
+    assert 0 < own < stock
+
+
 def test_genai_folder_and_peer_nodes(artifact, tmp_path):
     """An onnxruntime-genai folder names its decoder and layer count in genai_config.json: here one
     made of the artifact's own decode graph, so both systems count the same."""
@@ -43,7 +53,9 @@ def test_genai_folder_and_peer_nodes(artifact, tmp_path):
         {"model": {"decoder": {"filename": "decode.gqa.onnx", "num_hidden_layers": 3}}}))
     assert nodes.genai_graph(tmp_path) == (tmp_path / "decode.gqa.onnx", 3)
     got = nodes.peer_nodes({"int8": artifact}, {"int8": tmp_path})
-    assert set(got) == {"pltkit-int8", "genai-int8"} and got["pltkit-int8"] == got["genai-int8"] > 0
+    assert set(got) == {"pltkit-int8", "genai-int8"}  # pltkit's as its runtime opens it, the peer's on stock kernels
+    assert got["pltkit-int8"] == nodes.per_layer(nodes.decode_graph(artifact), own_kernels=True) > 0
+    assert got["genai-int8"] == nodes.per_layer(nodes.decode_graph(artifact)) > 0
 
 
 def test_nodes_in_report():

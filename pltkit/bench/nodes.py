@@ -28,11 +28,15 @@ def count_nodes(graph) -> int:
                for n in graph.node)
 
 
-def optimized_nodes(model: str | Path, level: str = "all") -> int:
+def optimized_nodes(model: str | Path, level: str = "all", own_kernels: bool = False) -> int:
     """Nodes of an ONNX model after ONNX Runtime's CPU graph optimizations at `level` ("all":
-    ORT_ENABLE_ALL, as the backends run; "none": ORT_DISABLE_ALL, the model as loaded)."""
+    ORT_ENABLE_ALL, as the backends run; "none": ORT_DISABLE_ALL, the model as loaded). own_kernels:
+    as the ONNX Runtime backend opens a decode graph, on pltkit's kernels where they run here
+    (pltkit.runtime.kernels; a RingMix node is then one node, not its function body)."""
     import onnx
     import onnxruntime as ort
+
+    from pltkit.runtime import kernels
 
     with tempfile.TemporaryDirectory(prefix="pltkit-nodes-") as d:
         so = ort.SessionOptions()
@@ -42,7 +46,13 @@ def optimized_nodes(model: str | Path, level: str = "all") -> int:
         so.optimized_model_filepath = str(Path(d) / "optimized.onnx")
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+        source = str(model)
+        if own_kernels and kernels.available():
+            own, count = kernels.kernel_model(Path(model))
+            if count:
+                source = own
+                kernels.load_into(so, Path(model).parent)
+        ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
         return count_nodes(onnx.load(so.optimized_model_filepath, load_external_data=False).graph)
 
 
@@ -88,26 +98,26 @@ def genai_graph(model_dir: str | Path) -> tuple[Path, int]:
     return Path(model_dir) / decoder["filename"], decoder["num_hidden_layers"]
 
 
-def per_layer(graph: tuple[Path, int], level: str = "all") -> float:
+def per_layer(graph: tuple[Path, int], level: str = "all", own_kernels: bool = False) -> float:
     """Nodes per decoder layer of (model, layers), after ONNX Runtime's optimizations, to 0.1."""
     model, layers = graph
-    return round(optimized_nodes(model, level) / layers, 1)
+    return round(optimized_nodes(model, level, own_kernels) / layers, 1)
 
 
 def peer_nodes(artifacts: dict, genai_models: dict) -> dict:
-    """{"pltkit-int8": n, "genai-int8": n, ...}: nodes per layer of pltkit's decode graphs and
-    onnxruntime-genai's models, by precision."""
+    """{"pltkit-int8": n, "genai-int8": n, ...}: nodes per layer of pltkit's decode graphs (as its runtime
+    opens them) and onnxruntime-genai's models, by precision."""
     out = {}
     for prec in artifacts:
-        out[f"pltkit-{prec}"] = per_layer(decode_graph(artifacts[prec]))
+        out[f"pltkit-{prec}"] = per_layer(decode_graph(artifacts[prec]), own_kernels=True)
         out[f"genai-{prec}"] = per_layer(genai_graph(genai_models[prec]))
     return out
 
 
 def loop_nodes(artifacts: dict) -> dict:
-    """{precision: {variant: n}}: nodes per layer of the loop benchmark's decode graphs, from its
-    {(variant, precision): artifact}."""
+    """{precision: {variant: n}}: nodes per layer of the loop benchmark's decode graphs as the runtime opens
+    them, from its {(variant, precision): artifact}."""
     out = {}
     for (variant, prec), art in sorted(artifacts.items(), key=lambda kv: kv[0][::-1]):
-        out.setdefault(prec, {})[variant] = per_layer(decode_graph(art))
+        out.setdefault(prec, {})[variant] = per_layer(decode_graph(art), own_kernels=True)
     return out

@@ -113,8 +113,11 @@ def nodes_table(results: dict) -> list[str]:
     loops, peers = results["loops"].get("nodes_per_layer"), results.get("ortgenai", {}).get("nodes_per_layer")
     if not loops and not peers:
         return []
+    from pltkit.runtime import kernels
+
+    own = "on pltkit's kernels where they run" if kernels.available() else "pltkit's kernels do not run here"
     lines = ["", "nodes per decoder layer of the decode graph after ONNX Runtime's optimizations "
-                 "(ORT_ENABLE_ALL, CPU; all nodes / layers)"]
+                 f"(ORT_ENABLE_ALL, CPU; all nodes / layers; {own})"]
     loop_precs = sorted(loops or {}, key=_precision_order)
     peer_precs = sorted({k.split("-")[1] for k in peers or {}}, key=_precision_order)
     if loops:

@@ -180,10 +180,13 @@ def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
     stages.update()
 
     graphs = {attention: {} for _, _, attention, _ in graph_files}
+    functions = {}  # pltkit's own ops -> the graph files that use them
     for file, phase, attention, build in graph_files:
         stages.set_postfix_str(file)
         g = build(cfg, store, OPSET, attention, quant, dtype)
         onnx.save_model(_model_proto(g, f"pltkit_{phase}", dtype), tmp / file)
+        for name in g.functions:
+            functions.setdefault(name, []).append(file)
         graphs[attention][phase] = {"file": file, **_io(g), **g.meta}
         stages.update(0.5)
         kill_point(file)
@@ -210,7 +213,10 @@ def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
         "opset": OPSET, "ir_version": IR_VERSION,
         "custom_ops": [{"domain": la.DOMAIN, "op": la.OP, "version": la.VERSION,
                         "plugin_namespace": la.PLUGIN_NAMESPACE, "plugin_version": la.PLUGIN_VERSION,
-                        "spec": "docs/loop-attention-op.md"}],
+                        "spec": "docs/loop-attention-op.md"},
+                       *({"domain": la.KERNEL_DOMAIN, "op": name, "version": 1, "graphs": files,
+                          "function_body": True, "spec": la.OWN_OPS[name]}
+                         for name, files in functions.items())],
         "graphs": graphs,
         "state": {"names": state_names(cfg), "shapes": state_shapes(cfg), "dtype": dtype},
         "max_context": cfg.max_position_embeddings,

@@ -32,6 +32,7 @@ KERNEL_DOMAIN, RING_MIX = "pltkit", "RingMix"
 RING_MIX_INPUTS = ["query", "key", "value", "global", "ring_key", "ring_value", "gate", "seqlens_k",
                    "total_sequence_length", "cos_cache", "sin_cache", "position_ids"]
 RING_MIX_OUTPUTS = ["output", "present_ring_key", "present_ring_value"]
+OWN_OPS = {RING_MIX: "pltkit/runtime/kernels/ring_mix.c"}  # pltkit's ops with function bodies -> their spec
 ATTRIBUTES = {"first_loop": AttributeProto.INT, "window": AttributeProto.INT, "scale": AttributeProto.FLOAT,
               "kv_buffer": AttributeProto.INT, "plugin_namespace": AttributeProto.STRING,
               "plugin_version": AttributeProto.STRING}

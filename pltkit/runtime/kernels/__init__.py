@@ -161,4 +161,5 @@ def load_into(so, folder: Path) -> None:
     """ONNX Runtime session options `so` for a kernel_model graph whose external data lie in `folder`: the library
     registered (KernelUnavailable where it cannot run)."""
     so.register_custom_ops_library(str(library()))
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    # absolute: ONNX Runtime refuses a relative folder for a model given as bytes
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(folder).resolve()))
