@@ -64,7 +64,7 @@ def no_ring_mix(graph):
                       helper.make_node("Slice", [present + ".all", f"cut.window{window}", "cut.end", "cut.three"],
                                        [present])]
         if not any(t.name == f"cut.window{window}" for t in graph.initializer):
-            _ints(graph, **{f"window{window}": -window})
+            _ints(graph, **{f"window{window}": -window if window else 2**40})  # window 0: keep none
     del graph.node[:]
     graph.node.extend(nodes)
     _ints(graph, minus1=-1, end=2**40, three=3)

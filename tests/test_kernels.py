@@ -217,8 +217,8 @@ def ring_mix_statement(feed: dict, rows: int, window: int = 4, heads: int = 4, k
         return np.concatenate([x[..., :half] * c - x[..., half:] * s, x[..., half:] * c + x[..., :half] * s], -1)
     out, rings_k, rings_v = glob.copy(), [], []
     for r in range(1, rows):
-        keys = np.concatenate([feed["ring_key"][r - 1], np.stack([rotate(k[r, b], b) for b in range(batch)])[:, :, None]],
-                              2)
+        own = np.stack([rotate(k[r, b], b) for b in range(batch)])[:, :, None]  # [B, Hkv, 1, Dh]
+        keys = np.concatenate([feed["ring_key"][r - 1], own], 2)
         values = np.concatenate([feed["ring_value"][r - 1], v[r][:, :, None]], 2)
         for b in range(batch):
             for h in range(heads):
@@ -227,29 +227,31 @@ def ring_mix_statement(feed: dict, rows: int, window: int = 4, heads: int = 4, k
                 p = np.exp(scores - scores.max())
                 local = p / p.sum() @ values_h
                 out[r, b, h] = local + feed["gate"][r - 1, b, h, 0] * (glob[r, b, h] - local)
-        rings_k.append(keys[:, :, -window:])
-        rings_v.append(values[:, :, -window:])
+        rings_k.append(keys[:, :, max(0, keys.shape[2] - window):])
+        rings_v.append(values[:, :, max(0, keys.shape[2] - window):])
     return [out.reshape(rows, batch, 1, heads * dh), np.stack(rings_k), np.stack(rings_v)]
 
 
 @needs_kernels
 @pytest.mark.parametrize("rows,batch", [(2, 1), (3, 1), (2, 2)])
-@pytest.mark.parametrize("ring", [0, 2, 4, 6])  # window 4: empty, filling, full, and longer than the window
+# window 4: rings empty, filling, full, and longer than the window; window 0: the row's own key alone, no ring kept
+@pytest.mark.parametrize("ring,window", [(0, 4), (2, 4), (4, 4), (6, 4), (3, 0)])
 @pytest.mark.parametrize("rotary", [True, False])
-def test_ring_mix_kernel_equals_its_statement_and_function_body(rows, batch, ring, rotary):
-    model = ring_mix_model(rows, rotary)
+def test_ring_mix_kernel_equals_its_statement_and_function_body(rows, batch, ring, window, rotary):
+    model = ring_mix_model(rows, rotary, window=window)
     feed = ring_mix_inputs(rows, batch, ring, rotary, seed=rows * 100 + batch * 10 + ring)
-    want, body, got = ring_mix_statement(feed, rows), session(model, False).run(None, feed), session(model, True).run(
-        None, feed)
+    want = ring_mix_statement(feed, rows, window)
+    body, got = session(model, False).run(None, feed), session(model, True).run(None, feed)
     assert [w.shape for w in want] == [b.shape for b in body] == [g.shape for g in got] == [
-        (rows, batch, 1, 64), *[(rows - 1, batch, 2, min(ring + 1, 4), 16)] * 2]
+        (rows, batch, 1, 64), *[(rows - 1, batch, 2, min(ring + 1, window), 16)] * 2]
     # ONNX Runtime's GroupQueryAttention, with an empty past and batch 2, returns the second entry's new key
     # rotated elsewhere than at its position; its output is right. pltkit never runs it so: a decode step of
     # L > 1 loops on the GQA graph has batch 1.
     checked = body[:1] if batch > 1 and ring == 0 and rotary else body
-    diff = max(float(np.abs(w - g).max()) for w, g in zip(want, got))
-    diff_body = max(float(np.abs(b - g).max()) for b, g in zip(checked, got))
-    print(f"rows {rows}, batch {batch}, ring {ring}, rotary {rotary}: max|kernel - statement| {diff:.1e}, "
+    diff = max(float(np.abs(w - g).max(initial=0)) for w, g in zip(want, got))  # (window 0: empty rings)
+    diff_body = max(float(np.abs(b - g).max(initial=0)) for b, g in zip(checked, got))
+    print(f"rows {rows}, batch {batch}, ring {ring}, window {window}, rotary {rotary}: max|kernel - statement| "
+          f"{diff:.1e}, "
           f"max|kernel - function body| {diff_body:.1e}")
     assert diff <= 1e-5 and diff_body <= 1e-5
 
@@ -262,7 +264,8 @@ def test_ring_mix_refuses_shapes_it_cannot_read_with_a_clear_error():
     bad = {"global must be": {"global": feed["global"][:, :1]},
            "ring_key and ring_value must be": {"ring_value": feed["ring_value"][..., :2, :]},
            "a position is outside cos_cache": {"position_ids": np.array([[500]])},
-           "gate must hold": {"gate": feed["gate"][:, :, :2]}}
+           "gate must be": {"gate": feed["gate"].reshape(1, 1, 1, 4)},  # as many values, another shape
+           "position_ids must be": {"position_ids": np.array([7])}}
     for why, change in bad.items():
         with pytest.raises(Exception, match=f"RingMix: {why}"):
             own.run(None, {**feed, **change})

@@ -113,9 +113,8 @@ def nodes_table(results: dict) -> list[str]:
     loops, peers = results["loops"].get("nodes_per_layer"), results.get("ortgenai", {}).get("nodes_per_layer")
     if not loops and not peers:
         return []
-    from pltkit.runtime import kernels
-
-    own = "on pltkit's kernels where they run" if kernels.available() else "pltkit's kernels do not run here"
+    own = any(r.get("nodes_on_pltkit_kernels") for r in (results["loops"], results.get("ortgenai", {})))
+    own = "pltkit's graphs on its own kernels" if own else "pltkit's own kernels did not run"
     lines = ["", "nodes per decoder layer of the decode graph after ONNX Runtime's optimizations "
                  f"(ORT_ENABLE_ALL, CPU; all nodes / layers; {own})"]
     loop_precs = sorted(loops or {}, key=_precision_order)

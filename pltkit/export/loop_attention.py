@@ -235,6 +235,7 @@ class GQA:
         window + 1, seqlens and total32 its lengths), and is mixed: g * global + (1 - g) * local.
         Returns the output [R, B, 1, H*Dh] (o_proj's input) and the rings' new keys and values."""
         zero = g.const([0])
+        keep = g.const([-self.window] if self.window else [TO_END])  # (a start of -0 would keep them all)
         y_rows = self.step_rows(g, y_step, rows)  # [R, B, H, Dh]
         locals_, rings_k, rings_v = [], [], []
         for r in range(1, rows):
@@ -244,8 +245,7 @@ class GQA:
                                         caches=self.rotary and (*self.rotary, positions))
             locals_.append(g.op("Reshape", y, g.const([1, -1, self.heads, self.head_dim])))
             for ring, x in ((rings_k, loc_k), (rings_v, loc_v)):  # the newest `window` of the call's keys
-                ring.append(g.op("Unsqueeze", g.op("Slice", x, g.const([-self.window]), g.const([TO_END]),
-                                                   g.const([2])), zero))
+                ring.append(g.op("Unsqueeze", g.op("Slice", x, keep, g.const([TO_END]), g.const([2])), zero))
         y_local = _rows_of(g, locals_)
         # rows >= 1: g * global + (1 - g) * local = local + g * (global - local)
         y_g = g.op("Slice", y_rows, g.const([1]), g.const([TO_END]), zero)

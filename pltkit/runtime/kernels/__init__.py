@@ -152,7 +152,8 @@ def kernel_model(path: Path) -> tuple[bytes, int]:
 
     model = onnx.load(str(path), load_external_data=False)
     count = rows_graph(model, path.parent)
-    if all(i.type.tensor_type.elem_type == TensorProto.FLOAT for i in model.graph.input if i.name == "past_carry"):
+    state = [i for i in model.graph.input if i.name.startswith("past_") and i.name != "past_len"]
+    if all(i.type.tensor_type.elem_type == TensorProto.FLOAT for i in state):  # caches, rings, carries
         count += sum(n.op_type == RING_MIX and n.domain == DOMAIN for n in model.graph.node)
     return model.SerializeToString(), count
 

@@ -70,5 +70,16 @@ static inline void *tensor_data(const OrtValue *v) {
   return st ? NULL : data;
 }
 
+/* What pltkit's ops share: the CPU provider, float outputs, all required, inputs in CPU memory, no variadics */
+static inline const char *op_cpu(const struct OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static inline int op_float(const struct OrtCustomOp *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static inline int op_required(const struct OrtCustomOp *op, size_t i) { (void)op; (void)i; return REQUIRED; }
+static inline int op_cpu_memory(const struct OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static inline int op_one(const struct OrtCustomOp *op) { (void)op; return 1; }
+#define CPU_OP_FIELDS                                                                                       \
+  .version = OP_VERSION, .GetExecutionProviderType = op_cpu, .GetOutputType = op_float,                     \
+  .GetOutputCharacteristic = op_required, .GetInputMemoryType = op_cpu_memory, .GetVariadicInputMinArity = op_one, \
+  .GetVariadicInputHomogeneity = op_one, .GetVariadicOutputMinArity = op_one, .GetVariadicOutputHomogeneity = op_one
+
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni,fma")))  /* only where the CPU has it */
 #endif

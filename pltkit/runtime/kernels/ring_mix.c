@@ -8,7 +8,7 @@
  *     where inputs 9-11 are given)
  *   3 global [B, R*rep, Hkv*Dh]: the global call's output, position r*rep + j is row r's head j of a kv group
  *   4 ring_key, 5 ring_value [R-1, B, Hkv, W, Dh]: keys (rotated) and values of positions pos0-W .. pos0-1
- *   6 gate [R-1, B, H, 1]
+ *   6 gate [R-1, B, H, 1]: g of each row, batch entry and head
  *   7 seqlens_k [B] int32, 8 total_sequence_length [] int32: the body's GroupQueryAttention lengths (W, W + 1);
  *     the kernel takes W from ring_key
  *   9 cos_cache, 10 sin_cache [P, Dh/2], 11 position_ids [B, 1] int64: optional, together; q and k of a row
@@ -51,7 +51,8 @@ static inline AVX512 float dot(const float *a, const float *b, int64_t n) {
 static inline AVX512 void axpy(float a, const float *x, float *y, int64_t n) {  /* y += a x */
   int64_t i = 0;
   __m512 va = _mm512_set1_ps(a);
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
   for (; i < n; i++) y[i] += a * x[i];
 }
 
@@ -74,7 +75,8 @@ static AVX512 void unit(void *data, size_t u) {
   const int64_t ring = ((r - 1) * B + b) * hkv + kh;  /* this unit's ring, of W entries */
   const float *rk = c->ring_k + ring * c->w * dh, *rv = c->ring_v + ring * c->w * dh;
   const float *first_k = rk + (c->w - c->vis) * dh, *first_v = rv + (c->w - c->vis) * dh;
-  const float *cs = c->cos ? c->cos + c->pos[b] * (dh / 2) : NULL, *sn = c->cos ? c->sin + c->pos[b] * (dh / 2) : NULL;
+  const int64_t at = c->cos ? c->pos[b] * (dh / 2) : 0;  /* the position's row of the rotary caches */
+  const float *cs = c->cos ? c->cos + at : NULL, *sn = c->cos ? c->sin + at : NULL;
   float *scores = c->scratch + (int64_t)u * (c->vis + 1 + 2 * dh), *key = scores + c->vis + 1, *y = key + dh;
   const float *v_new = c->v + ((r * B + b) * hkv + kh) * dh;
   rotate(c->k + ((r * B + b) * hkv + kh) * dh, cs, sn, dh, key);
@@ -160,20 +162,18 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   if (nd[IN_GLOBAL] != 3 || !same(dims[IN_GLOBAL], glob, 3))
     BAD("global must be [B, R * num_heads / kv_num_heads, kv_num_heads * head size]");
   if (nd[IN_RING_K] != 5 || nd[IN_RING_V] != 5 || !same(dims[IN_RING_K], dims[IN_RING_V], 5) ||
-      dims[IN_RING_K][0] != R - 1 || dims[IN_RING_K][1] != B || dims[IN_RING_K][2] != hkv || dims[IN_RING_K][4] != dh)
+      dims[IN_RING_K][0] != R - 1 || dims[IN_RING_K][1] != B || dims[IN_RING_K][2] != hkv ||
+      dims[IN_RING_K][4] != dh)
     BAD("ring_key and ring_value must be [R - 1, B, kv_num_heads, W, head size]");
-  int64_t gates = 1;
-  for (size_t i = 0; i < nd[IN_GATE]; i++) gates *= dims[IN_GATE][i];
-  if (gates != (R - 1) * B * heads) BAD("gate must hold (R - 1) * B * num_heads values");
+  const int64_t gate[4] = {R - 1, B, heads, 1}, ids[2] = {B, 1};
+  if (nd[IN_GATE] != 4 || !same(dims[IN_GATE], gate, 4)) BAD("gate must be [R - 1, B, num_heads, 1]");
   Call c = {.kn = kn, .rows = R, .batch = B, .dh = dh, .w = dims[IN_RING_K][3]};
   c.vis = c.w < kn->window ? c.w : kn->window;
   c.keep = c.w + 1 < kn->window ? c.w + 1 : kn->window;
   if (rotary) {
     if (nd[IN_COS] != 2 || !same(dims[IN_COS], dims[IN_SIN], 2) || dims[IN_COS][1] != dh / 2)
       BAD("cos_cache and sin_cache must be [positions, head size / 2]");
-    int64_t ids = 1;
-    for (size_t i = 0; i < nd[IN_POS]; i++) ids *= dims[IN_POS][i];
-    if (ids != B) BAD("position_ids must hold one position for each batch entry");
+    if (nd[IN_POS] != 2 || !same(dims[IN_POS], ids, 2)) BAD("position_ids must be [B, 1]");
     c.cos = tensor_data(in[IN_COS]), c.sin = tensor_data(in[IN_SIN]), c.pos = tensor_data(in[IN_POS]);
     for (int64_t b = 0; b < B; b++)
       if (c.pos[b] < 0 || c.pos[b] >= dims[IN_COS][0]) BAD("a position is outside cos_cache");
@@ -202,11 +202,14 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernelInfo *info, void **out) {
   (void)op; (void)ort;
   Kernel k;
-  TRY(CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, "num_heads", &k.heads));
-  TRY(CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, "kv_num_heads",
-                                                                                            &k.kv_heads));
-  TRY(CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, "window", &k.window));
-  TRY(CALL(ATTRIBUTE_FLOAT, OrtStatus *(*)(const OrtKernelInfo *, const char *, float *))(info, "scale", &k.scale));
+  typedef OrtStatus *(*GetInt)(const OrtKernelInfo *, const char *, int64_t *);
+  typedef OrtStatus *(*GetFloat)(const OrtKernelInfo *, const char *, float *);
+  GetInt get_int = CALL(ATTRIBUTE_INT64, GetInt);
+  GetFloat get_float = CALL(ATTRIBUTE_FLOAT, GetFloat);
+  TRY(get_int(info, "num_heads", &k.heads));
+  TRY(get_int(info, "kv_num_heads", &k.kv_heads));
+  TRY(get_int(info, "window", &k.window));
+  TRY(get_float(info, "scale", &k.scale));
   if (k.heads < 1 || k.kv_heads < 1 || k.heads % k.kv_heads || k.window < 0)
     BAD("num_heads must be a positive multiple of kv_num_heads, and window at least 0");
   Kernel *kn = malloc(sizeof *kn);
@@ -217,24 +220,16 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
 }
 
 static const char *name(const OrtCustomOp *op) { (void)op; return "RingMix"; }
-static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const OrtCustomOp *op, size_t i) {
   (void)op;
   return i == IN_SEQLENS || i == IN_TOTAL ? TYPE_INT32 : i == IN_POS ? TYPE_INT64 : TYPE_FLOAT;
 }
 static size_t input_count(const OrtCustomOp *op) { (void)op; return INPUTS; }
-static int output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
 static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= IN_COS ? OPTIONAL : REQUIRED; }
-static int output_kind(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return REQUIRED; }
-static int memory_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
-static int one(const OrtCustomOp *op) { (void)op; return 1; }
 
 OrtCustomOp pltkit_ring_mix_op = {
-  .version = OP_VERSION, .GetName = name, .GetExecutionProviderType = provider,
-  .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
+  CPU_OP_FIELDS, .GetName = name, .GetInputType = input_type, .GetInputTypeCount = input_count,
   .GetOutputTypeCount = output_count, .KernelDestroy = free, .GetInputCharacteristic = input_kind,
-  .GetOutputCharacteristic = output_kind, .GetInputMemoryType = memory_default,
-  .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one,
-  .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create, .KernelComputeV2 = compute,
+  .CreateKernelV2 = create, .KernelComputeV2 = compute,
 };

@@ -259,21 +259,13 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
 }
 
 static const char *name(const OrtCustomOp *op) { (void)op; return "RowsMatMulNBits"; }
-static const char *provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
 static size_t input_count(const OrtCustomOp *op) { (void)op; return 3; }
-static int output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 1; }
-static int required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
-static int memory_default(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }
-static int one(const OrtCustomOp *op) { (void)op; return 1; }
 
 OrtCustomOp pltkit_rows_op = {
-  .version = OP_VERSION, .GetName = name, .GetExecutionProviderType = provider,
-  .GetInputType = input_type, .GetInputTypeCount = input_count, .GetOutputType = output_type,
-  .GetOutputTypeCount = output_count, .KernelDestroy = destroy, .GetInputCharacteristic = required,
-  .GetOutputCharacteristic = required, .GetInputMemoryType = memory_default,
-  .GetVariadicInputMinArity = one, .GetVariadicInputHomogeneity = one, .GetVariadicOutputMinArity = one,
-  .GetVariadicOutputHomogeneity = one, .CreateKernelV2 = create, .KernelComputeV2 = compute,
+  CPU_OP_FIELDS, .GetName = name, .GetInputType = input_type, .GetInputTypeCount = input_count,
+  .GetOutputTypeCount = output_count, .KernelDestroy = destroy, .GetInputCharacteristic = op_required,
+  .CreateKernelV2 = create, .KernelComputeV2 = compute,
 };
 
