@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from pltkit.export import export_stamp
-from pltkit.bench.nodes import kernels_available, loop_nodes
+from pltkit.bench.nodes import loop_nodes
+from pltkit.runtime import kernels
 
 VARIANTS = ("plain", "serial2", "plt2")
 
@@ -198,7 +199,7 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
     out["peak_rss_mb"] = peak_rss(checkpoints, max(contexts), threads, [f for f in forms if f in rss_forms])
     if artifacts:
         out["nodes_per_layer"] = loop_nodes(artifacts)
-        out["nodes_on_pltkit_kernels"] = kernels_available()
+        out["nodes_on_pltkit_kernels"] = kernels.available()
     return out
 
 

@@ -28,13 +28,6 @@ def count_nodes(graph) -> int:
                for n in graph.node)
 
 
-def kernels_available() -> bool:
-    """Whether pltkit's kernels run here: the node counts of pltkit's graphs are then counted on them."""
-    from pltkit.runtime import kernels
-
-    return kernels.available()
-
-
 def optimized_nodes(model: str | Path, level: str = "all", own_kernels: bool = False) -> int:
     """Nodes of an ONNX model after ONNX Runtime's CPU graph optimizations at `level` ("all":
     ORT_ENABLE_ALL, as the backends run; "none": ORT_DISABLE_ALL, the model as loaded). own_kernels:

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from pltkit.bench.llamacpp import PltkitRunner, Runner, prepare_pltkit, prompt_ids, timed
-from pltkit.bench.nodes import kernels_available, peer_nodes
+from pltkit.bench.nodes import peer_nodes
+from pltkit.runtime import kernels
 
 PRECISIONS = ("int8", "int4")
 BUILD_OPTIONS = {"int8": ["accuracy_level=4", "block_size=32"],
@@ -136,7 +137,7 @@ def run(threads: int, ctx: int, steps: int, repeats: int, workdir: Path, log=pri
             **timed(systems, ids, steps, repeats),
             "top1_agreement": {p: agreement(systems[f"pltkit-{p}"].backend, systems[f"genai-{p}"], ids[:256])
                                for p in PRECISIONS},
-            "nodes_per_layer": peer_nodes(arts, models), "nodes_on_pltkit_kernels": kernels_available()}
+            "nodes_per_layer": peer_nodes(arts, models), "nodes_on_pltkit_kernels": kernels.available()}
 
 
 def agreement(backend, genai: GenaiRunner, ids: list[int], start: int = 128) -> float:

@@ -139,26 +139,21 @@ static AVX512 void chunk(void *data, size_t i) {  /* the i-th G groups of column
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   const Kernel *kn = kernel;
   const OrtValue *x;
-  void *shape;
   size_t ndim;
   int64_t dims[8];
+  int elem;
   TRY(CALL(CONTEXT_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, 0, &x));
-  TRY(CALL(TYPE_AND_SHAPE, OrtStatus *(*)(const OrtValue *, void **))(x, &shape));
-  OrtStatus *st = CALL(DIMS_COUNT, OrtStatus *(*)(const void *, size_t *))(shape, &ndim);
-  if (!st && (ndim < 1 || ndim > 8)) st = error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: A must have 1 to 8 dimensions");
-  if (!st) st = CALL(DIMS, OrtStatus *(*)(const void *, int64_t *, size_t))(shape, dims, ndim);
-  CALL(RELEASE_SHAPE, void (*)(void *))(shape);
-  if (st) return st;
+  TRY(tensor_shape(x, &elem, dims, &ndim, 8));
+  if (ndim < 1) return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: A must have 1 to 8 dimensions");
   if (dims[ndim - 1] != kn->k) return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: A's last dimension is not K");
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < ndim; i++) rows *= dims[i];
   dims[ndim - 1] = kn->n;
   OrtValue *out;
-  void *y, *xd;
   TRY(CALL(CONTEXT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
       ctx, 0, dims, ndim, &out));
-  TRY(CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))(out, &y));
-  TRY(CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)x, &xd));
+  void *y = tensor_data(out), *xd = tensor_data(x);
+  if (!y || !xd) return error(ORT_FAIL, "RowsMatMulNBits: a tensor has no data");
   /* two rounded rows: codes, scales and offsets (on the heap: K is not bounded here) */
   size_t codes = (size_t)(2 * kn->k + 63) / 64 * 64;
   size_t bytes = (codes + 2 * (size_t)kn->blocks * (sizeof(float) + sizeof(int32_t)) + 63) / 64 * 64;
@@ -184,23 +179,18 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 static OrtStatus *constant(const OrtKernelInfo *info, size_t index, int type, int64_t count, void **data) {
   int is_constant = 0, elem = 0;
   const OrtValue *v;
-  void *shape;
   size_t ndim = 0;
   int64_t dims[8], total = 1;
   TRY(CALL(CONSTANT_INPUT, OrtStatus *(*)(const OrtKernelInfo *, size_t, int *, const OrtValue **))(
       info, index, &is_constant, &v));
   if (!is_constant) return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: B and scales must be initializers");
-  TRY(CALL(TYPE_AND_SHAPE, OrtStatus *(*)(const OrtValue *, void **))(v, &shape));
-  OrtStatus *st = CALL(ELEMENT_TYPE, OrtStatus *(*)(const void *, int *))(shape, &elem);
-  if (!st) st = CALL(DIMS_COUNT, OrtStatus *(*)(const void *, size_t *))(shape, &ndim);
-  if (!st && ndim <= 8) st = CALL(DIMS, OrtStatus *(*)(const void *, int64_t *, size_t))(shape, dims, ndim);
-  CALL(RELEASE_SHAPE, void (*)(void *))(shape);
-  if (st) return st;
-  for (size_t i = 0; i < ndim && ndim <= 8; i++) total *= dims[i];
-  if (elem != type || ndim > 8 || total != count)
+  TRY(tensor_shape(v, &elem, dims, &ndim, 8));
+  for (size_t i = 0; i < ndim; i++) total *= dims[i];
+  if (elem != type || total != count)
     return error(ORT_INVALID_ARGUMENT, index == 1 ? "RowsMatMulNBits: B is not uint8 of N x K/32 x 32*bits/8"
                                                   : "RowsMatMulNBits: scales are not float of N x K/32");
-  return CALL(TENSOR_DATA, OrtStatus *(*)(OrtValue *, void **))((OrtValue *)v, data);
+  *data = tensor_data(v);
+  return *data ? NULL : error(ORT_FAIL, "RowsMatMulNBits: an initializer has no data");
 }
 
 static void destroy(void *kernel) {
