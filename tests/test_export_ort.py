@@ -117,17 +117,22 @@ def test_artifact_is_self_describing(exported):
         assert [f.name for f in model.functions] == ["LoopAttention"]
         assert set(m["graphs"]["function"][phase]["inputs"]) == {i.name for i in model.graph.input}
     fast = onnx.load(art / m["graphs"]["gqa"]["decode"]["file"], load_external_data=False)
-    gqa = [n for n in fast.graph.node if n.op_type == "GroupQueryAttention"]
-    ring_mix = [n for n in fast.graph.node if (n.domain, n.op_type) == ("pltkit", "RingMix")]
-    assert len(gqa) == cfg.num_hidden_layers  # a layer: one global call, and with loops >= 1 one RingMix
-    assert len(ring_mix) == (cfg.num_hidden_layers if cfg.plt_num_loops > 1 else 0)
+    own = {op: [n for n in fast.graph.node if (n.domain, n.op_type) == ("pltkit", op)]
+           for op in ("StepAttention", "RingMix")}
+    assert not [n for n in fast.graph.node if n.op_type == "GroupQueryAttention"]  # inside the functions
+    # a layer: its global attention, and with loops >= 1 one RingMix
+    assert len(own["StepAttention"]) == cfg.num_hidden_layers
+    assert len(own["RingMix"]) == (cfg.num_hidden_layers if cfg.plt_num_loops > 1 else 0)
     bodies = {f.name: f for f in fast.functions}
-    assert ("RingMix" in bodies) == bool(ring_mix)
-    listed = {"domain": "pltkit", "op": "RingMix", "version": 1, "graphs": ["decode.gqa.onnx"], "function_body": True,
-              "spec": "pltkit/runtime/kernels/ring_mix.c"}
-    assert m["custom_ops"][1:] == ([listed] if ring_mix else [])
-    if ring_mix:  # its body has a call per ring
-        assert sum(n.op_type == "GroupQueryAttention" for n in bodies["RingMix"].node) == cfg.plt_num_loops - 1
+    assert [op for op in own if own[op]] == [op for op in bodies if op in own]
+
+    def listed(op, source):
+        return {"domain": "pltkit", "op": op, "version": 1, "graphs": ["decode.gqa.onnx"], "function_body": True,
+                "spec": f"pltkit/runtime/kernels/{source}.c"}
+    assert m["custom_ops"][1:] == [listed("StepAttention", "step_attention"),
+                                   *([listed("RingMix", "ring_mix")] if own["RingMix"] else [])]
+    calls = {op: sum(n.op_type == "GroupQueryAttention" for n in f.node) for op, f in bodies.items() if op in own}
+    assert calls == {"StepAttention": 1, **({"RingMix": cfg.plt_num_loops - 1} if own["RingMix"] else {})}
 
 
 def test_runtime_path_does_not_import_torch(exported):

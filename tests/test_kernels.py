@@ -1,7 +1,7 @@
 """pltkit's own ONNX Runtime kernels (pltkit/runtime/kernels), built with this machine's compiler and run in real
 sessions. pltkit.RowsMatMulNBits is held to a numpy statement of its arithmetic and to ONNX Runtime's
-MatMulNBits, which it replaces in decode graphs; pltkit.RingMix to the function body the exporter writes with
-it. The decode of exported models on them against the same models on ONNX Runtime's kernels and against the
+MatMulNBits, which it replaces in decode graphs; pltkit.StepAttention and pltkit.RingMix to numpy statements of
+their semantics and to the function bodies the exporter writes with them. The decode of exported models on them against the same models on ONNX Runtime's kernels and against the
 torch reference."""
 
 import copy
@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from synth import make_checkpoint, make_config
 
-from pltkit.export.loop_attention import GQA, RING_MIX_INPUTS
+from pltkit.export.gqa import GQA, RING_MIX_INPUTS, STEP_INPUTS
 from pltkit.quant.schemes import SCHEMES
 from pltkit.runtime import kernels
 from pltkit.runtime.artifact import Artifact, ArtifactError
@@ -182,13 +182,12 @@ def ring_mix_model(rows: int, rotary: bool, heads: int = 4, kv_heads: int = 2, h
 def ring_mix_inputs(rows: int, batch: int, ring: int, rotary: bool, heads: int = 4, kv_heads: int = 2,
                     head_dim: int = 16, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
-    rep = heads // kv_heads
 
     def normal(*shape):
         return rng.normal(size=shape).astype(np.float32)
     feed = {"query": normal(rows, batch, 1, heads * head_dim), "key": normal(rows, batch, 1, kv_heads * head_dim),
             "value": normal(rows, batch, 1, kv_heads * head_dim),
-            "global": normal(batch, rows * rep, kv_heads * head_dim),
+            "global": normal(rows, batch, 1, heads * head_dim),
             "ring_key": normal(rows - 1, batch, kv_heads, ring, head_dim),
             "ring_value": normal(rows - 1, batch, kv_heads, ring, head_dim),
             "gate": rng.uniform(size=(rows - 1, batch, heads, 1)).astype(np.float32),
@@ -207,7 +206,7 @@ def ring_mix_statement(feed: dict, rows: int, window: int = 4, heads: int = 4, k
     batch, dh, rep = feed["query"].shape[1], feed["ring_key"].shape[-1], heads // kv_heads
     q = feed["query"].reshape(rows, batch, heads, dh).astype(np.float64)
     k, v = (feed[n].reshape(rows, batch, kv_heads, dh).astype(np.float64) for n in ("key", "value"))
-    glob = feed["global"].reshape(batch, rows, rep, kv_heads, dh).transpose(1, 0, 3, 2, 4).reshape(q.shape)
+    glob = feed["global"].reshape(q.shape)
 
     def rotate(x, b):
         if "cos_cache" not in feed:
@@ -261,13 +260,177 @@ def test_ring_mix_refuses_shapes_it_cannot_read_with_a_clear_error():
     model = ring_mix_model(2, True)
     feed = ring_mix_inputs(2, 1, 3, True)
     own = session(model, True)
-    bad = {"global must be": {"global": feed["global"][:, :1]},
+    bad = {"global must be": {"global": feed["global"][..., :32]},
            "ring_key and ring_value must be": {"ring_value": feed["ring_value"][..., :2, :]},
            "a position is outside cos_cache": {"position_ids": np.array([[500]])},
            "gate must be": {"gate": feed["gate"].reshape(1, 1, 1, 4)},  # as many values, another shape
            "position_ids must be": {"position_ids": np.array([7])}}
     for why, change in bad.items():
         with pytest.raises(Exception, match=f"RingMix: {why}"):
+            own.run(None, {**feed, **change})
+    assert own.run(None, feed)[0].shape == (2, 1, 1, 64)  # and the session goes on
+
+
+def rotary_caches(head_dim: int, positions: int = 700) -> dict:
+    angles = np.arange(positions)[:, None] * 10000.0 ** (-np.arange(head_dim // 2) / (head_dim // 2))
+    return {"cos_cache": np.cos(angles).astype(np.float32), "sin_cache": np.sin(angles).astype(np.float32)}
+
+
+def rotate_half(x, cos, sin):
+    half = x.shape[-1] // 2
+    return np.concatenate([x[..., :half] * cos - x[..., half:] * sin, x[..., half:] * cos + x[..., :half] * sin], -1)
+
+
+def step_model(rows: int, rotary: bool, heads: int, kv_heads: int, head_dim: int):
+    """One pltkit.StepAttention node as the exporter writes it, with its function body."""
+    gqa = GQA(heads=heads, kv_heads=kv_heads, head_dim=head_dim, window=4, scale=head_dim ** -0.5,
+              rotary=("cos_cache", "sin_cache") if rotary else ())
+    n = rows * heads // kv_heads
+    names = [i for i in STEP_INPUTS if (rotary or i not in ("cos_cache", "sin_cache", "position_ids"))]
+    node_inputs = [i if i != "attention_bias" or n > 1 else "" for i in names]
+    types = {"seqlens_k": TensorProto.INT32, "total_sequence_length": TensorProto.INT32,
+             "position_ids": TensorProto.INT64}
+    node = helper.make_node(kernels.STEP, node_inputs, ["y", "present_key", "present_value"], domain=kernels.DOMAIN,
+                            num_heads=heads, kv_num_heads=kv_heads, scale=gqa.scale)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(i, types.get(i, TensorProto.FLOAT), None)
+                                            for i in node_inputs if i],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in node.output])
+    return helper.make_model(graph, opset_imports=[*OPSETS, helper.make_opsetid(kernels.DOMAIN, 1)], ir_version=10,
+                             functions=[gqa.step_function(21, rows)])
+
+
+def step_inputs(rows: int, batch: int, pos0: int, rotary: bool, heads: int, kv_heads: int, head_dim: int,
+                spare: int = 3, seed: int = 0) -> dict:
+    """A step at position pos0 over a cache buffer of pos0 + n + spare positions (random beyond pos0 too: no
+    position after the token's may count)."""
+    rng = np.random.default_rng(seed)
+    n = rows * heads // kv_heads
+
+    def normal(*shape):
+        return rng.normal(size=shape).astype(np.float32)
+    cap = pos0 + n + spare
+    feed = {"query": normal(rows, batch, 1, heads * head_dim), "key": normal(rows, batch, 1, kv_heads * head_dim),
+            "value": normal(rows, batch, 1, kv_heads * head_dim),
+            "past_key": normal(batch, kv_heads, cap, head_dim), "past_value": normal(batch, kv_heads, cap, head_dim),
+            "seqlens_k": np.full(batch, pos0 + n - 1, np.int32), "total_sequence_length": np.array(pos0 + n, np.int32)}
+    if n > 1:  # the body's: its n - 1 copies of the key hidden
+        feed["attention_bias"] = np.concatenate([np.zeros((n, pos0 + 1)), np.full((n, n - 1), -np.inf)],
+                                                1).astype(np.float32).reshape(1, 1, n, -1)
+    if rotary:
+        feed.update(rotary_caches(head_dim), position_ids=np.full((batch, n), pos0 + 2, np.int64))
+    return feed
+
+
+def step_statement(feed: dict, rows: int, heads: int, kv_heads: int) -> list:
+    """StepAttention in numpy: row 0's key (rotated at the entry's position where the caches are given) and value
+    go into the cache at pos0 = seqlens_k + 1 - n; each row's heads attend (softmax, scale 1/sqrt(Dh)) over
+    positions 0 .. pos0 of their kv head; the cache is otherwise unchanged."""
+    batch, dh, rep = feed["query"].shape[1], feed["past_key"].shape[-1], heads // kv_heads
+    q = feed["query"].reshape(rows, batch, heads, dh).astype(np.float64)
+    k, v = (feed[i].reshape(rows, batch, kv_heads, dh).astype(np.float64) for i in ("key", "value"))
+    cache_k, cache_v = feed["past_key"].copy(), feed["past_value"].copy()
+    out = np.zeros_like(q)
+    for b in range(batch):
+        pos0 = int(feed["seqlens_k"][b]) + 1 - rows * rep
+        def rot(x):
+            if "cos_cache" not in feed:
+                return x
+            p = int(feed["position_ids"][b, 0])
+            return rotate_half(x, feed["cos_cache"][p], feed["sin_cache"][p])
+        cache_k[b, :, pos0], cache_v[b, :, pos0] = rot(k[0, b]), v[0, b]
+        for r in range(rows):
+            for h in range(heads):
+                scores = cache_k[b, h // rep, :pos0 + 1].astype(np.float64) @ rot(q[r, b, h]) / np.sqrt(dh)
+                p = np.exp(scores - scores.max())
+                out[r, b, h] = p / p.sum() @ cache_v[b, h // rep, :pos0 + 1]
+    return [out.reshape(rows, batch, 1, heads * dh), cache_k, cache_v]
+
+
+@needs_kernels
+# rows of 1 to 3 loops; heads: GQA groups of 2, or MHA; head size 24 has a partial vector of 16 (no rotary:
+# the body's GroupQueryAttention rotates heads of multiples of 16 only); positions: empty cache, short, and
+# 300 and 600 (the kernel splits keys by 256)
+@pytest.mark.parametrize("rows,heads,kv_heads,head_dim,rotary",
+                         [(1, 4, 2, 16, True), (2, 4, 2, 16, True), (3, 4, 2, 16, False), (2, 8, 2, 24, False),
+                          (1, 2, 2, 16, True), (2, 2, 2, 24, False)])
+@pytest.mark.parametrize("pos0", [0, 5, 300, 600])
+def test_step_attention_kernel_equals_its_statement_and_function_body(rows, heads, kv_heads, head_dim, rotary,
+                                                                       pos0):
+    model = step_model(rows, rotary, heads, kv_heads, head_dim)
+    feed = step_inputs(rows, 1, pos0, rotary, heads, kv_heads, head_dim, seed=pos0 + rows)
+    want = step_statement(feed, rows, heads, kv_heads)
+    body, got = session(model, False).run(None, feed), session(model, True).run(None, feed)
+    assert [w.shape for w in want] == [b.shape for b in body] == [g.shape for g in got]
+    seen = pos0 + 1  # the body writes the key at pos0 and n - 1 copies after it, which it hides
+    diff = max(float(np.abs(w - g).max()) for w, g in zip(want, got))
+    diff_body = max(float(np.abs(b[..., :seen, :] - g[..., :seen, :]).max()) for b, g in zip(body[1:], got[1:]))
+    diff_body = max(diff_body, float(np.abs(body[0] - got[0]).max()))
+    print(f"rows {rows}, heads {heads}/{kv_heads} of {head_dim}, rotary {rotary}, pos0 {pos0}: max|kernel - "
+          f"statement| {diff:.1e}, max|kernel - function body| {diff_body:.1e}")
+    assert diff <= 1e-5 and diff_body <= 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads,rows", [(2, 1), (4, 2)])
+def test_step_attention_batch(heads, rows):
+    """A batch of 2 at positions 7 and 300. The body's GroupQueryAttention takes one position after a past only
+    for a batch (MHA, one row: the runtime's batched decode on this graph); the kernel any."""
+    model = step_model(rows, True, heads, 2, 16)
+    n = rows * heads // 2
+    feed = step_inputs(rows, 2, 300, True, heads, 2, 16, seed=9)
+    feed["seqlens_k"] = np.array([7 + n - 1, 300 + n - 1], np.int32)
+    feed["position_ids"] = np.array([[9] * n, [302] * n], np.int64)
+    want, got = step_statement(feed, rows, heads, 2), session(model, True).run(None, feed)
+    diff = max(float(np.abs(w - g).max()) for w, g in zip(want, got))
+    print(f"batch 2, {n} query positions a kv head: max|kernel - statement| {diff:.1e}")
+    assert diff <= 1e-5
+    if n == 1:  # the body writes past an entry's token too: each entry's cache compares up to its token
+        body = session(model, False).run(None, feed)
+        assert np.abs(body[0] - got[0]).max() <= 1e-5
+        for b, seen in enumerate((8, 301)):
+            assert max(float(np.abs(x[b, :, :seen] - y[b, :, :seen]).max()) for x, y in zip(body[1:], got[1:])) <= 1e-5
+
+
+@needs_kernels
+def test_step_attention_writes_the_cache_in_place():
+    """Bound as both past and present (as the runtime binds its cache buffers), the kernel writes the token's key
+    and value into the buffer itself, and no other position."""
+    import onnxruntime as ort
+
+    model, rows, pos0 = step_model(2, True, 4, 2, 16), 2, 40
+    feed = step_inputs(rows, 1, pos0, True, 4, 2, 16, seed=4)
+    want = step_statement(feed, rows, 4, 2)
+    before = {i: feed[i].copy() for i in ("past_key", "past_value")}
+    own = session(model, True)
+    io = own.io_binding()
+    io.bind_output("y")
+    for i, a in feed.items():
+        if i.startswith("past_"):
+            value = ort.OrtValue.ortvalue_from_numpy(a)
+            io.bind_ortvalue_input(i, value)
+            io.bind_ortvalue_output(i.replace("past_", "present_"), value)
+        else:
+            io.bind_cpu_input(i, a)
+    own.run_with_iobinding(io)
+    assert np.abs(io.copy_outputs_to_cpu()[0] - want[0]).max() <= 1e-5
+    for i, w in zip(("past_key", "past_value"), want[1:]):
+        changed = np.flatnonzero((feed[i] != before[i]).any(axis=(0, 1, 3)))
+        assert changed.tolist() == [pos0] and np.abs(feed[i] - w).max() <= 1e-6
+
+
+@needs_kernels
+def test_step_attention_refuses_shapes_it_cannot_read_with_a_clear_error():
+    model = step_model(2, True, 4, 2, 16)
+    feed = step_inputs(2, 1, 5, True, 4, 2, 16)
+    own = session(model, True)
+    bad = {"past_key and past_value must be": {"past_value": feed["past_value"][:, :, :-1]},
+           "key and value must be": {"key": feed["key"][:1]},
+           "seqlens_k must be at least": {"seqlens_k": np.array([2], np.int32)},
+           "which the cache's capacity must hold": {"total_sequence_length": np.array(50, np.int32)},
+           "a position is outside cos_cache": {"position_ids": np.full((1, 4), 900, np.int64)},
+           "position_ids must be": {"position_ids": np.array([[7]])}}
+    for why, change in bad.items():
+        with pytest.raises(Exception, match=f"StepAttention: .*{why}"):
             own.run(None, {**feed, **change})
     assert own.run(None, feed)[0].shape == (2, 1, 1, 64)  # and the session goes on
 
@@ -334,13 +497,13 @@ def test_decode_on_own_kernels_matches_ort_kernels_and_torch(artifacts, form):
     replaced = kernels.rows_graph(onnx.load(str(path), load_external_data=False), path.parent)
     assert replaced == OWN_NODES[form]
     own, theirs = OrtBackend(art, 1, kernels="pltkit"), OrtBackend(art, 1, kernels="ort")
-    ring_mix = 2  # a RingMix node in each layer: the model's loops are 2
-    assert own.own_nodes == {("decode", "gqa"): replaced + ring_mix} and theirs.kernels is None and not theirs.own_nodes
+    attention = 2 * 2  # a StepAttention and a RingMix node in each of 2 layers: the model's loops are 2
+    assert own.own_nodes == {("decode", "gqa"): replaced + attention} and theirs.kernels is None and not theirs.own_nodes
     ids = np.random.default_rng(1).integers(4, 320, (1, 20))
     a, b = decode_logits(own, ids), decode_logits(theirs, ids)
     want = torch_same_weights(artifacts["ckpt"], SCHEMES[form], ids)
     diff, diff_ort, diff_ref = np.abs(a - b).max(), np.abs(b - want).max(), np.abs(a - want).max()
-    print(f"{form}: {replaced} + {ring_mix} nodes on pltkit's kernels; max|logits, own - ORT's kernels| {diff:.1e}; "
+    print(f"{form}: {replaced} + {attention} nodes on pltkit's kernels; max|logits, own - ORT's kernels| {diff:.1e}; "
           f"max|own - torch with the same weights| {diff_ref:.3f} (ORT's kernels: {diff_ort:.3f}; "
           f"logits span {np.ptp(want):.1f})")
     assert diff <= 1e-4 and (a.argmax(-1) == b.argmax(-1)).all()

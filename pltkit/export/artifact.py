@@ -36,6 +36,7 @@ from onnx import TensorProto, helper
 from tqdm import tqdm
 
 import pltkit
+from pltkit.export import gqa
 from pltkit.export import loop_attention as la
 from pltkit.export.builder import state_names, state_shapes
 from pltkit.export.plt_onnx import decode_graph, prefill_graph, rope_tables
@@ -128,7 +129,7 @@ class WeightStore:
 
 
 def _model_proto(graph, name: str, dtype: str) -> onnx.ModelProto:
-    own = [helper.make_opsetid(la.KERNEL_DOMAIN, 1)] if graph.functions else []
+    own = [helper.make_opsetid(gqa.KERNEL_DOMAIN, 1)] if graph.functions else []
     return helper.make_model(
         graph.graph(name), producer_name="pltkit", producer_version=pltkit.__version__, ir_version=IR_VERSION,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(la.DOMAIN, la.VERSION),
@@ -214,8 +215,8 @@ def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
         "custom_ops": [{"domain": la.DOMAIN, "op": la.OP, "version": la.VERSION,
                         "plugin_namespace": la.PLUGIN_NAMESPACE, "plugin_version": la.PLUGIN_VERSION,
                         "spec": "docs/loop-attention-op.md"},
-                       *({"domain": la.KERNEL_DOMAIN, "op": name, "version": 1, "graphs": files,
-                          "function_body": True, "spec": la.OWN_OPS[name]}
+                       *({"domain": gqa.KERNEL_DOMAIN, "op": name, "version": 1, "graphs": files,
+                          "function_body": True, "spec": gqa.OWN_OPS[name]}
                          for name, files in functions.items())],
         "graphs": graphs,
         "state": {"names": state_names(cfg), "shapes": state_shapes(cfg), "dtype": dtype},

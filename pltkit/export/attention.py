@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pltkit.export.loop_attention import GQA, loop_attention
+from pltkit.export.gqa import GQA
+from pltkit.export.loop_attention import loop_attention
 
 LOOP0, LATER, ALL_LOOPS = "loop0", "later", "all_loops"
 
@@ -98,7 +99,7 @@ def gqa_loop0(b, i: int, x_in: str, h: str, rows: Rows) -> tuple[str, list[str]]
     if rows.step:
         q, k, v = _qkv_tokens(b, i, h, rows.rope, rotary)
         y, *state = _gqa(b, rotary).step(b.g, q, k, v, *rows.kv, rows.pos0, 1)
-        return b.g.op("Reshape", y, b.g.const([0, 0, 1, -1])), [*state, None, None]
+        return y, [*state, None, None]
     if rotary and b.packs():
         q, k, v = b.linear(h, b.store.pack(b.qkv_prefixes(i)), b.cfg.attention_bias), None, None
     else:

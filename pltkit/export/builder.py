@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pltkit.export.graph import FLOAT, INT64, TO_END, Graph
-from pltkit.export.loop_attention import step_positions
+from pltkit.export.gqa import step_positions
 from pltkit.model.config import PLTConfig
 from pltkit.model.formats import float_type
 

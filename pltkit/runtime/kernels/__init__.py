@@ -1,13 +1,15 @@
 """pltkit's own ONNX Runtime kernels: C sources in this folder, built on first use with the machine's C
 compiler into pltkit's cache, and loaded into the sessions that run them.
 
-Two kernels, one library (library.c; ort_abi.h declares the pieces of ONNX Runtime's C API they use):
+Three kernels, one library (library.c; ort_abi.h declares the pieces of ONNX Runtime's C API they use):
 - `pltkit.RowsMatMulNBits` (rows_matmul.c): MatMulNBits of 8 and 4 bits for the one to few rows of a decode
   step, which reads each line of weights once for two rows (PLT-2's loops). `rows_graph` puts it in place of
   the MatMulNBits nodes it can run; the artifact on disk is unchanged.
+- `pltkit.StepAttention` (step_attention.c): the global attention of a decode step's rows over the cache buffer,
+  written in place.
 - `pltkit.RingMix` (ring_mix.c): the rows of loops >= 1 of a decode step over their rings, mixed with the global
-  attention. The exporter writes these nodes with a function body, which ONNX Runtime runs where the library is
-  not loaded.
+  attention.
+The exporter writes the last two with function bodies, which ONNX Runtime runs where the library is not loaded.
 `kernel_model` readies a decode graph file for them and counts the nodes they run, and `load_into` readies
 session options for the result.
 """
@@ -31,10 +33,10 @@ from pltkit.model.paths import user_cache_dir
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("library.c", "rows_matmul.c", "ring_mix.c")]
+SOURCES = [HERE / n for n in ("library.c", "rows_matmul.c", "step_attention.c", "ring_mix.c")]
 HEADERS = [HERE / "ort_abi.h"]
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared"]  # the kernel's functions name their AVX-512 targets themselves
-DOMAIN, OP, RING_MIX = "pltkit", "RowsMatMulNBits", "RingMix"
+DOMAIN, OP, STEP, RING_MIX = "pltkit", "RowsMatMulNBits", "StepAttention", "RingMix"
 # MatMulNBits attributes the kernel computes exactly as ONNX Runtime does
 REPLACEABLE = {"block_size": 32, "accuracy_level": 4}
 BITS = (8, 4)
@@ -146,7 +148,8 @@ def rows_graph(model, folder=None) -> int:
 
 def kernel_model(path: Path) -> tuple[bytes, int]:
     """The graph file at `path` with rows_graph applied, serialized, and how many of its nodes pltkit's kernels
-    run: those rows_graph replaced and the RingMix nodes of a float32 graph (the kernel's only type)."""
+    run: those rows_graph replaced and the StepAttention and RingMix nodes of a float32 graph (their kernels'
+    only type)."""
     import onnx
     from onnx import TensorProto
 
@@ -154,7 +157,7 @@ def kernel_model(path: Path) -> tuple[bytes, int]:
     count = rows_graph(model, path.parent)
     state = [i for i in model.graph.input if i.name.startswith("past_") and i.name != "past_len"]
     if all(i.type.tensor_type.elem_type == TensorProto.FLOAT for i in state):  # caches, rings, carries
-        count += sum(n.op_type == RING_MIX and n.domain == DOMAIN for n in model.graph.node)
+        count += sum(n.op_type in (STEP, RING_MIX) and n.domain == DOMAIN for n in model.graph.node)
     return model.SerializeToString(), count
 
 

@@ -1,8 +1,8 @@
-/* pltkit's ONNX Runtime kernels as one library: the domain "pltkit" with its ops (rows_matmul.c, ring_mix.c). */
+/* pltkit's ONNX Runtime kernels as one library: the domain "pltkit" with its ops (rows_matmul.c, step_attention.c, ring_mix.c). */
 #include "ort_abi.h"
 
 const Slot *pltkit_api;
-extern OrtCustomOp pltkit_rows_op, pltkit_ring_mix_op;
+extern OrtCustomOp pltkit_rows_op, pltkit_step_attention_op, pltkit_ring_mix_op;
 
 /* 1 where this CPU runs the kernels (AVX-512 F, BW and VNNI), for the loader to ask before it opens a session */
 int pltkit_kernels_supported(void) {
@@ -21,6 +21,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     OrtDomain *made;
     TRY(CALL(CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtDomain **))("pltkit", &made));
     TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(made, &pltkit_rows_op));
+    TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(made, &pltkit_step_attention_op));
     TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(made, &pltkit_ring_mix_op));
     domain = made;
   }
