@@ -317,7 +317,7 @@ def step_inputs(rows: int, batch: int, pos0: int, rotary: bool, heads: int, kv_h
         feed["attention_bias"] = np.concatenate([np.zeros((n, pos0 + 1)), np.full((n, n - 1), -np.inf)],
                                                 1).astype(np.float32).reshape(1, 1, n, -1)
     if rotary:
-        feed.update(rotary_caches(head_dim), position_ids=np.full((batch, n), pos0 + 2, np.int64))
+        feed.update(rotary_caches(head_dim, max(700, cap + 3)), position_ids=np.full((batch, n), pos0 + 2, np.int64))
     return feed
 
 

@@ -28,7 +28,8 @@
 #include "ort_abi.h"
 
 enum { IN_Q, IN_K, IN_V, IN_PAST_K, IN_PAST_V, IN_SEQLENS, IN_TOTAL, IN_BIAS, IN_COS, IN_SIN, IN_POS, INPUTS };
-enum { CHUNK = 256, MAX_DH = 1024 };  /* CHUNK: keys a unit of work reads (long contexts split across threads) */
+enum { CHUNK = 256, MAX_DH = 1024, MAX_LANES = 16 };  /* CHUNK: keys a unit of work reads (long contexts split
+                                                         across threads); MAX_LANES: npad up to 256 */
 
 typedef struct { int64_t heads, kv_heads; float scale; } Kernel;
 
@@ -51,41 +52,75 @@ static inline AVX512 __m512 exp512(__m512 x) {  /* e^x for x <= 0, within 2e-7 r
   return _mm512_scalef_ps(p, k);
 }
 
-static inline AVX512 __mmask16 tail(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
-
-/* scores of G queries (q: [G, Dh]) against keys [t0, t1), into p rows of stride CHUNK */
-static inline __attribute__((always_inline)) AVX512 void scores(int G, const float *q, const float *keys,
-                                                                int64_t t0, int64_t t1, int64_t dh, float *p) {
-  for (int64_t t = t0; t < t1; t++) {
-    const float *key = keys + t * dh;
-    __m512 acc[8];
-    for (int i = 0; i < G; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < dh; d += 16) {
-      const __mmask16 m = tail(dh - d);
-      const __m512 kd = _mm512_maskz_loadu_ps(m, key + d);
-      for (int i = 0; i < G; i++) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i * dh + d), kd, acc[i]);
-    }
-    for (int i = 0; i < G; i++) p[i * CHUNK + t - t0] = _mm512_reduce_add_ps(acc[i]);
-  }
+static inline AVX512 __mmask16 tail(int64_t left) {
+  return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
 }
 
-/* y [G, Dh] = p [G, t1 - t0] (rows of stride CHUNK) times values [t0, t1) */
-static inline __attribute__((always_inline)) AVX512 void weigh(int G, const float *p, const float *values,
-                                                               int64_t t0, int64_t t1, int64_t dh, float *y) {
-  for (int64_t d = 0; d < dh; d += 16) {
-    const __mmask16 m = tail(dh - d);
-    __m512 acc[8];
-    for (int i = 0; i < G; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t t = t0; t < t1; t++) {
-      const __m512 vd = _mm512_maskz_loadu_ps(m, values + t * dh + d);
-      for (int i = 0; i < G; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(p[i * CHUNK + t - t0]), vd, acc[i]);
+/* the sums of a, b, c and d, as the four lanes of a 128-bit vector */
+static inline AVX512 __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  /* a b a b per 128 bits */
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));  /* a b c d per 128 */
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));
+  return _mm512_castps512_ps128(x);
+}
+
+/* the scores of 4 queries (q: [4, Dh]) against K keys from `key` (rows of Dh): p[j][0..3] for key j, rows of
+ * `stride`. A block of K keys by 4 queries keeps every partial sum in a register. */
+static inline __attribute__((always_inline)) AVX512 void block4(int K, const float *q, const float *key, int64_t dh,
+                                                                int64_t stride, float *p) {
+  __m512 acc[4][4];
+  for (int j = 0; j < K; j++)
+    for (int i = 0; i < 4; i++) acc[j][i] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < dh; e += 16) {
+    const __mmask16 m = tail(dh - e);
+    __m512 qe[4];
+    for (int i = 0; i < 4; i++) qe[i] = _mm512_maskz_loadu_ps(m, q + i * dh + e);
+    for (int j = 0; j < K; j++) {
+      const __m512 k = _mm512_maskz_loadu_ps(m, key + j * dh + e);
+      for (int i = 0; i < 4; i++) acc[j][i] = _mm512_fmadd_ps(qe[i], k, acc[j][i]);
     }
-    for (int i = 0; i < G; i++) _mm512_mask_storeu_ps(y + i * dh + d, m, acc[i]);
+  }
+  for (int j = 0; j < K; j++) _mm_storeu_ps(p + j * stride, sum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
+}
+
+static inline AVX512 void scores4(const float *q, const float *keys, int64_t t0, int64_t t1, int64_t dh,
+                                  int64_t stride, float *p) {
+  int64_t t = t0;
+  for (; t + 4 <= t1; t += 4) block4(4, q, keys + t * dh, dh, stride, p + (t - t0) * stride);
+  for (; t < t1; t++) block4(1, q, keys + t * dh, dh, stride, p + (t - t0) * stride);
+}
+
+/* y [G, Dh] = the weights p of G queries (p[t - t0][i], rows of `stride`) times values [t0, t1), W vectors of
+ * 16 values at a time (G * W accumulators in registers) */
+static inline __attribute__((always_inline)) AVX512 void weigh(int G, int W, const float *p, int64_t stride,
+                                                               const float *values, int64_t t0, int64_t t1,
+                                                               int64_t dh, float *y) {
+  for (int64_t e = 0; e < dh; e += 16 * W) {
+    __mmask16 m[2];
+    __m512 acc[2][16];
+    for (int w = 0; w < W; w++) {
+      m[w] = tail(dh - e - 16 * w);
+      for (int i = 0; i < G; i++) acc[w][i] = _mm512_setzero_ps();
+    }
+    for (int64_t t = t0; t < t1; t++) {
+      const float *weights = p + (t - t0) * stride, *v = values + t * dh + e;
+      __m512 vw[2];
+      for (int w = 0; w < W; w++) vw[w] = _mm512_maskz_loadu_ps(m[w], v + 16 * w);
+      for (int i = 0; i < G; i++) {
+        const __m512 x = _mm512_set1_ps(weights[i]);
+        for (int w = 0; w < W; w++) acc[w][i] = _mm512_fmadd_ps(x, vw[w], acc[w][i]);
+      }
+    }
+    for (int w = 0; w < W; w++)
+      for (int i = 0; i < G; i++) _mm512_mask_storeu_ps(y + i * dh + e + 16 * w, m[w], acc[w][i]);
   }
 }
 
 /* unit u: batch entry b, kv head kh, chunk c of keys: per query, the max score, the sum of e^(s - max) and
- * the sum of those weights times the values */
+ * the sum of those weights times the values. The scores lie key-major, p[t][i] (npad queries a key), so a
+ * vector of 16 holds 16 / npad keys (npad 4 or 8) or part of one key's queries (npad a multiple of 16). */
 static AVX512 void unit(void *data, size_t u) {
   const Call *c = data;
   const int64_t dh = c->dh, npad = c->npad, ch = (int64_t)u % c->chunks, kh = (int64_t)u / c->chunks % c->kv_heads;
@@ -99,27 +134,39 @@ static AVX512 void unit(void *data, size_t u) {
     for (int64_t i = 0; i < npad; i++) top[i] = -INFINITY, sum[i] = 0.f;
     return;
   }
-  for (int64_t i = 0; i < npad; i += 8) {
-    if (npad - i == 4) scores(4, q + i * dh, keys, t0, t1, dh, p + i * CHUNK);
-    else scores(8, q + i * dh, keys, t0, t1, dh, p + i * CHUNK);
+  for (int64_t i = 0; i < npad; i += 4) scores4(q + i * dh, keys, t0, t1, dh, npad, p + i);
+  const int64_t flat = (t1 - t0) * npad, lanes = npad < 16 ? 1 : npad / 16;  /* vector v: queries of lanes[v % lanes] */
+  __m512 acc[MAX_LANES];
+  for (int64_t l = 0; l < lanes; l++) acc[l] = _mm512_set1_ps(-INFINITY);
+  for (int64_t f = 0; f < flat; f += 16)
+    acc[f / 16 % lanes] = _mm512_max_ps(acc[f / 16 % lanes], _mm512_mask_loadu_ps(acc[f / 16 % lanes], tail(flat - f), p + f));
+  float lane[16];
+  for (int64_t i = 0; i < npad; i++) top[i] = -INFINITY, sum[i] = 0.f;
+  for (int64_t l = 0; l < lanes; l++) {
+    _mm512_storeu_ps(lane, acc[l]);
+    for (int j = 0; j < 16; j++) top[(16 * l + j) % npad] = fmaxf(top[(16 * l + j) % npad], lane[j]);
   }
-  for (int64_t i = 0; i < npad; i++) {
-    float *row = p + i * CHUNK;
-    __m512 mx = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
-    for (int64_t t = 0; t < t1 - t0; t += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail(t1 - t0 - t), row + t));
-    top[i] = _mm512_reduce_max_ps(mx);
-    const __m512 shift = _mm512_set1_ps(top[i]);
-    for (int64_t t = 0; t < t1 - t0; t += 16) {
-      const __mmask16 m = tail(t1 - t0 - t);
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + t), shift));
-      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
-      _mm512_mask_storeu_ps(row + t, m, e);
-    }
-    sum[i] = i < c->n ? _mm512_reduce_add_ps(total) : 0.f;
+  for (int64_t l = 0; l < lanes; l++) {  /* the shift of each lane, then the sums */
+    for (int j = 0; j < 16; j++) lane[j] = top[(16 * l + j) % npad];
+    acc[l] = _mm512_loadu_ps(lane);
   }
-  for (int64_t i = 0; i < npad; i += 8) {
-    if (npad - i == 4) weigh(4, p + i * CHUNK, values, t0, t1, dh, y + i * dh);
-    else weigh(8, p + i * CHUNK, values, t0, t1, dh, y + i * dh);
+  __m512 total[MAX_LANES];
+  for (int64_t l = 0; l < lanes; l++) total[l] = _mm512_setzero_ps();
+  for (int64_t f = 0; f < flat; f += 16) {
+    const __mmask16 m = tail(flat - f);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + f), acc[f / 16 % lanes]));
+    total[f / 16 % lanes] = _mm512_add_ps(total[f / 16 % lanes], _mm512_maskz_mov_ps(m, e));
+    _mm512_mask_storeu_ps(p + f, m, e);
+  }
+  for (int64_t l = 0; l < lanes; l++) {
+    _mm512_storeu_ps(lane, total[l]);
+    for (int j = 0; j < 16; j++) sum[(16 * l + j) % npad] += lane[j];
+  }
+  for (int64_t i = 0; i < npad; i += 16) {
+    const int64_t g = npad - i < 16 ? npad - i : 16;
+    if (g == 4) weigh(4, 2, p + i, npad, values, t0, t1, dh, y + i * dh);
+    else if (g == 8) weigh(8, 2, p + i, npad, values, t0, t1, dh, y + i * dh);
+    else weigh(16, 1, p + i, npad, values, t0, t1, dh, y + i * dh);
   }
 }
 
@@ -217,7 +264,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   OrtStatus *st = output(ctx, 0, out_dims, 4, &out);
   if (!st) st = output(ctx, 1, dims[IN_PAST_K], 4, &cache_k);
   if (!st) st = output(ctx, 2, dims[IN_PAST_K], 4, &cache_v);
-  const int64_t npad = n <= 4 ? 4 : (n + 7) / 8 * 8, chunks = (longest + CHUNK - 1) / CHUNK;
+  const int64_t npad = n <= 4 ? 4 : n <= 8 ? 8 : (n + 15) / 16 * 16, chunks = (longest + CHUNK - 1) / CHUNK;
+  if (npad > 16 * MAX_LANES) { free(seen); BAD("at most 256 query heads a kv head"); }
   const size_t units = (size_t)(B * hkv * chunks), per_unit = (size_t)(npad * (CHUNK + 2 + dh));
   const size_t queries = (size_t)(B * hkv * npad * dh);
   float *qr = st ? NULL : malloc((queries + units * per_unit) * sizeof(float));
