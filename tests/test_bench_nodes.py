@@ -37,7 +37,8 @@ def test_nodes_per_layer_of_the_decode_graph(artifact):
 
 @pytest.mark.skipif(not kernels.available(), reason="pltkit's kernels do not build or run here")
 def test_nodes_per_layer_on_pltkits_kernels(artifact):
-    """As the runtime opens the graph: each layer's RingMix is one node instead of its function body."""
+    """As the runtime opens the graph: each layer's StepAttention and RingMix are one node each instead of their
+    function bodies."""
     graph = nodes.decode_graph(artifact)
     stock, own = nodes.per_layer(graph), nodes.per_layer(graph, own_kernels=True)
     print(f"decode graph: {stock} nodes per layer on ONNX Runtime's kernels, {own} on pltkit's")

@@ -1,8 +1,8 @@
 """pltkit's own ONNX Runtime kernels (pltkit/runtime/kernels), built with this machine's compiler and run in real
 sessions. pltkit.RowsMatMulNBits is held to a numpy statement of its arithmetic and to ONNX Runtime's
 MatMulNBits, which it replaces in decode graphs; pltkit.StepAttention and pltkit.RingMix to numpy statements of
-their semantics and to the function bodies the exporter writes with them. The decode of exported models on them against the same models on ONNX Runtime's kernels and against the
-torch reference."""
+their semantics and to the function bodies the exporter writes with them. The decode of exported models on them
+against the same models on ONNX Runtime's kernels and against the torch reference."""
 
 import copy
 
@@ -256,6 +256,19 @@ def test_ring_mix_kernel_equals_its_statement_and_function_body(rows, batch, rin
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows,batch", [(2, 1), (3, 2)])
+def test_ring_mix_reads_the_global_output_of_older_artifacts(rows, batch):
+    """Artifacts exported before StepAttention give RingMix the global GroupQueryAttention call's output, [B,
+    R * rep, Hkv * Dh] (a kv group's heads of all rows as positions): the same numbers as the rows' layout."""
+    model = ring_mix_model(rows, True)
+    feed = ring_mix_inputs(rows, batch, 3, True, seed=rows)
+    grouped = feed["global"].reshape(rows, batch, 2, 2, 16).transpose(1, 0, 3, 2, 4).reshape(batch, rows * 2, 32)
+    own = session(model, True)
+    want, got = own.run(None, feed), own.run(None, {**feed, "global": grouped})
+    assert all(np.array_equal(w, g) for w, g in zip(want, got))
+
+
+@needs_kernels
 def test_ring_mix_refuses_shapes_it_cannot_read_with_a_clear_error():
     model = ring_mix_model(2, True)
     feed = ring_mix_inputs(2, 1, 3, True)
@@ -498,7 +511,8 @@ def test_decode_on_own_kernels_matches_ort_kernels_and_torch(artifacts, form):
     assert replaced == OWN_NODES[form]
     own, theirs = OrtBackend(art, 1, kernels="pltkit"), OrtBackend(art, 1, kernels="ort")
     attention = 2 * 2  # a StepAttention and a RingMix node in each of 2 layers: the model's loops are 2
-    assert own.own_nodes == {("decode", "gqa"): replaced + attention} and theirs.kernels is None and not theirs.own_nodes
+    assert own.own_nodes == {("decode", "gqa"): replaced + attention}
+    assert theirs.kernels is None and not theirs.own_nodes
     ids = np.random.default_rng(1).integers(4, 320, (1, 20))
     a, b = decode_logits(own, ids), decode_logits(theirs, ids)
     want = torch_same_weights(artifacts["ckpt"], SCHEMES[form], ids)

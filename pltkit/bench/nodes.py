@@ -32,7 +32,7 @@ def optimized_nodes(model: str | Path, level: str = "all", own_kernels: bool = F
     """Nodes of an ONNX model after ONNX Runtime's CPU graph optimizations at `level` ("all":
     ORT_ENABLE_ALL, as the backends run; "none": ORT_DISABLE_ALL, the model as loaded). own_kernels:
     as the ONNX Runtime backend opens a decode graph, on pltkit's kernels where they run here
-    (pltkit.runtime.kernels; a RingMix node is then one node, not its function body)."""
+    (pltkit.runtime.kernels; a StepAttention or RingMix node is then one node, not its function body)."""
     import onnx
     import onnxruntime as ort
 

@@ -1,4 +1,5 @@
-/* pltkit's ONNX Runtime kernels as one library: the domain "pltkit" with its ops (rows_matmul.c, step_attention.c, ring_mix.c). */
+/* pltkit's ONNX Runtime kernels as one library: the domain "pltkit" with its ops (rows_matmul.c, step_attention.c,
+ * ring_mix.c). */
 #include "ort_abi.h"
 
 const Slot *pltkit_api;

@@ -6,7 +6,9 @@
  * S = 1 token, R rows (loops), B batch, H heads, Hkv kv heads, Dh head size, rep = H / Hkv, W ring length:
  *   0 query [R, B, 1, H*Dh], 1 key and 2 value [R, B, 1, Hkv*Dh]: the rows' projections (q and k not rotated
  *     where inputs 9-11 are given)
- *   3 global [R, B, 1, H*Dh]: the global attention's output (pltkit.StepAttention's)
+ *   3 global [R, B, 1, H*Dh]: the global attention's output (pltkit.StepAttention's); or [B, R*rep, Hkv*Dh], the
+ *     global GroupQueryAttention call's of artifacts exported before StepAttention (position r*rep + j is row
+ *     r's head j of a kv group)
  *   4 ring_key, 5 ring_value [R-1, B, Hkv, W, Dh]: keys (rotated) and values of positions pos0-W .. pos0-1
  *   6 gate [R-1, B, H, 1]: g of each row, batch entry and head
  *   7 seqlens_k [B] int32, 8 total_sequence_length [] int32: the body's GroupQueryAttention lengths (W, W + 1);
@@ -33,7 +35,8 @@ typedef struct { int64_t heads, kv_heads, window; float scale; } Kernel;
 
 typedef struct {  /* one call */
   const Kernel *kn;
-  int64_t batch, dh, w, vis, keep;  /* vis: ring entries visible; keep: present ring length */
+  int64_t rows, batch, dh, w, vis, keep;  /* vis: ring entries visible; keep: present ring length */
+  int grouped;  /* global in the GroupQueryAttention call's layout */
   const float *q, *k, *v, *global, *ring_k, *ring_v, *gate, *cos, *sin;
   const int64_t *pos;
   float *out, *out_k, *out_v, *scratch;  /* scratch: per unit, vis + 1 scores and two vectors of Dh */
@@ -96,7 +99,8 @@ static AVX512 void unit(void *data, size_t u) {
       axpy(p, e < c->vis ? first_v + e * dh : v_new, y, dh);
     }
     const float g = c->gate[((r - 1) * B + b) * heads + h], inv = 1.f / sum;
-    const float *glob = c->global + ((r * B + b) * heads + h) * dh;
+    const float *glob = c->grouped ? c->global + ((b * c->rows + r) * rep + j) * hkv * dh + kh * dh
+                                   : c->global + ((r * B + b) * heads + h) * dh;
     float *o = c->out + ((r * B + b) * heads + h) * dh;
     for (int64_t d = 0; d < dh; d++) {
       float local = y[d] * inv;
@@ -137,7 +141,7 @@ static int same(const int64_t *a, const int64_t *b, size_t n) {
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   const Kernel *kn = kernel;
-  const int64_t heads = kn->heads, hkv = kn->kv_heads;
+  const int64_t heads = kn->heads, hkv = kn->kv_heads, rep = heads / hkv;
   const OrtValue *in[INPUTS] = {0};
   int64_t dims[INPUTS][8];
   size_t nd[INPUTS] = {0}, count = 0;
@@ -156,17 +160,20 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     BAD("query must be [R >= 2, B, 1, num_heads * head size]");
   const int64_t R = dims[IN_Q][0], B = dims[IN_Q][1], dh = dims[IN_Q][3] / heads;
   if (dh < 1 || dh > MAX_DH || (rotary && dh % 2)) BAD("the head size must be 1 to 1024, and even with rotary");
-  const int64_t kv[4] = {R, B, 1, hkv * dh}, glob[4] = {R, B, 1, heads * dh};
+  const int64_t kv[4] = {R, B, 1, hkv * dh}, glob[4] = {R, B, 1, heads * dh}, grouped[3] = {B, R * rep, hkv * dh};
   if (nd[IN_K] != 4 || !same(dims[IN_K], kv, 4) || nd[IN_V] != 4 || !same(dims[IN_V], kv, 4))
     BAD("key and value must be [R, B, 1, kv_num_heads * head size]");
-  if (nd[IN_GLOBAL] != 4 || !same(dims[IN_GLOBAL], glob, 4)) BAD("global must be [R, B, 1, num_heads * head size]");
+  if (!(nd[IN_GLOBAL] == 4 && same(dims[IN_GLOBAL], glob, 4)) &&
+      !(nd[IN_GLOBAL] == 3 && same(dims[IN_GLOBAL], grouped, 3)))
+    BAD("global must be [R, B, 1, num_heads * head size] (or [B, R * num_heads / kv_num_heads, kv_num_heads * head "
+        "size])");
   if (nd[IN_RING_K] != 5 || nd[IN_RING_V] != 5 || !same(dims[IN_RING_K], dims[IN_RING_V], 5) ||
       dims[IN_RING_K][0] != R - 1 || dims[IN_RING_K][1] != B || dims[IN_RING_K][2] != hkv ||
       dims[IN_RING_K][4] != dh)
     BAD("ring_key and ring_value must be [R - 1, B, kv_num_heads, W, head size]");
   const int64_t gate[4] = {R - 1, B, heads, 1}, ids[2] = {B, 1};
   if (nd[IN_GATE] != 4 || !same(dims[IN_GATE], gate, 4)) BAD("gate must be [R - 1, B, num_heads, 1]");
-  Call c = {.kn = kn, .batch = B, .dh = dh, .w = dims[IN_RING_K][3]};
+  Call c = {.kn = kn, .rows = R, .grouped = nd[IN_GLOBAL] == 3, .batch = B, .dh = dh, .w = dims[IN_RING_K][3]};
   c.vis = c.w < kn->window ? c.w : kn->window;
   c.keep = c.w + 1 < kn->window ? c.w + 1 : kn->window;
   if (rotary) {
@@ -184,7 +191,11 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   TRY(output(ctx, 0, out_dims, 4, &c.out));
   TRY(output(ctx, 1, ring_dims, 5, &c.out_k));
   TRY(output(ctx, 2, ring_dims, 5, &c.out_v));
-  memcpy(c.out, c.global, (size_t)(B * heads * dh) * sizeof(float));  /* row 0: the global attention's */
+  for (int64_t b = 0; b < B; b++)  /* row 0: the global attention's */
+    for (int64_t h = 0; h < heads; h++)
+      memcpy(c.out + (b * heads + h) * dh,
+             c.grouped ? c.global + (b * R * rep + h % rep) * hkv * dh + h / rep * dh : c.global + (b * heads + h) * dh,
+             (size_t)dh * sizeof(float));
   const size_t units = (size_t)((R - 1) * B * hkv);
   if (!units) return NULL;
   c.scratch = malloc(units * (size_t)(c.vis + 1 + 2 * dh) * sizeof(float));
