@@ -93,3 +93,42 @@ def test_the_serial_cost_model_is_a_backend_too(tmp_path, torch_threads):
     _, state = serial.decode(np.asarray([8]), state)
     state.rewind(3, snapshot)
     assert [s.pos for s in state.states] == [3, 3]
+
+
+def test_ort_decode_over_full_rings_keeps_each_state_it_hands_out(served_artifact):
+    """Once the rings hold their whole window, the ONNX Runtime backend's steps write rings and carries into two
+    sets of arrays in turn, each bound once. Decoded so, a state gives the torch reference's logits (within
+    1e-4), and the states it hands out behave as values: a snapshot rewound to, a clone, and two states decoded
+    by turns give the logits of one state decoded alone."""
+    backend, reference = open_backend(served_artifact, "ort", 1), open_backend("default", "torch", 1)
+    ids = np.random.default_rng(2).integers(10, 300, (1, 80))
+    prompt = backend.config.window_left + 6
+
+    def decode(state, tokens, by=backend):
+        out = []
+        for t in tokens:
+            logits, state = by.decode(np.asarray([t]), state)
+            out.append(logits)
+        return out, state
+
+    _, start = backend.prefill(ids[:, :prompt], backend.new_state(1))
+    steps = ids[0, prompt:]
+    alone, _ = decode(start.clone(), steps)
+    want, _ = decode(reference.prefill(ids[:, :prompt], reference.new_state(1))[1], steps, reference)
+    diff = max(float(np.abs(a - w).max()) for a, w in zip(alone, want))
+    print(f"{len(steps)} steps over full rings: max|ONNX Runtime - torch| {diff:.1e}")
+    assert diff < 1e-4
+    assert backend._bound["decode"]["turns"] is not None  # the steps took turns over two sets of arrays
+    state = start.clone()
+    first, state = decode(state, steps[:4])
+    snapshot, pos = state.snapshot(), state.pos
+    later, state = decode(state, steps[4:7])
+    state.rewind(pos, snapshot)
+    again, _ = decode(state, steps[4:])
+    a, b = start.clone(), start.clone()
+    by_turns = [decode(s, [t]) for t in steps for s in (a, b)]  # a state each, one step at a time
+    for t, logits in enumerate(zip(alone, [*first, *again])):
+        np.testing.assert_array_equal(*logits, err_msg=f"step {t}")
+    for t, logits in enumerate(alone):
+        np.testing.assert_array_equal(logits, by_turns[2 * t][0][0])
+        np.testing.assert_array_equal(logits, by_turns[2 * t + 1][0][0])

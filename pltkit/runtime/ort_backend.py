@@ -146,26 +146,50 @@ class OrtBackend:
             return self._batched[phase]
         return self.sessions[phase]
 
-    def _binding(self, phase: str, session, state: BufferState):
-        """An IO binding with the state's cache buffers bound as both past_* and present_* (shared
-        memory), reused while the same buffers come back: binding them anew costs about 0.5 ms a
-        step with 60 buffers. Only weak references are kept, so a state's memory is freed with it;
-        a binding is reused only while every buffer it holds is alive and is the state's."""
-        cached = self._bound.get(phase)
-        if cached and cached[0] is session and len(cached[1]) == len(state.kv) and all(
-                ref() is buf for ref, buf in zip(cached[1], state.kv.values())):
-            return cached[2]
+    def _bind_kv(self, session, state: BufferState):
+        """A new IO binding with the state's cache buffers bound as both past_* and present_* (shared memory)."""
         io = session.io_binding()
         for n, buf in state.kv.items():
             value = self.ort.OrtValue.ortvalue_from_numpy(buf)  # shares the buffer's memory
             io.bind_ortvalue_input("past_" + n, value)
             io.bind_ortvalue_output("present_" + n, value)
-        self._bound[phase] = (session, [weakref.ref(buf) for buf in state.kv.values()], io)
         return io
+
+    def _binding(self, phase: str, session, state: BufferState, new: int) -> tuple[object, dict]:
+        """An IO binding for a step of `new` tokens from `state`, and the arrays its present rings and carries go
+        into. Binding costs microseconds a tensor (0.5 ms a step for 60 cache buffers, 0.27 ms for PLT-2's 32
+        rings at the large shape), so bindings are kept while the same buffers come back: the cache's (only
+        weak references are kept, so a state's memory is freed with it), and, once the rings hold their whole
+        window and keep their shapes, two sets of ring and carry arrays that the steps write in turn, each set
+        bound once as past and once as present. Rings of changing shapes are bound a step at a time."""
+        kept = self._bound.get(phase)
+        if not (kept and kept["session"] is session and len(kept["kv"]) == len(state.kv) and all(
+                ref() is buf for ref, buf in zip(kept["kv"], state.kv.values()))):
+            kept = self._bound[phase] = {"session": session, "kv": [weakref.ref(b) for b in state.kv.values()],
+                                         "io": self._bind_kv(session, state), "turns": None}
+        other, turns = state.other, kept["turns"]
+        side = _side(turns, other)  # (a pair's arrays keep their shapes)
+        if side is None and other and all(self._next_shape(n, a, new) == a.shape for n, a in other.items()):
+            arrays = [dict(other), {n: np.empty_like(a) for n, a in other.items()}]  # a new pair
+            ios = [self._bind_kv(session, state) for _ in arrays]
+            for io, (past, present) in zip(ios, (arrays, arrays[::-1])):
+                for n in other:
+                    io.bind_ortvalue_input("past_" + n, self.ort.OrtValue.ortvalue_from_numpy(past[n]))
+                    io.bind_ortvalue_output("present_" + n, self.ort.OrtValue.ortvalue_from_numpy(present[n]))
+            turns = kept["turns"] = {"arrays": arrays, "ios": ios}
+            side = 0
+        if side is not None:
+            return turns["ios"][side], dict(turns["arrays"][1 - side])
+        io = kept["io"]
+        present = {n: np.empty(self._next_shape(n, a, new), a.dtype) for n, a in other.items()}
+        for n, a in other.items():
+            io.bind_cpu_input("past_" + n, a)
+            io.bind_ortvalue_output("present_" + n, self.ort.OrtValue.ortvalue_from_numpy(present[n]))
+        return io, present
 
     def _run_kv_buffer(self, phase: str, ids: np.ndarray, state: BufferState, new: int, last: bool = False):
         session = self._session(phase, ids.shape[0])
-        io = self._binding(phase, session, state)
+        io, present = self._binding(phase, session, state, new)
         io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input("past_len", np.array(state.pos, np.int64))
         rows = new
@@ -173,19 +197,15 @@ class OrtBackend:
             start = rows - 1 if last else 0
             io.bind_cpu_input("logits_from", np.array(start, np.int64))
             rows -= start
-        for n, a in state.other.items():
-            io.bind_cpu_input("past_" + n, a)
         # the outputs go into arrays made here, so no step reads back all of the graph's outputs, the
         # cache buffers among them (SmolLM2-135M: half the step's Python time, benchmarks/step_overhead.py)
         logits_shape = (ids.shape[0], rows) if phase == "prefill" else ids.shape
-        out = {"logits": np.empty((*logits_shape, self.config.vocab_size), np.float32),
-               **{"present_" + n: np.empty(self._next_shape(n, a, new), a.dtype) for n, a in state.other.items()}}
-        for name, a in out.items():
-            io.bind_ortvalue_output(name, self.ort.OrtValue.ortvalue_from_numpy(a))
+        logits = np.empty((*logits_shape, self.config.vocab_size), np.float32)
+        io.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(logits))
         session.run_with_iobinding(io)
-        state.other = {n: out["present_" + n] for n in state.other}
+        state.other = present
         state.pos += new
-        return out["logits"], state
+        return logits, state
 
     def _next_shape(self, name: str, past, new: int) -> tuple:
         """The shape of present_<name> after `new` tokens: a ring keeps the last `window` positions
@@ -206,3 +226,11 @@ class OrtBackend:
 
     def decode(self, ids: np.ndarray, state: BufferState) -> tuple[np.ndarray, BufferState]:
         return self._run("decode", ids, state)
+
+
+def _side(turns: dict | None, other: dict) -> int | None:
+    """Which of a binding pair's two sets of ring and carry arrays `other` is, if either."""
+    for i, arrays in enumerate(turns["arrays"] if turns else []):
+        if arrays.keys() == other.keys() and all(arrays[n] is a for n, a in other.items()):
+            return i
+    return None
