@@ -37,6 +37,7 @@ SOURCES = [HERE / n for n in ("library.c", "rows_matmul.c", "step_attention.c", 
 HEADERS = [HERE / "ort_abi.h"]
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared"]  # the kernel's functions name their AVX-512 targets themselves
 DOMAIN, OP, STEP, RING_MIX = "pltkit", "RowsMatMulNBits", "StepAttention", "RingMix"
+BIAS = 7  # StepAttention's attention_bias input
 # MatMulNBits attributes the kernel computes exactly as ONNX Runtime does
 REPLACEABLE = {"block_size": 32, "accuracy_level": 4}
 BITS = (8, 4)
@@ -149,7 +150,7 @@ def rows_graph(model, folder=None) -> int:
 def kernel_model(path: Path) -> tuple[bytes, int]:
     """The graph file at `path` with rows_graph applied, serialized, and how many of its nodes pltkit's kernels
     run: those rows_graph replaced and the StepAttention and RingMix nodes of a float32 graph (their kernels'
-    only type)."""
+    only type). StepAttention's kernel reads no attention bias: the nodes that make one go."""
     import onnx
     from onnx import TensorProto
 
@@ -157,8 +158,24 @@ def kernel_model(path: Path) -> tuple[bytes, int]:
     count = rows_graph(model, path.parent)
     state = [i for i in model.graph.input if i.name.startswith("past_") and i.name != "past_len"]
     if all(i.type.tensor_type.elem_type == TensorProto.FLOAT for i in state):  # caches, rings, carries
-        count += sum(n.op_type in (STEP, RING_MIX) and n.domain == DOMAIN for n in model.graph.node)
+        own = [n for n in model.graph.node if n.op_type in (STEP, RING_MIX) and n.domain == DOMAIN]
+        for node in own:
+            if node.op_type == STEP and len(node.input) > BIAS:
+                node.input[BIAS] = ""
+        _prune(model.graph)
+        count += len(own)
     return model.SerializeToString(), count
+
+
+def _prune(graph) -> None:
+    """Drop the nodes whose outputs nothing reads (the nodes are in topological order)."""
+    needed, kept = {o.name for o in graph.output}, []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
 
 
 def load_into(so, folder: Path) -> None:
