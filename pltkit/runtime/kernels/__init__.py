@@ -34,7 +34,7 @@ from pltkit.model.paths import user_cache_dir
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / n for n in ("library.c", "rows_matmul.c", "step_attention.c", "ring_mix.c")]
-HEADERS = [HERE / "ort_abi.h"]
+HEADERS = [HERE / n for n in ("ort_abi.h", "attend.h")]
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared"]  # the kernel's functions name their AVX-512 targets themselves
 DOMAIN, OP, STEP, RING_MIX = "pltkit", "RowsMatMulNBits", "StepAttention", "RingMix"
 BIAS = 7  # StepAttention's attention_bias input

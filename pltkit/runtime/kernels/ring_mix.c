@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attend.h"
 #include "ort_abi.h"
 
 enum { IN_Q, IN_K, IN_V, IN_GLOBAL, IN_RING_K, IN_RING_V, IN_GATE, IN_SEQLENS, IN_TOTAL, IN_COS, IN_SIN, IN_POS,
@@ -35,11 +36,11 @@ typedef struct { int64_t heads, kv_heads, window; float scale; } Kernel;
 
 typedef struct {  /* one call */
   const Kernel *kn;
-  int64_t rows, batch, dh, w, vis, keep;  /* vis: ring entries visible; keep: present ring length */
+  int64_t rows, batch, dh, w, vis, keep, npad, per_unit;  /* vis: ring entries visible; keep: present ring length */
   int grouped;  /* global in the GroupQueryAttention call's layout */
   const float *q, *k, *v, *global, *ring_k, *ring_v, *gate, *cos, *sin;
   const int64_t *pos;
-  float *out, *out_k, *out_v, *scratch;  /* scratch: per unit, vis + 1 scores and two vectors of Dh */
+  float *out, *out_k, *out_v, *scratch;  /* scratch: per unit, per_unit floats (unit()) */
 } Call;
 
 static inline AVX512 float dot(const float *a, const float *b, int64_t n) {
@@ -51,59 +52,36 @@ static inline AVX512 float dot(const float *a, const float *b, int64_t n) {
   return s;
 }
 
-static inline AVX512 void axpy(float a, const float *x, float *y, int64_t n) {  /* y += a x */
-  int64_t i = 0;
-  __m512 va = _mm512_set1_ps(a);
-  for (; i + 16 <= n; i += 16)
-    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
-  for (; i < n; i++) y[i] += a * x[i];
-}
-
-/* x rotated at one position (cos, sin: that position's row of the caches), or copied where there is no cache */
-static void rotate(const float *x, const float *cs, const float *sn, int64_t dh, float *out) {
-  if (!cs) { memcpy(out, x, (size_t)dh * sizeof(float)); return; }
-  int64_t half = dh / 2;
-  for (int64_t i = 0; i < half; i++) {
-    out[i] = x[i] * cs[i] - x[i + half] * sn[i];
-    out[i + half] = x[i + half] * cs[i] + x[i] * sn[i];
-  }
-}
-
-/* unit u: one row r >= 1, batch entry b and kv head: its rep query heads over the ring, and its ring's update */
+/* unit u: one row r >= 1, batch entry b and kv head: its rep query heads over the ring (attend()) and the row's own
+ * key, mixed with the global output; and its ring's update */
 static AVX512 void unit(void *data, size_t u) {
   const Call *c = data;
   const Kernel *kn = c->kn;
-  const int64_t hkv = kn->kv_heads, heads = kn->heads, rep = heads / hkv, dh = c->dh, B = c->batch;
+  const int64_t hkv = kn->kv_heads, heads = kn->heads, rep = heads / hkv, dh = c->dh, B = c->batch, npad = c->npad;
   const int64_t kh = (int64_t)u % hkv, b = (int64_t)u / hkv % B, r = 1 + (int64_t)u / (hkv * B);
   const int64_t ring = ((r - 1) * B + b) * hkv + kh;  /* this unit's ring, of W entries */
   const float *rk = c->ring_k + ring * c->w * dh, *rv = c->ring_v + ring * c->w * dh;
-  const float *first_k = rk + (c->w - c->vis) * dh, *first_v = rv + (c->w - c->vis) * dh;
   const int64_t at = c->cos ? c->pos[b] * (dh / 2) : 0;  /* the position's row of the rotary caches */
   const float *cs = c->cos ? c->cos + at : NULL, *sn = c->cos ? c->sin + at : NULL;
-  float *scores = c->scratch + (int64_t)u * (c->vis + 1 + 2 * dh), *key = scores + c->vis + 1, *y = key + dh;
+  float *q = c->scratch + (int64_t)u * c->per_unit, *p = q + npad * dh, *top = p + c->vis * npad, *sum = top + npad;
+  float *y = sum + npad, *key = y + npad * dh;
   const float *v_new = c->v + ((r * B + b) * hkv + kh) * dh;
-  rotate(c->k + ((r * B + b) * hkv + kh) * dh, cs, sn, dh, key);
-  float qr[MAX_DH];
-  for (int64_t j = 0; j < rep; j++) {
+  rotate(c->k + ((r * B + b) * hkv + kh) * dh, cs, sn, dh, 1.f, key);
+  memset(q, 0, (size_t)(npad * dh) * sizeof(float));
+  for (int64_t j = 0; j < rep; j++)
+    rotate(c->q + ((r * B + b) * heads + kh * rep + j) * dh, cs, sn, dh, kn->scale, q + j * dh);
+  if (c->vis) attend(q, npad, rk + (c->w - c->vis) * dh, rv + (c->w - c->vis) * dh, c->vis, dh, p, top, sum, y);
+  for (int64_t j = 0; j < rep; j++) {  /* the ring's part and the row's own key, by their maxima */
     const int64_t h = kh * rep + j;
-    rotate(c->q + ((r * B + b) * heads + h) * dh, cs, sn, dh, qr);
-    float top = -INFINITY, sum = 0.f;
-    for (int64_t e = 0; e <= c->vis; e++) {
-      scores[e] = kn->scale * dot(qr, e < c->vis ? first_k + e * dh : key, dh);
-      top = fmaxf(top, scores[e]);
-    }
-    memset(y, 0, (size_t)dh * sizeof(float));
-    for (int64_t e = 0; e <= c->vis; e++) {
-      float p = expf(scores[e] - top);
-      sum += p;
-      axpy(p, e < c->vis ? first_v + e * dh : v_new, y, dh);
-    }
-    const float g = c->gate[((r - 1) * B + b) * heads + h], inv = 1.f / sum;
+    const float own = dot(q + j * dh, key, dh), best = c->vis ? fmaxf(top[j], own) : own;
+    const float w_ring = c->vis ? expf(top[j] - best) : 0.f, w_own = expf(own - best);
+    const float g = c->gate[((r - 1) * B + b) * heads + h], inv = 1.f / ((c->vis ? sum[j] : 0.f) * w_ring + w_own);
     const float *glob = c->grouped ? c->global + ((b * c->rows + r) * rep + j) * hkv * dh + kh * dh
                                    : c->global + ((r * B + b) * heads + h) * dh;
+    const float *yj = y + j * dh;
     float *o = c->out + ((r * B + b) * heads + h) * dh;
     for (int64_t d = 0; d < dh; d++) {
-      float local = y[d] * inv;
+      const float local = ((c->vis ? yj[d] * w_ring : 0.f) + w_own * v_new[d]) * inv;
       o[d] = local + g * (glob[d] - local);
     }
   }
@@ -198,7 +176,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
              (size_t)dh * sizeof(float));
   const size_t units = (size_t)((R - 1) * B * hkv);
   if (!units) return NULL;
-  c.scratch = malloc(units * (size_t)(c.vis + 1 + 2 * dh) * sizeof(float));
+  c.npad = pad_queries(rep);
+  c.per_unit = c.npad * (2 * dh + c.vis + 2) + dh;  /* queries, scores, max, sum, outputs, the row's key */
+  c.scratch = malloc(units * (size_t)c.per_unit * sizeof(float));
   if (!c.scratch) return error(ORT_FAIL, "RingMix: out of memory");
   OrtStatus *st = CALL(PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t,
                                                     size_t, void *))(ctx, unit, units, 0, &c);

@@ -25,12 +25,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attend.h"
 #include "ort_abi.h"
 
 enum { IN_Q, IN_K, IN_V, IN_PAST_K, IN_PAST_V, IN_SEQLENS, IN_TOTAL, IN_BIAS, IN_COS, IN_SIN, IN_POS, INPUTS };
-/* CHUNK: keys a unit of work reads (long contexts split across threads); MAX_LANES: npad up to 256; AHEAD: bytes
- * of keys and values prefetched ahead of the ones read (2048, 4096, 8192 and 32768 measured alike) */
-enum { CHUNK = 256, MAX_DH = 1024, MAX_LANES = 16, AHEAD = 4096 };
+enum { CHUNK = 256, MAX_DH = 1024 };  /* CHUNK: keys a unit of work reads (long contexts split across threads) */
 
 typedef struct { int64_t heads, kv_heads; float scale; } Kernel;
 
@@ -42,182 +41,17 @@ typedef struct {  /* one call */
   float *scratch;  /* per unit: npad * CHUNK probabilities, then npad * (2 + Dh): max, sum and output */
 } Call;
 
-static inline AVX512 __m512 exp512(__m512 x) {  /* e^x for x <= 0, within 2e-7 relative */
-  x = _mm512_max_ps(x, _mm512_set1_ps(-88.f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);  /* x - k ln 2, in two parts */
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  static const float taylor[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
-  for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(taylor[i]));
-  return _mm512_scalef_ps(p, k);
-}
-
-static inline AVX512 __mmask16 tail(int64_t left) {
-  return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
-}
-
-/* the sums of a, b, c and d, as the four lanes of a 128-bit vector */
-static inline AVX512 __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  /* a b a b per 128 bits */
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));  /* a b c d per 128 */
-  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));
-  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));
-  return _mm512_castps512_ps128(x);
-}
-
-/* the scores of 4 queries (q: [4, Dh]) against K keys from `key` (rows of Dh): p[j][0..3] for key j, rows of
- * `stride`. A block of K keys by 4 queries keeps every partial sum in a register. */
-static inline __attribute__((always_inline)) AVX512 void block4(int K, const float *q, const float *key, int64_t dh,
-                                                                int64_t stride, float *p) {
-  __m512 acc[4][4];
-  for (int j = 0; j < K; j++)
-    for (int i = 0; i < 4; i++) acc[j][i] = _mm512_setzero_ps();
-  for (int64_t e = 0; e < dh; e += 16) {
-    const __mmask16 m = tail(dh - e);
-    __m512 qe[4];
-    for (int i = 0; i < 4; i++) qe[i] = _mm512_maskz_loadu_ps(m, q + i * dh + e);
-    for (int j = 0; j < K; j++) {
-      const __m512 k = _mm512_maskz_loadu_ps(m, key + j * dh + e);
-      for (int i = 0; i < 4; i++) acc[j][i] = _mm512_fmadd_ps(qe[i], k, acc[j][i]);
-    }
-  }
-  for (int j = 0; j < K; j++) _mm_storeu_ps(p + j * stride, sum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
-}
-
-/* the lines of [from, from + bytes) on their way into the cache: the cache buffer is read once a step, from memory,
- * and the hardware's prefetcher alone left two cores at a third of the bandwidth the matrix products get */
-static inline void prefetch(const float *from, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)from + b, _MM_HINT_T0);
-}
-
-static inline AVX512 void scores4(const float *q, const float *keys, int64_t t0, int64_t t1, int64_t dh,
-                                  int64_t stride, float *p) {
-  int64_t t = t0;
-  for (; t + 4 <= t1; t += 4) {
-    prefetch(keys + t * dh + AHEAD / 4, 4 * dh * 4);
-    block4(4, q, keys + t * dh, dh, stride, p + (t - t0) * stride);
-  }
-  for (; t < t1; t++) block4(1, q, keys + t * dh, dh, stride, p + (t - t0) * stride);
-}
-
-/* y [G, Dh] = the weights p of G queries (p[t - t0][i], rows of `stride`) times values [t0, t1), W vectors of
- * 16 values at a time (G * W accumulators in registers) */
-static inline __attribute__((always_inline)) AVX512 void weigh(int G, int W, const float *p, int64_t stride,
-                                                               const float *values, int64_t t0, int64_t t1,
-                                                               int64_t dh, float *y) {
-  for (int64_t e = 0; e < dh; e += 16 * W) {
-    __mmask16 m[2];
-    __m512 acc[2][16];
-    for (int w = 0; w < W; w++) {
-      m[w] = tail(dh - e - 16 * w);
-      for (int i = 0; i < G; i++) acc[w][i] = _mm512_setzero_ps();
-    }
-    for (int64_t t = t0; t < t1; t++) {
-      const float *weights = p + (t - t0) * stride, *v = values + t * dh + e;
-      if (!e) prefetch(values + t * dh + AHEAD / 4, dh * 4);
-      __m512 vw[2];
-      for (int w = 0; w < W; w++) vw[w] = _mm512_maskz_loadu_ps(m[w], v + 16 * w);
-      for (int i = 0; i < G; i++) {
-        const __m512 x = _mm512_set1_ps(weights[i]);
-        for (int w = 0; w < W; w++) acc[w][i] = _mm512_fmadd_ps(x, vw[w], acc[w][i]);
-      }
-    }
-    for (int w = 0; w < W; w++)
-      for (int i = 0; i < G; i++) _mm512_mask_storeu_ps(y + i * dh + e + 16 * w, m[w], acc[w][i]);
-  }
-}
-
-/* the same for head sizes of V * 16 (V 4, 8 or 16), whole rows of values at a time, G = 16 / V queries a pass:
- * each pass reads the values in order (the first from memory, the others from the cache) */
-static inline __attribute__((always_inline)) AVX512 void weigh_rows(int G, int V, int64_t npad, const float *p,
-                                                                    const float *values, int64_t t0, int64_t t1,
-                                                                    float *y) {
-  for (int64_t i0 = 0; i0 < npad; i0 += G) {
-    __m512 acc[16];
-    for (int a = 0; a < G * V; a++) acc[a] = _mm512_setzero_ps();
-    for (int64_t t = t0; t < t1; t++) {
-      const float *v = values + t * V * 16, *weights = p + (t - t0) * npad + i0;
-      if (!i0) prefetch(v + AHEAD / 4, V * 64);
-      __m512 row[16];
-      for (int w = 0; w < V; w++) row[w] = _mm512_loadu_ps(v + 16 * w);
-      for (int i = 0; i < G; i++) {
-        const __m512 x = _mm512_set1_ps(weights[i]);
-        for (int w = 0; w < V; w++) acc[i * V + w] = _mm512_fmadd_ps(x, row[w], acc[i * V + w]);
-      }
-    }
-    for (int i = 0; i < G; i++)
-      for (int w = 0; w < V; w++) _mm512_storeu_ps(y + (i0 + i) * V * 16 + 16 * w, acc[i * V + w]);
-  }
-}
-
-/* unit u: batch entry b, kv head kh, chunk c of keys: per query, the max score, the sum of e^(s - max) and
- * the sum of those weights times the values. The scores lie key-major, p[t][i] (npad queries a key), so a
- * vector of 16 holds 16 / npad keys (npad 4 or 8) or part of one key's queries (npad a multiple of 16). */
+/* unit u: batch entry b, kv head kh, chunk c of keys: attend() over the chunk's visible keys */
 static AVX512 void unit(void *data, size_t u) {
   const Call *c = data;
   const int64_t dh = c->dh, npad = c->npad, ch = (int64_t)u % c->chunks, kh = (int64_t)u / c->chunks % c->kv_heads;
   const int64_t b = (int64_t)u / (c->chunks * c->kv_heads), head = b * c->kv_heads + kh;
   float *p = c->scratch + (int64_t)u * npad * (CHUNK + 2 + dh), *top = p + npad * CHUNK, *sum = top + npad;
-  float *y = sum + npad;
   const int64_t t0 = ch * CHUNK, t1 = t0 + CHUNK < c->seen[b] ? t0 + CHUNK : c->seen[b];
-  const float *q = c->qr + head * npad * dh;
-  const float *keys = c->cache_k + head * c->cap * dh, *values = c->cache_v + head * c->cap * dh;
-  if (t1 <= t0) {  /* nothing visible in this chunk */
+  const float *keys = c->cache_k + (head * c->cap + t0) * dh, *values = c->cache_v + (head * c->cap + t0) * dh;
+  if (t1 > t0) attend(c->qr + head * npad * dh, npad, keys, values, t1 - t0, dh, p, top, sum, sum + npad);
+  else  /* nothing visible in this chunk */
     for (int64_t i = 0; i < npad; i++) top[i] = -INFINITY, sum[i] = 0.f;
-    return;
-  }
-  for (int64_t i = 0; i < npad; i += 4) scores4(q + i * dh, keys, t0, t1, dh, npad, p + i);
-  const int64_t flat = (t1 - t0) * npad, lanes = npad < 16 ? 1 : npad / 16;  /* vector v: queries of lanes[v % lanes] */
-  __m512 acc[MAX_LANES];
-  for (int64_t l = 0; l < lanes; l++) acc[l] = _mm512_set1_ps(-INFINITY);
-  for (int64_t f = 0; f < flat; f += 16) {
-    __m512 *a = &acc[f / 16 % lanes];
-    *a = _mm512_max_ps(*a, _mm512_mask_loadu_ps(*a, tail(flat - f), p + f));
-  }
-  float lane[16];
-  for (int64_t i = 0; i < npad; i++) top[i] = -INFINITY, sum[i] = 0.f;
-  for (int64_t l = 0; l < lanes; l++) {
-    _mm512_storeu_ps(lane, acc[l]);
-    for (int j = 0; j < 16; j++) top[(16 * l + j) % npad] = fmaxf(top[(16 * l + j) % npad], lane[j]);
-  }
-  for (int64_t l = 0; l < lanes; l++) {  /* the shift of each lane, then the sums */
-    for (int j = 0; j < 16; j++) lane[j] = top[(16 * l + j) % npad];
-    acc[l] = _mm512_loadu_ps(lane);
-  }
-  __m512 total[MAX_LANES];
-  for (int64_t l = 0; l < lanes; l++) total[l] = _mm512_setzero_ps();
-  for (int64_t f = 0; f < flat; f += 16) {
-    const __mmask16 m = tail(flat - f);
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + f), acc[f / 16 % lanes]));
-    total[f / 16 % lanes] = _mm512_add_ps(total[f / 16 % lanes], _mm512_maskz_mov_ps(m, e));
-    _mm512_mask_storeu_ps(p + f, m, e);
-  }
-  for (int64_t l = 0; l < lanes; l++) {
-    _mm512_storeu_ps(lane, total[l]);
-    for (int j = 0; j < 16; j++) sum[(16 * l + j) % npad] += lane[j];
-  }
-  if (dh == 64) { weigh_rows(4, 4, npad, p, values, t0, t1, y); return; }
-  if (dh == 128) { weigh_rows(2, 8, npad, p, values, t0, t1, y); return; }
-  if (dh == 256) { weigh_rows(1, 16, npad, p, values, t0, t1, y); return; }
-  for (int64_t i = 0; i < npad; i += 16) {
-    const int64_t g = npad - i < 16 ? npad - i : 16;
-    if (g == 4) weigh(4, 2, p + i, npad, values, t0, t1, dh, y + i * dh);
-    else if (g == 8) weigh(8, 2, p + i, npad, values, t0, t1, dh, y + i * dh);
-    else weigh(16, 1, p + i, npad, values, t0, t1, dh, y + i * dh);
-  }
-}
-
-/* x rotated at one position (cos, sin: that position's row of the caches), or copied, times `scale` */
-static void rotate(const float *x, const float *cs, const float *sn, int64_t dh, float scale, float *out) {
-  const int64_t half = dh / 2;
-  for (int64_t i = 0; i < dh; i++) out[i] = scale * x[i];
-  if (!cs) return;
-  for (int64_t i = 0; i < half; i++) {
-    out[i] = scale * (x[i] * cs[i] - x[i + half] * sn[i]);
-    out[i + half] = scale * (x[i + half] * cs[i] + x[i] * sn[i]);
-  }
 }
 
 static OrtStatus *input(OrtKernelContext *ctx, size_t i, const OrtValue **v) {
@@ -303,7 +137,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   OrtStatus *st = output(ctx, 0, out_dims, 4, &out);
   if (!st) st = output(ctx, 1, dims[IN_PAST_K], 4, &cache_k);
   if (!st) st = output(ctx, 2, dims[IN_PAST_K], 4, &cache_v);
-  const int64_t npad = n <= 4 ? 4 : n <= 8 ? 8 : (n + 15) / 16 * 16, chunks = (longest + CHUNK - 1) / CHUNK;
+  const int64_t npad = pad_queries(n), chunks = (longest + CHUNK - 1) / CHUNK;
   if (npad > 16 * MAX_LANES) { free(seen); BAD("at most 256 query heads a kv head"); }
   const size_t units = (size_t)(B * hkv * chunks), per_unit = (size_t)(npad * (CHUNK + 2 + dh));
   const size_t queries = (size_t)(B * hkv * npad * dh);

@@ -1,0 +1,186 @@
+/* Softmax attention of a few queries over a run of keys, for pltkit's attention kernels (step_attention.c,
+ * ring_mix.c): AVX-512, the queries' partial sums in registers, the keys and values read in order and prefetched.
+ */
+#ifndef PLTKIT_ATTEND_H
+#define PLTKIT_ATTEND_H
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#include "ort_abi.h"
+
+/* MAX_LANES: up to 256 queries; AHEAD: bytes of keys and values prefetched ahead of the ones read (2048, 4096,
+ * 8192 and 32768 measured alike) */
+enum { MAX_LANES = 16, AHEAD = 4096 };
+
+/* the rows of queries attend() takes for n: 4, 8 or a multiple of 16 */
+static inline int64_t pad_queries(int64_t n) { return n <= 4 ? 4 : n <= 8 ? 8 : (n + 15) / 16 * 16; }
+
+static inline AVX512 __m512 exp512(__m512 x) {  /* e^x for x <= 0, within 2e-7 relative */
+  x = _mm512_max_ps(x, _mm512_set1_ps(-88.f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);  /* x - k ln 2, in two parts */
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  static const float taylor[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+  for (int i = 0; i < 7; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(taylor[i]));
+  return _mm512_scalef_ps(p, k);
+}
+
+static inline AVX512 __mmask16 tail(int64_t left) {
+  return left >= 16 ? 0xffff : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+}
+
+/* the sums of a, b, c and d, as the four lanes of a 128-bit vector */
+static inline AVX512 __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  /* a b a b per 128 bits */
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));  /* a b c d per 128 */
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));
+  x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));
+  return _mm512_castps512_ps128(x);
+}
+
+/* the scores of 4 queries (q: [4, Dh]) against K keys from `key` (rows of Dh): p[j][0..3] for key j, rows of
+ * `stride`. A block of K keys by 4 queries keeps every partial sum in a register. */
+static inline __attribute__((always_inline)) AVX512 void block4(int K, const float *q, const float *key, int64_t dh,
+                                                                int64_t stride, float *p) {
+  __m512 acc[4][4];
+  for (int j = 0; j < K; j++)
+    for (int i = 0; i < 4; i++) acc[j][i] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < dh; e += 16) {
+    const __mmask16 m = tail(dh - e);
+    __m512 qe[4];
+    for (int i = 0; i < 4; i++) qe[i] = _mm512_maskz_loadu_ps(m, q + i * dh + e);
+    for (int j = 0; j < K; j++) {
+      const __m512 k = _mm512_maskz_loadu_ps(m, key + j * dh + e);
+      for (int i = 0; i < 4; i++) acc[j][i] = _mm512_fmadd_ps(qe[i], k, acc[j][i]);
+    }
+  }
+  for (int j = 0; j < K; j++) _mm_storeu_ps(p + j * stride, sum4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
+}
+
+/* the lines of [from, from + bytes) on their way into the cache: the cache buffer is read once a step, from memory,
+ * and the hardware's prefetcher alone left two cores at a third of the bandwidth the matrix products get */
+static inline void prefetch(const float *from, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)from + b, _MM_HINT_T0);
+}
+
+/* the scores of 4 queries against keys [0, n) */
+static inline AVX512 void scores4(const float *q, const float *keys, int64_t n, int64_t dh, int64_t stride, float *p) {
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) {
+    prefetch(keys + t * dh + AHEAD / 4, 4 * dh * 4);
+    block4(4, q, keys + t * dh, dh, stride, p + t * stride);
+  }
+  for (; t < n; t++) block4(1, q, keys + t * dh, dh, stride, p + t * stride);
+}
+
+/* y [G, Dh] = the weights p of G queries (p[t][i], rows of `stride`) times values [0, n), W vectors of
+ * 16 values at a time (G * W accumulators in registers) */
+static inline __attribute__((always_inline)) AVX512 void weigh(int G, int W, const float *p, int64_t stride,
+                                                               const float *values, int64_t n, int64_t dh,
+                                                               float *y) {
+  for (int64_t e = 0; e < dh; e += 16 * W) {
+    __mmask16 m[2];
+    __m512 acc[2][16];
+    for (int w = 0; w < W; w++) {
+      m[w] = tail(dh - e - 16 * w);
+      for (int i = 0; i < G; i++) acc[w][i] = _mm512_setzero_ps();
+    }
+    for (int64_t t = 0; t < n; t++) {
+      const float *weights = p + t * stride, *v = values + t * dh + e;
+      if (!e) prefetch(values + t * dh + AHEAD / 4, dh * 4);
+      __m512 vw[2];
+      for (int w = 0; w < W; w++) vw[w] = _mm512_maskz_loadu_ps(m[w], v + 16 * w);
+      for (int i = 0; i < G; i++) {
+        const __m512 x = _mm512_set1_ps(weights[i]);
+        for (int w = 0; w < W; w++) acc[w][i] = _mm512_fmadd_ps(x, vw[w], acc[w][i]);
+      }
+    }
+    for (int w = 0; w < W; w++)
+      for (int i = 0; i < G; i++) _mm512_mask_storeu_ps(y + i * dh + e + 16 * w, m[w], acc[w][i]);
+  }
+}
+
+/* the same for head sizes of V * 16 (V 4, 8 or 16), whole rows of values at a time, G = 16 / V queries a pass:
+ * each pass reads the values in order (the first from memory, the others from the cache) */
+static inline __attribute__((always_inline)) AVX512 void weigh_rows(int G, int V, int64_t npad, const float *p,
+                                                                    const float *values, int64_t n, float *y) {
+  for (int64_t i0 = 0; i0 < npad; i0 += G) {
+    __m512 acc[16];
+    for (int a = 0; a < G * V; a++) acc[a] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; t++) {
+      const float *v = values + t * V * 16, *weights = p + t * npad + i0;
+      if (!i0) prefetch(v + AHEAD / 4, V * 64);
+      __m512 row[16];
+      for (int w = 0; w < V; w++) row[w] = _mm512_loadu_ps(v + 16 * w);
+      for (int i = 0; i < G; i++) {
+        const __m512 x = _mm512_set1_ps(weights[i]);
+        for (int w = 0; w < V; w++) acc[i * V + w] = _mm512_fmadd_ps(x, row[w], acc[i * V + w]);
+      }
+    }
+    for (int i = 0; i < G; i++)
+      for (int w = 0; w < V; w++) _mm512_storeu_ps(y + (i0 + i) * V * 16 + 16 * w, acc[i * V + w]);
+  }
+}
+
+/* npad queries q [npad, Dh] (scaled; rows past the real ones zero) over keys and values [0, n) (rows of Dh),
+ * n >= 1: per query the max score top, the sum of e^(score - top) and y [npad, Dh], the sum of those weights
+ * times the values. p: n * npad floats of scratch, the scores key-major (p[t][i]), so a vector of 16 holds
+ * 16 / npad keys (npad 4 or 8) or part of one key's queries (npad a multiple of 16). */
+static AVX512 void attend(const float *q, int64_t npad, const float *keys, const float *values, int64_t n, int64_t dh,
+                          float *p, float *top, float *sum, float *y) {
+  for (int64_t i = 0; i < npad; i += 4) scores4(q + i * dh, keys, n, dh, npad, p + i);
+  const int64_t flat = n * npad, lanes = npad < 16 ? 1 : npad / 16;  /* vector v: queries of lanes[v % lanes] */
+  __m512 acc[MAX_LANES];
+  for (int64_t l = 0; l < lanes; l++) acc[l] = _mm512_set1_ps(-INFINITY);
+  for (int64_t f = 0; f < flat; f += 16) {
+    __m512 *a = &acc[f / 16 % lanes];
+    *a = _mm512_max_ps(*a, _mm512_mask_loadu_ps(*a, tail(flat - f), p + f));
+  }
+  float lane[16];
+  for (int64_t i = 0; i < npad; i++) top[i] = -INFINITY, sum[i] = 0.f;
+  for (int64_t l = 0; l < lanes; l++) {
+    _mm512_storeu_ps(lane, acc[l]);
+    for (int j = 0; j < 16; j++) top[(16 * l + j) % npad] = fmaxf(top[(16 * l + j) % npad], lane[j]);
+  }
+  for (int64_t l = 0; l < lanes; l++) {  /* the shift of each lane, then the sums */
+    for (int j = 0; j < 16; j++) lane[j] = top[(16 * l + j) % npad];
+    acc[l] = _mm512_loadu_ps(lane);
+  }
+  __m512 total[MAX_LANES];
+  for (int64_t l = 0; l < lanes; l++) total[l] = _mm512_setzero_ps();
+  for (int64_t f = 0; f < flat; f += 16) {
+    const __mmask16 m = tail(flat - f);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + f), acc[f / 16 % lanes]));
+    total[f / 16 % lanes] = _mm512_add_ps(total[f / 16 % lanes], _mm512_maskz_mov_ps(m, e));
+    _mm512_mask_storeu_ps(p + f, m, e);
+  }
+  for (int64_t l = 0; l < lanes; l++) {
+    _mm512_storeu_ps(lane, total[l]);
+    for (int j = 0; j < 16; j++) sum[(16 * l + j) % npad] += lane[j];
+  }
+  if (dh == 64) { weigh_rows(4, 4, npad, p, values, n, y); return; }
+  if (dh == 128) { weigh_rows(2, 8, npad, p, values, n, y); return; }
+  if (dh == 256) { weigh_rows(1, 16, npad, p, values, n, y); return; }
+  for (int64_t i = 0; i < npad; i += 16) {
+    const int64_t g = npad - i < 16 ? npad - i : 16;
+    if (g == 4) weigh(4, 2, p + i, npad, values, n, dh, y + i * dh);
+    else if (g == 8) weigh(8, 2, p + i, npad, values, n, dh, y + i * dh);
+    else weigh(16, 1, p + i, npad, values, n, dh, y + i * dh);
+  }
+}
+
+/* x rotated at one position (cos, sin: that position's row of the caches), or copied, times `scale` */
+static void rotate(const float *x, const float *cs, const float *sn, int64_t dh, float scale, float *out) {
+  const int64_t half = dh / 2;
+  for (int64_t i = 0; i < dh; i++) out[i] = scale * x[i];
+  if (!cs) return;
+  for (int64_t i = 0; i < half; i++) {
+    out[i] = scale * (x[i] * cs[i] - x[i + half] * sn[i]);
+    out[i + half] = scale * (x[i + half] * cs[i] + x[i] * sn[i]);
+  }
+}
+
+#endif
