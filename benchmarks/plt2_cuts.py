@@ -8,6 +8,8 @@ medians of ms per step. The cut graphs compute wrong numbers; only their time me
 - "no RingMix": each RingMix node (the rows of loops >= 1 over their rings, and their mix with the global
   call's output) becomes its query passed through and its past ring with the last position repeated (a
   Slice, a Concat and a Slice per ring), so the rings keep their shapes.
+- "gate a constant": each RingMix node's gate input is 0.5, and the nodes that computed it are gone (a query-mode
+  gate's; a float32 graph's hidden-state gate is computed inside RingMix, and this cut leaves it).
 - "one row per MatMulNBits": each decoder layer's MatMulNBits reads the first row only and its output
   is repeated (a Slice and a Concat per node): what the second row costs, less those two small nodes.
 - "plain, two rows per MatMulNBits": the converse on the plain graph (its row twice in, the first row out):
@@ -70,6 +72,23 @@ def no_ring_mix(graph):
     _ints(graph, minus1=-1, end=2**40, three=3)
 
 
+def no_gate(graph):
+    """Each RingMix node's gate input a constant (0.5), and the nodes that made it gone. (A float32 graph's
+    hidden-state gate is RingMix's own: there is no gate input to cut.)"""
+    heads = next(a.i for n in graph.node if n.op_type == "RingMix" for a in n.attribute if a.name == "num_heads")
+    graph.initializer.append(numpy_helper.from_array(np.full((1, 1, heads, 1), 0.5, np.float32), "cut.gate"))
+    for n in graph.node:
+        if n.op_type == "RingMix" and n.input[6]:
+            n.input[6] = "cut.gate"
+    needed, kept = {o.name for o in graph.output}, []
+    for n in reversed(graph.node):
+        if any(o in needed for o in n.output):
+            kept.append(n)
+            needed.update(n.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+
+
 def _wrap_layer_matmuls(graph, before, after):
     """Each decoder layer's MatMulNBits between before(input, new input) and after(new output, output); one
     before() per input (int4-asym's block sums read the same x as its product)."""
@@ -105,7 +124,8 @@ def two_row_matmuls(graph):
 
 
 # name -> (the graph it cuts, the cut)
-CUTS = {"PLT-2, no RingMix": ("PLT-2", no_ring_mix), "PLT-2, one row per MatMulNBits": ("PLT-2", one_row_matmuls),
+CUTS = {"PLT-2, no RingMix": ("PLT-2", no_ring_mix), "PLT-2, gate a constant": ("PLT-2", no_gate),
+        "PLT-2, one row per MatMulNBits": ("PLT-2", one_row_matmuls),
         "plain, two rows per MatMulNBits": ("plain", two_row_matmuls)}
 
 

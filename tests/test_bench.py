@@ -1,5 +1,6 @@
 """plt-bench: the serial-loop cost model, and a smoke run of the benchmark (tiny settings)."""
 
+import copy
 import json
 import subprocess
 
@@ -267,6 +268,14 @@ def test_plt2_cuts_cut_what_they_name_and_the_cut_graphs_run(tmp_path, capsys, m
     cut = onnx.load(arts[2] / "decode.gqa.onnx", load_external_data=False).graph
     plt2_cuts.no_ring_mix(cut)
     assert not rings(cut)
+    make_checkpoint(tmp_path / "query", make_config(plt_gate_use_hidden_states=False, num_hidden_layers=2), seed=1)
+    query = onnx.load(export(tmp_path / "query", tmp_path / "query-art", quant=SCHEMES["int8"]) / "decode.gqa.onnx",
+                      load_external_data=False).graph
+    for g in (graph, query):  # the hidden-state gate is RingMix's own; the query-mode gate is nodes of the graph
+        cut = copy.deepcopy(g)
+        plt2_cuts.no_gate(cut)
+        assert [n.input[6] for n in rings(cut)] == ["cut.gate" if g is query else ""] * 2
+        assert (len(cut.node) < len(g.node)) == (g is query)
     cut = onnx.load(arts[2] / "decode.gqa.onnx", load_external_data=False).graph
     plt2_cuts.one_row_matmuls(cut)
     made = {o: n for n in cut.node for o in n.output}

@@ -131,6 +131,9 @@ def test_artifact_is_self_describing(exported):
                 "spec": f"pltkit/runtime/kernels/{source}.c"}
     assert m["custom_ops"][1:] == [listed("StepAttention", "step_attention"),
                                    *([listed("RingMix", "ring_mix")] if own["RingMix"] else [])]
+    if own["RingMix"] and cfg.plt_gate_use_hidden_states:  # a float32 graph: RingMix computes the gate itself
+        assert all(n.input[6] == "" and len(n.input) == 16 for n in own["RingMix"])
+        assert not [n for n in fast.graph.node if n.op_type != "RingMix" and any("plt_gate" in i for i in n.input)]
     calls = {op: sum(n.op_type == "GroupQueryAttention" for n in f.node) for op, f in bodies.items() if op in own}
     assert calls == {"StepAttention": 1, **({"RingMix": cfg.plt_num_loops - 1} if own["RingMix"] else {})}
 

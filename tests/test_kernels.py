@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from synth import make_checkpoint, make_config
 
-from pltkit.export.gqa import GQA, RING_MIX_INPUTS, STEP_INPUTS
+from pltkit.export.gqa import GQA, RING_MIX_GATE, RING_MIX_INPUTS, STEP_INPUTS
 from pltkit.quant.schemes import SCHEMES
 from pltkit.runtime import kernels
 from pltkit.runtime.artifact import Artifact, ArtifactError
@@ -162,21 +162,43 @@ def test_the_op_refuses_what_it_cannot_compute_with_a_clear_error():
             session(model, True)
 
 
+GATE_EPS = 1e-5
+
+
 def ring_mix_model(rows: int, rotary: bool, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
-                   window: int = 4):
-    """One pltkit.RingMix node as the exporter writes it, with its function body."""
+                   window: int = 4, hidden_gate: bool = False):
+    """One pltkit.RingMix node as the exporter writes it, with its function body; hidden_gate: the gate computed
+    from the layer input (RING_MIX_GATE) instead of given."""
     gqa = GQA(heads=heads, kv_heads=kv_heads, head_dim=head_dim, window=window, scale=head_dim ** -0.5,
               rotary=("cos_cache", "sin_cache") if rotary else ())
     names = RING_MIX_INPUTS if rotary else RING_MIX_INPUTS[:-3]
+    if hidden_gate:
+        names = [n if n != "gate" and (rotary or n not in RING_MIX_INPUTS[-3:]) else "" for n in RING_MIX_INPUTS]
+        names += RING_MIX_GATE
     types = {"seqlens_k": TensorProto.INT32, "total_sequence_length": TensorProto.INT32,
              "position_ids": TensorProto.INT64}
     node = helper.make_node(kernels.RING_MIX, names, ["y", "ring_k", "ring_v"], domain=kernels.DOMAIN,
-                            num_heads=heads, kv_num_heads=kv_heads, window=window, scale=gqa.scale)
+                            num_heads=heads, kv_num_heads=kv_heads, window=window, scale=gqa.scale, epsilon=GATE_EPS)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, types.get(n, TensorProto.FLOAT), None)
-                                            for n in names],
+                                            for n in names if n],
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in node.output])
     return helper.make_model(graph, opset_imports=[*OPSETS, helper.make_opsetid(kernels.DOMAIN, 1)], ir_version=10,
-                             functions=[gqa.ring_mix_function(21, rows)])
+                             functions=[gqa.ring_mix_function(21, rows, GATE_EPS if hidden_gate else None)])
+
+
+def with_hidden_gate(feed: dict, rows: int, heads: int = 4, d: int = 24, seed: int = 0) -> dict:
+    """feed with the hidden-state gate's inputs in place of its gate, and that gate, computed in numpy, as "gate"
+    (for ring_mix_statement)."""
+    rng = np.random.default_rng(seed)
+    batch = feed["query"].shape[1]
+    x = rng.normal(size=(rows, batch, 1, d)).astype(np.float32)
+    norm, w = rng.uniform(0.5, 1.5, d).astype(np.float32), rng.normal(size=(d, heads)).astype(np.float32)
+    bias = rng.normal(size=heads).astype(np.float32)
+    xr = x[1:].astype(np.float64)
+    h = xr / np.sqrt((xr ** 2).mean(-1, keepdims=True) + GATE_EPS) * norm
+    gate = 1 / (1 + np.exp(-(h @ w + bias)))  # [R-1, B, 1, H]
+    return {**feed, "gate": gate.transpose(0, 1, 3, 2).astype(np.float32), "hidden": x, "gate_norm": norm,
+            "gate_weight": w, "gate_bias": bias}
 
 
 def ring_mix_inputs(rows: int, batch: int, ring: int, rotary: bool, heads: int = 4, kv_heads: int = 2,
@@ -253,6 +275,26 @@ def test_ring_mix_kernel_equals_its_statement_and_function_body(rows, batch, rin
           f"{diff:.1e}, "
           f"max|kernel - function body| {diff_body:.1e}")
     assert diff <= 1e-5 and diff_body <= 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,batch,ring,rotary", [(2, 1, 6, True), (3, 1, 2, False), (2, 2, 4, True)])
+def test_ring_mix_computes_the_hidden_state_gate(rows, batch, ring, rotary):
+    """Given the layer input and the gate's weights instead of the gate, RingMix computes sigmoid(W RMSNorm(x) +
+    b) itself: the same output as the statement with that gate, and as the function body."""
+    model = ring_mix_model(rows, rotary, hidden_gate=True)
+    feed = with_hidden_gate(ring_mix_inputs(rows, batch, ring, rotary, seed=ring), rows, seed=ring)
+    want = ring_mix_statement(feed, rows)
+    given = {k: v for k, v in feed.items() if k != "gate"}
+    body, got = session(model, False).run(None, given), session(model, True).run(None, given)
+    checked = body[:1] if batch > 1 and rotary else body  # (GroupQueryAttention's batch-2 rings: see above)
+    diff = max(float(np.abs(w - g).max(initial=0)) for w, g in zip(want, got))
+    diff_body = max(float(np.abs(b - g).max(initial=0)) for b, g in zip(checked, got))
+    print(f"hidden-state gate, rows {rows}, batch {batch}: max|kernel - statement| {diff:.1e}, max|kernel - "
+          f"function body| {diff_body:.1e}")
+    assert diff <= 1e-5 and diff_body <= 1e-5
+    with pytest.raises(Exception, match="RingMix: hidden, gate_norm, gate_weight and gate_bias must be"):
+        session(model, True).run(None, {**given, "gate_weight": feed["gate_weight"][:, :2]})
 
 
 @needs_kernels

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from pltkit.export.gqa import GQA
+from pltkit.export.graph import FLOAT
 from pltkit.export.loop_attention import loop_attention
 
 LOOP0, LATER, ALL_LOOPS = "loop0", "later", "all_loops"
@@ -116,6 +117,12 @@ def gqa_all_loops(b, i: int, x_in: str, h: str, rows: Rows) -> tuple[str, list[s
     if not b.cfg.plt_gate_use_hidden_states:
         q_gate = b.heads(q, b.cfg.num_attention_heads)
         q_gate = b.rope(q_gate, *rows.rope) if rotary else q_gate
+    if b.cfg.plt_gate_use_hidden_states and b.ft == FLOAT:  # RingMix computes the gate itself
+        p = f"model.layers.{i}.self_attn.plt_gate"
+        hidden_gate = (x_in, b.w(p + ".gate_norm.weight"), b.w(p + ".weight", transpose=True), b.w(p + ".bias"))
+        out, *state = _gqa(b, rotary).all_loops(b.g, [q, k, v, *rows.kv, *rows.ring, None, rows.pos0],
+                                                b.cfg.plt_num_loops, hidden_gate, b.cfg.rms_norm_eps)
+        return out, state
     gate = b.gate(i, x_in, q_gate, 1)
     out, *state = _gqa(b, rotary).all_loops(b.g, [q, k, v, *rows.kv, *rows.ring, gate, rows.pos0],
                                             b.cfg.plt_num_loops)

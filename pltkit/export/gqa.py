@@ -23,6 +23,8 @@ STEP_INPUTS = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "
 STEP_OUTPUTS = ["output", "present_key", "present_value"]
 RING_MIX_INPUTS = ["query", "key", "value", "global", "ring_key", "ring_value", "gate", "seqlens_k",
                    "total_sequence_length", "cos_cache", "sin_cache", "position_ids"]
+# in place of `gate`: the layer input and the gate's norm weight [D], weight [D, H] and bias [H] (hidden-state gate)
+RING_MIX_GATE = ["hidden", "gate_norm", "gate_weight", "gate_bias"]
 RING_MIX_OUTPUTS = ["output", "present_ring_key", "present_ring_value"]
 OWN_OPS = {STEP: "pltkit/runtime/kernels/step_attention.c",  # pltkit's ops with function bodies -> their spec
            RING_MIX: "pltkit/runtime/kernels/ring_mix.c"}
@@ -75,10 +77,13 @@ class GQA:
                                             caches=self.rotary)
         return [g.op("Unsqueeze", y, g.const([0])), present_k, present_v]
 
-    def all_loops(self, g: Graph, inputs: list[str], rows: int) -> list[str]:
+    def all_loops(self, g: Graph, inputs: list[str], rows: int, hidden_gate: tuple = (), eps: float = 0.0
+                  ) -> list[str]:
         """The `rows` loops of a decode step (S = 1), LoopAttention's inputs and outputs with
         gate [R-1, B, H, 1]: the global attention (`step`), then the rows of loops >= 1 over their
-        rings and their gated mix as one pltkit.RingMix node (`ring_mix`)."""
+        rings and their gated mix as one pltkit.RingMix node (`ring_mix`). hidden_gate: in place of the
+        gate (None), the inputs that RingMix computes a hidden-state gate from (RING_MIX_GATE; eps: its
+        norm's)."""
         q, k, v, past_k, past_v, ring_k, ring_v, gate, pos0 = inputs
         y, present_k, present_v = self.step(g, q, k, v, past_k, past_v, pos0, rows)
         batch = _batch(g, q)
@@ -87,11 +92,20 @@ class GQA:
         total32, seqlens = g.shared("gqa.ring.lengths", lambda: _lengths(g, batch, total))
         rotary = self.rotary and (*self.rotary, _positions(g, batch, pos0, 1))
         if RING_MIX not in g.functions:
-            g.functions[RING_MIX] = self.ring_mix_function(g.opset, rows)
-        out, rings_k, rings_v = g.op(RING_MIX, q, k, v, y, ring_k, ring_v, gate, seqlens, total32, *rotary, n_out=3,
-                                     domain=KERNEL_DOMAIN, num_heads=self.heads, kv_num_heads=self.kv_heads,
-                                     window=self.window, scale=self.scale)
+            g.functions[RING_MIX] = self.ring_mix_function(g.opset, rows, eps if hidden_gate else None)
+        extra = [*(rotary or ("", "", "")), *hidden_gate] if hidden_gate else rotary
+        out, rings_k, rings_v = g.op(RING_MIX, q, k, v, y, ring_k, ring_v, gate or "", seqlens, total32, *extra,
+                                     n_out=3, domain=KERNEL_DOMAIN, num_heads=self.heads, kv_num_heads=self.kv_heads,
+                                     window=self.window, scale=self.scale, epsilon=eps)
         return [out, present_k, present_v, rings_k, rings_v]
+
+    def hidden_gate(self, g: Graph, hidden, norm, weight, bias, eps: float) -> str:
+        """The gate of the rows of loops >= 1 [R-1, B, H, 1] from the layer input [R, B, 1, D]:
+        sigmoid(W RMSNorm(x) + b), as the exporter's own nodes compute it."""
+        x = g.op("Slice", hidden, g.const([1]), g.const([TO_END]), g.const([0]))
+        ms = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
+        h = g.op("Mul", g.op("Div", x, g.op("Sqrt", g.op("Add", ms, g.const(eps, np.float32)))), norm)
+        return g.op("Sigmoid", g.op("Transpose", g.op("Add", g.op("MatMul", h, weight), bias), perm=[0, 1, 3, 2]))
 
     def ring_mix(self, g: Graph, q, k, v, y_step, ring_k, ring_v, gate, seqlens, total32, rows: int,
                  positions=None) -> list[str]:
@@ -120,19 +134,24 @@ class GQA:
         out = g.op("Concat", g.op("Slice", y_rows, zero, g.const([1]), zero), mixed, axis=0)
         return [g.op("Reshape", out, g.const([0, 0, 1, -1])), _rows_of(g, rings_k), _rows_of(g, rings_v)]
 
-    def ring_mix_function(self, opset: int, rows: int) -> onnx.FunctionProto:
+    def ring_mix_function(self, opset: int, rows: int, gate_eps: float | None = None) -> onnx.FunctionProto:
         """The model-local function pltkit.RingMix. This model's rows, heads, window and scale are
         constants of the body (the node's attributes tell a kernel the same); the rotary inputs
-        (cos_cache, sin_cache, position_ids) are there where GroupQueryAttention rotates q and k."""
+        (cos_cache, sin_cache, position_ids) are there where GroupQueryAttention rotates q and k, and
+        the hidden-state gate's (RING_MIX_GATE, computed with norm epsilon gate_eps) where it is given."""
         body = Graph(opset)
-        inputs = RING_MIX_INPUTS if self.rotary else RING_MIX_INPUTS[:-3]
-        local = replace(self, rotary=tuple(inputs[-3:-1]) if self.rotary else ())
-        outs = local.ring_mix(body, *inputs[:9], rows, positions=inputs[-1] if self.rotary else None)
+        gated = gate_eps is not None
+        inputs = RING_MIX_INPUTS + RING_MIX_GATE if gated else RING_MIX_INPUTS if self.rotary else RING_MIX_INPUTS[:-3]
+        local = replace(self, rotary=tuple(RING_MIX_INPUTS[-3:-1]) if self.rotary else ())
+        args = list(inputs[:9])
+        if gated:
+            args[6] = self.hidden_gate(body, *RING_MIX_GATE, gate_eps)
+        outs = local.ring_mix(body, *args, rows, positions=RING_MIX_INPUTS[-1] if self.rotary else None)
         nodes = body.nodes + [helper.make_node("Identity", [o], [name], name=f"/out/{name}")
                               for o, name in zip(outs, RING_MIX_OUTPUTS)]
         return helper.make_function(KERNEL_DOMAIN, RING_MIX, inputs, RING_MIX_OUTPUTS, nodes,
                                     [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)],
-                                    attributes=["num_heads", "kv_num_heads", "window", "scale"])
+                                    attributes=["num_heads", "kv_num_heads", "window", "scale", "epsilon"])
 
     def step(self, g: Graph, q, k, v, past_k, past_v, pos0, rows: int) -> list[str]:
         """The global attention of a decode step (S = 1) for `rows` rows, in place, as one

@@ -15,10 +15,13 @@
  *     the kernel takes W from ring_key
  *   9 cos_cache, 10 sin_cache [P, Dh/2], 11 position_ids [B, 1] int64: optional, together; q and k of a row
  *     are rotated (rotate-half) at the position of its batch entry
+ *   12 hidden [R, B, 1, D], 13 gate_norm [D], 14 gate_weight [D, H], 15 gate_bias [H]: optional, together, in
+ *     place of gate (6): the hidden-state gate g = sigmoid(W RMSNorm(x) + b) of the layer input x of each row
+ *     r >= 1, RMSNorm(x) = x / sqrt(mean(x^2) + epsilon) * gate_norm
  * Outputs: 0 [R, B, 1, H*Dh]: row 0 is global's, row r >= 1 is local + g (global - local), where local is
  *   softmax attention over the last min(W, window) ring entries and the row's own key;
  *   1 present_ring_key, 2 present_ring_value [R-1, B, Hkv, min(W + 1, window), Dh]: the newest of those.
- * Attributes: num_heads, kv_num_heads, window (int), scale (float).
+ * Attributes: num_heads, kv_num_heads, window (int), scale, epsilon (float; 0 where absent).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -29,10 +32,10 @@
 #include "ort_abi.h"
 
 enum { IN_Q, IN_K, IN_V, IN_GLOBAL, IN_RING_K, IN_RING_V, IN_GATE, IN_SEQLENS, IN_TOTAL, IN_COS, IN_SIN, IN_POS,
-       INPUTS };
+       IN_HIDDEN, IN_GATE_NORM, IN_GATE_W, IN_GATE_B, INPUTS };
 #define MAX_DH 1024
 
-typedef struct { int64_t heads, kv_heads, window; float scale; } Kernel;
+typedef struct { int64_t heads, kv_heads, window; float scale, eps; } Kernel;
 
 typedef struct {  /* one call */
   const Kernel *kn;
@@ -95,6 +98,23 @@ static AVX512 void unit(void *data, size_t u) {
   }
 }
 
+/* g [R-1, B, H] = sigmoid(W RMSNorm(x) + b) for the rows r >= 1 of the layer input x [R, B, 1, D]; h: D floats */
+static void hidden_gate(const float *x, const float *norm, const float *w, const float *bias, int64_t R, int64_t B,
+                        int64_t d, int64_t heads, float eps, float *g, float *h) {
+  for (int64_t rb = B; rb < R * B; rb++) {  /* rows 1.., every batch entry */
+    const float *xr = x + rb * d;
+    float ms = 0.f;
+    for (int64_t i = 0; i < d; i++) ms += xr[i] * xr[i];
+    const float rms = sqrtf(ms / (float)d + eps);
+    for (int64_t i = 0; i < d; i++) h[i] = xr[i] / rms * norm[i];
+    float *out = g + (rb - B) * heads;
+    for (int64_t j = 0; j < heads; j++) out[j] = bias[j];
+    for (int64_t i = 0; i < d; i++)
+      for (int64_t j = 0; j < heads; j++) out[j] += h[i] * w[i * heads + j];
+    for (int64_t j = 0; j < heads; j++) out[j] = 1.f / (1.f + expf(-out[j]));
+  }
+}
+
 static OrtStatus *input(OrtKernelContext *ctx, size_t i, const OrtValue **v) {
   return CALL(CONTEXT_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, i, v);
 }
@@ -130,7 +150,11 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     if (in[i]) TRY(tensor_shape(in[i], &elem, dims[i], &nd[i], 8));
   }
   for (int i = 0; i < IN_COS; i++)
-    if (!in[i]) BAD("inputs 0 to 8 are required");
+    if (!in[i] && i != IN_GATE) BAD("inputs 0 to 5, 7 and 8 are required");
+  const int hidden = in[IN_HIDDEN] != NULL;  /* the gate from the layer input */
+  for (int i = IN_GATE_NORM; i <= IN_GATE_B; i++)
+    if ((in[i] != NULL) != hidden) BAD("hidden, gate_norm, gate_weight and gate_bias come together");
+  if (hidden == (in[IN_GATE] != NULL)) BAD("give either gate or hidden, gate_norm, gate_weight and gate_bias");
   const int rotary = in[IN_COS] != NULL;
   if (rotary != (in[IN_SIN] != NULL) || rotary != (in[IN_POS] != NULL))
     BAD("cos_cache, sin_cache and position_ids come together");
@@ -150,7 +174,12 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
       dims[IN_RING_K][4] != dh)
     BAD("ring_key and ring_value must be [R - 1, B, kv_num_heads, W, head size]");
   const int64_t gate[4] = {R - 1, B, heads, 1}, ids[2] = {B, 1};
-  if (nd[IN_GATE] != 4 || !same(dims[IN_GATE], gate, 4)) BAD("gate must be [R - 1, B, num_heads, 1]");
+  if (!hidden && (nd[IN_GATE] != 4 || !same(dims[IN_GATE], gate, 4))) BAD("gate must be [R - 1, B, num_heads, 1]");
+  const int64_t d = hidden ? dims[IN_GATE_NORM][0] : 0, x_dims[4] = {R, B, 1, d}, w_dims[2] = {d, heads};
+  if (hidden && (nd[IN_HIDDEN] != 4 || !same(dims[IN_HIDDEN], x_dims, 4) || nd[IN_GATE_NORM] != 1 ||
+                 nd[IN_GATE_W] != 2 || !same(dims[IN_GATE_W], w_dims, 2) || nd[IN_GATE_B] != 1 ||
+                 dims[IN_GATE_B][0] != heads))
+    BAD("hidden, gate_norm, gate_weight and gate_bias must be [R, B, 1, D], [D], [D, num_heads] and [num_heads]");
   Call c = {.kn = kn, .rows = R, .grouped = nd[IN_GLOBAL] == 3, .batch = B, .dh = dh, .w = dims[IN_RING_K][3]};
   c.vis = c.w < kn->window ? c.w : kn->window;
   c.keep = c.w + 1 < kn->window ? c.w + 1 : kn->window;
@@ -163,7 +192,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
       if (c.pos[b] < 0 || c.pos[b] >= dims[IN_COS][0]) BAD("a position is outside cos_cache");
   }
   c.q = tensor_data(in[IN_Q]), c.k = tensor_data(in[IN_K]), c.v = tensor_data(in[IN_V]);
-  c.global = tensor_data(in[IN_GLOBAL]), c.gate = tensor_data(in[IN_GATE]);
+  c.global = tensor_data(in[IN_GLOBAL]);
   c.ring_k = tensor_data(in[IN_RING_K]), c.ring_v = tensor_data(in[IN_RING_V]);
   const int64_t out_dims[4] = {R, B, 1, heads * dh}, ring_dims[5] = {R - 1, B, hkv, c.keep, dh};
   TRY(output(ctx, 0, out_dims, 4, &c.out));
@@ -178,8 +207,17 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   if (!units) return NULL;
   c.npad = pad_queries(rep);
   c.per_unit = c.npad * (2 * dh + c.vis + 2) + dh;  /* queries, scores, max, sum, outputs, the row's key */
-  c.scratch = malloc(units * (size_t)c.per_unit * sizeof(float));
+  const size_t gates = hidden ? (size_t)((R - 1) * B * heads + d) : 0;  /* and the gate, with a row of D */
+  c.scratch = malloc((units * (size_t)c.per_unit + gates) * sizeof(float));
   if (!c.scratch) return error(ORT_FAIL, "RingMix: out of memory");
+  if (hidden) {
+    float *g = c.scratch + units * (size_t)c.per_unit;
+    hidden_gate(tensor_data(in[IN_HIDDEN]), tensor_data(in[IN_GATE_NORM]), tensor_data(in[IN_GATE_W]),
+                tensor_data(in[IN_GATE_B]), R, B, d, heads, kn->eps, g, g + (R - 1) * B * heads);
+    c.gate = g;
+  } else {
+    c.gate = tensor_data(in[IN_GATE]);
+  }
   OrtStatus *st = CALL(PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t,
                                                     size_t, void *))(ctx, unit, units, 0, &c);
   free(c.scratch);
@@ -197,6 +235,8 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   TRY(get_int(info, "kv_num_heads", &k.kv_heads));
   TRY(get_int(info, "window", &k.window));
   TRY(get_float(info, "scale", &k.scale));
+  OrtStatus *absent = get_float(info, "epsilon", &k.eps);  /* artifacts from before the hidden-state gate */
+  if (absent) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(absent), k.eps = 0.f;
   if (k.heads < 1 || k.kv_heads < 1 || k.heads % k.kv_heads || k.window < 0)
     BAD("num_heads must be a positive multiple of kv_num_heads, and window at least 0");
   Kernel *kn = malloc(sizeof *kn);
@@ -213,7 +253,10 @@ static int input_type(const OrtCustomOp *op, size_t i) {
 }
 static size_t input_count(const OrtCustomOp *op) { (void)op; return INPUTS; }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
-static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= IN_COS ? OPTIONAL : REQUIRED; }
+static int input_kind(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return i >= IN_COS || i == IN_GATE ? OPTIONAL : REQUIRED;
+}
 
 OrtCustomOp pltkit_ring_mix_op = {
   CPU_OP_FIELDS, .GetName = name, .GetInputType = input_type, .GetInputTypeCount = input_count,
