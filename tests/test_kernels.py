@@ -482,12 +482,17 @@ def test_step_attention_refuses_shapes_it_cannot_read_with_a_clear_error():
            "key and value must be": {"key": feed["key"][:1]},
            "seqlens_k must be at least": {"seqlens_k": np.array([2], np.int32)},
            "which the cache's capacity must hold": {"total_sequence_length": np.array(50, np.int32)},
+           "total_sequence_length must be a scalar": {"total_sequence_length": np.zeros(0, np.int32)},
+           "past_key and past_value must be": {"past_value": feed["past_value"][0]},  # one rank fewer
            "a position is outside cos_cache": {"position_ids": np.full((1, 4), 900, np.int64)},
            "position_ids must be": {"position_ids": np.array([[7]])}}
     for why, change in bad.items():
         with pytest.raises(Exception, match=f"StepAttention: .*{why}"):
             own.run(None, {**feed, **change})
     assert own.run(None, feed)[0].shape == (2, 1, 1, 64)  # and the session goes on
+    for model in (step_model(1, False, 288, 1, 4), ring_mix_model(2, False, 288, 1, 4)):  # 288 heads to a kv head
+        with pytest.raises(Exception, match="at most 256 times it"):
+            session(model, True)
 
 
 @pytest.fixture(scope="module")

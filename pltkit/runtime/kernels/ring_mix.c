@@ -91,8 +91,8 @@ static AVX512 void unit(void *data, size_t u) {
   if (c->keep) {  /* the newest `keep` of the ring's W entries and the row's own */
     float *ok = c->out_k + ring * c->keep * dh, *ov = c->out_v + ring * c->keep * dh;
     size_t old = (size_t)(c->keep - 1) * dh * sizeof(float);
-    memcpy(ok, rk + (c->w + 1 - c->keep) * dh, old);
-    memcpy(ov, rv + (c->w + 1 - c->keep) * dh, old);
+    memmove(ok, rk + (c->w + 1 - c->keep) * dh, old);  /* (memmove: never run in place, but safe if it were) */
+    memmove(ov, rv + (c->w + 1 - c->keep) * dh, old);
     memcpy(ok + (c->keep - 1) * dh, key, (size_t)dh * sizeof(float));
     memcpy(ov + (c->keep - 1) * dh, v_new, (size_t)dh * sizeof(float));
   }
@@ -175,7 +175,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     BAD("ring_key and ring_value must be [R - 1, B, kv_num_heads, W, head size]");
   const int64_t gate[4] = {R - 1, B, heads, 1}, ids[2] = {B, 1};
   if (!hidden && (nd[IN_GATE] != 4 || !same(dims[IN_GATE], gate, 4))) BAD("gate must be [R - 1, B, num_heads, 1]");
-  const int64_t d = hidden ? dims[IN_GATE_NORM][0] : 0, x_dims[4] = {R, B, 1, d}, w_dims[2] = {d, heads};
+  const int64_t d = hidden && nd[IN_GATE_NORM] == 1 ? dims[IN_GATE_NORM][0] : 0, x_dims[4] = {R, B, 1, d},
+                w_dims[2] = {d, heads};
   if (hidden && (nd[IN_HIDDEN] != 4 || !same(dims[IN_HIDDEN], x_dims, 4) || nd[IN_GATE_NORM] != 1 ||
                  nd[IN_GATE_W] != 2 || !same(dims[IN_GATE_W], w_dims, 2) || nd[IN_GATE_B] != 1 ||
                  dims[IN_GATE_B][0] != heads))
@@ -237,8 +238,9 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   TRY(get_float(info, "scale", &k.scale));
   OrtStatus *absent = get_float(info, "epsilon", &k.eps);  /* artifacts from before the hidden-state gate */
   if (absent) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(absent), k.eps = 0.f;
-  if (k.heads < 1 || k.kv_heads < 1 || k.heads % k.kv_heads || k.window < 0)
-    BAD("num_heads must be a positive multiple of kv_num_heads, and window at least 0");
+  if (k.heads < 1 || k.kv_heads < 1 || k.heads % k.kv_heads || pad_queries(k.heads / k.kv_heads) > 16 * MAX_LANES ||
+      k.window < 0)
+    BAD("num_heads must be a positive multiple of kv_num_heads, at most 256 times it, and window at least 0");
   Kernel *kn = malloc(sizeof *kn);
   if (!kn) return error(ORT_FAIL, "RingMix: out of memory");
   *kn = k;

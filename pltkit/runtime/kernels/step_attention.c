@@ -63,7 +63,9 @@ static OrtStatus *output(OrtKernelContext *ctx, size_t i, const int64_t *dims, s
   TRY(CALL(CONTEXT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
       ctx, i, dims, n, &v));
   *data = tensor_data(v);
-  return *data ? NULL : error(ORT_FAIL, "StepAttention: an output has no data");
+  int64_t size = 1;
+  for (size_t d = 0; d < n; d++) size *= dims[d];
+  return *data || !size ? NULL : error(ORT_FAIL, "StepAttention: an output has no data");
 }
 
 static int same(const int64_t *a, const int64_t *b, size_t n) {
@@ -98,11 +100,13 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   const int64_t kv[4] = {R, B, 1, hkv * dh};
   if (nd[IN_K] != 4 || !same(dims[IN_K], kv, 4) || nd[IN_V] != 4 || !same(dims[IN_V], kv, 4))
     BAD("key and value must be [R, B, 1, kv_num_heads * head size]");
-  if (nd[IN_PAST_K] != 4 || !same(dims[IN_PAST_K], dims[IN_PAST_V], 4) || dims[IN_PAST_K][0] != B ||
+  if (nd[IN_PAST_K] != 4 || nd[IN_PAST_V] != 4 || !same(dims[IN_PAST_K], dims[IN_PAST_V], 4) ||
+      dims[IN_PAST_K][0] != B ||
       dims[IN_PAST_K][1] != hkv || dims[IN_PAST_K][3] != dh)
     BAD("past_key and past_value must be [B, kv_num_heads, capacity, head size]");
   const int64_t cap = dims[IN_PAST_K][2];
   if (nd[IN_SEQLENS] != 1 || dims[IN_SEQLENS][0] != B) BAD("seqlens_k must be [B]");
+  if (nd[IN_TOTAL] > 1 || (nd[IN_TOTAL] == 1 && dims[IN_TOTAL][0] != 1)) BAD("total_sequence_length must be a scalar");
   const int32_t *seqlens = tensor_data(in[IN_SEQLENS]), *total = tensor_data(in[IN_TOTAL]);
   int64_t *seen = malloc((size_t)(B ? B : 1) * sizeof *seen);
   if (!seen) return error(ORT_FAIL, "StepAttention: out of memory");
@@ -137,8 +141,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   OrtStatus *st = output(ctx, 0, out_dims, 4, &out);
   if (!st) st = output(ctx, 1, dims[IN_PAST_K], 4, &cache_k);
   if (!st) st = output(ctx, 2, dims[IN_PAST_K], 4, &cache_v);
+  if (!st && !B) { free(seen); return NULL; }  /* an empty batch */
   const int64_t npad = pad_queries(n), chunks = (longest + CHUNK - 1) / CHUNK;
-  if (npad > 16 * MAX_LANES) { free(seen); BAD("at most 256 query heads a kv head"); }
   const size_t units = (size_t)(B * hkv * chunks), per_unit = (size_t)(npad * (CHUNK + 2 + dh));
   const size_t queries = (size_t)(B * hkv * npad * dh);
   float *qr = st ? NULL : malloc((queries + units * per_unit) * sizeof(float));
@@ -196,8 +200,8 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   TRY(CALL(ATTRIBUTE_INT64, GetInt)(info, "num_heads", &k.heads));
   TRY(CALL(ATTRIBUTE_INT64, GetInt)(info, "kv_num_heads", &k.kv_heads));
   TRY(CALL(ATTRIBUTE_FLOAT, GetFloat)(info, "scale", &k.scale));
-  if (k.heads < 1 || k.kv_heads < 1 || k.heads % k.kv_heads)
-    BAD("num_heads must be a positive multiple of kv_num_heads");
+  if (k.heads < 1 || k.kv_heads < 1 || k.heads % k.kv_heads || pad_queries(k.heads / k.kv_heads) > 16 * MAX_LANES)
+    BAD("num_heads must be a positive multiple of kv_num_heads, at most 256 times it");
   Kernel *kn = malloc(sizeof *kn);
   if (!kn) return error(ORT_FAIL, "StepAttention: out of memory");
   *kn = k;
