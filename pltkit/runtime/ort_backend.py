@@ -160,8 +160,9 @@ class OrtBackend:
         into. Binding costs microseconds a tensor (0.5 ms a step for 60 cache buffers, 0.27 ms for PLT-2's 32
         rings at the large shape), so bindings are kept while the same buffers come back: the cache's (only
         weak references are kept, so a state's memory is freed with it), and, once the rings hold their whole
-        window and keep their shapes, two sets of ring and carry arrays that the steps write in turn, each set
-        bound once as past and once as present. Rings of changing shapes are bound a step at a time."""
+        window and keep their shapes, two sets of ring and carry arrays that decode steps write in turn, each set
+        bound once as past and once as present. Rings of changing shapes, and a prefill's (one call after a
+        rewind, as a server's requests go), are bound a call at a time."""
         kept = self._bound.get(phase)
         if not (kept and kept["session"] is session and len(kept["kv"]) == len(state.kv) and all(
                 ref() is buf for ref, buf in zip(kept["kv"], state.kv.values()))):
@@ -169,7 +170,8 @@ class OrtBackend:
                                          "io": self._bind_kv(session, state), "turns": None}
         other, turns = state.other, kept["turns"]
         side = _side(turns, other)  # (a pair's arrays keep their shapes)
-        if side is None and other and all(self._next_shape(n, a, new) == a.shape for n, a in other.items()):
+        if side is None and phase == "decode" and other and all(
+                self._next_shape(n, a, new) == a.shape for n, a in other.items()):
             arrays = [dict(other), {n: np.empty_like(a) for n, a in other.items()}]  # a new pair
             ios = [self._bind_kv(session, state) for _ in arrays]
             for io, (past, present) in zip(ios, (arrays, arrays[::-1])):
