@@ -80,13 +80,7 @@ def no_gate(graph):
     for n in graph.node:
         if n.op_type == "RingMix" and n.input[6]:
             n.input[6] = "cut.gate"
-    needed, kept = {o.name for o in graph.output}, []
-    for n in reversed(graph.node):
-        if any(o in needed for o in n.output):
-            kept.append(n)
-            needed.update(n.input)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
+    kernels.prune(graph)
 
 
 def _wrap_layer_matmuls(graph, before, after):

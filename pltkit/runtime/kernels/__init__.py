@@ -162,13 +162,14 @@ def kernel_model(path: Path) -> tuple[bytes, int]:
         for node in own:
             if node.op_type == STEP and len(node.input) > BIAS:
                 node.input[BIAS] = ""
-        _prune(model.graph)
+        prune(model.graph)
         count += len(own)
     return model.SerializeToString(), count
 
 
-def _prune(graph) -> None:
-    """Drop the nodes whose outputs nothing reads (the nodes are in topological order)."""
+def prune(graph) -> None:
+    """Drop the nodes of an ONNX graph whose outputs nothing reads (the nodes in topological order, and no
+    subgraphs: pltkit's decode graphs have none)."""
     needed, kept = {o.name for o in graph.output}, []
     for node in reversed(graph.node):
         if any(o in needed for o in node.output):

@@ -71,6 +71,36 @@ static inline void *tensor_data(const OrtValue *v) {
   return st ? NULL : data;
 }
 
+/* The first `count` inputs of a call: in[i] NULL where absent, else its dimensions (at most 8) and their count */
+static inline OrtStatus *read_inputs(OrtKernelContext *ctx, size_t count, const OrtValue **in, int64_t (*dims)[8],
+                                     size_t *nd) {
+  size_t given = 0;
+  TRY(CALL(CONTEXT_INPUT_COUNT, OrtStatus *(*)(const OrtKernelContext *, size_t *))(ctx, &given));
+  for (size_t i = 0; i < count && i < given; i++) {
+    int elem;
+    TRY(CALL(CONTEXT_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, i, &in[i]));
+    if (in[i]) TRY(tensor_shape(in[i], &elem, dims[i], &nd[i], 8));
+  }
+  return NULL;
+}
+
+/* Output i of a call, float, of these dimensions: its data (NULL only where it is empty) */
+static inline OrtStatus *float_output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t n, float **data) {
+  OrtValue *v;
+  TRY(CALL(CONTEXT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
+      ctx, i, dims, n, &v));
+  int64_t size = 1;
+  for (size_t d = 0; d < n; d++) size *= dims[d];
+  *data = tensor_data(v);
+  return *data || !size ? NULL : error(ORT_FAIL, "pltkit: an output has no data");
+}
+
+static inline int same(const int64_t *a, const int64_t *b, size_t n) {  /* equal dimensions */
+  for (size_t i = 0; i < n; i++)
+    if (a[i] != b[i]) return 0;
+  return 1;
+}
+
 /* What pltkit's ops share: the CPU provider, float outputs, all required, inputs in CPU memory, no variadics */
 static inline const char *op_cpu(const struct OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static inline int op_float(const struct OrtCustomOp *op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }

@@ -115,26 +115,6 @@ static void hidden_gate(const float *x, const float *norm, const float *w, const
   }
 }
 
-static OrtStatus *input(OrtKernelContext *ctx, size_t i, const OrtValue **v) {
-  return CALL(CONTEXT_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, i, v);
-}
-
-static OrtStatus *output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t n, float **data) {
-  OrtValue *v;
-  TRY(CALL(CONTEXT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
-      ctx, i, dims, n, &v));
-  int64_t size = 1;
-  for (size_t d = 0; d < n; d++) size *= dims[d];
-  *data = tensor_data(v);
-  return *data || !size ? NULL : error(ORT_FAIL, "RingMix: an output has no data");
-}
-
-static int same(const int64_t *a, const int64_t *b, size_t n) {
-  for (size_t i = 0; i < n; i++)
-    if (a[i] != b[i]) return 0;
-  return 1;
-}
-
 #define BAD(msg) return error(ORT_INVALID_ARGUMENT, "RingMix: " msg)
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
@@ -142,13 +122,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   const int64_t heads = kn->heads, hkv = kn->kv_heads, rep = heads / hkv;
   const OrtValue *in[INPUTS] = {0};
   int64_t dims[INPUTS][8];
-  size_t nd[INPUTS] = {0}, count = 0;
-  TRY(CALL(CONTEXT_INPUT_COUNT, OrtStatus *(*)(const OrtKernelContext *, size_t *))(ctx, &count));
-  for (size_t i = 0; i < INPUTS && i < count; i++) {
-    int elem;
-    TRY(input(ctx, i, &in[i]));
-    if (in[i]) TRY(tensor_shape(in[i], &elem, dims[i], &nd[i], 8));
-  }
+  size_t nd[INPUTS] = {0};
+  TRY(read_inputs(ctx, INPUTS, in, dims, nd));
   for (int i = 0; i < IN_COS; i++)
     if (!in[i] && i != IN_GATE) BAD("inputs 0 to 5, 7 and 8 are required");
   const int hidden = in[IN_HIDDEN] != NULL;  /* the gate from the layer input */
@@ -196,9 +171,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   c.global = tensor_data(in[IN_GLOBAL]);
   c.ring_k = tensor_data(in[IN_RING_K]), c.ring_v = tensor_data(in[IN_RING_V]);
   const int64_t out_dims[4] = {R, B, 1, heads * dh}, ring_dims[5] = {R - 1, B, hkv, c.keep, dh};
-  TRY(output(ctx, 0, out_dims, 4, &c.out));
-  TRY(output(ctx, 1, ring_dims, 5, &c.out_k));
-  TRY(output(ctx, 2, ring_dims, 5, &c.out_v));
+  TRY(float_output(ctx, 0, out_dims, 4, &c.out));
+  TRY(float_output(ctx, 1, ring_dims, 5, &c.out_k));
+  TRY(float_output(ctx, 2, ring_dims, 5, &c.out_v));
   for (int64_t b = 0; b < B; b++)  /* row 0: the global attention's */
     for (int64_t h = 0; h < heads; h++)
       memcpy(c.out + (b * heads + h) * dh,

@@ -54,26 +54,6 @@ static AVX512 void unit(void *data, size_t u) {
     for (int64_t i = 0; i < npad; i++) top[i] = -INFINITY, sum[i] = 0.f;
 }
 
-static OrtStatus *input(OrtKernelContext *ctx, size_t i, const OrtValue **v) {
-  return CALL(CONTEXT_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, i, v);
-}
-
-static OrtStatus *output(OrtKernelContext *ctx, size_t i, const int64_t *dims, size_t n, float **data) {
-  OrtValue *v;
-  TRY(CALL(CONTEXT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
-      ctx, i, dims, n, &v));
-  *data = tensor_data(v);
-  int64_t size = 1;
-  for (size_t d = 0; d < n; d++) size *= dims[d];
-  return *data || !size ? NULL : error(ORT_FAIL, "StepAttention: an output has no data");
-}
-
-static int same(const int64_t *a, const int64_t *b, size_t n) {
-  for (size_t i = 0; i < n; i++)
-    if (a[i] != b[i]) return 0;
-  return 1;
-}
-
 #define BAD(msg) return error(ORT_INVALID_ARGUMENT, "StepAttention: " msg)
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
@@ -81,13 +61,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   const int64_t heads = kn->heads, hkv = kn->kv_heads, rep = heads / hkv;
   const OrtValue *in[INPUTS] = {0};
   int64_t dims[INPUTS][8];
-  size_t nd[INPUTS] = {0}, count = 0;
-  TRY(CALL(CONTEXT_INPUT_COUNT, OrtStatus *(*)(const OrtKernelContext *, size_t *))(ctx, &count));
-  for (size_t i = 0; i < INPUTS && i < count; i++) {
-    int elem;
-    TRY(input(ctx, i, &in[i]));
-    if (in[i]) TRY(tensor_shape(in[i], &elem, dims[i], &nd[i], 8));
-  }
+  size_t nd[INPUTS] = {0};
+  TRY(read_inputs(ctx, INPUTS, in, dims, nd));
   for (int i = 0; i < IN_BIAS; i++)
     if (!in[i]) BAD("inputs 0 to 6 are required");
   const int rotary = in[IN_COS] != NULL;
@@ -138,9 +113,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   const float *q = tensor_data(in[IN_Q]), *k = tensor_data(in[IN_K]), *v = tensor_data(in[IN_V]);
   const int64_t out_dims[4] = {R, B, 1, heads * dh};
   float *out, *cache_k, *cache_v;
-  OrtStatus *st = output(ctx, 0, out_dims, 4, &out);
-  if (!st) st = output(ctx, 1, dims[IN_PAST_K], 4, &cache_k);
-  if (!st) st = output(ctx, 2, dims[IN_PAST_K], 4, &cache_v);
+  OrtStatus *st = float_output(ctx, 0, out_dims, 4, &out);
+  if (!st) st = float_output(ctx, 1, dims[IN_PAST_K], 4, &cache_k);
+  if (!st) st = float_output(ctx, 2, dims[IN_PAST_K], 4, &cache_v);
   if (!st && !B) { free(seen); return NULL; }  /* an empty batch */
   const int64_t npad = pad_queries(n), chunks = (longest + CHUNK - 1) / CHUNK;
   const size_t units = (size_t)(B * hkv * chunks), per_unit = (size_t)(npad * (CHUNK + 2 + dh));
