@@ -126,11 +126,11 @@ def test_artifact_is_self_describing(exported):
     bodies = {f.name: f for f in fast.functions}
     assert [op for op in own if own[op]] == [op for op in bodies if op in own]
 
-    def listed(op, source):
-        return {"domain": "pltkit", "op": op, "version": 1, "graphs": ["decode.gqa.onnx"], "function_body": True,
+    def listed(op, source, version):
+        return {"domain": "pltkit", "op": op, "version": version, "graphs": ["decode.gqa.onnx"], "function_body": True,
                 "spec": f"pltkit/runtime/kernels/{source}.c"}
-    assert m["custom_ops"][1:] == [listed("StepAttention", "step_attention"),
-                                   *([listed("RingMix", "ring_mix")] if own["RingMix"] else [])]
+    assert m["custom_ops"][1:] == [listed("StepAttention", "step_attention", 1),
+                                   *([listed("RingMix", "ring_mix", 2)] if own["RingMix"] else [])]
     if own["RingMix"] and cfg.plt_gate_use_hidden_states:  # a float32 graph: RingMix computes the gate itself
         assert all(n.input[6] == "" and len(n.input) == 16 for n in own["RingMix"])
         assert not [n for n in fast.graph.node if n.op_type != "RingMix" and any("plt_gate" in i for i in n.input)]

@@ -215,8 +215,8 @@ def _write(src: Path, tmp: Path, quant, dtype: str) -> None:
         "custom_ops": [{"domain": la.DOMAIN, "op": la.OP, "version": la.VERSION,
                         "plugin_namespace": la.PLUGIN_NAMESPACE, "plugin_version": la.PLUGIN_VERSION,
                         "spec": "docs/loop-attention-op.md"},
-                       *({"domain": gqa.KERNEL_DOMAIN, "op": name, "version": 1, "graphs": files,
-                          "function_body": True, "spec": gqa.OWN_OPS[name]}
+                       *({"domain": gqa.KERNEL_DOMAIN, "op": name, "version": gqa.OWN_OPS[name][1], "graphs": files,
+                          "function_body": True, "spec": gqa.OWN_OPS[name][0]}
                          for name, files in functions.items())],
         "graphs": graphs,
         "state": {"names": state_names(cfg), "shapes": state_shapes(cfg), "dtype": dtype},

@@ -26,8 +26,9 @@ RING_MIX_INPUTS = ["query", "key", "value", "global", "ring_key", "ring_value", 
 # in place of `gate`: the layer input and the gate's norm weight [D], weight [D, H] and bias [H] (hidden-state gate)
 RING_MIX_GATE = ["hidden", "gate_norm", "gate_weight", "gate_bias"]
 RING_MIX_OUTPUTS = ["output", "present_ring_key", "present_ring_value"]
-OWN_OPS = {STEP: "pltkit/runtime/kernels/step_attention.c",  # pltkit's ops with function bodies -> their spec
-           RING_MIX: "pltkit/runtime/kernels/ring_mix.c"}
+# pltkit's ops with function bodies -> (their spec, their version). RingMix 2: the global output in the rows'
+# layout and the hidden-state gate's inputs (its kernel reads version 1 nodes too)
+OWN_OPS = {STEP: ("pltkit/runtime/kernels/step_attention.c", 1), RING_MIX: ("pltkit/runtime/kernels/ring_mix.c", 2)}
 
 
 @dataclass(frozen=True)
