@@ -86,13 +86,20 @@ class Graph:
         """The graph without the nodes nothing reads (a layer builder may write pieces a variant
         does not use; ONNX Runtime warns about each). Nodes are in topological order, so one pass
         from the outputs back finds them."""
-        needed, nodes = {o.name for o in self.outputs}, []
-        for node in reversed(self.nodes):
-            if any(o in needed for o in node.output):
-                nodes.append(node)
-                needed.update(node.input)
+        nodes, needed = live(self.nodes, {o.name for o in self.outputs})
         initializers = [t for t in self.initializers if t.name in needed]
-        return helper.make_graph(nodes[::-1], name, self.inputs, self.outputs, initializers)
+        return helper.make_graph(nodes, name, self.inputs, self.outputs, initializers)
+
+
+def live(nodes, outputs: set[str]) -> tuple[list, set[str]]:
+    """Of `nodes` in topological order (no subgraphs), those the names `outputs` need, in order, and every name
+    they read: one pass from the outputs back."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    return kept[::-1], needed
 
 
 class _Scope:

@@ -168,15 +168,12 @@ def kernel_model(path: Path) -> tuple[bytes, int]:
 
 
 def prune(graph) -> None:
-    """Drop the nodes of an ONNX graph whose outputs nothing reads (the nodes in topological order, and no
-    subgraphs: pltkit's decode graphs have none)."""
-    needed, kept = {o.name for o in graph.output}, []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(node.input)
+    """Drop the nodes of an ONNX graph whose outputs nothing reads (pltkit.export.graph.live)."""
+    from pltkit.export.graph import live
+
+    kept, _ = live(graph.node, {o.name for o in graph.output})
     del graph.node[:]
-    graph.node.extend(reversed(kept))
+    graph.node.extend(kept)
 
 
 def load_into(so, folder: Path) -> None:
