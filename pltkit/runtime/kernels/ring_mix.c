@@ -25,6 +25,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -53,6 +54,14 @@ static inline AVX512 float dot(const float *a, const float *b, int64_t n) {
   float s = _mm512_reduce_add_ps(acc);
   for (; i < n; i++) s += a[i] * b[i];
   return s;
+}
+
+/* bytes from src to dst, where a forward copy is safe (dst below src, or apart): with streaming stores where
+ * both are whole aligned lines, as the rings are (written for the next step, which reads them from memory;
+ * a store through the cache would read each line first) */
+static inline AVX512 void copy_forward(float *dst, const float *src, size_t bytes) {
+  if (((uintptr_t)dst | (uintptr_t)src | bytes) % 64) { memmove(dst, src, bytes); return; }
+  for (size_t i = 0; i < bytes / 4; i += 16) _mm512_stream_ps(dst + i, _mm512_load_ps(src + i));
 }
 
 /* unit u: one row r >= 1, batch entry b and kv head: its rep query heads over the ring (attend()) and the row's own
@@ -91,26 +100,30 @@ static AVX512 void unit(void *data, size_t u) {
   if (c->keep) {  /* the newest `keep` of the ring's W entries and the row's own */
     float *ok = c->out_k + ring * c->keep * dh, *ov = c->out_v + ring * c->keep * dh;
     size_t old = (size_t)(c->keep - 1) * dh * sizeof(float);
-    memmove(ok, rk + (c->w + 1 - c->keep) * dh, old);  /* (memmove: never run in place, but safe if it were) */
-    memmove(ov, rv + (c->w + 1 - c->keep) * dh, old);
+    copy_forward(ok, rk + (c->w + 1 - c->keep) * dh, old);  /* (never run in place, but safe if it were) */
+    copy_forward(ov, rv + (c->w + 1 - c->keep) * dh, old);
     memcpy(ok + (c->keep - 1) * dh, key, (size_t)dh * sizeof(float));
     memcpy(ov + (c->keep - 1) * dh, v_new, (size_t)dh * sizeof(float));
+    _mm_sfence();  /* the streamed lines ordered before the step's end */
   }
 }
 
 /* g [R-1, B, H] = sigmoid(W RMSNorm(x) + b) for the rows r >= 1 of the layer input x [R, B, 1, D]; h: D floats */
-static void hidden_gate(const float *x, const float *norm, const float *w, const float *bias, int64_t R, int64_t B,
-                        int64_t d, int64_t heads, float eps, float *g, float *h) {
+static AVX512 void hidden_gate(const float *x, const float *norm, const float *w, const float *bias, int64_t R,
+                               int64_t B, int64_t d, int64_t heads, float eps, float *g, float *h) {
   for (int64_t rb = B; rb < R * B; rb++) {  /* rows 1.., every batch entry */
     const float *xr = x + rb * d;
-    float ms = 0.f;
-    for (int64_t i = 0; i < d; i++) ms += xr[i] * xr[i];
-    const float rms = sqrtf(ms / (float)d + eps);
+    const float rms = sqrtf(dot(xr, xr, d) / (float)d + eps);
     for (int64_t i = 0; i < d; i++) h[i] = xr[i] / rms * norm[i];
     float *out = g + (rb - B) * heads;
-    for (int64_t j = 0; j < heads; j++) out[j] = bias[j];
-    for (int64_t i = 0; i < d; i++)
-      for (int64_t j = 0; j < heads; j++) out[j] += h[i] * w[i * heads + j];
+    for (int64_t j = 0; j < heads; j += 16) {  /* 16 heads a vector, four sums in turn */
+      const __mmask16 m = tail(heads - j);
+      __m512 acc[4] = {_mm512_maskz_loadu_ps(m, bias + j), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                       _mm512_setzero_ps()};
+      for (int64_t i = 0; i < d; i++)
+        acc[i % 4] = _mm512_fmadd_ps(_mm512_set1_ps(h[i]), _mm512_maskz_loadu_ps(m, w + i * heads + j), acc[i % 4]);
+      _mm512_mask_storeu_ps(out + j, m, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    }
     for (int64_t j = 0; j < heads; j++) out[j] = 1.f / (1.f + expf(-out[j]));
   }
 }

@@ -54,6 +54,35 @@ static AVX512 void unit(void *data, size_t u) {
     for (int64_t i = 0; i < npad; i++) top[i] = -INFINITY, sum[i] = 0.f;
 }
 
+/* out [R, B, 1, H*Dh]: each query's chunks merged by their maxima */
+static AVX512 void merge(const Call *c, int64_t heads, float *out) {
+  const int64_t dh = c->dh, npad = c->npad, rep = heads / c->kv_heads, per_unit = npad * (CHUNK + 2 + dh);
+  for (int64_t head = 0; head < c->batch * c->kv_heads; head++)
+    for (int64_t i = 0; i < c->n; i++) {
+      const float *parts = c->scratch + head * c->chunks * per_unit + npad * CHUNK;  /* chunk ch's: + ch * per_unit */
+      float best = -INFINITY, sum = 0.f;
+      for (int64_t ch = 0; ch < c->chunks; ch++) best = fmaxf(best, parts[ch * per_unit + i]);
+      const int64_t b = head / c->kv_heads, kh = head % c->kv_heads;
+      float *o = out + ((i / rep * c->batch + b) * heads + kh * rep + i % rep) * dh;
+      for (int64_t e = 0; e < dh; e += 16) _mm512_mask_storeu_ps(o + e, tail(dh - e), _mm512_setzero_ps());
+      for (int64_t ch = 0; ch < c->chunks; ch++) {
+        const float *part = parts + ch * per_unit;
+        if (part[npad + i] == 0.f) continue;  /* no key visible in it */
+        const float w = expf(part[i] - best);
+        sum += w * part[npad + i];
+        const __m512 wv = _mm512_set1_ps(w);
+        for (int64_t e = 0; e < dh; e += 16) {
+          const __mmask16 m = tail(dh - e);
+          const __m512 y = _mm512_maskz_loadu_ps(m, part + 2 * npad + i * dh + e);
+          _mm512_mask_storeu_ps(o + e, m, _mm512_fmadd_ps(wv, y, _mm512_maskz_loadu_ps(m, o + e)));
+        }
+      }
+      const __m512 inv = _mm512_set1_ps(1.f / sum);
+      for (int64_t e = 0; e < dh; e += 16)
+        _mm512_mask_storeu_ps(o + e, tail(dh - e), _mm512_mul_ps(inv, _mm512_maskz_loadu_ps(tail(dh - e), o + e)));
+    }
+}
+
 #define BAD(msg) return error(ORT_INVALID_ARGUMENT, "StepAttention: " msg)
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
@@ -143,25 +172,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
             .cache_k = cache_k, .cache_v = cache_v, .seen = seen, .scratch = qr + queries};
   st = CALL(PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t,
                                          void *))(ctx, unit, units, 0, &c);
-  for (int64_t head = 0; !st && head < B * hkv; head++)  /* the chunks' parts, by their maxima */
-    for (int64_t i = 0; i < n; i++) {
-      const int64_t b = head / hkv, kh = head % hkv;
-      float best = -INFINITY, sum = 0.f;
-      for (int64_t ch = 0; ch < chunks; ch++) {
-        const float *part = c.scratch + (head * chunks + ch) * (int64_t)per_unit + npad * CHUNK;
-        best = fmaxf(best, part[i]);
-      }
-      float *o = out + ((i / rep * B + b) * heads + kh * rep + i % rep) * dh;
-      memset(o, 0, (size_t)dh * sizeof(float));
-      for (int64_t ch = 0; ch < chunks; ch++) {
-        const float *part = c.scratch + (head * chunks + ch) * (int64_t)per_unit + npad * CHUNK;
-        if (part[npad + i] == 0.f) continue;
-        const float w = expf(part[i] - best);
-        sum += w * part[npad + i];
-        for (int64_t d = 0; d < dh; d++) o[d] += w * part[2 * npad + i * dh + d];
-      }
-      for (int64_t d = 0; d < dh; d++) o[d] /= sum;
-    }
+  if (!st) merge(&c, heads, out);
   free(qr);
   free(seen);
   return st;
