@@ -25,7 +25,6 @@
  */
 #include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -54,14 +53,6 @@ static inline AVX512 float dot(const float *a, const float *b, int64_t n) {
   float s = _mm512_reduce_add_ps(acc);
   for (; i < n; i++) s += a[i] * b[i];
   return s;
-}
-
-/* bytes from src to dst, where a forward copy is safe (dst below src, or apart): with streaming stores where
- * both are whole aligned lines, as the rings are (written for the next step, which reads them from memory;
- * a store through the cache would read each line first) */
-static inline AVX512 void copy_forward(float *dst, const float *src, size_t bytes) {
-  if (((uintptr_t)dst | (uintptr_t)src | bytes) % 64) { memmove(dst, src, bytes); return; }
-  for (size_t i = 0; i < bytes / 4; i += 16) _mm512_stream_ps(dst + i, _mm512_load_ps(src + i));
 }
 
 /* unit u: one row r >= 1, batch entry b and kv head: its rep query heads over the ring (attend()) and the row's own
@@ -100,11 +91,10 @@ static AVX512 void unit(void *data, size_t u) {
   if (c->keep) {  /* the newest `keep` of the ring's W entries and the row's own */
     float *ok = c->out_k + ring * c->keep * dh, *ov = c->out_v + ring * c->keep * dh;
     size_t old = (size_t)(c->keep - 1) * dh * sizeof(float);
-    copy_forward(ok, rk + (c->w + 1 - c->keep) * dh, old);  /* (never run in place, but safe if it were) */
-    copy_forward(ov, rv + (c->w + 1 - c->keep) * dh, old);
+    memmove(ok, rk + (c->w + 1 - c->keep) * dh, old);  /* (memmove: never run in place, but safe if it were) */
+    memmove(ov, rv + (c->w + 1 - c->keep) * dh, old);
     memcpy(ok + (c->keep - 1) * dh, key, (size_t)dh * sizeof(float));
     memcpy(ov + (c->keep - 1) * dh, v_new, (size_t)dh * sizeof(float));
-    _mm_sfence();  /* the streamed lines ordered before the step's end */
   }
 }
 
