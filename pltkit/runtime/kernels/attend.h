@@ -5,6 +5,8 @@
 #define PLTKIT_ATTEND_H
 #include <immintrin.h>
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "ort_abi.h"
@@ -15,6 +17,31 @@ enum { MAX_LANES = 16, AHEAD = 4096 };
 
 /* the rows of queries attend() takes for n: 4, 8 or a multiple of 16 */
 static inline int64_t pad_queries(int64_t n) { return n <= 4 ? 4 : n <= 8 ? 8 : (n + 15) / 16 * 16; }
+
+/* The heads of an attention op, its attributes num_heads, kv_num_heads and scale: NULL, or why `op` cannot run
+ * them (a positive multiple of the kv heads, at most 16 * MAX_LANES = 256 query heads a kv head) */
+typedef struct { int64_t heads, kv_heads; float scale; } Heads;
+
+static inline OrtStatus *read_heads(const OrtKernelInfo *info, const char *op, Heads *h) {
+  typedef OrtStatus *(*GetInt)(const OrtKernelInfo *, const char *, int64_t *);
+  TRY(CALL(ATTRIBUTE_INT64, GetInt)(info, "num_heads", &h->heads));
+  TRY(CALL(ATTRIBUTE_INT64, GetInt)(info, "kv_num_heads", &h->kv_heads));
+  TRY(CALL(ATTRIBUTE_FLOAT, OrtStatus *(*)(const OrtKernelInfo *, const char *, float *))(info, "scale", &h->scale));
+  if (h->heads >= 1 && h->kv_heads >= 1 && h->heads % h->kv_heads == 0 &&
+      pad_queries(h->heads / h->kv_heads) <= 16 * MAX_LANES)
+    return NULL;
+  char msg[160];
+  snprintf(msg, sizeof msg, "%s: num_heads must be a positive multiple of kv_num_heads, at most 256 times it", op);
+  return error(ORT_INVALID_ARGUMENT, msg);
+}
+
+/* *out = a copy of the `size` bytes at k on the heap, as a kernel's state (freed by KernelDestroy) */
+static inline OrtStatus *keep(const void *k, size_t size, const char *op, void **out) {
+  char msg[80];
+  if ((*out = malloc(size))) return memcpy(*out, k, size), NULL;
+  snprintf(msg, sizeof msg, "%s: out of memory", op);
+  return error(ORT_FAIL, msg);
+}
 
 static inline AVX512 __m512 exp512(__m512 x) {  /* e^x for x <= 0, within 2e-7 relative */
   x = _mm512_max_ps(x, _mm512_set1_ps(-88.f));

@@ -205,25 +205,15 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 
 static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernelInfo *info, void **out) {
   (void)op; (void)ort;
-  Kernel k;
-  typedef OrtStatus *(*GetInt)(const OrtKernelInfo *, const char *, int64_t *);
+  Heads h;
+  TRY(read_heads(info, "RingMix", &h));
+  Kernel k = {.heads = h.heads, .kv_heads = h.kv_heads, .scale = h.scale};
+  TRY(CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, "window", &k.window));
+  if (k.window < 0) BAD("window must be at least 0");
   typedef OrtStatus *(*GetFloat)(const OrtKernelInfo *, const char *, float *);
-  GetInt get_int = CALL(ATTRIBUTE_INT64, GetInt);
-  GetFloat get_float = CALL(ATTRIBUTE_FLOAT, GetFloat);
-  TRY(get_int(info, "num_heads", &k.heads));
-  TRY(get_int(info, "kv_num_heads", &k.kv_heads));
-  TRY(get_int(info, "window", &k.window));
-  TRY(get_float(info, "scale", &k.scale));
-  OrtStatus *absent = get_float(info, "epsilon", &k.eps);  /* artifacts from before the hidden-state gate */
+  OrtStatus *absent = CALL(ATTRIBUTE_FLOAT, GetFloat)(info, "epsilon", &k.eps);  /* artifacts before the gate */
   if (absent) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(absent), k.eps = 0.f;
-  if (k.heads < 1 || k.kv_heads < 1 || k.heads % k.kv_heads || pad_queries(k.heads / k.kv_heads) > 16 * MAX_LANES ||
-      k.window < 0)
-    BAD("num_heads must be a positive multiple of kv_num_heads, at most 256 times it, and window at least 0");
-  Kernel *kn = malloc(sizeof *kn);
-  if (!kn) return error(ORT_FAIL, "RingMix: out of memory");
-  *kn = k;
-  *out = kn;
-  return NULL;
+  return keep(&k, sizeof k, "RingMix", out);
 }
 
 static const char *name(const OrtCustomOp *op) { (void)op; return "RingMix"; }

@@ -31,7 +31,7 @@
 enum { IN_Q, IN_K, IN_V, IN_PAST_K, IN_PAST_V, IN_SEQLENS, IN_TOTAL, IN_BIAS, IN_COS, IN_SIN, IN_POS, INPUTS };
 enum { CHUNK = 256, MAX_DH = 1024 };  /* CHUNK: keys a unit of work reads (long contexts split across threads) */
 
-typedef struct { int64_t heads, kv_heads; float scale; } Kernel;
+typedef Heads Kernel;
 
 typedef struct {  /* one call */
   int64_t batch, kv_heads, dh, cap, n, npad, chunks;
@@ -181,18 +181,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernelInfo *info, void **out) {
   (void)op; (void)ort;
   Kernel k;
-  typedef OrtStatus *(*GetInt)(const OrtKernelInfo *, const char *, int64_t *);
-  typedef OrtStatus *(*GetFloat)(const OrtKernelInfo *, const char *, float *);
-  TRY(CALL(ATTRIBUTE_INT64, GetInt)(info, "num_heads", &k.heads));
-  TRY(CALL(ATTRIBUTE_INT64, GetInt)(info, "kv_num_heads", &k.kv_heads));
-  TRY(CALL(ATTRIBUTE_FLOAT, GetFloat)(info, "scale", &k.scale));
-  if (k.heads < 1 || k.kv_heads < 1 || k.heads % k.kv_heads || pad_queries(k.heads / k.kv_heads) > 16 * MAX_LANES)
-    BAD("num_heads must be a positive multiple of kv_num_heads, at most 256 times it");
-  Kernel *kn = malloc(sizeof *kn);
-  if (!kn) return error(ORT_FAIL, "StepAttention: out of memory");
-  *kn = k;
-  *out = kn;
-  return NULL;
+  TRY(read_heads(info, "StepAttention", &k));
+  return keep(&k, sizeof k, "StepAttention", out);
 }
 
 static const char *name(const OrtCustomOp *op) { (void)op; return "StepAttention"; }
