@@ -571,6 +571,12 @@ def test_decode_on_own_kernels_matches_ort_kernels_and_torch(artifacts, form):
     assert diff_ref <= MAX_LOGIT_DIFF
 
 
+def test_the_sources_compile_wherever_a_compiler_is():
+    """Every kernel test skips where the kernels cannot run; a compile error in pltkit's own sources must fail."""
+    _, why = kernels._built()
+    assert not (why or "").startswith("building pltkit's kernels failed"), why
+
+
 def test_kernels_choice_is_checked(artifacts, monkeypatch, tmp_path):
     art = Artifact.open(artifacts["int8"])
     with pytest.raises(ArtifactError, match="unknown kernels 'fast'"):

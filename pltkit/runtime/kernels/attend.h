@@ -93,14 +93,18 @@ static inline void prefetch(const float *from, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)from + b, _MM_HINT_T0);
 }
 
-/* the scores of 4 queries against keys [0, n) */
-static inline AVX512 void scores4(const float *q, const float *keys, int64_t n, int64_t dh, int64_t stride, float *p) {
+/* the scores of npad queries (4 at a time) against keys [0, n), p[t][i] (rows of npad). Each block of 4 keys
+ * meets every query while it is in the L1, so all the arithmetic runs while the next keys come from memory. With
+ * one pass over the keys for each 4 queries, the second pass ran on cached keys with the memory idle: 2 rows took
+ * 1.07x this time (docs/benchmarks.md). */
+static inline AVX512 void scores(const float *q, int64_t npad, const float *keys, int64_t n, int64_t dh, float *p) {
   int64_t t = 0;
   for (; t + 4 <= n; t += 4) {
     prefetch(keys + t * dh + AHEAD / 4, 4 * dh * 4);
-    block4(4, q, keys + t * dh, dh, stride, p + t * stride);
+    for (int64_t i = 0; i < npad; i += 4) block4(4, q + i * dh, keys + t * dh, dh, npad, p + t * npad + i);
   }
-  for (; t < n; t++) block4(1, q, keys + t * dh, dh, stride, p + t * stride);
+  for (; t < n; t++)
+    for (int64_t i = 0; i < npad; i += 4) block4(1, q + i * dh, keys + t * dh, dh, npad, p + t * npad + i);
 }
 
 /* y [G, Dh] = the weights p of G queries (p[t][i], rows of `stride`) times values [0, n), W vectors of
@@ -158,7 +162,7 @@ static inline __attribute__((always_inline)) AVX512 void weigh_rows(int G, int V
  * 16 / npad keys (npad 4 or 8) or part of one key's queries (npad a multiple of 16). */
 static AVX512 void attend(const float *q, int64_t npad, const float *keys, const float *values, int64_t n, int64_t dh,
                           float *p, float *top, float *sum, float *y) {
-  for (int64_t i = 0; i < npad; i += 4) scores4(q + i * dh, keys, n, dh, npad, p + i);
+  scores(q, npad, keys, n, dh, p);
   const int64_t flat = n * npad, lanes = npad < 16 ? 1 : npad / 16;  /* vector v: queries of lanes[v % lanes] */
   __m512 acc[MAX_LANES];
   for (int64_t l = 0; l < lanes; l++) acc[l] = _mm512_set1_ps(-INFINITY);
