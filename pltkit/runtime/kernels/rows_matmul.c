@@ -87,10 +87,11 @@ static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call 
   __m512 o0[G], o1[G];
   for (int h = 0; h < count; h++) o0[h] = o1[h] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    __m512i a0[G], a1[G];
+    __m512i a0[G], a1[G], e0[G], e1[G];
     for (int h = 0; h < count; h++) {
       a0[h] = _mm512_set1_epi32(c->off[b]);
       a1[h] = _mm512_set1_epi32(two ? c->off[nb + b] : 0);
+      e0[h] = e1[h] = _mm512_setzero_si512();
     }
     for (int j = 0; j < lines; j++) {
       const int step = bits == 8 ? j : 2 * j;  /* the line's (first) 4 k */
@@ -104,9 +105,14 @@ static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call 
         const uint8_t *line = kn->w + (((g0 + h) * nb + b) * lines + j) * 64;
         _mm_prefetch((const char *)(line + PREFETCH), _MM_HINT_T0);
         __m512i w = _mm512_loadu_si512(line);
-        if (bits == 8) {
-          a0[h] = _mm512_dpbusd_epi32(a0[h], w, b0);
-          if (two) a1[h] = _mm512_dpbusd_epi32(a1[h], w, b1);
+        if (bits == 8) {  /* odd lines into sums of their own: two chains of dot products a row, not one */
+          if (j % 2) {
+            e0[h] = _mm512_dpbusd_epi32(e0[h], w, b0);
+            if (two) e1[h] = _mm512_dpbusd_epi32(e1[h], w, b1);
+          } else {
+            a0[h] = _mm512_dpbusd_epi32(a0[h], w, b0);
+            if (two) a1[h] = _mm512_dpbusd_epi32(a1[h], w, b1);
+          }
         } else {
           __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
           a0[h] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a0[h], lo, b0), hi, c0);
@@ -115,6 +121,7 @@ static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call 
       }
     }
     for (int h = 0; h < count; h++) {
+      a0[h] = _mm512_add_epi32(a0[h], e0[h]), a1[h] = _mm512_add_epi32(a1[h], e1[h]);
       __m512 s = _mm512_loadu_ps(kn->s + ((g0 + h) * nb + b) * 16);
       o0[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[h]), _mm512_mul_ps(s, _mm512_set1_ps(c->d[b])), o0[h]);
       if (two)
