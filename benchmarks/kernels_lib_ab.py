@@ -6,7 +6,8 @@ new / old below 1 mean the working tree's is faster.
 
 The ops run alone at the large shape (16 query and 4 kv heads of 128, window 64, D 2048) on more inputs than
 the caches hold (StepAttention with 1 and 2 rows over 16 caches at --position; RingMix over 160 sets of its inputs,
-62 MB), one call of each library in turn, with ONNX Runtime's thread spinning off: with it on, the idle session's
+62 MB; RowsMatMulNBits, int8 and int4, 1 and 2 rows, as 32 layers of the down projection), one call of each library
+in turn, with ONNX Runtime's thread spinning off: with it on, the idle session's
 spinning thread takes the second core from the other. Whole steps (--artifact) keep the spinning and alternate
 blocks of steps (decode_ab's step_ms). REV's library is built from the files the working tree's is built from.
 """
@@ -14,6 +15,7 @@ blocks of steps (decode_ab's step_ms). REV's library is built from the files the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -97,6 +99,29 @@ def ring_case(rows: int, sets: int):
     return m, shared, per_set, {}
 
 
+def rows_case(form: str, rows: int, k: int = 5632, n: int = 2048, nodes: int = 32):
+    """RowsMatMulNBits: `nodes` layers of K x N (the large shape's down projection; 369 MB at int8, beyond the L3),
+    all reading one input of `rows` rows."""
+    from onnx import numpy_helper
+
+    from pltkit.quant.schemes import SCHEMES
+    scheme, rng = SCHEMES[form], np.random.default_rng(0)
+    inits, graph_nodes = [], []
+    for i in range(nodes):
+        packed, scales = scheme.pack((rng.standard_normal((k, n)) * 0.02).astype(np.float32))
+        inits += [numpy_helper.from_array(packed, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
+        graph_nodes.append(helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
+                                            K=k, N=n, bits=scheme.bits, block_size=scheme.block_size,
+                                            accuracy_level=scheme.accuracy_level))
+    graph = helper.make_graph(graph_nodes, "rows", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(nodes)],
+                              inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1),
+                                                helper.make_opsetid(kernels.DOMAIN, 1)], ir_version=10)
+    assert kernels.rows_graph(m) == nodes
+    return m, {}, [{"x": rng.standard_normal((rows, k)).astype(np.float32)}], {}
+
+
 def op_ab(libs: list[Path], case, rounds: int) -> dict:
     m, shared, per_set, in_place = case
     runs, kept = [], []  # kept: the cache buffers bound, alive as long as their bindings
@@ -174,6 +199,8 @@ def main(argv=None) -> int:
             rounds = args.rounds or 60
             result = {f"step_attention_{r}_rows": op_ab(libs, step_case(r, args.position, 16), rounds) for r in (1, 2)}
             result["ring_mix"] = op_ab(libs, ring_case(2, 160), rounds // 10 or 1)
+            for form, r in itertools.product(("int8", "int4"), (1, 2)):
+                result[f"rows_matmul_{form}_{r}_rows"] = op_ab(libs, rows_case(form, r), rounds // 4 or 1)
     for name, r in result.items():
         print(f"{name}: {r}")
     print(json.dumps({"rev": args.rev, **result}))
