@@ -6,8 +6,8 @@ new / old below 1 mean the working tree's is faster.
 
 The ops run alone at the large shape (16 query and 4 kv heads of 128, window 64, D 2048) on more inputs than
 the caches hold (StepAttention with 1 and 2 rows over 16 caches at --position; RingMix over 160 sets of its inputs,
-62 MB; RowsMatMulNBits, int8 and int4, 1 and 2 rows, as 32 layers of the down projection), one call of each library
-in turn, with ONNX Runtime's thread spinning off: with it on, the idle session's
+62 MB; RowsMatMulNBits, int8 and int4, 1 and 2 rows, as 32 layers of the down projection or of --rows-shape K N),
+one call of each library in turn, with ONNX Runtime's thread spinning off: with it on, the idle session's
 spinning thread takes the second core from the other. Whole steps (--artifact) keep the spinning and alternate
 blocks of steps (decode_ab's step_ms). REV's library is built from the files the working tree's is built from.
 """
@@ -190,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", type=int, nargs="+", default=[256, 4096])
     ap.add_argument("--position", type=int, default=4096, help="StepAttention's token position")
     ap.add_argument("--rounds", type=int, default=None, help="default: 60 over the ops' inputs, 11 blocks of steps")
+    ap.add_argument("--rows-shape", type=int, nargs=2, default=(5632, 2048), metavar=("K", "N"),
+                    help="RowsMatMulNBits' layers (default: the large shape's down projection)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         libs = [build(args.rev, Path(tmp)), kernels.library()]
@@ -200,7 +202,8 @@ def main(argv=None) -> int:
             result = {f"step_attention_{r}_rows": op_ab(libs, step_case(r, args.position, 16), rounds) for r in (1, 2)}
             result["ring_mix"] = op_ab(libs, ring_case(2, 160), rounds // 10 or 1)
             for form, r in itertools.product(("int8", "int4"), (1, 2)):
-                result[f"rows_matmul_{form}_{r}_rows"] = op_ab(libs, rows_case(form, r), rounds // 4 or 1)
+                case = rows_case(form, r, *args.rows_shape)
+                result[f"rows_matmul_{form}_{r}_rows"] = op_ab(libs, case, rounds // 4 or 1)
     for name, r in result.items():
         print(f"{name}: {r}")
     print(json.dumps({"rev": args.rev, **result}))
