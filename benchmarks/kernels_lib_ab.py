@@ -102,24 +102,17 @@ def ring_case(rows: int, sets: int):
 def rows_case(form: str, rows: int, k: int = 5632, n: int = 2048, nodes: int = 32):
     """RowsMatMulNBits: `nodes` layers of K x N (the large shape's down projection; 369 MB at int8, beyond the L3),
     all reading one input of `rows` rows."""
-    from onnx import numpy_helper
+    from matmul_rows import layers  # benchmarks/ is the script's folder
 
     from pltkit.quant.schemes import SCHEMES
-    scheme, rng = SCHEMES[form], np.random.default_rng(0)
-    inits, graph_nodes = [], []
-    for i in range(nodes):
-        packed, scales = scheme.pack((rng.standard_normal((k, n)) * 0.02).astype(np.float32))
-        inits += [numpy_helper.from_array(packed, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
-        graph_nodes.append(helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
-                                            K=k, N=n, bits=scheme.bits, block_size=scheme.block_size,
-                                            accuracy_level=scheme.accuracy_level))
+    graph_nodes, inits = layers(SCHEMES[form], k, n, nodes)
     graph = helper.make_graph(graph_nodes, "rows", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
                               [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(nodes)],
                               inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1),
                                                 helper.make_opsetid(kernels.DOMAIN, 1)], ir_version=10)
     assert kernels.rows_graph(m) == nodes
-    return m, {}, [{"x": rng.standard_normal((rows, k)).astype(np.float32)}], {}
+    return m, {}, [{"x": np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)}], {}
 
 
 def op_ab(libs: list[Path], case, rounds: int) -> dict:

@@ -53,7 +53,9 @@ def graph_session(nodes, inits, count: int, k: int, threads: int, spinning: bool
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"], **kw)
 
 
-def session(scheme, threads: int, spinning: bool, k: int = K, n: int = N, count: int = NODES, own_kernels=False):
+def layers(scheme, k: int, n: int, count: int) -> tuple[list, list]:
+    """(nodes, initializers): `count` MatMulNBits layers of random K x N weights packed by `scheme`, each reading
+    input x and writing y0, y1, ..."""
     rng = np.random.default_rng(0)
     inits, nodes = [], []
     for i in range(count):
@@ -62,6 +64,11 @@ def session(scheme, threads: int, spinning: bool, k: int = K, n: int = N, count:
         nodes.append(helper.make_node("MatMulNBits", ["x", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
                                       K=k, N=n, bits=scheme.bits, block_size=scheme.block_size,
                                       accuracy_level=scheme.accuracy_level))
+    return nodes, inits
+
+
+def session(scheme, threads: int, spinning: bool, k: int = K, n: int = N, count: int = NODES, own_kernels=False):
+    nodes, inits = layers(scheme, k, n, count)
     return graph_session(nodes, inits, count, k, threads, spinning, own_kernels)
 
 
