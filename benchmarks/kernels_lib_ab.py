@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -44,8 +42,7 @@ def build(rev: str, out: Path) -> Path:
                               text=True, check=True, cwd=kernels.HERE).stdout
         (src / f.name).write_text(text)
     lib = src / "lib.so"
-    cc = shutil.which(os.environ.get("CC") or "cc")
-    subprocess.run([cc, *kernels.FLAGS, *(str(src / f.name) for f in kernels.SOURCES), "-o", str(lib), "-lm"],
+    subprocess.run([kernels.compiler(), *kernels.FLAGS, *(str(src / f.name) for f in kernels.SOURCES), "-o", str(lib), "-lm"],
                    check=True)
     return lib
 

@@ -5,8 +5,6 @@ their semantics and to the function bodies the exporter writes with them. The de
 against the same models on ONNX Runtime's kernels and against the torch reference."""
 
 import copy
-import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -581,7 +579,7 @@ def test_the_sources_compile_wherever_a_compiler_is(tmp_path):
     if (why or "").startswith("building pltkit's kernels failed"):
         probe = tmp_path / "probe.c"
         probe.write_text('__attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) int f(void) { return 0; }\n')
-        cc = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
+        cc = kernels.compiler()
         if subprocess.run([cc, *kernels.FLAGS, str(probe), "-o", str(tmp_path / "probe.so")]).returncode:
             pytest.skip(f"{cc} cannot build for the AVX-512 VNNI target")
     assert not (why or "").startswith("building pltkit's kernels failed"), why

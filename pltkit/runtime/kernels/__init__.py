@@ -56,11 +56,16 @@ def library() -> Path:
     return path
 
 
+def compiler() -> str | None:
+    """The C compiler the kernels are built with: $CC where it is set, else cc, else gcc."""
+    return shutil.which(os.environ.get("CC") or "cc") or (None if os.environ.get("CC") else shutil.which("gcc"))
+
+
 @functools.cache
 def _built() -> tuple[Path | None, str | None]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"pltkit's kernels are for x86-64 CPUs (this is {platform.machine()})"
-    cc = shutil.which(os.environ.get("CC") or "cc") or (None if os.environ.get("CC") else shutil.which("gcc"))
+    cc = compiler()
     if not cc:
         return None, "no C compiler (cc or gcc) to build pltkit's kernels"
     try:
