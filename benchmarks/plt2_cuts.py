@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0" if args.cpu_time else "1")
         if args.kernels == "ort":
             return ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
-        model, _ = kernels.kernel_model(graph)
+        model = kernels.kernel_model(graph).model
         kernels.load_into(so, graph.parent)
         return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 

@@ -327,6 +327,67 @@ def test_ring_mix_refuses_shapes_it_cannot_read_with_a_clear_error():
     assert own.run(None, feed)[0].shape == (2, 1, 1, 64)  # and the session goes on
 
 
+def bind_rings_in_place(own, feed: dict):
+    """An IO binding of the RingMix model's session with each ring bound as both its input and its output (as
+    the runtime binds full rings), the other inputs copied in."""
+    import onnxruntime as ort
+
+    io = own.io_binding()
+    io.bind_output("y")
+    for name, a in feed.items():
+        if name.startswith("ring_"):
+            value = ort.OrtValue.ortvalue_from_numpy(a)
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(name.replace("_key", "_k").replace("_value", "_v"), value)
+        else:
+            io.bind_cpu_input(name, a)
+    return io
+
+
+def circular(rings: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Full rings [R-1, B, Hkv, W, Dh] (oldest first, entry i at position p - W + i for batch entry b's position
+    p) laid out as RingMix writes them in place: position t at slot t % W."""
+    return np.stack([np.roll(rings[:, b], int(p) % rings.shape[3], 2) for b, p in enumerate(positions)], 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows,batch", [(2, 1), (3, 2)])
+def test_ring_mix_writes_full_rings_in_place(rows, batch):
+    """Bound as both past and present, full rings are circular (position t at slot t % W): the kernel attends
+    over them as over the same rings oldest first, and writes the row's own key and value over the oldest slot
+    only."""
+    window = 4
+    model, own = ring_mix_model(rows, True, window=window), session(ring_mix_model(rows, True, window=window), True)
+    feed = ring_mix_inputs(rows, batch, window, True, seed=7 + rows)
+    want = ring_mix_statement(feed, rows, window)
+    pos = feed["position_ids"][:, 0]
+    given = {**feed, "ring_key": circular(feed["ring_key"], pos), "ring_value": circular(feed["ring_value"], pos)}
+    before = {n: given[n].copy() for n in ("ring_key", "ring_value")}
+    io = bind_rings_in_place(own, given)
+    own.run_with_iobinding(io)
+    diff = float(np.abs(io.copy_outputs_to_cpu()[0] - want[0]).max())
+    rings = [float(np.abs(given[n] - circular(w, pos + 1)).max()) for n, w in zip(before, want[1:])]
+    print(f"rows {rows}, batch {batch}, rings in place: max|output - statement| {diff:.1e}, max|rings - statement's "
+          f"rings, circular| {max(rings):.1e}")
+    assert diff <= 1e-5 and max(rings) <= 1e-6
+    for n in before:  # in each ring, the slot of the oldest position (p - W) alone changed
+        changed = [np.flatnonzero((given[n][:, b] != before[n][:, b]).any(axis=(0, 1, 3))).tolist()
+                   for b in range(batch)]
+        assert changed == [[int(p) % window] for p in pos]
+    assert np.abs(session(model, False).run(None, feed)[0] - want[0]).max() <= 1e-5  # (the body, as ever)
+
+
+@needs_kernels
+def test_ring_mix_writes_in_place_only_full_rings_with_positions():
+    # a ring short of the window grows: ONNX Runtime refuses the bound output of the old shape
+    for rotary, ring, why in ((True, 3, "output 'ring_k' .* has shape"), (False, 4, "RingMix: rings written in place "
+                                                                                    "need position_ids")):
+        own = session(ring_mix_model(2, rotary, window=4), True)
+        feed = ring_mix_inputs(2, 1, ring, rotary)
+        with pytest.raises(Exception, match=why):
+            own.run_with_iobinding(bind_rings_in_place(own, feed))
+
+
 def rotary_caches(head_dim: int, positions: int = 700) -> dict:
     angles = np.arange(positions)[:, None] * 10000.0 ** (-np.arange(head_dim // 2) / (head_dim // 2))
     return {"cos_cache": np.cos(angles).astype(np.float32), "sin_cache": np.sin(angles).astype(np.float32)}
@@ -570,6 +631,47 @@ def test_decode_on_own_kernels_matches_ort_kernels_and_torch(artifacts, form):
           f"logits span {np.ptp(want):.1f})")
     assert diff <= 1e-4 and (a.argmax(-1) == b.argmax(-1)).all()
     assert diff_ref <= MAX_LOGIT_DIFF
+
+
+@needs_kernels
+def test_decode_writes_full_rings_in_place_and_hands_them_out_in_order(artifacts):
+    """Past the window, pltkit's kernels write the rings in place (circular, state.circular); through decode steps,
+    a clone decoding beside its original, a prefill after decode steps and a rewind, the logits are ONNX Runtime's
+    kernels', and the rings of snapshots are theirs: oldest first."""
+    art = Artifact.open(artifacts["int8"])
+    own, theirs = OrtBackend(art, 1, kernels="pltkit"), OrtBackend(art, 1, kernels="ort")
+    assert own.rings_in_place and not theirs.rings_in_place
+    ids, worst = np.random.default_rng(2).integers(4, 320, (1, 40)), []
+    states = {b: b.prefill(ids[:, :5], b.new_state(1))[1] for b in (own, theirs)}
+
+    def run(key, t, phase="decode", n=1):
+        outs = []
+        for b in (own, theirs):
+            tokens = ids[:, t:t + n] if phase == "prefill" else ids[:, t]
+            logits, states[b, key] = getattr(b, phase)(tokens, states[b, key])
+            outs.append(logits.reshape(-1, logits.shape[-1])[-1])
+        worst.append(float(np.abs(outs[0] - outs[1]).max()))
+
+    states = {(b, "a"): s for b, s in states.items()}
+    for t in range(5, 11):
+        run("a", t)
+    # at 11 tokens, the oldest entry of a full ring (window 3: the tiny model's) is at slot 2, not 0
+    assert states[own, "a"].circular and not states[theirs, "a"].circular
+    snapshot = {b: states[b, "a"].snapshot() for b in (own, theirs)}
+    for b in (own, theirs):
+        states[b, "b"] = states[b, "a"].clone()
+    for t in range(11, 14):  # a clone and its original in turn
+        run("a", t), run("b", t + 10)
+    run("a", 14, "prefill", 4)  # a prompt after decode steps, at 14 tokens (slot 2 again)
+    run("a", 18)
+    for b in (own, theirs):
+        states[b, "a"].rewind(11, snapshot[b])
+    for t in range(11, 14):
+        run("a", t)
+    rings = [float(np.abs(snapshot[own][n] - snapshot[theirs][n]).max()) for n in snapshot[own] if "ring" in n]
+    print(f"max|logits, own - ORT's kernels| {max(worst):.1e} over {len(worst)} calls; max|snapshot rings| "
+          f"{max(rings):.1e}")
+    assert max(worst) <= 1e-4 and rings and max(rings) <= 1e-4
 
 
 def test_the_sources_compile_wherever_a_compiler_is(tmp_path):

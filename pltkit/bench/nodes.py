@@ -48,7 +48,7 @@ def optimized_nodes(model: str | Path, level: str = "all", own_kernels: bool = F
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         source = str(model)
         if own_kernels and kernels.available():
-            own, count = kernels.kernel_model(Path(model))
+            own, count, _ = kernels.kernel_model(Path(model))
             if count:
                 source = own
                 kernels.load_into(so, Path(model).parent)

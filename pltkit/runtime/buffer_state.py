@@ -1,8 +1,10 @@
 """The decode state of the graph backends (ONNX Runtime, the ONNX reference evaluator, TensorRT).
 
 The global KV cache lives in buffers allocated once per state and grown by doubling, `pos`
-entries valid; the rings and carries are kept exactly as the graphs take them. The arrays are
-numpy arrays or torch CUDA tensors: a state makes them only through the ArrayOps it is given.
+entries valid; the rings and carries are kept as the graphs take them: a ring's entries oldest first, or,
+while decode steps write full rings in place (pltkit.RingMix on the ONNX Runtime backend), position t's
+entry at slot t % window. The arrays are numpy arrays or torch CUDA tensors: a state makes them only
+through the ArrayOps it is given.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class BufferState:
     kv: dict[str, Any]  # key.i / value.i: [B, Hkv, capacity, Dh] buffers
     other: dict[str, Any]  # rings and carry, exactly as the graphs take them
     ops: ArrayOps = field(default=NUMPY, repr=False, compare=False)
+    circular: bool = False  # the rings (numpy) hold position t at slot t % window, not oldest first
 
     @classmethod
     def empty(cls, artifact: Artifact, batch: int, ops: ArrayOps = NUMPY) -> BufferState:
@@ -54,18 +57,31 @@ class BufferState:
 
     def clone(self) -> BufferState:
         return dataclasses.replace(self, kv={k: self.ops.copy(v) for k, v in self.kv.items()},
-                                   other=self.snapshot())
+                                   other=self.snapshot(), circular=False)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (*self.kv.values(), *self.other.values()))
 
     def snapshot(self) -> dict:
-        """What a prefix needs besides the global cache: rings and carries (small)."""
-        return {k: self.ops.copy(v) for k, v in self.other.items()}
+        """What a prefix needs besides the global cache: rings (oldest first) and carries (small)."""
+        return {k: np.roll(v, -self._turn(v), 3) if self.circular and k.startswith("ring_") else self.ops.copy(v)
+                for k, v in self.other.items()}
 
     def rewind(self, pos: int, snapshot: dict) -> None:
         """Back to `pos` tokens; snapshot must have been taken at pos."""
-        self.pos, self.other = pos, {k: self.ops.copy(v) for k, v in snapshot.items()}
+        self.pos, self.other, self.circular = pos, {k: self.ops.copy(v) for k, v in snapshot.items()}, False
+
+    def set_circular(self, circular: bool) -> None:
+        """Rings (numpy) with position t at slot t % window (circular), or oldest first, rearranged in place."""
+        if circular != self.circular:
+            for k, v in self.other.items():
+                if k.startswith("ring_"):
+                    v[...] = np.roll(v, self._turn(v) if circular else -self._turn(v), 3)
+            self.circular = circular
+
+    def _turn(self, ring) -> int:
+        """The slot of a full ring's oldest entry, position pos - window, where position t is at t % window."""
+        return self.pos % ring.shape[3] if ring.shape[3] else 0
 
     def reserve(self, n: int, limit: int, spare: int = 0) -> None:
         """Make room for n positions and `spare` more after them (capacity doubles, up to limit, the

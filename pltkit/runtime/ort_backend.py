@@ -70,6 +70,7 @@ class OrtBackend:
             raise ArtifactError(f"unknown kernels {self.kernel_choice!r} (known: {', '.join(KERNEL_CHOICES)})")
         self.kernels = None  # the library of pltkit's kernels, once a session runs on it
         self.own_nodes: dict[tuple[str, str], int] = {}  # (phase, attention) -> nodes on pltkit's kernel
+        self.rings_in_place = False  # decode steps write full rings in place (kernels.KernelModel)
         self.sessions = {phase: self.open_session(phase, self.attention) for phase in ("prefill", "decode")}
         self._batched: dict[str, object] = {}  # phase -> the kvbuffer graph's session, for a batch
         self.writes = {p: artifact.cache_writes(p, self.attention) for p in ("prefill", "decode")}
@@ -104,7 +105,7 @@ class OrtBackend:
         runs its MatMulNBits and RingMix nodes on pltkit's kernels where they apply (`kernels`)."""
         path = self.artifact.graph_path(phase, attention)
         if phase == "decode" and self.kernel_choice != "ort" and self.device == "cpu":
-            model, count = kernels_mod.kernel_model(path)
+            model, count, rings_in_place = kernels_mod.kernel_model(path)
             library = self._library() if count else None
             if library:
                 so = self._options(profile)
@@ -117,6 +118,7 @@ class OrtBackend:
                     log.warning("pltkit's kernel cannot run %s, ONNX Runtime's will: %s", path.name, e)
                 else:
                     self.kernels, self.own_nodes[phase, attention] = library, count
+                    self.rings_in_place |= attention == self.attention and rings_in_place
                     return session
         return self.ort.InferenceSession(str(path), self._options(profile), providers=self.providers)
 
@@ -125,6 +127,7 @@ class OrtBackend:
 
     def _run_copying(self, phase: str, ids: np.ndarray, state: BufferState):
         """Run a graph that takes the valid cache and returns it extended."""
+        state.set_circular(False)
         feed = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64)}
         feed.update({"past_" + n: np.ascontiguousarray(b[:, :, :state.pos]) for n, b in state.kv.items()})
         feed.update({"past_" + n: a for n, a in state.other.items()})
@@ -163,6 +166,7 @@ class OrtBackend:
         window and keep their shapes, two sets of ring and carry arrays that decode steps write in turn, each set
         bound once as past and once as present. Rings of changing shapes, and a prefill's (one call after a
         rewind, as a server's requests go), are bound a call at a time."""
+        in_place = phase == "decode" and session is self.sessions[phase] and self.rings_in_place
         kept = self._bound.get(phase)
         if not (kept and kept["session"] is session and len(kept["kv"]) == len(state.kv) and all(
                 ref() is buf for ref, buf in zip(kept["kv"], state.kv.values()))):
@@ -172,7 +176,9 @@ class OrtBackend:
         side = _side(turns, other)  # (a pair's arrays keep their shapes)
         if side is None and phase == "decode" and other and all(
                 self._next_shape(n, a, new) == a.shape for n, a in other.items()):
-            arrays = [dict(other), {n: np.empty_like(a) for n, a in other.items()}]  # a new pair
+            # a new pair; rings written in place are in both
+            arrays = [dict(other), {n: a if in_place and n.startswith("ring_") else np.empty_like(a)
+                                    for n, a in other.items()}]
             ios = [self._bind_kv(session, state) for _ in arrays]
             for io, (past, present) in zip(ios, (arrays, arrays[::-1])):
                 for n in other:
@@ -180,6 +186,7 @@ class OrtBackend:
                     io.bind_ortvalue_output("present_" + n, self.ort.OrtValue.ortvalue_from_numpy(present[n]))
             turns = kept["turns"] = {"arrays": arrays, "ios": ios}
             side = 0
+        state.set_circular(side is not None and in_place)
         if side is not None:
             return turns["ios"][side], dict(turns["arrays"][1 - side])
         io = kept["io"]

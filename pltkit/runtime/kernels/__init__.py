@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +39,7 @@ HEADERS = [HERE / n for n in ("ort_abi.h", "attend.h")]
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared"]  # the kernel's functions name their AVX-512 targets themselves
 DOMAIN, OP, STEP, RING_MIX = "pltkit", "RowsMatMulNBits", "StepAttention", "RingMix"
 BIAS = 7  # StepAttention's attention_bias input
+POSITIONS = 11  # RingMix's position_ids input
 # MatMulNBits attributes the kernel computes exactly as ONNX Runtime does
 REPLACEABLE = {"block_size": 32, "accuracy_level": 4}
 BITS = (8, 4)
@@ -152,15 +154,22 @@ def rows_graph(model, folder=None) -> int:
     return count
 
 
-def kernel_model(path: Path) -> tuple[bytes, int]:
-    """The graph file at `path` with rows_graph applied, serialized, and how many of its nodes pltkit's kernels
-    run: those rows_graph replaced and the StepAttention and RingMix nodes of a float32 graph (their kernels'
-    only type). StepAttention's kernel reads no attention bias: the nodes that make one go."""
+class KernelModel(NamedTuple):
+    model: bytes  # the graph, serialized
+    count: int  # its nodes that pltkit's kernels run
+    rings_in_place: bool  # its RingMix nodes run on pltkit's kernel, each with position_ids: full rings may be
+    # bound as both past and present, and are then circular (ring_mix.c)
+
+
+def kernel_model(path: Path) -> KernelModel:
+    """The graph file at `path` with rows_graph applied, and how many of its nodes pltkit's kernels run: those
+    rows_graph replaced and the StepAttention and RingMix nodes of a float32 graph (their kernels' only type).
+    StepAttention's kernel reads no attention bias: the nodes that make one go."""
     import onnx
     from onnx import TensorProto
 
     model = onnx.load(str(path), load_external_data=False)
-    count = rows_graph(model, path.parent)
+    count, rings = rows_graph(model, path.parent), []
     state = [i for i in model.graph.input if i.name.startswith("past_") and i.name != "past_len"]
     if all(i.type.tensor_type.elem_type == TensorProto.FLOAT for i in state):  # caches, rings, carries
         own = [n for n in model.graph.node if n.op_type in (STEP, RING_MIX) and n.domain == DOMAIN]
@@ -169,7 +178,9 @@ def kernel_model(path: Path) -> tuple[bytes, int]:
                 node.input[BIAS] = ""
         prune(model.graph)
         count += len(own)
-    return model.SerializeToString(), count
+        rings = [n for n in own if n.op_type == RING_MIX]
+    in_place = bool(rings) and all(len(n.input) > POSITIONS and n.input[POSITIONS] for n in rings)
+    return KernelModel(model.SerializeToString(), count, in_place)
 
 
 def prune(graph) -> None:

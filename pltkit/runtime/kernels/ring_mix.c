@@ -21,6 +21,9 @@
  * Outputs: 0 [R, B, 1, H*Dh]: row 0 is global's, row r >= 1 is local + g (global - local), where local is
  *   softmax attention over the last min(W, window) ring entries and the row's own key;
  *   1 present_ring_key, 2 present_ring_value [R-1, B, Hkv, min(W + 1, window), Dh]: the newest of those.
+ * In place: where outputs 1 and 2 are inputs 4 and 5 (bound to the same buffers), full rings (W = window) are
+ *   circular, position t's entry at slot t % W: a unit writes the row's own key and value over the oldest entry's
+ *   slot (position_ids % W; they are required) and moves nothing. Attention is the same over any order.
  * Attributes: num_heads, kv_num_heads, window (int), scale, epsilon (float; 0 where absent).
  */
 #include <immintrin.h>
@@ -41,6 +44,7 @@ typedef struct {  /* one call */
   const Kernel *kn;
   int64_t rows, batch, dh, w, vis, keep, npad, per_unit;  /* vis: ring entries visible; keep: present ring length */
   int grouped;  /* global in the GroupQueryAttention call's layout */
+  int in_place;  /* the rings are circular and written where they are */
   const float *q, *k, *v, *global, *ring_k, *ring_v, *gate, *cos, *sin;
   const int64_t *pos;
   float *out, *out_k, *out_v, *scratch;  /* scratch: per unit, per_unit floats (unit()) */
@@ -88,10 +92,14 @@ static AVX512 void unit(void *data, size_t u) {
       o[d] = local + g * (glob[d] - local);
     }
   }
-  if (c->keep) {  /* the newest `keep` of the ring's W entries and the row's own */
+  if (c->in_place) {  /* the row's own entry over the oldest, at slot position % W */
+    const int64_t at = (ring * c->w + c->pos[b] % c->w) * dh;
+    memcpy(c->out_k + at, key, (size_t)dh * sizeof(float));
+    memcpy(c->out_v + at, v_new, (size_t)dh * sizeof(float));
+  } else if (c->keep) {  /* the newest `keep` of the ring's W entries and the row's own */
     float *ok = c->out_k + ring * c->keep * dh, *ov = c->out_v + ring * c->keep * dh;
     size_t old = (size_t)(c->keep - 1) * dh * sizeof(float);
-    memmove(ok, rk + (c->w + 1 - c->keep) * dh, old);  /* (memmove: never run in place, but safe if it were) */
+    memmove(ok, rk + (c->w + 1 - c->keep) * dh, old);  /* (other buffers; memmove, should they overlap) */
     memmove(ov, rv + (c->w + 1 - c->keep) * dh, old);
     memcpy(ok + (c->keep - 1) * dh, key, (size_t)dh * sizeof(float));
     memcpy(ov + (c->keep - 1) * dh, v_new, (size_t)dh * sizeof(float));
@@ -177,6 +185,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   TRY(float_output(ctx, 0, out_dims, 4, &c.out));
   TRY(float_output(ctx, 1, ring_dims, 5, &c.out_k));
   TRY(float_output(ctx, 2, ring_dims, 5, &c.out_v));
+  c.in_place = c.out_k == c.ring_k;
+  if (c.in_place != (c.out_v == c.ring_v)) BAD("ring_key and ring_value must be written in place both or neither");
+  /* (and full: ONNX Runtime refuses a bound output of another shape than the ring's, keep) */
+  if (c.in_place && !rotary) BAD("rings written in place need position_ids");
   for (int64_t b = 0; b < B; b++)  /* row 0: the global attention's */
     for (int64_t h = 0; h < heads; h++)
       memcpy(c.out + (b * heads + h) * dh,
