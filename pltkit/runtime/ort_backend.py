@@ -164,8 +164,9 @@ class OrtBackend:
         rings at the large shape), so bindings are kept while the same buffers come back: the cache's (only
         weak references are kept, so a state's memory is freed with it), and, once the rings hold their whole
         window and keep their shapes, two sets of ring and carry arrays that decode steps write in turn, each set
-        bound once as past and once as present. Rings of changing shapes, and a prefill's (one call after a
-        rewind, as a server's requests go), are bound a call at a time."""
+        bound once as past and once as present; where pltkit's RingMix runs (rings_in_place), both sets hold the
+        same rings, written in place and circular (BufferState.circular). Rings of changing shapes, and a
+        prefill's (one call after a rewind, as a server's requests go), are bound a call at a time."""
         in_place = phase == "decode" and session is self.sessions[phase] and self.rings_in_place
         kept = self._bound.get(phase)
         if not (kept and kept["session"] is session and len(kept["kv"]) == len(state.kv) and all(
