@@ -3,8 +3,9 @@ pltkit.runtime.serial) and PLT-2, on the SAME weights (the default model's, posi
 to the longest context), on torch and ONNX Runtime at fp32 / int8 / int4.
 
 Timing is per decoded token after a prefill of `ctx` tokens, median of `steps` tokens, repeated
-`repeats` times with the variants interleaved (ratios come from one run). Each measurement
-starts from a copy of the prefilled state, so every repeat decodes at the same context.
+`repeats` times with the variants interleaved, forward and backward in turn (ratios come from one
+run). Each measurement starts from a copy of the prefilled state, so every repeat decodes at the
+same context.
 """
 
 from __future__ import annotations
@@ -182,8 +183,8 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
         out["decode_ms"][form] = {}
         for ctx in contexts:
             runs = {v: [] for v in VARIANTS}
-            for _ in range(repeats):
-                for v in VARIANTS:
+            for r in range(repeats):
+                for v in _turn(r):
                     runs[v].append(decode_ms(backends[v], states[v][ctx], steps, rng))
             out["decode_ms"][form][ctx] = {v: statistics.median(r) for v, r in runs.items()}
             out["repeats"].setdefault(form, {})[ctx] = runs
@@ -191,8 +192,8 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
                                                          out["decode_ms"][form][ctx].items()))
         ids = prompt[:, :prefill_tokens]
         tps = {v: [] for v in VARIANTS}
-        for _ in range(repeats):
-            for v in VARIANTS:
+        for r in range(repeats):
+            for v in _turn(r):
                 tps[v].append(prefill_tps(backends[v], ids))
         out["prefill_tps"][form] = {v: statistics.median(r) for v, r in tps.items()}
         del backends, states  # before the next form's sessions open (at --shape large: GBs each)
@@ -201,6 +202,12 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
         out["nodes_per_layer"] = loop_nodes(artifacts)
         out["nodes_on_pltkit_kernels"] = kernels.available()
     return out
+
+
+def _turn(repeat: int) -> tuple:
+    """The variants in repeat's order: forward, then backward, so that none always runs first or after another
+    (the machine's speed drifts over seconds)."""
+    return VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]
 
 
 def kv_bytes(state) -> int:
