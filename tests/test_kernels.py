@@ -674,6 +674,23 @@ def test_decode_writes_full_rings_in_place_and_hands_them_out_in_order(artifacts
     assert max(worst) <= 1e-4 and rings and max(rings) <= 1e-4
 
 
+@needs_kernels
+def test_the_kernels_count_their_calls_and_cycles(artifacts):
+    """kernels.cycles: each op's calls over the decode steps since a reset (the tiny int8 model's decode graph: 9
+    RowsMatMulNBits, 2 StepAttention and 2 RingMix nodes), and their time-stamp counter cycles."""
+    art = Artifact.open(artifacts["int8"])
+    own = OrtBackend(art, 1, kernels="pltkit")
+    _, state = own.prefill(np.array([[5, 6, 7]]), own.new_state(1))
+    kernels.cycles(reset=True)
+    for t in range(4):
+        _, state = own.decode(np.array([8 + t]), state)
+    counted = kernels.cycles(reset=True)
+    assert {op: calls for op, (calls, _) in counted.items()} == {kernels.OP: 36, kernels.STEP: 8, kernels.RING_MIX: 8}
+    assert all(c > 0 for _, c in counted.values())
+    assert all(calls == 0 for calls, _ in kernels.cycles().values())  # (the reset)
+    assert kernels.counter_hz(0.01) > 1e8
+
+
 def test_the_sources_compile_wherever_a_compiler_is(tmp_path):
     """Every kernel test skips where the kernels cannot run; a compile error in pltkit's own sources must fail
     (where the compiler knows the AVX-512 VNNI target they name: GCC 8 and clang 6 on)."""

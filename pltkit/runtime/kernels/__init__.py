@@ -92,6 +92,29 @@ def _built() -> tuple[Path | None, str | None]:
     return path, None
 
 
+TIMED_OPS = (OP, STEP, RING_MIX)  # the ops pltkit_cycles counts, in its order
+
+
+def cycles(reset: bool = False) -> dict[str, tuple[int, int]]:
+    """Each op's calls and time-stamp counter cycles in this process so far (all sessions); reset: then zero
+    them. ONNX Runtime's profiler slows some kernels more than others; these counters cost two reads of the
+    counter a call."""
+    counts = (ctypes.c_uint64 * (2 * len(TIMED_OPS)))()
+    ctypes.CDLL(str(library())).pltkit_cycles(counts, int(reset))  # the library the sessions loaded
+    return {op: (counts[2 * i], counts[2 * i + 1]) for i, op in enumerate(TIMED_OPS)}
+
+
+def counter_hz(seconds: float = 0.05) -> float:
+    """The time-stamp counter's rate, against the clock over `seconds`."""
+    import time
+
+    tsc = ctypes.CDLL(str(library())).pltkit_tsc
+    tsc.restype = ctypes.c_uint64
+    c0, t0 = tsc(), time.perf_counter()
+    time.sleep(seconds)
+    return (tsc() - c0) / (time.perf_counter() - t0)
+
+
 def available() -> bool:
     try:
         library()

@@ -5,6 +5,19 @@
 const Slot *pltkit_api;
 extern OrtCustomOp pltkit_rows_op, pltkit_step_attention_op, pltkit_ring_mix_op;
 
+uint64_t pltkit_op_cycles[OPS][2];
+
+/* out [OPS][2]: each op's calls and time-stamp counter cycles so far (ort_abi.h's order); reset: then zero them */
+void pltkit_cycles(uint64_t *out, int reset) {
+  for (int i = 0; i < OPS; i++)
+    for (int j = 0; j < 2; j++)
+      out[2 * i + j] = reset ? __atomic_exchange_n(&pltkit_op_cycles[i][j], 0, __ATOMIC_RELAXED)
+                             : __atomic_load_n(&pltkit_op_cycles[i][j], __ATOMIC_RELAXED);
+}
+
+/* the time-stamp counter, for a caller to find its rate */
+uint64_t pltkit_tsc(void) { return __builtin_ia32_rdtsc(); }
+
 /* 1 where this CPU runs the kernels (AVX-512 F, BW and VNNI), for the loader to ask before it opens a session */
 int pltkit_kernels_supported(void) {
   __builtin_cpu_init();

@@ -24,6 +24,19 @@ enum {  /* slots of OrtApi */
   PARALLEL_FOR = 274,
 };
 extern const Slot *pltkit_api;  /* set when ONNX Runtime registers the library (library.c) */
+
+/* Each op's calls and time-stamp counter cycles, summed over the process (pltkit_cycles, library.c), where
+ * ONNX Runtime's profiler cannot say: it slows some kernels more than others. TIMED(op, f) is f counted. */
+enum { OP_ROWS, OP_STEP, OP_RING_MIX, OPS };
+extern uint64_t pltkit_op_cycles[OPS][2];
+#define TIMED(op, f)                                                               \
+  static OrtStatus *f##_timed(void *kernel, OrtKernelContext *ctx) {               \
+    const uint64_t t = __builtin_ia32_rdtsc();                                     \
+    OrtStatus *s = f(kernel, ctx);                                                 \
+    __atomic_add_fetch(&pltkit_op_cycles[op][0], 1, __ATOMIC_RELAXED);             \
+    __atomic_add_fetch(&pltkit_op_cycles[op][1], __builtin_ia32_rdtsc() - t, __ATOMIC_RELAXED); \
+    return s;                                                                      \
+  }
 #define CALL(slot, type) ((type)pltkit_api[slot])
 #define TRY(expr) do { OrtStatus *s_ = (expr); if (s_) return s_; } while (0)
 static inline OrtStatus *error(int code, const char *msg) {

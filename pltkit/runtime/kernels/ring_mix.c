@@ -240,8 +240,10 @@ static int input_kind(const OrtCustomOp *op, size_t i) {
   return i >= IN_COS || i == IN_GATE ? OPTIONAL : REQUIRED;
 }
 
+TIMED(OP_RING_MIX, compute)
+
 OrtCustomOp pltkit_ring_mix_op = {
   CPU_OP_FIELDS, .GetName = name, .GetInputType = input_type, .GetInputTypeCount = input_count,
   .GetOutputTypeCount = output_count, .KernelDestroy = free, .GetInputCharacteristic = input_kind,
-  .CreateKernelV2 = create, .KernelComputeV2 = compute,
+  .CreateKernelV2 = create, .KernelComputeV2 = compute_timed,
 };

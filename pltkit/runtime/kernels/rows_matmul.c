@@ -266,9 +266,11 @@ static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 1
 static size_t input_count(const OrtCustomOp *op) { (void)op; return 3; }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 1; }
 
+TIMED(OP_ROWS, compute)
+
 OrtCustomOp pltkit_rows_op = {
   CPU_OP_FIELDS, .GetName = name, .GetInputType = input_type, .GetInputTypeCount = input_count,
   .GetOutputTypeCount = output_count, .KernelDestroy = destroy, .GetInputCharacteristic = op_required,
-  .CreateKernelV2 = create, .KernelComputeV2 = compute,
+  .CreateKernelV2 = create, .KernelComputeV2 = compute_timed,
 };
 

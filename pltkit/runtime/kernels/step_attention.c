@@ -194,8 +194,10 @@ static size_t input_count(const OrtCustomOp *op) { (void)op; return INPUTS; }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
 static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return i >= IN_BIAS ? OPTIONAL : REQUIRED; }
 
+TIMED(OP_STEP, compute)
+
 OrtCustomOp pltkit_step_attention_op = {
   CPU_OP_FIELDS, .GetName = name, .GetInputType = input_type, .GetInputTypeCount = input_count,
   .GetOutputTypeCount = output_count, .KernelDestroy = free, .GetInputCharacteristic = input_kind,
-  .CreateKernelV2 = create, .KernelComputeV2 = compute,
+  .CreateKernelV2 = create, .KernelComputeV2 = compute_timed,
 };
