@@ -327,18 +327,21 @@ def test_ring_mix_refuses_shapes_it_cannot_read_with_a_clear_error():
     assert own.run(None, feed)[0].shape == (2, 1, 1, 64)  # and the session goes on
 
 
-def bind_rings_in_place(own, feed: dict):
-    """An IO binding of the RingMix model's session with each ring bound as both its input and its output (as
-    the runtime binds full rings), the other inputs copied in."""
+RINGS = {"ring_key": "ring_k", "ring_value": "ring_v"}  # the RingMix model's past and present rings
+
+
+def bind_in_place(own, feed: dict, shared: dict):
+    """An IO binding of session `own` with each input named in `shared` bound as its output there as well (one
+    buffer, as the runtime binds its caches and full rings), output y, and the other inputs copied in."""
     import onnxruntime as ort
 
     io = own.io_binding()
     io.bind_output("y")
     for name, a in feed.items():
-        if name.startswith("ring_"):
+        if name in shared:
             value = ort.OrtValue.ortvalue_from_numpy(a)
             io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(name.replace("_key", "_k").replace("_value", "_v"), value)
+            io.bind_ortvalue_output(shared[name], value)
         else:
             io.bind_cpu_input(name, a)
     return io
@@ -363,7 +366,7 @@ def test_ring_mix_writes_full_rings_in_place(rows, batch):
     pos = feed["position_ids"][:, 0]
     given = {**feed, "ring_key": circular(feed["ring_key"], pos), "ring_value": circular(feed["ring_value"], pos)}
     before = {n: given[n].copy() for n in ("ring_key", "ring_value")}
-    io = bind_rings_in_place(own, given)
+    io = bind_in_place(own, given, RINGS)
     own.run_with_iobinding(io)
     diff = float(np.abs(io.copy_outputs_to_cpu()[0] - want[0]).max())
     rings = [float(np.abs(given[n] - circular(w, pos + 1)).max()) for n, w in zip(before, want[1:])]
@@ -385,7 +388,7 @@ def test_ring_mix_writes_in_place_only_full_rings_with_positions():
         own = session(ring_mix_model(2, rotary, window=4), True)
         feed = ring_mix_inputs(2, 1, ring, rotary)
         with pytest.raises(Exception, match=why):
-            own.run_with_iobinding(bind_rings_in_place(own, feed))
+            own.run_with_iobinding(bind_in_place(own, feed, RINGS))
 
 
 def rotary_caches(head_dim: int, positions: int = 700) -> dict:
@@ -512,22 +515,12 @@ def test_step_attention_batch(heads, rows):
 def test_step_attention_writes_the_cache_in_place():
     """Bound as both past and present (as the runtime binds its cache buffers), the kernel writes the token's key
     and value into the buffer itself, and no other position."""
-    import onnxruntime as ort
-
     model, rows, pos0 = step_model(2, True, 4, 2, 16), 2, 40
     feed = step_inputs(rows, 1, pos0, True, 4, 2, 16, seed=4)
     want = step_statement(feed, rows, 4, 2)
     before = {i: feed[i].copy() for i in ("past_key", "past_value")}
     own = session(model, True)
-    io = own.io_binding()
-    io.bind_output("y")
-    for i, a in feed.items():
-        if i.startswith("past_"):
-            value = ort.OrtValue.ortvalue_from_numpy(a)
-            io.bind_ortvalue_input(i, value)
-            io.bind_ortvalue_output(i.replace("past_", "present_"), value)
-        else:
-            io.bind_cpu_input(i, a)
+    io = bind_in_place(own, feed, {"past_key": "present_key", "past_value": "present_value"})
     own.run_with_iobinding(io)
     assert np.abs(io.copy_outputs_to_cpu()[0] - want[0]).max() <= 1e-5
     for i, w in zip(("past_key", "past_value"), want[1:]):
