@@ -146,6 +146,7 @@ def main(argv=None) -> int:
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
         so.add_session_config_entry("session.intra_op.allow_spinning", "0" if args.cpu_time else "1")
+        so.add_session_config_entry("session.force_spinning_stop", "1")  # (as the runtime's: OrtBackend._options)
         if args.kernels == "ort":
             return ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
         model = kernels.kernel_model(graph).model

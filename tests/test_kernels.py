@@ -389,6 +389,10 @@ def test_ring_mix_writes_in_place_only_full_rings_with_positions():
         feed = ring_mix_inputs(2, 1, ring, rotary)
         with pytest.raises(Exception, match=why):
             own.run_with_iobinding(bind_in_place(own, feed, RINGS))
+    own, feed = session(ring_mix_model(2, True, window=0), True), ring_mix_inputs(2, 1, 0, True)  # no rings at all
+    io = bind_in_place(own, feed, RINGS)
+    own.run_with_iobinding(io)
+    assert np.abs(io.copy_outputs_to_cpu()[0] - ring_mix_statement(feed, 2, 0)[0]).max() <= 1e-5
 
 
 def rotary_caches(head_dim: int, positions: int = 700) -> dict:
@@ -668,6 +672,45 @@ def test_decode_writes_full_rings_in_place_and_hands_them_out_in_order(artifacts
 
 
 @needs_kernels
+@needs_kernels
+def test_ring_mix_writes_the_graph_outputs_it_is_bound_to(artifacts):
+    """kernel_model makes each RingMix node write the graph's present rings itself (no Identity between), and
+    says the rings may be written in place only where every RingMix reads past rings and writes present ones."""
+    path = Artifact.open(artifacts["int8"]).graph_path("decode", "gqa")
+    made = kernels.kernel_model(path)
+    graph = onnx.load_from_string(made.model).graph
+    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
+    rings = [n for n in graph.node if n.op_type == kernels.RING_MIX]
+    assert made.rings_in_place and len(rings) == 2
+    assert all({*n.input[4:6]} <= inputs and {*n.output[1:3]} <= outputs for n in rings)
+    model = onnx.load(str(path), load_external_data=False)  # a present ring read by a second node as well
+    ring_out = next(n.output[1] for n in model.graph.node if n.op_type == kernels.RING_MIX)
+    model.graph.node.append(helper.make_node("Identity", [ring_out], ["also"]))
+    model.graph.output.append(helper.make_tensor_value_info("also", TensorProto.FLOAT, None))
+    copy = path.parent / "decode.copy.onnx"
+    onnx.save(model, copy)
+    try:
+        assert not kernels.kernel_model(copy).rings_in_place
+    finally:
+        copy.unlink()
+
+
+@needs_kernels
+def test_decode_without_a_window_on_own_kernels(tmp_path):
+    """A local window of 0 (rings of no entries): pltkit's kernels decode as ONNX Runtime's do, and nothing is
+    bound or written in place."""
+    from pltkit.export.artifact import export
+
+    make_checkpoint(tmp_path / "ckpt", make_config(hidden_size=64, intermediate_size=96, head_dim=16,
+                                                   plt_window_size=[0, 0]), seed=3)
+    art = Artifact.open(export(tmp_path / "ckpt", tmp_path / "int8", quant=SCHEMES["int8"]))
+    own, theirs = OrtBackend(art, 1, kernels="pltkit"), OrtBackend(art, 1, kernels="ort")
+    ids = np.random.default_rng(4).integers(4, 320, (1, 12))
+    a, b = decode_logits(own, ids, prompt=4), decode_logits(theirs, ids, prompt=4)
+    print(f"window 0: max|logits, own - ORT's kernels| {np.abs(a - b).max():.1e}")
+    assert np.abs(a - b).max() <= 1e-4
+
+
 def test_the_kernels_count_their_calls_and_cycles(artifacts):
     """kernels.cycles: each op's calls over the decode steps since a reset (the tiny int8 model's decode graph: 9
     RowsMatMulNBits, 2 StepAttention and 2 RingMix nodes), and their time-stamp counter cycles."""

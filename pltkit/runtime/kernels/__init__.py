@@ -200,10 +200,35 @@ def kernel_model(path: Path) -> KernelModel:
             if node.op_type == STEP and len(node.input) > BIAS:
                 node.input[BIAS] = ""
         prune(model.graph)
+        direct_outputs(model.graph)
         count += len(own)
-        rings = [n for n in own if n.op_type == RING_MIX]
-    in_place = bool(rings) and all(len(n.input) > POSITIONS and n.input[POSITIONS] for n in rings)
+        rings = [n for n in model.graph.node if n.op_type == RING_MIX and n.domain == DOMAIN]
+    inputs, outputs = {i.name for i in model.graph.input}, {o.name for o in model.graph.output}
+    in_place = bool(rings) and all(len(n.input) > POSITIONS and n.input[POSITIONS] and {*n.input[4:6]} <= inputs
+                                   and {*n.output[1:3]} <= outputs for n in rings)
     return KernelModel(model.SerializeToString(), count, in_place)
+
+
+def direct_outputs(graph) -> None:
+    """Where an Identity node copies an output of a StepAttention or RingMix node to a graph output, that node
+    writes the graph output itself: a buffer bound as the graph's output is then the one the kernel is given
+    (ONNX Runtime removes such an Identity today; a ring written in place must not depend on it)."""
+    nodes = [n for n in graph.node if n.op_type in (STEP, RING_MIX) and n.domain == DOMAIN]
+    readers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs, renamed = {o.name for o in graph.output}, {}
+    for n in graph.node:
+        if n.op_type == "Identity" and n.output[0] in outputs and readers.get(n.input[0]) == 1:
+            renamed[n.input[0]] = n.output[0]
+    own = {o for n in nodes for o in n.output}
+    renamed = {a: b for a, b in renamed.items() if a in own}
+    for n in nodes:
+        n.output[:] = [renamed.get(o, o) for o in n.output]
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.input[0] in renamed)]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def prune(graph) -> None:

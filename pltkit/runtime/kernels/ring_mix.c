@@ -21,7 +21,7 @@
  * Outputs: 0 [R, B, 1, H*Dh]: row 0 is global's, row r >= 1 is local + g (global - local), where local is
  *   softmax attention over the last min(W, window) ring entries and the row's own key;
  *   1 present_ring_key, 2 present_ring_value [R-1, B, Hkv, min(W + 1, window), Dh]: the newest of those.
- * In place: where outputs 1 and 2 are inputs 4 and 5 (bound to the same buffers), full rings (W = window) are
+ * In place: where outputs 1 and 2 are inputs 4 and 5 (bound to the same buffers), full rings (W = window > 0) are
  *   circular, position t's entry at slot t % W: a unit writes the row's own key and value over the oldest entry's
  *   slot (position_ids % W; they are required) and moves nothing. Attention is the same over any order.
  * Attributes: num_heads, kv_num_heads, window (int), scale, epsilon (float; 0 where absent).
@@ -185,8 +185,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   TRY(float_output(ctx, 0, out_dims, 4, &c.out));
   TRY(float_output(ctx, 1, ring_dims, 5, &c.out_k));
   TRY(float_output(ctx, 2, ring_dims, 5, &c.out_v));
-  c.in_place = c.out_k == c.ring_k;
-  if (c.in_place != (c.out_v == c.ring_v)) BAD("ring_key and ring_value must be written in place both or neither");
+  c.in_place = c.w > 0 && c.out_k == c.ring_k;  /* (empty rings, window 0, may share an address: nothing to write) */
+  if (c.w > 0 && c.in_place != (c.out_v == c.ring_v))
+    BAD("ring_key and ring_value must be written in place both or neither");
   /* (and full: ONNX Runtime refuses a bound output of another shape than the ring's, keep) */
   if (c.in_place && !rotary) BAD("rings written in place need position_ids");
   for (int64_t b = 0; b < B; b++)  /* row 0: the global attention's */
