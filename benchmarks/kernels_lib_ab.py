@@ -42,8 +42,8 @@ def build(rev: str, out: Path) -> Path:
                               text=True, check=True, cwd=kernels.HERE).stdout
         (src / f.name).write_text(text)
     lib = src / "lib.so"
-    subprocess.run([kernels.compiler(), *kernels.FLAGS, *(str(src / f.name) for f in kernels.SOURCES), "-o", str(lib), "-lm"],
-                   check=True)
+    subprocess.run([kernels.compiler(), *kernels.FLAGS, *(str(src / f.name) for f in kernels.SOURCES), "-o", str(lib),
+                    "-lm"], check=True)
     return lib
 
 
@@ -99,15 +99,10 @@ def ring_case(rows: int, sets: int):
 def rows_case(form: str, rows: int, k: int = 5632, n: int = 2048, nodes: int = 32):
     """RowsMatMulNBits: `nodes` layers of K x N (the large shape's down projection; 369 MB at int8, beyond the L3),
     all reading one input of `rows` rows."""
-    from matmul_rows import layers  # benchmarks/ is the script's folder
+    from matmul_rows import layers, rows_model  # benchmarks/ is the script's folder
 
     from pltkit.quant.schemes import SCHEMES
-    graph_nodes, inits = layers(SCHEMES[form], k, n, nodes)
-    graph = helper.make_graph(graph_nodes, "rows", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(nodes)],
-                              inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1),
-                                                helper.make_opsetid(kernels.DOMAIN, 1)], ir_version=10)
+    m = rows_model(*layers(SCHEMES[form], k, n, nodes), nodes, k)
     assert kernels.rows_graph(m) == nodes
     return m, {}, [{"x": np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)}], {}
 

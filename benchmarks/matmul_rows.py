@@ -32,16 +32,21 @@ from pltkit.quant.schemes import SCHEMES
 K, N, NODES, ROWS = 2048, 5632, 64, (1, 2, 3, 4)
 
 
-def graph_session(nodes, inits, count: int, k: int, threads: int, spinning: bool, own_kernels: bool = False, **kw):
-    """An ONNX Runtime CPU session of nodes that read input x [M, k] and write outputs y0..y{count-1}; with
-    own_kernels, the MatMulNBits nodes that pltkit's kernel computes run on it."""
-    import onnxruntime as ort
-
+def rows_model(nodes, inits, count: int, k: int):
+    """The model of nodes that read input x [M, k] and write outputs y0..y{count-1}."""
     outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(count)]
     graph = helper.make_graph(nodes, "rows", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                               outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+def graph_session(nodes, inits, count: int, k: int, threads: int, spinning: bool, own_kernels: bool = False, **kw):
+    """An ONNX Runtime CPU session of rows_model(nodes, ...); with own_kernels, the MatMulNBits nodes that
+    pltkit's kernel computes run on it."""
+    import onnxruntime as ort
+
+    model = rows_model(nodes, inits, count, k)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
