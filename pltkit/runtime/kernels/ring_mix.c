@@ -106,20 +106,31 @@ static AVX512 void unit(void *data, size_t u) {
   }
 }
 
-/* g [R-1, B, H] = sigmoid(W RMSNorm(x) + b) for the rows r >= 1 of the layer input x [R, B, 1, D]; h: D floats */
+/* g [R-1, B, H] = sigmoid(W RMSNorm(x) + b) for the rows r >= 1 of the layer input x [R, B, 1, D]; h: D floats.
+ * W (D x H floats, each layer's own) comes from memory: its lines are prefetched up to AHEAD bytes ahead of the row
+ * read (whole steps of medium int4 PLT-2 0.96-0.99x the time without, docs/benchmarks.md). */
 static AVX512 void hidden_gate(const float *x, const float *norm, const float *w, const float *bias, int64_t R,
                                int64_t B, int64_t d, int64_t heads, float eps, float *g, float *h) {
+  const char *end = (const char *)(w + d * heads);
   for (int64_t rb = B; rb < R * B; rb++) {  /* rows 1.., every batch entry */
     const float *xr = x + rb * d;
-    const float rms = sqrtf(dot(xr, xr, d) / (float)d + eps);
-    for (int64_t i = 0; i < d; i++) h[i] = xr[i] / rms * norm[i];
+    const __m512 inv = _mm512_set1_ps(1.f / sqrtf(dot(xr, xr, d) / (float)d + eps));
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 m = tail(d - i);
+      _mm512_mask_storeu_ps(h + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + i), inv),
+                                                    _mm512_maskz_loadu_ps(m, norm + i)));
+    }
     float *out = g + (rb - B) * heads;
     for (int64_t j = 0; j < heads; j += 16) {  /* 16 heads a vector, four sums in turn */
       const __mmask16 m = tail(heads - j);
+      const char *ahead = (const char *)w;
       __m512 acc[4] = {_mm512_maskz_loadu_ps(m, bias + j), _mm512_setzero_ps(), _mm512_setzero_ps(),
                        _mm512_setzero_ps()};
-      for (int64_t i = 0; i < d; i++)
+      for (int64_t i = 0; i < d; i++) {
+        for (; !j && ahead < end && ahead < (const char *)(w + (i + 1) * heads) + AHEAD; ahead += 64)
+          _mm_prefetch(ahead, _MM_HINT_T0);
         acc[i % 4] = _mm512_fmadd_ps(_mm512_set1_ps(h[i]), _mm512_maskz_loadu_ps(m, w + i * heads + j), acc[i % 4]);
+      }
       _mm512_mask_storeu_ps(out + j, m, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
     }
     for (int64_t j = 0; j < heads; j++) out[j] = 1.f / (1.f + expf(-out[j]));
