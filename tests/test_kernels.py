@@ -279,6 +279,18 @@ def test_ring_mix_kernel_equals_its_statement_and_function_body(rows, batch, rin
 
 
 @needs_kernels
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 4, 64), (8, 2, 128), (2, 1, 256)])
+def test_ring_mix_head_sizes_weighed_by_rows(heads, kv_heads, head_dim):
+    """Head sizes of 64, 128 and 256 weigh a ring's values whole rows at a time (attend.h, weigh_rows)."""
+    model = ring_mix_model(2, True, heads, kv_heads, head_dim)
+    feed = ring_mix_inputs(2, 1, 4, True, heads, kv_heads, head_dim, seed=head_dim)
+    want, got = ring_mix_statement(feed, 2, 4, heads, kv_heads), session(model, True).run(None, feed)
+    diff = max(float(np.abs(w - g).max()) for w, g in zip(want, got))
+    print(f"RingMix, heads {heads}/{kv_heads} of {head_dim}: max|kernel - statement| {diff:.1e}")
+    assert diff <= 1e-5
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows,batch,ring,rotary", [(2, 1, 6, True), (3, 1, 2, False), (2, 2, 4, True)])
 def test_ring_mix_computes_the_hidden_state_gate(rows, batch, ring, rotary):
     """Given the layer input and the gate's weights instead of the gate, RingMix computes sigmoid(W RMSNorm(x) +
@@ -472,11 +484,13 @@ def step_statement(feed: dict, rows: int, heads: int, kv_heads: int) -> list:
 
 @needs_kernels
 # rows of 1 to 3 loops; heads: GQA groups of 2, or MHA; head size 24 has a partial vector of 16 (no rotary:
-# the body's GroupQueryAttention rotates heads of multiples of 16 only); positions: empty cache, short, and
-# 300 and 600 (the kernel splits keys by 256)
+# the body's GroupQueryAttention rotates heads of multiples of 16 only); head sizes 64, 128 and 256 weigh the
+# values whole rows at a time, 6, 3 and 1 queries a pass (8 queries of 64: 4 and 4; 6 of 64: one pass; 8 and 12
+# of 128: 3 3 2 and 3 3 3 3); positions: empty cache, short, and 300 and 600 (the kernel splits keys by 256)
 @pytest.mark.parametrize("rows,heads,kv_heads,head_dim,rotary",
                          [(1, 4, 2, 16, True), (2, 4, 2, 16, True), (3, 4, 2, 16, False), (2, 8, 2, 24, False),
-                          (1, 2, 2, 16, True), (2, 2, 2, 24, False)])
+                          (1, 2, 2, 16, True), (2, 2, 2, 24, False), (2, 8, 2, 64, True), (2, 12, 4, 64, True),
+                          (2, 8, 2, 128, True), (3, 8, 2, 128, False), (1, 2, 1, 256, True)])
 @pytest.mark.parametrize("pos0", [0, 5, 300, 600])
 def test_step_attention_kernel_equals_its_statement_and_function_body(rows, heads, kv_heads, head_dim, rotary,
                                                                        pos0):

@@ -134,34 +134,50 @@ static inline __attribute__((always_inline)) AVX512 void weigh(int G, int W, con
   }
 }
 
-/* the same for head sizes of V * 16 (V 4, 8 or 16), whole rows of values at a time, G = 16 / V queries a pass:
- * each pass reads the values in order (the first from memory, the others from the cache) */
-static inline __attribute__((always_inline)) AVX512 void weigh_rows(int G, int V, int64_t npad, const float *p,
-                                                                    const float *values, int64_t n, float *y) {
-  for (int64_t i0 = 0; i0 < npad; i0 += G) {
-    __m512 acc[16];
-    for (int a = 0; a < G * V; a++) acc[a] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < n; t++) {
-      const float *v = values + t * V * 16, *weights = p + t * npad + i0;
-      if (!i0) prefetch(v + AHEAD / 4, V * 64);
-      __m512 row[16];
-      for (int w = 0; w < V; w++) row[w] = _mm512_loadu_ps(v + 16 * w);
-      for (int i = 0; i < G; i++) {
-        const __m512 x = _mm512_set1_ps(weights[i]);
-        for (int w = 0; w < V; w++) acc[i * V + w] = _mm512_fmadd_ps(x, row[w], acc[i * V + w]);
-      }
+/* the same for G queries (p[t][0 .. G-1], rows of `stride`) and head sizes of V * 16, whole rows of values at a
+ * time: the G weights of a key broadcast, then each vector of 16 values loaded once for all G accumulators, so
+ * G * V + G + 1 registers of AVX-512's 32 (G up to 6 for V 4, 3 for V 8, 1 for V 16). The first pass over the
+ * values reads them from memory (prefetching), the others from the cache. */
+static inline __attribute__((always_inline)) AVX512 void weigh_rows(int G, int V, const float *p, int64_t stride,
+                                                                    const float *values, int64_t n, int first,
+                                                                    float *y) {
+  __m512 acc[24];
+  for (int a = 0; a < G * V; a++) acc[a] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t++) {
+    const float *v = values + t * V * 16, *weights = p + t * stride;
+    if (first) prefetch(v + AHEAD / 4, V * 64);
+    __m512 x[6];
+    for (int i = 0; i < G; i++) x[i] = _mm512_set1_ps(weights[i]);
+    for (int w = 0; w < V; w++) {
+      const __m512 row = _mm512_loadu_ps(v + 16 * w);
+      for (int i = 0; i < G; i++) acc[i * V + w] = _mm512_fmadd_ps(x[i], row, acc[i * V + w]);
     }
-    for (int i = 0; i < G; i++)
-      for (int w = 0; w < V; w++) _mm512_storeu_ps(y + (i0 + i) * V * 16 + 16 * w, acc[i * V + w]);
   }
+  for (int i = 0; i < G; i++)
+    for (int w = 0; w < V; w++) _mm512_storeu_ps(y + i * V * 16 + 16 * w, acc[i * V + w]);
 }
 
-/* npad queries q [npad, Dh] (scaled; rows past the real ones zero) over keys and values [0, n) (rows of Dh),
- * n >= 1: per query the max score top, the sum of e^(score - top) and y [npad, Dh], the sum of those weights
- * times the values. p: n * npad floats of scratch, the scores key-major (p[t][i]), so a vector of 16 holds
- * 16 / npad keys (npad 4 or 8) or part of one key's queries (npad a multiple of 16). */
-static AVX512 void attend(const float *q, int64_t npad, const float *keys, const float *values, int64_t n, int64_t dh,
-                          float *p, float *top, float *sum, float *y) {
+/* weigh_rows for g = 1 .. most(V) queries, V = Dh / 16 in 4, 8 and 16 (the compiler keeps each case's G * V
+ * accumulators in registers) */
+static inline int most_queries(int64_t v) { return v == 4 ? 6 : v == 8 ? 3 : 1; }
+#define WEIGH_CASE(G, V) \
+  case G: weigh_rows(G, V, p, stride, values, n, first, y); return;
+static AVX512 void weigh_queries(int g, int64_t v, const float *p, int64_t stride, const float *values, int64_t n,
+                                 int first, float *y) {
+  if (v == 4) switch (g) { WEIGH_CASE(1, 4) WEIGH_CASE(2, 4) WEIGH_CASE(3, 4) WEIGH_CASE(4, 4) WEIGH_CASE(5, 4)
+                           WEIGH_CASE(6, 4) }
+  if (v == 8) switch (g) { WEIGH_CASE(1, 8) WEIGH_CASE(2, 8) WEIGH_CASE(3, 8) }
+  if (v == 16) weigh_rows(1, 16, p, stride, values, n, first, y);
+}
+#undef WEIGH_CASE
+
+/* npad queries q [npad, Dh] (scaled; rows past the nq real ones zero) over keys and values [0, n) (rows of Dh),
+ * n >= 1: per query the max score top, the sum of e^(score - top) and y [npad, Dh] (rows nq.. may be left
+ * unwritten), the sum of those weights times the values. p: n * npad floats of scratch, the scores key-major
+ * (p[t][i]), so a vector of 16 holds 16 / npad keys (npad 4 or 8) or part of one key's queries (npad a multiple
+ * of 16). */
+static AVX512 void attend(const float *q, int64_t nq, int64_t npad, const float *keys, const float *values, int64_t n,
+                          int64_t dh, float *p, float *top, float *sum, float *y) {
   scores(q, npad, keys, n, dh, p);
   const int64_t flat = n * npad, lanes = npad < 16 ? 1 : npad / 16;  /* vector v: queries of lanes[v % lanes] */
   __m512 acc[MAX_LANES];
@@ -192,9 +208,12 @@ static AVX512 void attend(const float *q, int64_t npad, const float *keys, const
     _mm512_storeu_ps(lane, total[l]);
     for (int j = 0; j < 16; j++) sum[(16 * l + j) % npad] += lane[j];
   }
-  if (dh == 64) { weigh_rows(4, 4, npad, p, values, n, y); return; }
-  if (dh == 128) { weigh_rows(2, 8, npad, p, values, n, y); return; }
-  if (dh == 256) { weigh_rows(1, 16, npad, p, values, n, y); return; }
+  if (dh == 64 || dh == 128 || dh == 256) {  /* the real queries only, in as few passes as fit, evened out */
+    const int64_t most = most_queries(dh / 16), passes = (nq + most - 1) / most, g = (nq + passes - 1) / passes;
+    for (int64_t i0 = 0; i0 < nq; i0 += g)
+      weigh_queries((int)(nq - i0 < g ? nq - i0 : g), dh / 16, p + i0, npad, values, n, !i0, y + i0 * dh);
+    return;
+  }
   for (int64_t i = 0; i < npad; i += 16) {
     const int64_t g = npad - i < 16 ? npad - i : 16;
     if (g == 4) weigh(4, 2, p + i, npad, values, n, dh, y + i * dh);

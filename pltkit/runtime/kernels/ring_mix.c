@@ -77,7 +77,7 @@ static AVX512 void unit(void *data, size_t u) {
   memset(q, 0, (size_t)(npad * dh) * sizeof(float));
   for (int64_t j = 0; j < rep; j++)
     rotate(c->q + ((r * B + b) * heads + kh * rep + j) * dh, cs, sn, dh, kn->scale, q + j * dh);
-  if (c->vis) attend(q, npad, rk + (c->w - c->vis) * dh, rv + (c->w - c->vis) * dh, c->vis, dh, p, top, sum, y);
+  if (c->vis) attend(q, rep, npad, rk + (c->w - c->vis) * dh, rv + (c->w - c->vis) * dh, c->vis, dh, p, top, sum, y);
   for (int64_t j = 0; j < rep; j++) {  /* the ring's part and the row's own key, by their maxima */
     const int64_t h = kh * rep + j;
     const float own = dot(q + j * dh, key, dh), best = c->vis ? fmaxf(top[j], own) : own;

@@ -49,7 +49,7 @@ static AVX512 void unit(void *data, size_t u) {
   float *p = c->scratch + (int64_t)u * npad * (CHUNK + 2 + dh), *top = p + npad * CHUNK, *sum = top + npad;
   const int64_t t0 = ch * CHUNK, t1 = t0 + CHUNK < c->seen[b] ? t0 + CHUNK : c->seen[b];
   const float *keys = c->cache_k + (head * c->cap + t0) * dh, *values = c->cache_v + (head * c->cap + t0) * dh;
-  if (t1 > t0) attend(c->qr + head * npad * dh, npad, keys, values, t1 - t0, dh, p, top, sum, sum + npad);
+  if (t1 > t0) attend(c->qr + head * npad * dh, c->n, npad, keys, values, t1 - t0, dh, p, top, sum, sum + npad);
   else  /* nothing visible in this chunk */
     for (int64_t i = 0; i < npad; i++) top[i] = -INFINITY, sum[i] = 0.f;
 }
