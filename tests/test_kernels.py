@@ -530,6 +530,34 @@ def test_step_attention_batch(heads, rows):
 
 
 @needs_kernels
+def test_shapes_read_in_place_and_the_older_way_alike():
+    """From ONNX Runtime 1.24 the kernels read an input's shape in place, without the shape object older versions
+    make them allocate; both ways give the same outputs and the same refusals."""
+    import ctypes
+
+    import onnxruntime as ort
+    model, rows = ring_mix_model(3, True, hidden_gate=True), 3
+    feed = with_hidden_gate(ring_mix_inputs(rows, 1, 4, True, seed=5), rows, seed=5)
+    given = {k: v for k, v in feed.items() if k != "gate"}
+    step = step_model(2, True, 4, 2, 16)
+    step_feed = step_inputs(2, 1, 300, True, 4, 2, 16, seed=6)
+    ring_session, step_session = session(model, True), session(step, True)  # (the library is registered)
+    lib = ctypes.CDLL(str(kernels.library()))
+    newer = tuple(int(p) for p in ort.__version__.split(".")[:2]) >= (1, 24)
+    assert lib.pltkit_read_shapes_in_place(1) == newer
+    outs = []
+    try:
+        for in_place in (1, 0):
+            lib.pltkit_read_shapes_in_place(in_place)
+            outs.append(ring_session.run(None, given) + step_session.run(None, step_feed))
+            with pytest.raises(Exception, match="RingMix: query must be"):
+                ring_session.run(None, {**given, "query": given["query"][:, :, :, :-1]})
+    finally:
+        lib.pltkit_read_shapes_in_place(1)
+    assert all(np.array_equal(a, b) for a, b in zip(*outs))
+
+
+@needs_kernels
 def test_step_attention_writes_the_cache_in_place():
     """Bound as both past and present (as the runtime binds its cache buffers), the kernel writes the token's key
     and value into the buffer itself, and no other position."""

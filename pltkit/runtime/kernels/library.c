@@ -1,9 +1,22 @@
 /* pltkit's ONNX Runtime kernels as one library: the domain "pltkit" with its ops (rows_matmul.c, step_attention.c,
  * ring_mix.c). */
+#include <stdio.h>
+
 #include "ort_abi.h"
 
 const Slot *pltkit_api;
+int pltkit_shape_reference;
 extern OrtCustomOp pltkit_rows_op, pltkit_step_attention_op, pltkit_ring_mix_op;
+
+static int shape_reference_available;  /* ONNX Runtime 1.24 or later: set at the first registration */
+
+/* Whether the kernels read tensor shapes in place (SHAPE_REFERENCE), where ONNX Runtime can; returns the setting
+ * it replaces. On from the first registration; tests turn it off to run the path of older ONNX Runtimes. */
+int pltkit_read_shapes_in_place(int on) {
+  const int was = pltkit_shape_reference;
+  pltkit_shape_reference = on && shape_reference_available;
+  return was;
+}
 
 uint64_t pltkit_op_cycles[OPS][2];
 
@@ -31,7 +44,11 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
   if (!pltkit_api) return NULL;  /* an ONNX Runtime older than 1.17: it reports the ops as unknown */
   if (!pltkit_kernels_supported()) return error(ORT_FAIL, "pltkit's kernels need AVX-512 VNNI");
   static OrtDomain *domain;  /* one for every session: a domain must outlive the sessions that use it */
-  if (!domain) {
+  if (!domain) {  /* (the version from its string: asking GetApi for version 24 prints an error where it is older) */
+    int major = 0, minor = 0;
+    shape_reference_available = sscanf(base->GetVersionString(), "%d.%d", &major, &minor) == 2 &&
+                                (major > 1 || (major == 1 && minor >= 24));
+    pltkit_read_shapes_in_place(1);
     OrtDomain *made;
     TRY(CALL(CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtDomain **))("pltkit", &made));
     TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(made, &pltkit_rows_op));
