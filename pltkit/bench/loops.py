@@ -5,7 +5,8 @@ to the longest context), on torch and ONNX Runtime at fp32 / int8 / int4.
 Timing is per decoded token after a prefill of `ctx` tokens, median of `steps` tokens, repeated
 `repeats` times with the variants interleaved, forward and backward in turn (ratios come from one
 run). Each measurement starts from a copy of the prefilled state, so every repeat decodes at the
-same context.
+same context. Before a form's first context each variant decodes twice that many tokens untimed: a session's
+first runs (its memory arena growing, first bindings) took PLT-2 at the large shape 1.1-1.2x its later repeats.
 """
 
 from __future__ import annotations
@@ -181,6 +182,9 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
         if not out["kv_bytes"]:
             out["kv_bytes"] = {c: {v: kv_bytes(states[v][c]) for v in VARIANTS} for c in contexts}
         out["decode_ms"][form] = {}
+        for v in VARIANTS:  # (untimed: a session's first runs; see the docstring)
+            for _ in range(2):
+                decode_ms(backends[v], states[v][contexts[0]], steps, rng)
         for ctx in contexts:
             runs = {v: [] for v in VARIANTS}
             for r in range(repeats):

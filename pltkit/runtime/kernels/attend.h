@@ -167,7 +167,13 @@ static AVX512 void weigh_queries(int g, int64_t v, const float *p, int64_t strid
   if (v == 4) switch (g) { WEIGH_CASE(1, 4) WEIGH_CASE(2, 4) WEIGH_CASE(3, 4) WEIGH_CASE(4, 4) WEIGH_CASE(5, 4)
                            WEIGH_CASE(6, 4) }
   if (v == 8) switch (g) { WEIGH_CASE(1, 8) WEIGH_CASE(2, 8) WEIGH_CASE(3, 8) }
-  if (v == 16) weigh_rows(1, 16, p, stride, values, n, first, y);
+  if (v == 16 && g == 1) { weigh_rows(1, 16, p, stride, values, n, first, y); return; }
+  for (int i = 0; i < g; i++)  /* (no other g and v are asked for: most_queries) */
+    for (int64_t e = 0; e < v * 16; e++) {
+      float acc = 0.f;
+      for (int64_t t = 0; t < n; t++) acc += p[t * stride + i] * values[t * v * 16 + e];
+      y[i * v * 16 + e] = acc;
+    }
 }
 #undef WEIGH_CASE
 

@@ -13,9 +13,7 @@ static int shape_reference_available;  /* ONNX Runtime 1.24 or later: set at the
 /* Whether the kernels read tensor shapes in place (SHAPE_REFERENCE), where ONNX Runtime can; returns the setting
  * it replaces. On from the first registration; tests turn it off to run the path of older ONNX Runtimes. */
 int pltkit_read_shapes_in_place(int on) {
-  const int was = pltkit_shape_reference;
-  pltkit_shape_reference = on && shape_reference_available;
-  return was;
+  return __atomic_exchange_n(&pltkit_shape_reference, on && shape_reference_available, __ATOMIC_RELAXED);
 }
 
 uint64_t pltkit_op_cycles[OPS][2];
@@ -44,10 +42,10 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
   if (!pltkit_api) return NULL;  /* an ONNX Runtime older than 1.17: it reports the ops as unknown */
   if (!pltkit_kernels_supported()) return error(ORT_FAIL, "pltkit's kernels need AVX-512 VNNI");
   static OrtDomain *domain;  /* one for every session: a domain must outlive the sessions that use it */
-  if (!domain) {  /* (the version from its string: asking GetApi for version 24 prints an error where it is older) */
+  if (!domain) {  /* (the version string first: asking GetApi for version 24 prints an error where it is older) */
     int major = 0, minor = 0;
     shape_reference_available = sscanf(base->GetVersionString(), "%d.%d", &major, &minor) == 2 &&
-                                (major > 1 || (major == 1 && minor >= 24));
+                                (major > 1 || (major == 1 && minor >= 24)) && base->GetApi(24) != NULL;
     pltkit_read_shapes_in_place(1);
     OrtDomain *made;
     TRY(CALL(CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtDomain **))("pltkit", &made));

@@ -1,7 +1,7 @@
 /* The pieces of ONNX Runtime's C API that pltkit's kernels use, declared here: the onnxruntime wheel ships
  * no C headers. The API is a table of function pointers that only grows (the slots below are those of
- * onnxruntime_c_api.h; ParallelFor, the newest, came with API version 17, ONNX Runtime 1.17), and the
- * custom-op structure grows by version too.
+ * onnxruntime_c_api.h; ParallelFor came with API version 17, ONNX Runtime 1.17, the oldest the kernels run on;
+ * the shape reference, used where present, with 24), and the custom-op structure grows by version too.
  */
 #ifndef PLTKIT_ORT_ABI_H
 #define PLTKIT_ORT_ABI_H
@@ -71,7 +71,7 @@ typedef struct OrtCustomOp {  /* the fields through version 20; version says whi
 /* A tensor's element type and dimensions (at most `cap` of them): read in place where ONNX Runtime can (a call's
  * 16 inputs took RingMix 2.6 us at the large shape the other way, which allocates a shape object for each) */
 static inline OrtStatus *tensor_shape(const OrtValue *v, int *elem, int64_t *dims, size_t *ndim, size_t cap) {
-  if (pltkit_shape_reference) {
+  if (__atomic_load_n(&pltkit_shape_reference, __ATOMIC_RELAXED)) {
     const int64_t *at;
     TRY(CALL(SHAPE_REFERENCE, OrtStatus *(*)(const OrtValue *, int *, const int64_t **, size_t *))(v, elem, &at, ndim));
     if (*ndim > cap) return error(ORT_INVALID_ARGUMENT, "pltkit: a tensor of too many dimensions");

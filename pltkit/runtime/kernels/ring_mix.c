@@ -111,7 +111,7 @@ static AVX512 void unit(void *data, size_t u) {
  * read (whole steps of medium int4 PLT-2 0.96-0.99x the time without, docs/benchmarks.md). */
 static AVX512 void hidden_gate(const float *x, const float *norm, const float *w, const float *bias, int64_t R,
                                int64_t B, int64_t d, int64_t heads, float eps, float *g, float *h) {
-  const char *end = (const char *)(w + d * heads);
+  const int64_t bytes = d * heads * 4;  /* W's */
   for (int64_t rb = B; rb < R * B; rb++) {  /* rows 1.., every batch entry */
     const float *xr = x + rb * d;
     const __m512 inv = _mm512_set1_ps(1.f / sqrtf(dot(xr, xr, d) / (float)d + eps));
@@ -123,12 +123,12 @@ static AVX512 void hidden_gate(const float *x, const float *norm, const float *w
     float *out = g + (rb - B) * heads;
     for (int64_t j = 0; j < heads; j += 16) {  /* 16 heads a vector, four sums in turn */
       const __mmask16 m = tail(heads - j);
-      const char *ahead = (const char *)w;
       __m512 acc[4] = {_mm512_maskz_loadu_ps(m, bias + j), _mm512_setzero_ps(), _mm512_setzero_ps(),
                        _mm512_setzero_ps()};
+      int64_t ahead = 0;  /* bytes of W prefetched */
       for (int64_t i = 0; i < d; i++) {
-        for (; !j && ahead < end && ahead < (const char *)(w + (i + 1) * heads) + AHEAD; ahead += 64)
-          _mm_prefetch(ahead, _MM_HINT_T0);
+        for (; !j && ahead < bytes && ahead < (i + 1) * heads * 4 + AHEAD; ahead += 64)
+          _mm_prefetch((const char *)w + ahead, _MM_HINT_T0);
         acc[i % 4] = _mm512_fmadd_ps(_mm512_set1_ps(h[i]), _mm512_maskz_loadu_ps(m, w + i * heads + j), acc[i % 4]);
       }
       _mm512_mask_storeu_ps(out + j, m, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
