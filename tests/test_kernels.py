@@ -17,6 +17,7 @@ from pltkit.export.gqa import GQA, RING_MIX_GATE, RING_MIX_INPUTS, STEP_INPUTS
 from pltkit.quant.schemes import SCHEMES
 from pltkit.runtime import kernels
 from pltkit.runtime.artifact import Artifact, ArtifactError
+from pltkit.runtime.buffer_state import ALIGN
 from pltkit.runtime.ort_backend import OrtBackend
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="pltkit's kernels do not build or run here")
@@ -727,9 +728,12 @@ def test_decode_writes_full_rings_in_place_and_hands_them_out_in_order(artifacts
     print(f"max|logits, own - ORT's kernels| {max(worst):.1e} over {len(worst)} calls; max|snapshot rings| "
           f"{max(rings):.1e}")
     assert max(worst) <= 1e-4 and rings and max(rings) <= 1e-4
+    # the caches (grown by reserve), rings and carries of decoded, cloned and rewound states start on cache lines
+    starts = [a.ctypes.data % ALIGN for key in "ab" for a in (*states[own, key].kv.values(),
+                                                              *states[own, key].other.values()) if a.size]
+    assert len(starts) > 8 and not any(starts), starts
 
 
-@needs_kernels
 @needs_kernels
 def test_ring_mix_writes_the_graph_outputs_it_is_bound_to(artifacts):
     """kernel_model makes each RingMix node write the graph's present rings itself (no Identity between), and

@@ -19,6 +19,25 @@ from pltkit.model.formats import float_type
 from pltkit.runtime.artifact import Artifact
 
 MIN_CAPACITY = 256
+# bytes a numpy state array starts on: whole cache lines, so that pltkit's kernels load no vector of keys, values
+# or ring entries across two lines (numpy's own start 16 or 32 bytes into one: StepAttention with two rows took
+# 1.07x the time, docs/benchmarks.md)
+ALIGN = 64
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    """np.zeros(shape, dtype) starting on an ALIGN-byte boundary (a view into a slightly larger buffer)."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    buf = np.zeros(size + ALIGN, np.uint8)
+    start = -buf.ctypes.data % ALIGN
+    return buf[start:start + size].view(dtype).reshape(shape)
+
+
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    out = aligned_zeros(a.shape, a.dtype)
+    out[...] = a
+    return out
 
 
 @dataclass(frozen=True)
@@ -29,9 +48,8 @@ class ArrayOps:
     zeros: Callable[[Any, tuple], Any]  # (like, shape) -> zeros of like's type, on like's device
 
 
-NUMPY = ArrayOps(new=lambda shape, dtype: np.zeros(shape, float_type(dtype).numpy),
-                 copy=lambda a: a.copy(),
-                 zeros=lambda like, shape: np.zeros(shape, like.dtype))
+NUMPY = ArrayOps(new=lambda shape, dtype: aligned_zeros(shape, float_type(dtype).numpy), copy=aligned_copy,
+                 zeros=lambda like, shape: aligned_zeros(shape, like.dtype))
 
 
 @dataclass
@@ -64,8 +82,8 @@ class BufferState:
 
     def snapshot(self) -> dict:
         """What a prefix needs besides the global cache: rings (oldest first) and carries (small)."""
-        return {k: np.roll(v, -self._turn(v), 3) if self.circular and k.startswith("ring_") else self.ops.copy(v)
-                for k, v in self.other.items()}
+        return {k: self.ops.copy(np.roll(v, -self._turn(v), 3)) if self.circular and k.startswith("ring_")
+                else self.ops.copy(v) for k, v in self.other.items()}
 
     def rewind(self, pos: int, snapshot: dict) -> None:
         """Back to `pos` tokens; snapshot must have been taken at pos."""
