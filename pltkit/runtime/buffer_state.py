@@ -10,6 +10,7 @@ through the ArrayOps it is given.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,18 +26,18 @@ MIN_CAPACITY = 256
 ALIGN = 64
 
 
-def aligned_zeros(shape, dtype) -> np.ndarray:
-    """np.zeros(shape, dtype) starting on an ALIGN-byte boundary (a view into a slightly larger buffer)."""
-    dtype = np.dtype(dtype)
-    size = int(np.prod(shape)) * dtype.itemsize
-    buf = np.zeros(size + ALIGN, np.uint8)
-    start = -buf.ctypes.data % ALIGN
-    return buf[start:start + size].view(dtype).reshape(shape)
+def aligned(shape, dtype, make=np.zeros) -> np.ndarray:
+    """make(shape, dtype) (np.zeros or np.empty) starting on an ALIGN-byte boundary: a view into a slightly longer
+    array (numpy starts an array on a multiple of its item size)."""
+    n, size = math.prod(shape), np.dtype(dtype).itemsize
+    buf = make(n + ALIGN // size, dtype)
+    start = -buf.ctypes.data % ALIGN // size
+    return buf[start:start + n].reshape(shape)
 
 
 def aligned_copy(a: np.ndarray) -> np.ndarray:
-    out = aligned_zeros(a.shape, a.dtype)
-    out[...] = a
+    out = aligned(a.shape, a.dtype, np.empty)
+    np.copyto(out, a)
     return out
 
 
@@ -48,8 +49,8 @@ class ArrayOps:
     zeros: Callable[[Any, tuple], Any]  # (like, shape) -> zeros of like's type, on like's device
 
 
-NUMPY = ArrayOps(new=lambda shape, dtype: aligned_zeros(shape, float_type(dtype).numpy), copy=aligned_copy,
-                 zeros=lambda like, shape: aligned_zeros(shape, like.dtype))
+NUMPY = ArrayOps(new=lambda shape, dtype: aligned(shape, float_type(dtype).numpy), copy=aligned_copy,
+                 zeros=lambda like, shape: aligned(shape, like.dtype))
 
 
 @dataclass

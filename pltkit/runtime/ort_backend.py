@@ -20,7 +20,7 @@ import numpy as np
 from pltkit.runtime import kernels as kernels_mod
 from pltkit.runtime.artifact import Artifact, ArtifactError
 from pltkit.runtime.backends import physical_cores
-from pltkit.runtime.buffer_state import BufferState, aligned_zeros
+from pltkit.runtime.buffer_state import BufferState, aligned
 
 log = logging.getLogger(__name__)
 KERNEL_CHOICES = ("auto", "pltkit", "ort")
@@ -182,7 +182,7 @@ class OrtBackend:
         if side is None and phase == "decode" and other and all(
                 self._next_shape(n, a, new) == a.shape for n, a in other.items()):
             # a new pair; rings written in place are in both
-            arrays = [dict(other), {n: a if in_place and n.startswith("ring_") else aligned_zeros(a.shape, a.dtype)
+            arrays = [dict(other), {n: a if in_place and n.startswith("ring_") else aligned(a.shape, a.dtype, np.empty)
                                     for n, a in other.items()}]
             ios = [self._bind_kv(session, state) for _ in arrays]
             for io, (past, present) in zip(ios, (arrays, arrays[::-1])):
@@ -195,7 +195,7 @@ class OrtBackend:
         if side is not None:
             return turns["ios"][side], dict(turns["arrays"][1 - side])
         io = kept["io"]
-        present = {n: aligned_zeros(self._next_shape(n, a, new), a.dtype) for n, a in other.items()}
+        present = {n: aligned(self._next_shape(n, a, new), a.dtype, np.empty) for n, a in other.items()}
         for n, a in other.items():
             io.bind_cpu_input("past_" + n, a)
             io.bind_ortvalue_output("present_" + n, self.ort.OrtValue.ortvalue_from_numpy(present[n]))
