@@ -7,8 +7,9 @@ ratio after/before of every number in its last JSON line (median over the rounds
 runs COMMAND once in each, alternating which goes first, with the tree as the working directory
 and first on PYTHONPATH (its subprocesses, such as plt-serve, run that tree's code too). `{tree}` in
 COMMAND is replaced by the tree's path, e.g. for a per-tree `--workdir {tree}/.bench`. A ratio above
-1 means the number grew: worse for latencies, better for throughputs. Memory does not compare: with
-benchmarks/serve_bench.py the before tree's server held 580 MB against 239 for the same revision on both sides.
+1 means the number grew: worse for latencies, better for throughputs. Memory does not compare between this
+tree and the worktree: with benchmarks/serve_bench.py the worktree's server held 580 MB against 239 for the same
+revision on both sides (two worktrees of different revisions: 1.00).
 """
 
 from __future__ import annotations
