@@ -773,6 +773,7 @@ def test_decode_without_a_window_on_own_kernels(tmp_path):
     assert np.abs(a - b).max() <= 1e-4
 
 
+@needs_kernels
 def test_the_kernels_count_their_calls_and_cycles(artifacts):
     """kernels.cycles: each op's calls over the decode steps since a reset (the tiny int8 model's decode graph: 9
     RowsMatMulNBits, 2 StepAttention and 2 RingMix nodes), and their time-stamp counter cycles."""

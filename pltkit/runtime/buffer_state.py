@@ -83,8 +83,8 @@ class BufferState:
 
     def snapshot(self) -> dict:
         """What a prefix needs besides the global cache: rings (oldest first) and carries (small)."""
-        return {k: self.ops.copy(np.roll(v, -self._turn(v), 3)) if self.circular and k.startswith("ring_")
-                else self.ops.copy(v) for k, v in self.other.items()}
+        return {k: self._oldest_first(v) if self.circular and k.startswith("ring_") else self.ops.copy(v)
+                for k, v in self.other.items()}
 
     def rewind(self, pos: int, snapshot: dict) -> None:
         """Back to `pos` tokens; snapshot must have been taken at pos."""
@@ -97,6 +97,13 @@ class BufferState:
                 if k.startswith("ring_"):
                     v[...] = np.roll(v, self._turn(v) if circular else -self._turn(v), 3)
             self.circular = circular
+
+    def _oldest_first(self, ring: np.ndarray) -> np.ndarray:
+        """A copy of a circular (numpy) ring with its entries oldest first: np.roll(ring, -turn, 3), written once."""
+        turn, out = self._turn(ring), aligned(ring.shape, ring.dtype, np.empty)
+        rest = ring.shape[3] - turn
+        out[:, :, :, :rest], out[:, :, :, rest:] = ring[:, :, :, turn:], ring[:, :, :, :turn]
+        return out
 
     def _turn(self, ring) -> int:
         """The slot of a full ring's oldest entry, position pos - window, where position t is at t % window."""
