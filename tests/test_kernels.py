@@ -82,7 +82,10 @@ LAYER_FORMS = {"int8": ("int8", None), "int4": ("int4", None),
 
 @needs_kernels
 @pytest.mark.parametrize("form", list(LAYER_FORMS))
-@pytest.mark.parametrize("k,n", [(64, 16), (96, 80), (64, 18), (576, 1536)])  # 80, 18: groups left over
+# 80, 18: a group left over; 1536: chunks of 2 groups; 1040: chunks of 2 and one of 1; 2080, 2056, 2091: chunks of
+# 4 and a last of 2, of 1 (8 columns) and of 3 (11 columns)
+@pytest.mark.parametrize("k,n", [(64, 16), (96, 80), (64, 18), (576, 1536), (64, 1040), (64, 2080), (64, 2056),
+                                 (96, 2091)])
 def test_rows_kernel_equals_its_statement_and_matmulnbits(form, k, n):
     name, zero = LAYER_FORMS[form]
     scheme = SCHEMES[name]

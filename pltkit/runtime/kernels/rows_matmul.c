@@ -14,6 +14,8 @@
  * block, 8 bits take 8 lines of 64 bytes, each 4 consecutive k of the 16 columns; 4 bits take 4 lines, whose
  * low nibbles hold one such step and high nibbles the next. One AVX-512 VNNI dot product (vpdpbusd) then
  * takes a line against 4 bytes of a row broadcast, and the float work is done once per block of 32.
+ * Groups go in chunks of up to 4, interleaved line by line (block, line, group) and their scales alike (block,
+ * group), so that a chunk is one sequential stream whose lines share each broadcast of the rows.
  *
  * ONNX Runtime's C API as this library declares it: ort_abi.h.
  */
@@ -32,8 +34,9 @@
 typedef int32_t __attribute__((may_alias)) i32;  /* 4 bytes of a rounded row, read as one */
 typedef struct {
   int64_t k, n, blocks, bits, zero, groups;  /* zero: the code of weight 0; groups: ceil(N / 16) */
-  uint8_t *w;   /* 8 bits: [N/16, blocks, 8, 16, 4]; 4 bits: [N/16, blocks, 4, 16, 4], two k-steps a byte */
-  float *s;     /* [N/16, blocks, 16] */
+  int chunk;    /* groups a chunk: G, or fewer where a layer has under 32 G groups (threads share chunks) */
+  uint8_t *w;   /* a chunk of c groups: 8 bits [blocks, 8, c, 16, 4]; 4 bits [blocks, 4, c, 16, 4], two k-steps a byte */
+  float *s;     /* a chunk of c groups: [blocks, c, 16] */
 } Kernel;
 
 typedef struct {  /* one call's rows, rounded: up to 2 */
@@ -70,12 +73,13 @@ static AVX512 void round_row(const float *x, int64_t k, int zero, int8_t *q, flo
   }
 }
 
-/* G column groups of 16 at a time; each 64-byte line of weights meets both rows while it is in a register.
- * 8 bits: a block's 8 lines hold its 32 k, 4 at a time, of 16 columns. 4 bits: 4 lines, each two steps of 4 k
- * (the low and the high nibbles of its bytes). G = 1, one sequential stream of weights a thread: on a 2-core
- * AMD EPYC (Zen 5) it took 0.85x (int8) and 0.78x (int4) of G = 4's time for one row, 0.97x and 0.87x for two,
- * interleaved in one run (docs/benchmarks.md). */
-#define G 1
+/* A chunk's `count` groups of 16 columns; each 64-byte line of weights meets both rows while it is in a register,
+ * and each broadcast of a row's 4 bytes meets the chunk's `count` lines. 8 bits: a block's 8 lines a group hold
+ * its 32 k, 4 at a time, of 16 columns. 4 bits: 4 lines, each two steps of 4 k (the low and the high nibbles of
+ * its bytes). A chunk is one sequential stream of weights: four groups in four streams had been slower than one
+ * group (1.28x, int4, on a 2-core AMD EPYC of the Zen 5 family). Interleaved, four groups share each broadcast:
+ * whole large int4 PLT-2 steps 0.84x of one group's time, plain 0.93-0.98x (docs/benchmarks.md). */
+#define G 4
 #define PREFETCH 2048
 static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call *c, int64_t g0, int count,
                                                                      const int bits) {
@@ -102,7 +106,7 @@ static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call 
         c1 = two ? _mm512_set1_epi32(x1[b * 8 + step + 1]) : c0;
       }
       for (int h = 0; h < count; h++) {
-        const uint8_t *line = kn->w + (((g0 + h) * nb + b) * lines + j) * 64;
+        const uint8_t *line = kn->w + (g0 * nb * lines + (b * lines + j) * count + h) * 64;
         _mm_prefetch((const char *)(line + PREFETCH), _MM_HINT_T0);
         __m512i w = _mm512_loadu_si512(line);
         if (bits == 8) {  /* odd lines into sums of their own: two chains of dot products a row, not one */
@@ -122,7 +126,7 @@ static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call 
     }
     for (int h = 0; h < count; h++) {
       a0[h] = _mm512_add_epi32(a0[h], e0[h]), a1[h] = _mm512_add_epi32(a1[h], e1[h]);
-      __m512 s = _mm512_loadu_ps(kn->s + ((g0 + h) * nb + b) * 16);
+      __m512 s = _mm512_loadu_ps(kn->s + (g0 * nb + b * count + h) * 16);
       o0[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[h]), _mm512_mul_ps(s, _mm512_set1_ps(c->d[b])), o0[h]);
       if (two)
         o1[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[h]), _mm512_mul_ps(s, _mm512_set1_ps(c->d[nb + b])), o1[h]);
@@ -136,17 +140,15 @@ static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call 
   }
 }
 
-static AVX512 void groups(const Call *c, int64_t g0, int count) {
-  if (c->kern->bits == 8) groups_bits(c, g0, count, 8);
-  else groups_bits(c, g0, count, 4);
-}
-
-static AVX512 void chunk(void *data, size_t i) {  /* the i-th G groups of columns */
+static AVX512 void chunk(void *data, size_t i) {  /* the i-th chunk of groups of columns */
   const Call *c = data;
-  int64_t g0 = (int64_t)i * G, total = c->kern->groups;
-  int count = g0 + G <= total ? G : (int)(total - g0);
-  if (count == G) groups(c, g0, G);
-  else for (int h = 0; h < count; h++) groups(c, g0 + h, 1);
+  const int64_t g0 = (int64_t)i * c->kern->chunk, left = c->kern->groups - g0;
+  const int count = left < c->kern->chunk ? (int)left : c->kern->chunk, eight = c->kern->bits == 8;
+  switch (count) {  /* each count a compiled form, its accumulators in registers */
+#define COUNT(n) case n: eight ? groups_bits(c, g0, n, 8) : groups_bits(c, g0, n, 4); break;
+    COUNT(1) COUNT(2) COUNT(3) COUNT(4)
+#undef COUNT
+  }
 }
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
@@ -180,7 +182,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     for (int i = 0; i < c.rows; i++)
       round_row((const float *)xd + (r + i) * kn->k, kn->k, (int)kn->zero, q + i * kn->k, d + i * kn->blocks,
                 off + i * kn->blocks);
-    size_t chunks = (size_t)((kn->groups + G - 1) / G);
+    size_t chunks = (size_t)((kn->groups + kn->chunk - 1) / kn->chunk);
     status = CALL(PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t,
                                                 void *))(ctx, chunk, chunks, 0, &c);
   }
@@ -232,31 +234,31 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   kn->w = aligned_alloc(64, (size_t)kn->groups * 16 * k * bits / 8);
   kn->s = aligned_alloc(64, (size_t)kn->groups * 16 * kn->blocks * sizeof(float));
   if (!kn->w || !kn->s) { destroy(kn); return error(ORT_FAIL, "RowsMatMulNBits: out of memory"); }
-  const int64_t nb = kn->blocks, row = BLK * bits / 8;  /* bytes of a block of one column in B */
+  const int64_t nb = kn->blocks, row = BLK * bits / 8, lines = bits == 8 ? 8 : 4;  /* row: a block of a column */
+  for (kn->chunk = G; kn->chunk > 1 && kn->groups < 32 * kn->chunk; kn->chunk /= 2) {}
   const uint8_t pad[BLK] = {0};  /* columns past N: codes 0, scale 0 */
-  for (int64_t g = 0; g < kn->groups; g++)
+  for (int64_t g = 0; g < kn->groups; g++) {
+    const int64_t g0 = g - g % kn->chunk, h = g - g0, left = kn->groups - g0;
+    const int64_t count = left < kn->chunk ? left : kn->chunk;  /* g's chunk: its first group and size */
     for (int64_t blk = 0; blk < nb; blk++) {
       const uint8_t *col[16];
       for (int c = 0; c < 16; c++) {
         int64_t j = g * 16 + c;
         col[c] = j < n ? b + (j * nb + blk) * row : pad;
-        kn->s[(g * nb + blk) * 16 + c] = j < n ? s[j * nb + blk] : 0.f;
+        kn->s[(g0 * nb + blk * count + h) * 16 + c] = j < n ? s[j * nb + blk] : 0.f;
       }
-      if (bits == 8) {
-        uint32_t *dst = (uint32_t *)(kn->w + (g * nb + blk) * 512);
-        for (int j = 0; j < 8; j++)
-          for (int c = 0; c < 16; c++) memcpy(dst + j * 16 + c, col[c] + j * 4, 4);
-      } else {  /* byte p of line j: code of (column p/4, k 8j + p%4) low, of k 8j + 4 + p%4 high */
-        uint8_t *dst = kn->w + (g * nb + blk) * 256;
-        for (int j = 0; j < 4; j++)
-          for (int p = 0; p < 64; p++) {
-            int k0 = 8 * j + p % 4, k1 = k0 + 4;
-            const uint8_t *cb = col[p / 4];
-            uint8_t lo = (cb[k0 / 2] >> (4 * (k0 % 2))) & 15, hi = (cb[k1 / 2] >> (4 * (k1 % 2))) & 15;
-            dst[j * 64 + p] = (uint8_t)(lo | hi << 4);
-          }
-      }
+      uint8_t *dst = kn->w + (g0 * nb * lines + blk * lines * count + h) * 64;  /* line j at dst + j * count * 64 */
+      for (int j = 0; j < lines; j++)
+        for (int p = 0; p < 64; p++) {
+          uint8_t *to = dst + j * count * 64 + p;
+          if (bits == 8) { *to = col[p / 4][j * 4 + p % 4]; continue; }
+          /* byte p of line j: code of (column p/4, k 8j + p%4) low, of k 8j + 4 + p%4 high */
+          int k0 = 8 * j + p % 4, k1 = k0 + 4;
+          const uint8_t *cb = col[p / 4];
+          *to = (uint8_t)(((cb[k0 / 2] >> (4 * (k0 % 2))) & 15) | ((cb[k1 / 2] >> (4 * (k1 % 2))) & 15) << 4);
+        }
     }
+  }
   *out = kn;
   return NULL;
 }
