@@ -35,7 +35,7 @@ typedef int32_t __attribute__((may_alias)) i32;  /* 4 bytes of a rounded row, re
 typedef struct {
   int64_t k, n, blocks, bits, zero, groups;  /* zero: the code of weight 0; groups: ceil(N / 16) */
   int chunk;    /* groups a chunk: G, or fewer where a layer has under 32 G groups (threads share chunks) */
-  uint8_t *w;   /* a chunk of c groups: 8 bits [blocks, 8, c, 16, 4]; 4 bits [blocks, 4, c, 16, 4], two k-steps a byte */
+  uint8_t *w;   /* a chunk of c groups: 8 bits [blocks, 8, c, 16, 4]; 4 bits [blocks, 4, c, 16, 4], 2 k-steps a byte */
   float *s;     /* a chunk of c groups: [blocks, c, 16] */
 } Kernel;
 
@@ -248,15 +248,18 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
         kn->s[(g0 * nb + blk * count + h) * 16 + c] = j < n ? s[j * nb + blk] : 0.f;
       }
       uint8_t *dst = kn->w + (g0 * nb * lines + blk * lines * count + h) * 64;  /* line j at dst + j * count * 64 */
-      for (int j = 0; j < lines; j++)
-        for (int p = 0; p < 64; p++) {
-          uint8_t *to = dst + j * count * 64 + p;
-          if (bits == 8) { *to = col[p / 4][j * 4 + p % 4]; continue; }
-          /* byte p of line j: code of (column p/4, k 8j + p%4) low, of k 8j + 4 + p%4 high */
+      for (int j = 0; j < lines; j++) {
+        uint8_t *line = dst + j * count * 64;
+        if (bits == 8) {  /* 4 bytes of each column: k 4j .. 4j + 3 */
+          for (int c = 0; c < 16; c++) memcpy(line + 4 * c, col[c] + j * 4, 4);
+          continue;
+        }
+        for (int p = 0; p < 64; p++) {  /* byte p: code of (column p/4, k 8j + p%4) low, of k 8j + 4 + p%4 high */
           int k0 = 8 * j + p % 4, k1 = k0 + 4;
           const uint8_t *cb = col[p / 4];
-          *to = (uint8_t)(((cb[k0 / 2] >> (4 * (k0 % 2))) & 15) | ((cb[k1 / 2] >> (4 * (k1 % 2))) & 15) << 4);
+          line[p] = (uint8_t)(((cb[k0 / 2] >> (4 * (k0 % 2))) & 15) | ((cb[k1 / 2] >> (4 * (k1 % 2))) & 15) << 4);
         }
+      }
     }
   }
   *out = kn;
