@@ -228,14 +228,22 @@ static AVX512 void attend(const float *q, int64_t nq, int64_t npad, const float 
   }
 }
 
-/* x rotated at one position (cos, sin: that position's row of the caches), or copied, times `scale` */
-static void rotate(const float *x, const float *cs, const float *sn, int64_t dh, float scale, float *out) {
+/* x rotated at one position (cos, sin: that position's row of the caches), or copied, times `scale`. Products
+ * and sums as the scalar statement has them (no fused multiply-add): the same bits. */
+static AVX512 void rotate(const float *x, const float *cs, const float *sn, int64_t dh, float scale, float *out) {
+  const __m512 k = _mm512_set1_ps(scale);
+  if (!cs) {
+    for (int64_t i = 0; i < dh; i += 16)
+      _mm512_mask_storeu_ps(out + i, tail(dh - i), _mm512_mul_ps(k, _mm512_maskz_loadu_ps(tail(dh - i), x + i)));
+    return;
+  }
   const int64_t half = dh / 2;
-  for (int64_t i = 0; i < dh; i++) out[i] = scale * x[i];
-  if (!cs) return;
-  for (int64_t i = 0; i < half; i++) {
-    out[i] = scale * (x[i] * cs[i] - x[i + half] * sn[i]);
-    out[i + half] = scale * (x[i + half] * cs[i] + x[i] * sn[i]);
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 m = tail(half - i);
+    const __m512 a = _mm512_maskz_loadu_ps(m, x + i), b = _mm512_maskz_loadu_ps(m, x + i + half);
+    const __m512 c = _mm512_maskz_loadu_ps(m, cs + i), s = _mm512_maskz_loadu_ps(m, sn + i);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(k, _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s))));
+    _mm512_mask_storeu_ps(out + i + half, m, _mm512_mul_ps(k, _mm512_add_ps(_mm512_mul_ps(b, c), _mm512_mul_ps(a, s))));
   }
 }
 
