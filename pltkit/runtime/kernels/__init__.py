@@ -184,15 +184,20 @@ class KernelModel(NamedTuple):
     # bound as both past and present, and are then circular (ring_mix.c)
 
 
-def kernel_model(path: Path) -> KernelModel:
-    """The graph file at `path` with rows_graph applied, and how many of its nodes pltkit's kernels run: those
-    rows_graph replaced and the StepAttention and RingMix nodes of a float32 graph (their kernels' only type).
-    StepAttention's kernel reads no attention bias: the nodes that make one go."""
+def kernel_model(path: Path, fuse: bool = True) -> KernelModel:
+    """The graph file at `path` with rows_graph applied (and fuse.fuse_rows, unless `fuse` is false), and how many
+    of its nodes pltkit's kernels run: those rows_graph replaced and the StepAttention and RingMix nodes of a
+    float32 graph (their kernels' only type). StepAttention's kernel reads no attention bias: the nodes that
+    make one go."""
     import onnx
     from onnx import TensorProto
 
+    from pltkit.runtime.kernels.fuse import fuse_rows
+
     model = onnx.load(str(path), load_external_data=False)
     count, rings = rows_graph(model, path.parent), []
+    if fuse:
+        fuse_rows(model.graph)
     state = [i for i in model.graph.input if i.name.startswith("past_") and i.name != "past_len"]
     if all(i.type.tensor_type.elem_type == TensorProto.FLOAT for i in state):  # caches, rings, carries
         own = [n for n in model.graph.node if n.op_type in (STEP, RING_MIX) and n.domain == DOMAIN]

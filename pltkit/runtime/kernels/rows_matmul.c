@@ -17,16 +17,16 @@
  * Groups go in chunks of up to 4, interleaved line by line (block, line, group) and their scales alike (block,
  * group), so that a chunk is one sequential stream whose lines share each broadcast of the rows.
  *
- * ONNX Runtime's C API as this library declares it: ort_abi.h.
+ * Fused forms (pltkit/runtime/kernels/fuse.py writes them, each in place of ONNX Runtime nodes between layers):
+ * - inputs 3 skip and 4 norm [K], both optional, attribute epsilon: the rows are s = A + skip (output 1, where the
+ *   node has it) and, with norm, x = s / sqrt(mean(s^2) + epsilon) * norm: a residual add and the RMSNorm after it.
+ * - attribute swiglu 1: B's N = 2F columns are a gate and an up projection side by side, F a multiple of 16, and
+ *   the output [.., F] is gate * sigmoid(gate) * up. A chunk holds matching groups of both halves, so the two
+ *   sums meet in registers: in place of a Split, a QuickGelu and a Mul.
  */
-#include <immintrin.h>
-#include <math.h>
 #include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
-#include "ort_abi.h"
+#include "attend.h"  /* (with ONNX Runtime's C API, ort_abi.h, and the C headers the kernels use) */
 
 #define BLK 32
 
@@ -34,6 +34,8 @@
 typedef int32_t __attribute__((may_alias)) i32;  /* 4 bytes of a rounded row, read as one */
 typedef struct {
   int64_t k, n, blocks, bits, zero, groups;  /* zero: the code of weight 0; groups: ceil(N / 16) */
+  int swiglu;   /* the output is gate * sigmoid(gate) * up of B's two halves of columns */
+  float eps;    /* RMSNorm's, where the call gives norm */
   int chunk;    /* groups a chunk: G, or fewer where a layer has under 32 G groups (threads share chunks) */
   uint8_t *w;   /* a chunk of c groups: 8 bits [blocks, 8, c, 16, 4]; 4 bits [blocks, 4, c, 16, 4], 2 k-steps a byte */
   float *s;     /* a chunk of c groups: [blocks, c, 16] */
@@ -45,7 +47,7 @@ typedef struct {  /* one call's rows, rounded: up to 2 */
   const int8_t *q;      /* [rows, K] */
   const float *d;       /* [rows, blocks] */
   const int32_t *off;   /* [rows, blocks]: -z * sum(q), the weights' zero point z taken back */
-  float *y;             /* [rows, N] */
+  float *y;             /* [rows, N], or [rows, N / 2] with swiglu */
   int64_t y_stride;
 } Call;
 
@@ -71,6 +73,13 @@ static AVX512 void round_row(const float *x, int64_t k, int zero, int8_t *q, flo
     d[b] = amax / 127.f;
     off[b] = -zero * _mm512_reduce_add_epi32(sum);
   }
+}
+
+static inline AVX512 __m512 swiglu(__m512 g, __m512 u) {  /* g sigmoid(g) u; sigmoid from e^-|g| <= 1 */
+  const __m512 one = _mm512_set1_ps(1.f), e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+  const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
+  return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u);
 }
 
 /* A chunk's `count` groups of 16 columns; each 64-byte line of weights meets both rows while it is in a register,
@@ -132,6 +141,14 @@ static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call 
         o1[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[h]), _mm512_mul_ps(s, _mm512_set1_ps(c->d[nb + b])), o1[h]);
     }
   }
+  if (kn->swiglu) {  /* the chunk's first half of groups is gate's, its second the same columns of up */
+    for (int h = 0; h < count / 2; h++) {
+      float *y = c->y + (g0 / 2 + h) * 16;
+      _mm512_storeu_ps(y, swiglu(o0[h], o0[h + count / 2]));
+      if (two) _mm512_storeu_ps(y + c->y_stride, swiglu(o1[h], o1[h + count / 2]));
+    }
+    return;
+  }
   for (int h = 0; h < count; h++) {
     int64_t left = kn->n - (g0 + h) * 16;  /* the last group may hold fewer than 16 columns */
     __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
@@ -151,37 +168,73 @@ static AVX512 void chunk(void *data, size_t i) {  /* the i-th chunk of groups of
   }
 }
 
+/* row i of a call's rows: A's, or s = A + skip (into sum where the node outputs it), normalized where norm is given;
+ * scratch: K floats. The squares are summed in 16 lanes (value j in lane j % 16), then the lanes in order, without
+ * fused multiply-adds: a numpy statement repeats it to the bit (tests/test_kernels_fused.py). */
+static AVX512 const float *input_row(const Kernel *kn, const float *a, const float *skip, const float *norm, float *sum,
+                                     int64_t i, float *scratch) {
+  const int64_t k = kn->k;
+  a += i * k;
+  if (!skip && !norm) return a;
+  float *s = sum ? sum + i * k : scratch, lanes[16], squares = 0.f;
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k; j += 16) {  /* K is a multiple of 32 */
+    __m512 v = _mm512_loadu_ps(a + j);
+    if (skip) v = _mm512_add_ps(v, _mm512_loadu_ps(skip + i * k + j));
+    _mm512_storeu_ps(s + j, v);
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+  }
+  if (!norm) return s;
+  _mm512_storeu_ps(lanes, acc);
+  for (int j = 0; j < 16; j++) squares += lanes[j];
+  const __m512 rms = _mm512_set1_ps(sqrtf(squares / (float)k + kn->eps));
+  for (int64_t j = 0; j < k; j += 16)
+    _mm512_storeu_ps(scratch + j, _mm512_mul_ps(_mm512_div_ps(_mm512_loadu_ps(s + j), rms), _mm512_loadu_ps(norm + j)));
+  return scratch;
+}
+
+enum { IN_A, IN_B, IN_SCALES, IN_SKIP, IN_NORM, INPUTS };
+#define BAD(msg) return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: " msg)
+
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   const Kernel *kn = kernel;
-  const OrtValue *x;
-  size_t ndim;
-  int64_t dims[8];
-  int elem;
-  TRY(CALL(CONTEXT_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, 0, &x));
-  TRY(tensor_shape(x, &elem, dims, &ndim, 8));
-  if (ndim < 1) return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: A must have 1 to 8 dimensions");
-  if (dims[ndim - 1] != kn->k) return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: A's last dimension is not K");
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < ndim; i++) rows *= dims[i];
-  dims[ndim - 1] = kn->n;
-  OrtValue *out;
-  TRY(CALL(CONTEXT_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
-      ctx, 0, dims, ndim, &out));
-  void *y = tensor_data(out), *xd = tensor_data(x);
-  if (!y || !xd) return error(ORT_FAIL, "RowsMatMulNBits: a tensor has no data");
-  /* two rounded rows: codes, scales and offsets (on the heap: K is not bounded here) */
+  const OrtValue *in[INPUTS] = {0};
+  int64_t dims[INPUTS][8];
+  size_t nd[INPUTS] = {0}, outputs = 0;
+  TRY(read_inputs(ctx, INPUTS, in, dims, nd));
+  TRY(CALL(CONTEXT_OUTPUT_COUNT, OrtStatus *(*)(const OrtKernelContext *, size_t *))(ctx, &outputs));
+  const size_t ndim = nd[IN_A];
+  if (!in[IN_A] || ndim < 1) BAD("A must have 1 to 8 dimensions");
+  if (dims[IN_A][ndim - 1] != kn->k) BAD("A's last dimension is not K");
+  if (in[IN_SKIP] && (nd[IN_SKIP] != ndim || !same(dims[IN_SKIP], dims[IN_A], ndim))) BAD("skip is not A's shape");
+  if (in[IN_NORM] && (nd[IN_NORM] != 1 || dims[IN_NORM][0] != kn->k)) BAD("norm is not [K]");
+  if (outputs > 1 && !in[IN_SKIP]) BAD("output 1, A + skip, needs skip");
+  int64_t rows = 1, out_dims[8];
+  for (size_t i = 0; i + 1 < ndim; i++) rows *= dims[IN_A][i], out_dims[i] = dims[IN_A][i];
+  const int64_t n = kn->swiglu ? kn->n / 2 : kn->n;
+  out_dims[ndim - 1] = n;
+  float *y, *sum = NULL;
+  const float *a = tensor_data(in[IN_A]), *skip = in[IN_SKIP] ? tensor_data(in[IN_SKIP]) : NULL;
+  const float *norm = in[IN_NORM] ? tensor_data(in[IN_NORM]) : NULL;
+  TRY(float_output(ctx, 0, out_dims, ndim, &y));
+  if (outputs > 1) TRY(float_output(ctx, 1, dims[IN_A], ndim, &sum));
+  if (!rows) return NULL;
+  if (!y || !a || (in[IN_SKIP] && !skip) || (in[IN_NORM] && !norm))
+    return error(ORT_FAIL, "RowsMatMulNBits: a tensor has no data");
+  /* two rounded rows: codes, scales and offsets, and a row of K floats (on the heap: K is not bounded here) */
   size_t codes = (size_t)(2 * kn->k + 63) / 64 * 64;
-  size_t bytes = (codes + 2 * (size_t)kn->blocks * (sizeof(float) + sizeof(int32_t)) + 63) / 64 * 64;
+  size_t bytes = (codes + 2 * (size_t)kn->blocks * (sizeof(float) + sizeof(int32_t)) + (size_t)kn->k * sizeof(float) +
+                  63) / 64 * 64;
   int8_t *q = aligned_alloc(64, bytes);  /* a size that is a multiple of the alignment, as C11 asks */
   if (!q) return error(ORT_FAIL, "RowsMatMulNBits: out of memory");
-  float *d = (float *)(q + codes);
-  int32_t *off = (int32_t *)(d + 2 * kn->blocks);
+  float *d = (float *)(q + codes), *scratch = d + 2 * kn->blocks;
+  int32_t *off = (int32_t *)(scratch + kn->k);
   OrtStatus *status = NULL;
   for (int64_t r = 0; r < rows && !status; r += 2) {
-    Call c = {kn, rows - r >= 2 ? 2 : 1, q, d, off, (float *)y + r * kn->n, kn->n};
+    Call c = {kn, rows - r >= 2 ? 2 : 1, q, d, off, y + r * n, n};
     for (int i = 0; i < c.rows; i++)
-      round_row((const float *)xd + (r + i) * kn->k, kn->k, (int)kn->zero, q + i * kn->k, d + i * kn->blocks,
-                off + i * kn->blocks);
+      round_row(input_row(kn, a, skip, norm, sum, r + i, scratch), kn->k, (int)kn->zero, q + i * kn->k,
+                d + i * kn->blocks, off + i * kn->blocks);
     size_t chunks = (size_t)((kn->groups + kn->chunk - 1) / kn->chunk);
     status = CALL(PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t,
                                                 void *))(ctx, chunk, chunks, 0, &c);
@@ -223,6 +276,14 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   if ((bits != 8 && bits != 4) || block != BLK || k < BLK || k % BLK || n < 1 || zero < 0 || zero >> bits)
     return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: needs bits 8 or 4, block_size 32, K a positive multiple "
                                        "of 32, N positive, and a zero point within the bits");
+  int64_t swiglu = 0;  /* optional attributes: absent, they are 0 */
+  float eps = 0.f;
+  OrtStatus *absent[2] = {
+      CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, "swiglu", &swiglu),
+      CALL(ATTRIBUTE_FLOAT, OrtStatus *(*)(const OrtKernelInfo *, const char *, float *))(info, "epsilon", &eps)};
+  if (absent[0]) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(absent[0]), swiglu = 0;
+  if (absent[1]) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(absent[1]), eps = 0.f;
+  if (swiglu && n % 32) BAD("swiglu needs N = 2 F, F a multiple of 16");
   void *bv, *sv;
   TRY(constant(info, 1, TYPE_UINT8, n * k * bits / 8, &bv));
   TRY(constant(info, 2, TYPE_FLOAT, n * (k / BLK), &sv));
@@ -231,19 +292,22 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   Kernel *kn = calloc(1, sizeof *kn);
   if (!kn) return error(ORT_FAIL, "RowsMatMulNBits: out of memory");
   kn->k = k, kn->n = n, kn->blocks = k / BLK, kn->bits = bits, kn->zero = zero, kn->groups = (n + 15) / 16;
+  kn->swiglu = swiglu != 0, kn->eps = eps;
   kn->w = aligned_alloc(64, (size_t)kn->groups * 16 * k * bits / 8);
   kn->s = aligned_alloc(64, (size_t)kn->groups * 16 * kn->blocks * sizeof(float));
   if (!kn->w || !kn->s) { destroy(kn); return error(ORT_FAIL, "RowsMatMulNBits: out of memory"); }
   const int64_t nb = kn->blocks, row = BLK * bits / 8, lines = bits == 8 ? 8 : 4;  /* row: a block of a column */
-  for (kn->chunk = G; kn->chunk > 1 && kn->groups < 32 * kn->chunk; kn->chunk /= 2) {}
+  for (kn->chunk = G; kn->chunk > 1 + kn->swiglu && kn->groups < 32 * kn->chunk; kn->chunk /= 2) {}
   const uint8_t pad[BLK] = {0};  /* columns past N: codes 0, scale 0 */
   for (int64_t g = 0; g < kn->groups; g++) {
     const int64_t g0 = g - g % kn->chunk, h = g - g0, left = kn->groups - g0;
     const int64_t count = left < kn->chunk ? left : kn->chunk;  /* g's chunk: its first group and size */
     for (int64_t blk = 0; blk < nb; blk++) {
       const uint8_t *col[16];
+      /* the group of columns in this place: with swiglu, a chunk's first half of gate's, then the same of up's */
+      const int64_t from = !kn->swiglu ? g : h < count / 2 ? g0 / 2 + h : kn->groups / 2 + g0 / 2 + h - count / 2;
       for (int c = 0; c < 16; c++) {
-        int64_t j = g * 16 + c;
+        int64_t j = from * 16 + c;
         col[c] = j < n ? b + (j * nb + blk) * row : pad;
         kn->s[(g0 * nb + blk * count + h) * 16 + c] = j < n ? s[j * nb + blk] : 0.f;
       }
@@ -267,15 +331,18 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
 }
 
 static const char *name(const OrtCustomOp *op) { (void)op; return "RowsMatMulNBits"; }
-static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? TYPE_UINT8 : TYPE_FLOAT; }
-static size_t input_count(const OrtCustomOp *op) { (void)op; return 3; }
-static size_t output_count(const OrtCustomOp *op) { (void)op; return 1; }
+static int input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == IN_B ? TYPE_UINT8 : TYPE_FLOAT; }
+static size_t input_count(const OrtCustomOp *op) { (void)op; return INPUTS; }
+static size_t output_count(const OrtCustomOp *op) { (void)op; return 2; }
+static int optional_from(size_t first, size_t i) { return i < first ? REQUIRED : OPTIONAL; }
+static int input_kind(const OrtCustomOp *op, size_t i) { (void)op; return optional_from(IN_SKIP, i); }
+static int output_kind(const OrtCustomOp *op, size_t i) { (void)op; return optional_from(1, i); }
 
 TIMED(OP_ROWS, compute)
 
 OrtCustomOp pltkit_rows_op = {
   CPU_OP_FIELDS, .GetName = name, .GetInputType = input_type, .GetInputTypeCount = input_count,
-  .GetOutputTypeCount = output_count, .KernelDestroy = destroy, .GetInputCharacteristic = op_required,
-  .CreateKernelV2 = create, .KernelComputeV2 = compute_timed,
+  .GetOutputTypeCount = output_count, .KernelDestroy = destroy, .GetInputCharacteristic = input_kind,
+  .GetOutputCharacteristic = output_kind, .CreateKernelV2 = create, .KernelComputeV2 = compute_timed,
 };
 
