@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from pltkit.runtime import kernels
 
@@ -80,16 +80,22 @@ def step_case(rows: int, pos0: int, sets: int):
 
 
 def ring_case(rows: int, sets: int):
-    """RingMix with the hidden-state gate: full rings, each set its own inputs (the gate's weights included)."""
+    """RingMix with the hidden-state gate: full rings, each set its own inputs; the gate's norm and weights are
+    initializers (as in exported graphs), one pair for all sets."""
     rng = np.random.default_rng(0)
     names = ["query", "key", "value", "global", "ring_key", "ring_value", "", "seqlens_k", "total", "cos_cache",
              "sin_cache", "position_ids", "hidden", "gate_norm", "gate_weight", "gate_bias"]
     m = model(kernels.RING_MIX, names, ["y", "ring_key_out", "ring_value_out"], num_heads=HEADS, kv_num_heads=KV,
               window=WINDOW, scale=DH ** -0.5, epsilon=1e-6)
+    weights = {"gate_norm": rng.normal(size=D).astype(np.float32),
+               "gate_weight": rng.normal(size=(D, HEADS)).astype(np.float32)}
+    inputs = [i for i in m.graph.input if i.name not in weights]
+    del m.graph.input[:]
+    m.graph.input.extend(inputs)
+    m.graph.initializer.extend(numpy_helper.from_array(a, n) for n, a in weights.items())
     shapes = {"query": (rows, 1, 1, HEADS * DH), "key": (rows, 1, 1, KV * DH), "value": (rows, 1, 1, KV * DH),
-              "global": (rows, 1, 1, HEADS * DH), "hidden": (rows, 1, 1, D), "gate_norm": (D,),
-              "gate_weight": (D, HEADS), "gate_bias": (HEADS,), "ring_key": (rows - 1, 1, KV, WINDOW, DH),
-              "ring_value": (rows - 1, 1, KV, WINDOW, DH)}
+              "global": (rows, 1, 1, HEADS * DH), "hidden": (rows, 1, 1, D), "gate_bias": (HEADS,),
+              "ring_key": (rows - 1, 1, KV, WINDOW, DH), "ring_value": (rows - 1, 1, KV, WINDOW, DH)}
     shared = {**rotary(WINDOW + 8), "seqlens_k": np.array([WINDOW], np.int32), "total": np.array(WINDOW + 1, np.int32),
               "position_ids": np.array([[WINDOW + 4]], np.int64)}
     per_set = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(sets)]

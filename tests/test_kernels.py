@@ -206,6 +206,17 @@ def with_hidden_gate(feed: dict, rows: int, heads: int = 4, d: int = 24, seed: i
             "gate_weight": w, "gate_bias": bias}
 
 
+def gate_initializers(model, feed: dict):
+    """model with the hidden-state gate's norm and weights (from feed) as initializers, as the exporter writes them
+    (RingMix's kernel reads them at session start); and feed without them and without the gate."""
+    model, names = copy.deepcopy(model), ("gate_norm", "gate_weight")
+    inputs = [i for i in model.graph.input if i.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    model.graph.initializer.extend(numpy_helper.from_array(feed[n], n) for n in names)
+    return model, {k: v for k, v in feed.items() if k not in (*names, "gate")}
+
+
 def ring_mix_inputs(rows: int, batch: int, ring: int, rotary: bool, heads: int = 4, kv_heads: int = 2,
                     head_dim: int = 16, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
@@ -299,10 +310,9 @@ def test_ring_mix_head_sizes_weighed_by_rows(heads, kv_heads, head_dim):
 def test_ring_mix_computes_the_hidden_state_gate(rows, batch, ring, rotary):
     """Given the layer input and the gate's weights instead of the gate, RingMix computes sigmoid(W RMSNorm(x) +
     b) itself: the same output as the statement with that gate, and as the function body."""
-    model = ring_mix_model(rows, rotary, hidden_gate=True)
     feed = with_hidden_gate(ring_mix_inputs(rows, batch, ring, rotary, seed=ring), rows, seed=ring)
+    model, given = gate_initializers(ring_mix_model(rows, rotary, hidden_gate=True), feed)
     want = ring_mix_statement(feed, rows)
-    given = {k: v for k, v in feed.items() if k != "gate"}
     body, got = session(model, False).run(None, given), session(model, True).run(None, given)
     checked = body[:1] if batch > 1 and rotary else body  # (GroupQueryAttention's batch-2 rings: see above)
     diff = max(float(np.abs(w - g).max(initial=0)) for w, g in zip(want, got))
@@ -311,17 +321,21 @@ def test_ring_mix_computes_the_hidden_state_gate(rows, batch, ring, rotary):
           f"function body| {diff_body:.1e}")
     assert diff <= 1e-5 and diff_body <= 1e-5
     with pytest.raises(Exception, match="RingMix: hidden, gate_norm, gate_weight and gate_bias must be"):
-        session(model, True).run(None, {**given, "gate_weight": feed["gate_weight"][:, :2]})
+        session(model, True).run(None, {**given, "hidden": given["hidden"][..., :-1]})
+    fed = session(ring_mix_model(rows, rotary, hidden_gate=True), True)  # the gate's weights fed at run time
+    with pytest.raises(Exception, match="RingMix: gate_norm and gate_weight must be initializers"):
+        fed.run(None, {k: v for k, v in feed.items() if k != "gate"})
 
 
 @needs_kernels
 def test_ring_mix_gate_of_more_than_16_heads():
-    """The gate's projection takes 16 heads a vector: 20 heads take two, and the prefetch runs once."""
+    """20 heads in 4 kv groups: each unit computes the gates of its group's 5 heads, from rows of D = 40 (two vectors
+    and a tail)."""
     heads, kv_heads, rows = 20, 4, 2
-    model = ring_mix_model(rows, True, heads, kv_heads, hidden_gate=True)
     feed = with_hidden_gate(ring_mix_inputs(rows, 1, 4, True, heads, kv_heads, seed=3), rows, heads, d=40, seed=3)
+    model, given = gate_initializers(ring_mix_model(rows, True, heads, kv_heads, hidden_gate=True), feed)
     want = ring_mix_statement(feed, rows, 4, heads, kv_heads)
-    got = session(model, True).run(None, {k: v for k, v in feed.items() if k != "gate"})
+    got = session(model, True).run(None, given)
     diff = max(float(np.abs(w - g).max()) for w, g in zip(want, got))
     print(f"hidden-state gate of {heads} heads: max|kernel - statement| {diff:.1e}")
     assert diff <= 1e-5
@@ -555,9 +569,9 @@ def test_shapes_read_in_place_and_the_older_way_alike():
     import ctypes
 
     import onnxruntime as ort
-    model, rows = ring_mix_model(3, True, hidden_gate=True), 3
+    rows = 3
     feed = with_hidden_gate(ring_mix_inputs(rows, 1, 4, True, seed=5), rows, seed=5)
-    given = {k: v for k, v in feed.items() if k != "gate"}
+    model, given = gate_initializers(ring_mix_model(rows, True, hidden_gate=True), feed)
     step = step_model(2, True, 4, 2, 16)
     step_feed = step_inputs(2, 1, 300, True, 4, 2, 16, seed=6)
     ring_session, step_session = session(model, True), session(step, True)  # (the library is registered)

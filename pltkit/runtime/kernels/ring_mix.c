@@ -17,7 +17,9 @@
  *     are rotated (rotate-half) at the position of its batch entry
  *   12 hidden [R, B, 1, D], 13 gate_norm [D], 14 gate_weight [D, H], 15 gate_bias [H]: optional, together, in
  *     place of gate (6): the hidden-state gate g = sigmoid(W RMSNorm(x) + b) of the layer input x of each row
- *     r >= 1, RMSNorm(x) = x / sqrt(mean(x^2) + epsilon) * gate_norm
+ *     r >= 1, RMSNorm(x) = x / sqrt(mean(x^2) + epsilon) * gate_norm. gate_norm and gate_weight must be
+ *     initializers: the kernel keeps them as one [H, D] matrix, gate_norm * W transposed, and each unit computes
+ *     its own heads' gates from their rows (in parallel; a serial pass over W took a third of RingMix's time).
  * Outputs: 0 [R, B, 1, H*Dh]: row 0 is global's, row r >= 1 is local + g (global - local), where local is
  *   softmax attention over the last min(W, window) ring entries and the row's own key;
  *   1 present_ring_key, 2 present_ring_value [R-1, B, Hkv, min(W + 1, window), Dh]: the newest of those.
@@ -38,14 +40,18 @@ enum { IN_Q, IN_K, IN_V, IN_GLOBAL, IN_RING_K, IN_RING_V, IN_GATE, IN_SEQLENS, I
        IN_HIDDEN, IN_GATE_NORM, IN_GATE_W, IN_GATE_B, INPUTS };
 #define MAX_DH 1024
 
-typedef struct { int64_t heads, kv_heads, window; float scale, eps; } Kernel;
+typedef struct {
+  int64_t heads, kv_heads, window, d;  /* d: the gate's D, where wt is given */
+  float scale, eps;
+  float *wt;  /* the hidden-state gate's weights [H, D]: gate_norm[i] * gate_weight[i, h], or NULL */
+} Kernel;
 
 typedef struct {  /* one call */
   const Kernel *kn;
   int64_t rows, batch, dh, w, vis, keep, npad, per_unit;  /* vis: ring entries visible; keep: present ring length */
   int grouped;  /* global in the GroupQueryAttention call's layout */
   int in_place;  /* the rings are circular and written where they are */
-  const float *q, *k, *v, *global, *ring_k, *ring_v, *gate, *cos, *sin;
+  const float *q, *k, *v, *global, *ring_k, *ring_v, *gate, *hidden, *bias, *cos, *sin;  /* gate or hidden, bias */
   const int64_t *pos;
   float *out, *out_k, *out_v, *scratch;  /* scratch: per unit, per_unit floats (unit()) */
 } Call;
@@ -78,11 +84,15 @@ static AVX512 void unit(void *data, size_t u) {
   for (int64_t j = 0; j < rep; j++)
     rotate(c->q + ((r * B + b) * heads + kh * rep + j) * dh, cs, sn, dh, kn->scale, q + j * dh);
   if (c->vis) attend(q, rep, npad, rk + (c->w - c->vis) * dh, rv + (c->w - c->vis) * dh, c->vis, dh, p, top, sum, y);
+  const float *x = c->hidden ? c->hidden + (r * B + b) * kn->d : NULL;  /* the layer input, for the gate */
+  const float rms = x ? 1.f / sqrtf(dot(x, x, kn->d) / (float)kn->d + kn->eps) : 0.f;  /* (its 1 / RMS) */
   for (int64_t j = 0; j < rep; j++) {  /* the ring's part and the row's own key, by their maxima */
     const int64_t h = kh * rep + j;
     const float own = dot(q + j * dh, key, dh), best = c->vis ? fmaxf(top[j], own) : own;
     const float w_ring = c->vis ? expf(top[j] - best) : 0.f, w_own = expf(own - best);
-    const float g = c->gate[((r - 1) * B + b) * heads + h], inv = 1.f / ((c->vis ? sum[j] : 0.f) * w_ring + w_own);
+    const float g = x ? 1.f / (1.f + expf(-(dot(x, kn->wt + h * kn->d, kn->d) * rms + c->bias[h])))
+                      : c->gate[((r - 1) * B + b) * heads + h];
+    const float inv = 1.f / ((c->vis ? sum[j] : 0.f) * w_ring + w_own);
     const float *glob = c->grouped ? c->global + ((b * c->rows + r) * rep + j) * hkv * dh + kh * dh
                                    : c->global + ((r * B + b) * heads + h) * dh;
     const float *yj = y + j * dh;
@@ -103,37 +113,6 @@ static AVX512 void unit(void *data, size_t u) {
     memmove(ov, rv + (c->w + 1 - c->keep) * dh, old);
     memcpy(ok + (c->keep - 1) * dh, key, (size_t)dh * sizeof(float));
     memcpy(ov + (c->keep - 1) * dh, v_new, (size_t)dh * sizeof(float));
-  }
-}
-
-/* g [R-1, B, H] = sigmoid(W RMSNorm(x) + b) for the rows r >= 1 of the layer input x [R, B, 1, D]; h: D floats.
- * W (D x H floats, each layer's own) comes from memory: its lines are prefetched up to AHEAD bytes ahead of the row
- * read (whole steps of medium int4 PLT-2 0.96-0.99x the time without, docs/benchmarks.md). */
-static AVX512 void hidden_gate(const float *x, const float *norm, const float *w, const float *bias, int64_t R,
-                               int64_t B, int64_t d, int64_t heads, float eps, float *g, float *h) {
-  const int64_t bytes = d * heads * 4;  /* W's */
-  for (int64_t rb = B; rb < R * B; rb++) {  /* rows 1.., every batch entry */
-    const float *xr = x + rb * d;
-    const __m512 inv = _mm512_set1_ps(1.f / sqrtf(dot(xr, xr, d) / (float)d + eps));
-    for (int64_t i = 0; i < d; i += 16) {
-      const __mmask16 m = tail(d - i);
-      _mm512_mask_storeu_ps(h + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + i), inv),
-                                                    _mm512_maskz_loadu_ps(m, norm + i)));
-    }
-    float *out = g + (rb - B) * heads;
-    for (int64_t j = 0; j < heads; j += 16) {  /* 16 heads a vector, four sums in turn */
-      const __mmask16 m = tail(heads - j);
-      __m512 acc[4] = {_mm512_maskz_loadu_ps(m, bias + j), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                       _mm512_setzero_ps()};
-      int64_t ahead = 0;  /* bytes of W prefetched */
-      for (int64_t i = 0; i < d; i++) {
-        for (; !j && ahead < bytes && ahead < (i + 1) * heads * 4 + AHEAD; ahead += 64)
-          _mm_prefetch((const char *)w + ahead, _MM_HINT_T0);
-        acc[i % 4] = _mm512_fmadd_ps(_mm512_set1_ps(h[i]), _mm512_maskz_loadu_ps(m, w + i * heads + j), acc[i % 4]);
-      }
-      _mm512_mask_storeu_ps(out + j, m, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-    }
-    for (int64_t j = 0; j < heads; j++) out[j] = 1.f / (1.f + expf(-out[j]));
   }
 }
 
@@ -178,6 +157,7 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
                  nd[IN_GATE_W] != 2 || !same(dims[IN_GATE_W], w_dims, 2) || nd[IN_GATE_B] != 1 ||
                  dims[IN_GATE_B][0] != heads))
     BAD("hidden, gate_norm, gate_weight and gate_bias must be [R, B, 1, D], [D], [D, num_heads] and [num_heads]");
+  if (hidden && (!kn->wt || kn->d != d)) BAD("gate_norm and gate_weight must be initializers");
   Call c = {.kn = kn, .rows = R, .grouped = nd[IN_GLOBAL] == 3, .batch = B, .dh = dh, .w = dims[IN_RING_K][3]};
   c.vis = c.w < kn->window ? c.w : kn->window;
   c.keep = c.w + 1 < kn->window ? c.w + 1 : kn->window;
@@ -210,21 +190,25 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   if (!units) return NULL;
   c.npad = pad_queries(rep);
   c.per_unit = c.npad * (2 * dh + c.vis + 2) + dh;  /* queries, scores, max, sum, outputs, the row's key */
-  const size_t gates = hidden ? (size_t)((R - 1) * B * heads + d) : 0;  /* and the gate, with a row of D */
-  c.scratch = malloc((units * (size_t)c.per_unit + gates) * sizeof(float));
+  c.scratch = malloc(units * (size_t)c.per_unit * sizeof(float));
   if (!c.scratch) return error(ORT_FAIL, "RingMix: out of memory");
-  if (hidden) {
-    float *g = c.scratch + units * (size_t)c.per_unit;
-    hidden_gate(tensor_data(in[IN_HIDDEN]), tensor_data(in[IN_GATE_NORM]), tensor_data(in[IN_GATE_W]),
-                tensor_data(in[IN_GATE_B]), R, B, d, heads, kn->eps, g, g + (R - 1) * B * heads);
-    c.gate = g;
-  } else {
-    c.gate = tensor_data(in[IN_GATE]);
-  }
+  c.hidden = hidden ? tensor_data(in[IN_HIDDEN]) : NULL, c.bias = hidden ? tensor_data(in[IN_GATE_B]) : NULL;
+  c.gate = hidden ? NULL : tensor_data(in[IN_GATE]);
   OrtStatus *st = CALL(PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t,
                                                     size_t, void *))(ctx, unit, units, 0, &c);
   free(c.scratch);
   return st;
+}
+
+/* input `index` where it is a float initializer: its data, dimensions and their count; else NULL */
+static const float *initializer(const OrtKernelInfo *info, size_t index, int64_t *dims, size_t *nd) {
+  int is_constant = 0, elem = 0;
+  const OrtValue *v = NULL;
+  OrtStatus *st = CALL(CONSTANT_INPUT, OrtStatus *(*)(const OrtKernelInfo *, size_t, int *, const OrtValue **))(
+      info, index, &is_constant, &v);
+  if (!st && is_constant && v) st = tensor_shape(v, &elem, dims, nd, 8);
+  if (st) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(st);
+  return st || !is_constant || !v || elem != TYPE_FLOAT ? NULL : tensor_data(v);
 }
 
 static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernelInfo *info, void **out) {
@@ -237,7 +221,23 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   typedef OrtStatus *(*GetFloat)(const OrtKernelInfo *, const char *, float *);
   OrtStatus *absent = CALL(ATTRIBUTE_FLOAT, GetFloat)(info, "epsilon", &k.eps);  /* artifacts before the gate */
   if (absent) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(absent), k.eps = 0.f;
-  return keep(&k, sizeof k, "RingMix", out);
+  int64_t nd[8], wd[8];
+  size_t n1 = 0, n2 = 0;
+  const float *norm = initializer(info, IN_GATE_NORM, nd, &n1), *w = initializer(info, IN_GATE_W, wd, &n2);
+  if (norm && w && n1 == 1 && n2 == 2 && wd[0] == nd[0] && wd[1] == k.heads && nd[0] > 0) {  /* else: refused when run */
+    k.d = nd[0];
+    if (!(k.wt = malloc((size_t)(k.heads * k.d) * sizeof(float)))) return error(ORT_FAIL, "RingMix: out of memory");
+    for (int64_t h = 0; h < k.heads; h++)
+      for (int64_t i = 0; i < k.d; i++) k.wt[h * k.d + i] = norm[i] * w[i * k.heads + h];
+  }
+  OrtStatus *st = keep(&k, sizeof k, "RingMix", out);
+  if (st) free(k.wt);
+  return st;
+}
+
+static void destroy(void *kernel) {
+  if (kernel) free(((Kernel *)kernel)->wt);
+  free(kernel);
 }
 
 static const char *name(const OrtCustomOp *op) { (void)op; return "RingMix"; }
@@ -256,6 +256,6 @@ TIMED(OP_RING_MIX, compute)
 
 OrtCustomOp pltkit_ring_mix_op = {
   CPU_OP_FIELDS, .GetName = name, .GetInputType = input_type, .GetInputTypeCount = input_count,
-  .GetOutputTypeCount = output_count, .KernelDestroy = free, .GetInputCharacteristic = input_kind,
+  .GetOutputTypeCount = output_count, .KernelDestroy = destroy, .GetInputCharacteristic = input_kind,
   .CreateKernelV2 = create, .KernelComputeV2 = compute_timed,
 };
