@@ -224,7 +224,7 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   int64_t nd[8], wd[8];
   size_t n1 = 0, n2 = 0;
   const float *norm = initializer(info, IN_GATE_NORM, nd, &n1), *w = initializer(info, IN_GATE_W, wd, &n2);
-  if (norm && w && n1 == 1 && n2 == 2 && wd[0] == nd[0] && wd[1] == k.heads && nd[0] > 0) {  /* else: refused when run */
+  if (norm && w && n1 == 1 && n2 == 2 && wd[0] == nd[0] && wd[1] == k.heads && nd[0] > 0) {  /* else: refused, run */
     k.d = nd[0];
     if (!(k.wt = malloc((size_t)(k.heads * k.d) * sizeof(float)))) return error(ORT_FAIL, "RingMix: out of memory");
     for (int64_t h = 0; h < k.heads; h++)
