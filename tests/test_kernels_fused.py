@@ -146,6 +146,12 @@ def test_fuse_rows_folds_only_exact_patterns():
     next(t for t in m.graph.initializer if t.name == "axes").CopyFrom(
         numpy_helper.from_array(np.array([0], np.int64), "axes"))
     cases["a mean over another axis"] = (m, {"Pow", "ReduceMean", "Sqrt", "Div", "Mul"})
+    m = replaced(base(residual=True, swiglu=False))  # b a constant: a bias, not a residual
+    m.graph.initializer.append(numpy_helper.from_array(np.ones(64, np.float32), "b"))
+    inputs = [i for i in m.graph.input if i.name != "b"]
+    del m.graph.input[:]
+    m.graph.input.extend(inputs)
+    cases["an add of a constant"] = (m, {"Add"})
     for name, (model, kept) in cases.items():
         fuse_rows(model.graph)
         assert kept <= {nd.op_type for nd in model.graph.node}, name

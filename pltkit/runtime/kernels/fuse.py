@@ -83,7 +83,8 @@ def fold_swiglu(g: Graph, rows) -> list | None:
 
 def fold_norm(g: Graph, rows) -> tuple[list, object] | None:
     """The nodes of the RMSNorm before rows and of the residual add before it, where there is one, rows reading
-    their inputs; and the node whose place rows takes (the add, or None)."""
+    their inputs; and the node whose place rows takes (the add, or None). An add of two computed values is taken
+    for a residual add, of one shape (as in pltkit's graphs): the kernel refuses a broadcast one when run."""
     k = attrs(rows)["K"]
     mul = g.maker(rows.input[0], "Mul")
     if mul is None or g.only_reader(rows.input[0], OP) is not rows:
@@ -113,7 +114,8 @@ def fold_norm(g: Graph, rows) -> tuple[list, object] | None:
     nodes, residual = [power, mean, add, sqrt, div, mul], g.maker(s, "Add")
     others = [r for r in g.readers.get(s, []) if r is not power and r is not div]
     rows.attribute.append(helper.make_attribute("epsilon", float(eps.ravel()[0])))
-    if residual is None or len(residual.input) != 2 or any(i in g.initializers for i in residual.input):
+    computed = residual is not None and len(residual.input) == 2 and all(g.constant(i) is None for i in residual.input)
+    if not computed:
         rows.input[0] = s
         rows.input.extend(["", weight])
         return nodes, None
