@@ -206,3 +206,27 @@ def test_exported_decode_graphs_fold_each_layer(exported, form):
         assert before[op] - after[op] == folds[0], op
     for op in ("Split", "Sigmoid"):  # one each a SwiGLU
         assert before[op] - after[op] == folds[1], op
+
+
+@needs_kernels
+def test_batched_decode_on_the_folded_graph_matches_ort_kernels(exported):
+    """A batch of 2 decodes on the kvbuffer graph, its rows [R, B, 1, D] folded alike: pltkit's kernels give ONNX
+    Runtime's logits."""
+    from pltkit.runtime.artifact import Artifact
+    from pltkit.runtime.ort_backend import OrtBackend
+
+    art = Artifact.open(exported["int8"])
+    own, theirs = OrtBackend(art, 1, kernels="pltkit"), OrtBackend(art, 1, kernels="ort")
+    ids = np.random.default_rng(7).integers(4, 320, (2, 10))
+    logits = []
+    for b in (own, theirs):
+        out, state = b.prefill(ids[:, :5], b.new_state(2))
+        got = []
+        for t in range(5, 10):
+            out, state = b.decode(ids[:, t], state)
+            got.append(out.reshape(2, -1))
+        logits.append(np.stack(got))
+    assert own.own_nodes.get(("decode", "kvbuffer"))  # the batch ran on pltkit's kernels
+    diff = float(np.abs(logits[0] - logits[1]).max())
+    print(f"batch 2: max|logits, own - ORT's kernels| {diff:.1e}")
+    assert diff <= 1e-4 and (logits[0].argmax(-1) == logits[1].argmax(-1)).all()
