@@ -200,17 +200,6 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   return st;
 }
 
-/* input `index` where it is a float initializer: its data, dimensions and their count; else NULL */
-static const float *initializer(const OrtKernelInfo *info, size_t index, int64_t *dims, size_t *nd) {
-  int is_constant = 0, elem = 0;
-  const OrtValue *v = NULL;
-  OrtStatus *st = CALL(CONSTANT_INPUT, OrtStatus *(*)(const OrtKernelInfo *, size_t, int *, const OrtValue **))(
-      info, index, &is_constant, &v);
-  if (!st && is_constant && v) st = tensor_shape(v, &elem, dims, nd, 8);
-  if (st) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(st);
-  return st || !is_constant || !v || elem != TYPE_FLOAT ? NULL : tensor_data(v);
-}
-
 static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernelInfo *info, void **out) {
   (void)op; (void)ort;
   Heads h;
@@ -218,13 +207,13 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   Kernel k = {.heads = h.heads, .kv_heads = h.kv_heads, .scale = h.scale};
   TRY(CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, "window", &k.window));
   if (k.window < 0) BAD("window must be at least 0");
-  typedef OrtStatus *(*GetFloat)(const OrtKernelInfo *, const char *, float *);
-  OrtStatus *absent = CALL(ATTRIBUTE_FLOAT, GetFloat)(info, "epsilon", &k.eps);  /* artifacts before the gate */
-  if (absent) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(absent), k.eps = 0.f;
+  k.eps = float_attribute(info, "epsilon", 0.f);  /* (artifacts before the gate have none) */
   int64_t nd[8], wd[8];
   size_t n1 = 0, n2 = 0;
-  const float *norm = initializer(info, IN_GATE_NORM, nd, &n1), *w = initializer(info, IN_GATE_W, wd, &n2);
-  if (norm && w && n1 == 1 && n2 == 2 && wd[0] == nd[0] && wd[1] == k.heads && nd[0] > 0) {  /* else: refused, run */
+  int e1 = 0, e2 = 0;
+  const float *norm = initializer(info, IN_GATE_NORM, &e1, nd, &n1), *w = initializer(info, IN_GATE_W, &e2, wd, &n2);
+  if (norm && w && e1 == TYPE_FLOAT && e2 == TYPE_FLOAT && n1 == 1 && n2 == 2 && wd[0] == nd[0] && wd[1] == k.heads &&
+      nd[0] > 0) {  /* else: refused when run */
     k.d = nd[0];
     if (!(k.wt = malloc((size_t)(k.heads * k.d) * sizeof(float)))) return error(ORT_FAIL, "RingMix: out of memory");
     for (int64_t h = 0; h < k.heads; h++)

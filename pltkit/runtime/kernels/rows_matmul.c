@@ -244,21 +244,17 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
 }
 
 /* input `index`, an initializer of `type` and `count` elements (the sizes K, N and bits say) */
-static OrtStatus *constant(const OrtKernelInfo *info, size_t index, int type, int64_t count, void **data) {
-  int is_constant = 0, elem = 0;
-  const OrtValue *v;
+static OrtStatus *constant(const OrtKernelInfo *info, size_t index, int type, int64_t count, const void **data) {
+  int elem = 0;
   size_t ndim = 0;
   int64_t dims[8], total = 1;
-  TRY(CALL(CONSTANT_INPUT, OrtStatus *(*)(const OrtKernelInfo *, size_t, int *, const OrtValue **))(
-      info, index, &is_constant, &v));
-  if (!is_constant) return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: B and scales must be initializers");
-  TRY(tensor_shape(v, &elem, dims, &ndim, 8));
+  if (!(*data = initializer(info, index, &elem, dims, &ndim)))
+    return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: B and scales must be initializers");
   for (size_t i = 0; i < ndim; i++) total *= dims[i];
   if (elem != type || total != count)
     return error(ORT_INVALID_ARGUMENT, index == 1 ? "RowsMatMulNBits: B is not uint8 of N x K/32 x 32*bits/8"
                                                   : "RowsMatMulNBits: scales are not float of N x K/32");
-  *data = tensor_data(v);
-  return *data ? NULL : error(ORT_FAIL, "RowsMatMulNBits: an initializer has no data");
+  return NULL;
 }
 
 static void destroy(void *kernel) {
@@ -276,15 +272,10 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   if ((bits != 8 && bits != 4) || block != BLK || k < BLK || k % BLK || n < 1 || zero < 0 || zero >> bits)
     return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: needs bits 8 or 4, block_size 32, K a positive multiple "
                                        "of 32, N positive, and a zero point within the bits");
-  int64_t swiglu = 0;  /* optional attributes: absent, they are 0 */
-  float eps = 0.f;
-  OrtStatus *absent[2] = {
-      CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, "swiglu", &swiglu),
-      CALL(ATTRIBUTE_FLOAT, OrtStatus *(*)(const OrtKernelInfo *, const char *, float *))(info, "epsilon", &eps)};
-  if (absent[0]) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(absent[0]), swiglu = 0;
-  if (absent[1]) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(absent[1]), eps = 0.f;
+  const int64_t swiglu = int_attribute(info, "swiglu", 0);
+  const float eps = float_attribute(info, "epsilon", 0.f);
   if (swiglu && n % 32) BAD("swiglu needs N = 2 F, F a multiple of 16");
-  void *bv, *sv;
+  const void *bv, *sv;
   TRY(constant(info, 1, TYPE_UINT8, n * k * bits / 8, &bv));
   TRY(constant(info, 2, TYPE_FLOAT, n * (k / BLK), &sv));
   const uint8_t *b = bv;
