@@ -127,13 +127,21 @@ def test_fuse_rows_folds_only_exact_patterns():
         kernels.rows_graph(model)
         return model
 
+    def read_elsewhere(model, value: str, by_node: bool):
+        """model with `value` also a graph output, directly or through a second node that reads it"""
+        if by_node:
+            model.graph.node.append(helper.make_node("Identity", [value], [value + "_copy"]))
+            value += "_copy"
+        model.graph.output.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, None))
+        return model
+
     cases = {}
-    m = replaced(base(residual=True, swiglu=True))
-    m.graph.output.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, None))  # the norm read elsewhere
-    cases["normalized rows read by another node"] = (m, {"Mul", "Div", "Sqrt", "ReduceMean", "Pow", "Add"})
-    m = replaced(base(residual=False, swiglu=True))
-    m.graph.output.append(helper.make_tensor_value_info("g", TensorProto.FLOAT, None))  # the gate read elsewhere
-    cases["gate read by another node"] = (m, {"Split", "Sigmoid", "Mul"})
+    for by_node in (False, True):
+        how = "another node" if by_node else "a graph output"
+        m = read_elsewhere(replaced(base(residual=True, swiglu=True)), "x", by_node)
+        cases[f"normalized rows read by {how}"] = (m, {"Mul", "Div", "Sqrt", "ReduceMean", "Pow", "Add"})
+        m = read_elsewhere(replaced(base(residual=False, swiglu=True)), "g", by_node)
+        cases[f"gate read by {how}"] = (m, {"Split", "Sigmoid", "Mul"})
     m = replaced(base(residual=False, swiglu=True))
     next(t for t in m.graph.initializer if t.name == "halves").CopyFrom(
         numpy_helper.from_array(np.array([16, 48], np.int64), "halves"))
