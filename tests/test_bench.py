@@ -233,6 +233,19 @@ def test_the_loop_ratios_come_with_their_spread_over_the_repeats():
     assert "repeats' plt2/plain" not in tables(results)
 
 
+def test_plt2_runs_next_to_plain_and_to_serial2_in_every_repeat():
+    """A repeat's PLT-2 / plain (and serial L=2 / PLT-2) ratio is taken from blocks run one after the other, and
+    no variant always runs first."""
+    from pltkit.bench.loops import VARIANTS, _turn
+
+    orders = [_turn(r) for r in range(4)]
+    for order in orders:
+        assert sorted(order) == sorted(VARIANTS)
+        assert abs(order.index("plt2") - order.index("plain")) == 1
+        assert abs(order.index("plt2") - order.index("serial2")) == 1
+    assert orders[0][0] != orders[1][0] and orders[0] == orders[2]
+
+
 def test_plt2_cuts_cut_what_they_name_and_the_cut_graphs_run(tmp_path, capsys, monkeypatch):
     """benchmarks/plt2_cuts.py: each cut leaves a graph ONNX Runtime runs with the artifact's state (every
     step, rings included, keeps its shapes), without the piece it names."""

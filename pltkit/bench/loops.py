@@ -208,10 +208,13 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
     return out
 
 
+ORDER = ("plain", "plt2", "serial2")  # plain and PLT-2 next to each other: a repeat's ratio spans ~2 blocks, not ~4
+
+
 def _turn(repeat: int) -> tuple:
     """The variants in repeat's order: forward, then backward, so that none always runs first or after another
-    (the machine's speed drifts over seconds)."""
-    return VARIANTS if repeat % 2 == 0 else VARIANTS[::-1]
+    (the machine's speed drifts over seconds), and PLT-2 always next to plain and to serial L=2."""
+    return ORDER if repeat % 2 == 0 else ORDER[::-1]
 
 
 def kv_bytes(state) -> int:
