@@ -775,6 +775,21 @@ def test_ring_mix_writes_the_graph_outputs_it_is_bound_to(artifacts):
 
 
 @needs_kernels
+def test_ring_mix_reads_no_lengths_and_their_nodes_go(artifacts):
+    """The exporter gives RingMix the rings' lengths (its function body's GroupQueryAttention reads them); the
+    kernel takes them from the rings, so kernel_model drops them, and the nodes that compute them go with them."""
+    path = Artifact.open(artifacts["int8"]).graph_path("decode", "gqa")
+    model = onnx.load(str(path), load_external_data=False)
+    graph = onnx.load_from_string(kernels.kernel_model(path).model).graph
+    rings = [n for n in graph.node if n.op_type == kernels.RING_MIX]
+    assert rings and all(n.input[i] == "" for n in rings for i in kernels.RING_LENGTHS)
+    given = {n.input[i] for n in model.graph.node if n.op_type == kernels.RING_MIX for i in kernels.RING_LENGTHS}
+    assert given and "" not in given
+    made = {o for n in graph.node for o in n.output}
+    assert not given & made, given & made  # (nothing else reads them; the decode tests run this graph)
+
+
+@needs_kernels
 def test_decode_without_a_window_on_own_kernels(tmp_path):
     """A local window of 0 (rings of no entries): pltkit's kernels decode as ONNX Runtime's do, and nothing is
     bound or written in place."""

@@ -41,6 +41,7 @@ FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared"]  # the kernel's functions name t
 DOMAIN, OP, STEP, RING_MIX = "pltkit", "RowsMatMulNBits", "StepAttention", "RingMix"
 BIAS = 7  # StepAttention's attention_bias input
 POSITIONS = 11  # RingMix's position_ids input
+RING_LENGTHS = (7, 8)  # RingMix's seqlens_k and total_sequence_length inputs
 # MatMulNBits attributes the kernel computes exactly as ONNX Runtime does
 REPLACEABLE = {"block_size": 32, "accuracy_level": 4}
 BITS = (8, 4)
@@ -188,8 +189,8 @@ class KernelModel(NamedTuple):
 def kernel_model(path: Path, fuse: bool = True) -> KernelModel:
     """The graph file at `path` with rows_graph applied (and fuse.fuse_rows, unless `fuse` is false), and how many
     of its nodes pltkit's kernels run: those rows_graph replaced and the StepAttention and RingMix nodes of a
-    float32 graph (their kernels' only type). StepAttention's kernel reads no attention bias: the nodes that
-    make one go."""
+    float32 graph (their kernels' only type). StepAttention's kernel reads no attention bias, and RingMix's no
+    lengths: the nodes that make them go."""
     import onnx
     from onnx import TensorProto
 
@@ -205,6 +206,9 @@ def kernel_model(path: Path, fuse: bool = True) -> KernelModel:
         for node in own:
             if node.op_type == STEP and len(node.input) > BIAS:
                 node.input[BIAS] = ""
+            if node.op_type == RING_MIX:  # the ring's lengths: the kernel takes them from the ring
+                for i in RING_LENGTHS:
+                    node.input[i] = ""
         prune(model.graph)
         direct_outputs(model.graph)
         count += len(own)

@@ -12,7 +12,7 @@
  *   4 ring_key, 5 ring_value [R-1, B, Hkv, W, Dh]: keys (rotated) and values of positions pos0-W .. pos0-1
  *   6 gate [R-1, B, H, 1]: g of each row, batch entry and head
  *   7 seqlens_k [B] int32, 8 total_sequence_length [] int32: the body's GroupQueryAttention lengths (W, W + 1);
- *     the kernel takes W from ring_key
+ *     optional and unread: the kernel takes W from ring_key
  *   9 cos_cache, 10 sin_cache [P, Dh/2], 11 position_ids [B, 1] int64: optional, together; q and k of a row
  *     are rotated (rotate-half) at the position of its batch entry
  *   12 hidden [R, B, 1, D], 13 gate_norm [D], 14 gate_weight [D, H], 15 gate_bias [H]: optional, together, in
@@ -125,8 +125,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   int64_t dims[INPUTS][8];
   size_t nd[INPUTS] = {0};
   TRY(read_inputs(ctx, INPUTS, in, dims, nd));
-  for (int i = 0; i < IN_COS; i++)
-    if (!in[i] && i != IN_GATE) BAD("inputs 0 to 5, 7 and 8 are required");
+  for (int i = 0; i < IN_GATE; i++)
+    if (!in[i]) BAD("inputs 0 to 5 are required");
   const int hidden = in[IN_HIDDEN] != NULL;  /* the gate from the layer input */
   for (int i = IN_GATE_NORM; i <= IN_GATE_B; i++)
     if ((in[i] != NULL) != hidden) BAD("hidden, gate_norm, gate_weight and gate_bias come together");
@@ -238,7 +238,7 @@ static size_t input_count(const OrtCustomOp *op) { (void)op; return INPUTS; }
 static size_t output_count(const OrtCustomOp *op) { (void)op; return 3; }
 static int input_kind(const OrtCustomOp *op, size_t i) {
   (void)op;
-  return i >= IN_COS || i == IN_GATE ? OPTIONAL : REQUIRED;
+  return i >= IN_GATE ? OPTIONAL : REQUIRED;
 }
 
 TIMED(OP_RING_MIX, compute)
