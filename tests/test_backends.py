@@ -95,6 +95,30 @@ def test_the_serial_cost_model_is_a_backend_too(tmp_path, torch_threads):
     assert [s.pos for s in state.states] == [3, 3]
 
 
+def test_a_steady_ort_decode_step_binds_nothing(served_artifact, monkeypatch):
+    """Once the rings are full, a decode step writes its token and position into arrays its binding already
+    holds and reads its logits from another: it binds no tensor (each costs microseconds), and the logits it
+    returns are its own (the next step does not overwrite them)."""
+    import onnxruntime as ort
+
+    backend = open_backend(served_artifact, "ort", 1)
+    ids = np.random.default_rng(3).integers(10, 300, (1, backend.config.window_left + 4))
+    _, state = backend.prefill(ids, backend.new_state(1))
+    for t in (5, 6):  # the two sets of rings, each bound on its first step
+        _, state = backend.decode(np.asarray([t]), state)
+    binds = []
+    for name in ("bind_cpu_input", "bind_input", "bind_ortvalue_input", "bind_output", "bind_ortvalue_output"):
+        real = getattr(ort.IOBinding, name)
+        monkeypatch.setattr(ort.IOBinding, name, lambda self, *a, _real=real, **k: binds.append(a[0]) or _real(
+            self, *a, **k))
+    kept = []
+    for t in (7, 8, 9):
+        logits, state = backend.decode(np.asarray([t]), state)
+        kept.append((logits, logits.copy()))
+    assert binds == []
+    assert all(np.array_equal(a, b) for a, b in kept) and not np.array_equal(kept[0][0], kept[1][0])
+
+
 def test_ort_decode_over_full_rings_keeps_each_state_it_hands_out(served_artifact):
     """Once the rings hold their whole window, the ONNX Runtime backend's steps write rings and carries into two
     sets of arrays in turn, each bound once. Decoded so, a state gives the torch reference's logits (within

@@ -153,16 +153,16 @@ class OrtBackend:
             return self._batched[phase]
         return self.sessions[phase]
 
-    def _bind_kv(self, session, state: BufferState):
+    def _bind_kv(self, session, state: BufferState) -> Binding:
         """A new IO binding with the state's cache buffers bound as both past_* and present_* (shared memory)."""
         io = session.io_binding()
         for n, buf in state.kv.items():
             value = self.ort.OrtValue.ortvalue_from_numpy(buf)  # shares the buffer's memory
             io.bind_ortvalue_input("past_" + n, value)
             io.bind_ortvalue_output("present_" + n, value)
-        return io
+        return Binding(self.ort, io)
 
-    def _binding(self, phase: str, session, state: BufferState, new: int) -> tuple[object, dict]:
+    def _binding(self, phase: str, session, state: BufferState, new: int) -> tuple[Binding, dict]:
         """An IO binding for a step of `new` tokens from `state`, and the arrays its present rings and carries go
         into. Binding costs microseconds a tensor (0.5 ms a step for 60 cache buffers, 0.27 ms for PLT-2's 32
         rings at the large shape), so bindings are kept while the same buffers come back: the cache's (only
@@ -185,38 +185,44 @@ class OrtBackend:
             arrays = [dict(other), {n: a if in_place and n.startswith("ring_") else aligned(a.shape, a.dtype, np.empty)
                                     for n, a in other.items()}]
             ios = [self._bind_kv(session, state) for _ in arrays]
-            for io, (past, present) in zip(ios, (arrays, arrays[::-1])):
+            for b, (past, present) in zip(ios, (arrays, arrays[::-1])):
                 for n in other:
-                    io.bind_ortvalue_input("past_" + n, self.ort.OrtValue.ortvalue_from_numpy(past[n]))
-                    io.bind_ortvalue_output("present_" + n, self.ort.OrtValue.ortvalue_from_numpy(present[n]))
+                    b.io.bind_ortvalue_input("past_" + n, self.ort.OrtValue.ortvalue_from_numpy(past[n]))
+                    b.io.bind_ortvalue_output("present_" + n, self.ort.OrtValue.ortvalue_from_numpy(present[n]))
             turns = kept["turns"] = {"arrays": arrays, "ios": ios}
             side = 0
         state.set_circular(side is not None and in_place)
         if side is not None:
             return turns["ios"][side], dict(turns["arrays"][1 - side])
-        io = kept["io"]
+        b = kept["io"]
         present = {n: aligned(self._next_shape(n, a, new), a.dtype, np.empty) for n, a in other.items()}
         for n, a in other.items():
-            io.bind_cpu_input("past_" + n, a)
-            io.bind_ortvalue_output("present_" + n, self.ort.OrtValue.ortvalue_from_numpy(present[n]))
-        return io, present
+            b.io.bind_cpu_input("past_" + n, a)
+            b.io.bind_ortvalue_output("present_" + n, self.ort.OrtValue.ortvalue_from_numpy(present[n]))
+        return b, present
 
     def _run_kv_buffer(self, phase: str, ids: np.ndarray, state: BufferState, new: int, last: bool = False):
         session = self._session(phase, ids.shape[0])
-        io, present = self._binding(phase, session, state, new)
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        io.bind_cpu_input("past_len", np.array(state.pos, np.int64))
+        binding, present = self._binding(phase, session, state, new)
+        binding.input("input_ids", np.asarray(ids, np.int64))
+        binding.input("past_len", np.array(state.pos, np.int64))
         rows = new
         if self.logits_from[phase] and session is self.sessions[phase]:  # not the batched kvbuffer graph
             start = rows - 1 if last else 0
-            io.bind_cpu_input("logits_from", np.array(start, np.int64))
+            binding.input("logits_from", np.array(start, np.int64))
             rows -= start
         # the outputs go into arrays made here, so no step reads back all of the graph's outputs, the
-        # cache buffers among them (SmolLM2-135M: half the step's Python time, benchmarks/step_overhead.py)
-        logits_shape = (ids.shape[0], rows) if phase == "prefill" else ids.shape
-        logits = np.empty((*logits_shape, self.config.vocab_size), np.float32)
-        io.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(logits))
-        session.run_with_iobinding(io)
+        # cache buffers among them (SmolLM2-135M: half the step's Python time, benchmarks/step_overhead.py);
+        # a decode step's logits into the binding's kept array, then copied out (cheaper than a new binding)
+        logits_shape = (*((ids.shape[0], rows) if phase == "prefill" else ids.shape), self.config.vocab_size)
+        if phase == "decode":
+            logits = binding.output("logits", logits_shape, np.float32)
+        else:
+            logits = np.empty(logits_shape, np.float32)
+            binding.io.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(logits))
+        session.run_with_iobinding(binding.io)
+        if phase == "decode":
+            logits = logits.copy()
         state.other = present
         state.pos += new
         return logits, state
@@ -240,6 +246,28 @@ class OrtBackend:
 
     def decode(self, ids: np.ndarray, state: BufferState) -> tuple[np.ndarray, BufferState]:
         return self._run("decode", ids, state)
+
+
+class Binding:
+    """An IO binding, and the arrays bound to its small inputs (a step's token and position) and a decode step's
+    logits, kept while their shapes hold: a step writes into them instead of binding new ones (binding a tensor
+    costs microseconds)."""
+
+    def __init__(self, ort, io):
+        self.ort, self.io, self.arrays = ort, io, {}
+
+    def _array(self, name: str, shape: tuple, dtype, bind) -> np.ndarray:
+        a = self.arrays.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            a = self.arrays[name] = np.empty(shape, dtype)
+            bind(name, self.ort.OrtValue.ortvalue_from_numpy(a))
+        return a
+
+    def input(self, name: str, value: np.ndarray) -> None:
+        self._array(name, value.shape, value.dtype, self.io.bind_ortvalue_input)[...] = value
+
+    def output(self, name: str, shape: tuple, dtype) -> np.ndarray:
+        return self._array(name, shape, np.dtype(dtype), self.io.bind_ortvalue_output)
 
 
 def _side(turns: dict | None, other: dict) -> int | None:
