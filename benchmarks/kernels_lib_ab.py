@@ -169,8 +169,9 @@ def step_ab(libs: list[Path], artifact: Path, contexts: list[int], rounds: int) 
         for r in range(rounds):
             for k in ((0, 1) if r % 2 else (1, 0)):
                 ms[k].append(step_ms(backends[k], states[k], 16))
-        old, new = statistics.median(ms[0]), statistics.median(ms[1])
-        out[ctx] = {"old_ms": round(old, 2), "new_ms": round(new, 2), "new_over_old": round(new / old, 3)}
+        old, new, pairs = statistics.median(ms[0]), statistics.median(ms[1]), np.array(ms[1]) / np.array(ms[0])
+        out[ctx] = {"old_ms": round(old, 3), "new_ms": round(new, 3), "new_over_old": round(new / old, 3),
+                    "pairs_quartiles": [round(float(q), 3) for q in np.percentile(pairs, [25, 50, 75])]}
     return out
 
 
