@@ -149,7 +149,8 @@ static inline __attribute__((always_inline)) AVX512 void weigh_rows(int G, int V
     __m512 x[6];
     for (int i = 0; i < G; i++) x[i] = _mm512_set1_ps(weights[i]);
     for (int w = 0; w < V; w++) {
-      const __m512 row = _mm512_loadu_ps(v + 16 * w);
+      __m512 row = _mm512_loadu_ps(v + 16 * w);
+      __asm__("" : "+v"(row));  /* one load for the G multiply-adds, not one each */
       for (int i = 0; i < G; i++) acc[i * V + w] = _mm512_fmadd_ps(x[i], row, acc[i * V + w]);
     }
   }
