@@ -223,14 +223,12 @@ def direct_outputs(graph) -> None:
     """Where an Identity node copies an output of a StepAttention or RingMix node to a graph output, that node
     writes the graph output itself: a buffer bound as the graph's output is then the one the kernel is given
     (ONNX Runtime removes such an Identity today; a ring written in place must not depend on it)."""
+    from pltkit.runtime.kernels.fuse import Graph
+
     nodes = [n for n in graph.node if n.op_type in (STEP, RING_MIX) and n.domain == DOMAIN]
-    readers: dict[str, int] = {}
+    g, renamed = Graph(graph, graph.node), {}
     for n in graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    outputs, renamed = {o.name for o in graph.output}, {}
-    for n in graph.node:
-        if n.op_type == "Identity" and n.output[0] in outputs and readers.get(n.input[0]) == 1:
+        if n.op_type == "Identity" and n.output[0] in g.outputs and len(g.readers.get(n.input[0], [])) == 1:
             renamed[n.input[0]] = n.output[0]
     own = {o for n in nodes for o in n.output}
     renamed = {a: b for a, b in renamed.items() if a in own}

@@ -43,6 +43,10 @@ class Graph:
         node = self.made.get(value)
         return node if node is not None and node.op_type == op and not node.domain else None
 
+    def first_maker(self, values, op: str):
+        """The `op` node that makes the first of `values` one makes, or None."""
+        return next((m for m in (self.maker(v, op) for v in values) if m is not None), None)
+
     def constant(self, value: str) -> np.ndarray | None:
         if value in self.initializers:
             return numpy_helper.to_array(self.initializers[value])
@@ -89,7 +93,7 @@ def fold_norm(g: Graph, rows) -> tuple[list, object] | None:
     mul = g.maker(rows.input[0], "Mul")
     if mul is None or g.only_reader(rows.input[0], OP) is not rows:
         return None
-    div = next((g.maker(i, "Div") for i in mul.input if g.maker(i, "Div") is not None), None)
+    div = g.first_maker(mul.input, "Div")
     weight = next((i for i in mul.input if div is None or i != div.output[0]), None)
     w = g.initializers.get(weight)
     if (div is None or w is None or w.data_type != TensorProto.FLOAT or list(w.dims) != [k]
@@ -98,7 +102,7 @@ def fold_norm(g: Graph, rows) -> tuple[list, object] | None:
     s, root = div.input
     sqrt = g.maker(root, "Sqrt")
     add = sqrt and g.maker(sqrt.input[0], "Add")
-    mean = add and next((g.maker(i, "ReduceMean") for i in add.input if g.maker(i, "ReduceMean")), None)
+    mean = add and g.first_maker(add.input, "ReduceMean")
     if mean is None or g.only_reader(root, "Div") is not div or g.only_reader(sqrt.input[0], "Sqrt") is not sqrt:
         return None
     eps = g.constant(next(i for i in add.input if i != mean.output[0]))

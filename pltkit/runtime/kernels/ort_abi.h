@@ -119,20 +119,22 @@ static inline OrtStatus *float_output(OrtKernelContext *ctx, size_t i, const int
   return *data || !size ? NULL : error(ORT_FAIL, "pltkit: an output has no data");
 }
 
+/* 1 where `st` is no error; else 0, the error released */
+static inline int succeeded(OrtStatus *st) {
+  if (st) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(st);
+  return !st;
+}
+
 /* A kernel's optional float or int attribute: `otherwise` where its node has none */
 static inline float float_attribute(const OrtKernelInfo *info, const char *name, float otherwise) {
   float v;
-  OrtStatus *absent = CALL(ATTRIBUTE_FLOAT, OrtStatus *(*)(const OrtKernelInfo *, const char *, float *))(info, name,
-                                                                                                        &v);
-  if (absent) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(absent), v = otherwise;
-  return v;
+  typedef OrtStatus *(*Get)(const OrtKernelInfo *, const char *, float *);
+  return succeeded(CALL(ATTRIBUTE_FLOAT, Get)(info, name, &v)) ? v : otherwise;
 }
 static inline int64_t int_attribute(const OrtKernelInfo *info, const char *name, int64_t otherwise) {
   int64_t v;
-  OrtStatus *absent = CALL(ATTRIBUTE_INT64, OrtStatus *(*)(const OrtKernelInfo *, const char *, int64_t *))(info, name,
-                                                                                                          &v);
-  if (absent) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(absent), v = otherwise;
-  return v;
+  typedef OrtStatus *(*Get)(const OrtKernelInfo *, const char *, int64_t *);
+  return succeeded(CALL(ATTRIBUTE_INT64, Get)(info, name, &v)) ? v : otherwise;
 }
 
 /* Input `index` of a kernel's node where it is an initializer: its data, element type and dimensions (at most 8)
@@ -140,11 +142,11 @@ static inline int64_t int_attribute(const OrtKernelInfo *info, const char *name,
 static inline const void *initializer(const OrtKernelInfo *info, size_t index, int *elem, int64_t *dims, size_t *nd) {
   int is_constant = 0;
   const OrtValue *v = NULL;
-  OrtStatus *st = CALL(CONSTANT_INPUT, OrtStatus *(*)(const OrtKernelInfo *, size_t, int *, const OrtValue **))(
-      info, index, &is_constant, &v);
-  if (!st && is_constant && v) st = tensor_shape(v, elem, dims, nd, 8);
-  if (st) CALL(RELEASE_STATUS, void (*)(OrtStatus *))(st);
-  return st || !is_constant || !v ? NULL : tensor_data(v);
+  typedef OrtStatus *(*Get)(const OrtKernelInfo *, size_t, int *, const OrtValue **);
+  if (!succeeded(CALL(CONSTANT_INPUT, Get)(info, index, &is_constant, &v)) || !is_constant || !v ||
+      !succeeded(tensor_shape(v, elem, dims, nd, 8)))
+    return NULL;
+  return tensor_data(v);
 }
 
 static inline int same(const int64_t *a, const int64_t *b, size_t n) {  /* equal dimensions */
