@@ -89,7 +89,9 @@ static inline AVX512 __m512 swiglu(__m512 g, __m512 u) {  /* g sigmoid(g) u; sig
  * group (1.28x, int4, on a 2-core AMD EPYC of the Zen 5 family). Interleaved, four groups share each broadcast:
  * whole large int4 PLT-2 steps 0.84x of one group's time, plain 0.93-0.98x (docs/benchmarks.md). */
 #define G 4
-#define PREFETCH 2048
+#ifndef PREFETCH
+#define PREFETCH 2048  /* bytes ahead; 4096 and 8192 measured alike (benchmarks/rows_matmul_c.c) */
+#endif
 static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call *c, int64_t g0, int count,
                                                                      const int bits) {
   const Kernel *kn = c->kern;
