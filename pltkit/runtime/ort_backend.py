@@ -42,7 +42,7 @@ class OrtBackend:
         attention: 'gqa' (ONNX Runtime's GroupQueryAttention kernels over a kv buffer; a batched
         prefill runs the kvbuffer graph), 'function' (the LoopAttention function body, portable),
         'kvbuffer' (the function body over a kv buffer: TensorRT's graphs), or 'auto' (auto_attention).
-        kernels: where pltkit's own kernel (pltkit.runtime.kernels) runs the decode graphs' MatMulNBits:
+        kernels: where pltkit's own kernels (pltkit.runtime.kernels) run the decode graphs' matrix products:
         'auto' (where it builds and this CPU runs it), 'pltkit' (an error where it cannot), 'ort' (never);
         default: $PLTKIT_KERNELS, else 'auto'."""
         try:

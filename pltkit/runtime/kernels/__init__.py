@@ -35,10 +35,10 @@ from pltkit.model.paths import user_cache_dir
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-SOURCES = [HERE / n for n in ("library.c", "rows_matmul.c", "step_attention.c", "ring_mix.c")]
-HEADERS = [HERE / n for n in ("ort_abi.h", "attend.h")]
+SOURCES = [HERE / n for n in ("library.c", "rows_matmul.c", "rows_f32.c", "step_attention.c", "ring_mix.c")]
+HEADERS = [HERE / n for n in ("ort_abi.h", "attend.h", "rows.h")]
 FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared"]  # the kernel's functions name their AVX-512 targets themselves
-DOMAIN, OP, STEP, RING_MIX = "pltkit", "RowsMatMulNBits", "StepAttention", "RingMix"
+DOMAIN, OP, OP_F32, STEP, RING_MIX = "pltkit", "RowsMatMulNBits", "RowsMatMul", "StepAttention", "RingMix"
 BIAS = 7  # StepAttention's attention_bias input
 POSITIONS = 11  # RingMix's position_ids input
 RING_LENGTHS = (7, 8)  # RingMix's seqlens_k and total_sequence_length inputs
@@ -179,6 +179,43 @@ def rows_graph(model, folder=None) -> int:
     return count
 
 
+def float_rows_graph(model, folder: Path) -> int:
+    """Put pltkit.RowsMatMul in place of each MatMul node of `model` (changed in place) whose B is a float32
+    initializer [K, N] in the external data in `folder`, K a multiple of 16, read by that node alone. B leaves the
+    graph: the kernel reads it from the file at session start, so that ONNX Runtime holds no copy of it. Returns
+    how many nodes it replaced."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for i in node.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {o.name for o in graph.output}
+    count, gone = 0, set()
+    for node in graph.node:
+        b = initializers.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
+        if (b is None or b.data_type != TensorProto.FLOAT or len(b.dims) != 2 or b.dims[0] % 16
+                or b.data_location != TensorProto.EXTERNAL or readers[b.name] != 1 or b.name in outputs):
+            continue
+        where = {e.key: e.value for e in b.external_data}
+        k, n = b.dims
+        node.op_type, node.domain = OP_F32, DOMAIN
+        node.input[:] = [node.input[0], "", ""]
+        node.attribute.extend(helper.make_attribute(key, v) for key, v in (
+            ("K", k), ("N", n), ("location", str((Path(folder) / where["location"]).resolve())),
+            ("offset", int(where.get("offset", 0)))))
+        gone.add(b.name)
+        count += 1
+    kept = [t for t in graph.initializer if t.name not in gone]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if count and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return count
+
+
 class KernelModel(NamedTuple):
     model: bytes  # the graph, serialized
     count: int  # its nodes that pltkit's kernels run
@@ -197,7 +234,7 @@ def kernel_model(path: Path, fuse: bool = True) -> KernelModel:
     from pltkit.runtime.kernels.fuse import fuse_rows
 
     model = onnx.load(str(path), load_external_data=False)
-    count, rings = rows_graph(model, path.parent), []
+    count, rings = rows_graph(model, path.parent) + float_rows_graph(model, path.parent), []
     if fuse:
         fuse_rows(model.graph)
     state = [i for i in model.graph.input if i.name.startswith("past_") and i.name != "past_len"]

@@ -1,6 +1,6 @@
 """Fold the small ONNX Runtime nodes between a decoder layer's matrix products into the pltkit.RowsMatMulNBits
-nodes beside them (rows_matmul.c, "Fused forms"). Each is a node ONNX Runtime would run on its own, at a few
-microseconds a node and a step, for some thousand values:
+and pltkit.RowsMatMul nodes beside them (rows_matmul.c, "Fused forms"; rows_f32.c). Each is a node ONNX Runtime
+would run on its own, at a few microseconds a node and a step, for some thousand values:
 
 - the residual add and the RMSNorm before a product (Add, then the Pow, ReduceMean, Add, Sqrt, Div and Mul that
   ONNX Runtime fuses into one SimplifiedLayerNormalization) go into that product's node: inputs skip and norm,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-DOMAIN, OP = "pltkit", "RowsMatMulNBits"
+DOMAIN, OPS = "pltkit", ("RowsMatMulNBits", "RowsMatMul")
 
 
 class Graph:
@@ -91,7 +91,7 @@ def fold_norm(g: Graph, rows) -> tuple[list, object] | None:
     for a residual add, of one shape (as in pltkit's graphs): the kernel refuses a broadcast one when run."""
     k = attrs(rows)["K"]
     mul = g.maker(rows.input[0], "Mul")
-    if mul is None or g.only_reader(rows.input[0], OP) is not rows:
+    if mul is None or g.only_reader(rows.input[0], rows.op_type) is not rows:
         return None
     div = g.first_maker(mul.input, "Div")
     weight = next((i for i in mul.input if div is None or i != div.output[0]), None)
@@ -131,11 +131,11 @@ def fold_norm(g: Graph, rows) -> tuple[list, object] | None:
 
 
 def fuse_rows(graph) -> int:
-    """Fold what fold_swiglu and fold_norm find around each pltkit.RowsMatMulNBits node of `graph` (an onnx
-    GraphProto, changed in place). Returns how many nodes went."""
+    """Fold what fold_swiglu and fold_norm find around each pltkit.RowsMatMulNBits and RowsMatMul node of `graph`
+    (an onnx GraphProto, changed in place). Returns how many nodes went."""
     nodes = list(graph.node)
     before = len(nodes)
-    for rows in [n for n in nodes if n.op_type == OP and n.domain == DOMAIN and len(n.input) == 3]:
+    for rows in [n for n in nodes if n.op_type in OPS and n.domain == DOMAIN and len(n.input) == 3]:
         nodes = _without(nodes, fold_swiglu(Graph(graph, nodes), rows) or [])
         gone, place = fold_norm(Graph(graph, nodes), rows) or ([], None)
         nodes = _without(nodes, gone, rows, place)

@@ -1,12 +1,12 @@
-/* pltkit's ONNX Runtime kernels as one library: the domain "pltkit" with its ops (rows_matmul.c, step_attention.c,
- * ring_mix.c). */
+/* pltkit's ONNX Runtime kernels as one library: the domain "pltkit" with its ops (rows_matmul.c, rows_f32.c,
+ * step_attention.c, ring_mix.c). */
 #include <stdio.h>
 
 #include "ort_abi.h"
 
 const Slot *pltkit_api;
 int pltkit_shape_reference;
-extern OrtCustomOp pltkit_rows_op, pltkit_step_attention_op, pltkit_ring_mix_op;
+extern OrtCustomOp pltkit_rows_op, pltkit_rows_f32_op, pltkit_step_attention_op, pltkit_ring_mix_op;
 
 static int shape_reference_available;  /* ONNX Runtime 1.24 or later: set at the first registration */
 
@@ -50,6 +50,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
     OrtDomain *made;
     TRY(CALL(CREATE_DOMAIN, OrtStatus *(*)(const char *, OrtDomain **))("pltkit", &made));
     TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(made, &pltkit_rows_op));
+    TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(made, &pltkit_rows_f32_op));
     TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(made, &pltkit_step_attention_op));
     TRY(CALL(DOMAIN_ADD, OrtStatus *(*)(OrtDomain *, const OrtCustomOp *))(made, &pltkit_ring_mix_op));
     domain = made;

@@ -26,7 +26,7 @@
  */
 #include <stdint.h>
 
-#include "attend.h"  /* (with ONNX Runtime's C API, ort_abi.h, and the C headers the kernels use) */
+#include "rows.h"  /* (with attend.h, ONNX Runtime's C API, ort_abi.h, and the C headers the kernels use) */
 
 #define BLK 32
 
@@ -73,13 +73,6 @@ static AVX512 void round_row(const float *x, int64_t k, int zero, int8_t *q, flo
     d[b] = amax / 127.f;
     off[b] = -zero * _mm512_reduce_add_epi32(sum);
   }
-}
-
-static inline AVX512 __m512 swiglu(__m512 g, __m512 u) {  /* g sigmoid(g) u; sigmoid from e^-|g| <= 1 */
-  const __m512 one = _mm512_set1_ps(1.f), e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
-  const __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
-  const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(negative, one, e), _mm512_add_ps(one, e));
-  return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u);
 }
 
 /* A chunk's `count` groups of 16 columns; each 64-byte line of weights meets both rows while it is in a register,
@@ -170,59 +163,14 @@ static AVX512 void chunk(void *data, size_t i) {  /* the i-th chunk of groups of
   }
 }
 
-/* row i of a call's rows: A's, or s = A + skip (into sum where the node outputs it), normalized where norm is given;
- * scratch: K floats. The squares are summed in 16 lanes (value j in lane j % 16), then the lanes in order, without
- * fused multiply-adds: a numpy statement repeats it to the bit (tests/test_kernels_fused.py). */
-static AVX512 const float *input_row(const Kernel *kn, const float *a, const float *skip, const float *norm, float *sum,
-                                     int64_t i, float *scratch) {
-  const int64_t k = kn->k;
-  a += i * k;
-  if (!skip && !norm) return a;
-  float *s = sum ? sum + i * k : scratch, lanes[16], squares = 0.f;
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t j = 0; j < k; j += 16) {  /* K is a multiple of 32 */
-    __m512 v = _mm512_loadu_ps(a + j);
-    if (skip) v = _mm512_add_ps(v, _mm512_loadu_ps(skip + i * k + j));
-    _mm512_storeu_ps(s + j, v);
-    acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
-  }
-  if (!norm) return s;
-  _mm512_storeu_ps(lanes, acc);
-  for (int j = 0; j < 16; j++) squares += lanes[j];
-  const __m512 rms = _mm512_set1_ps(sqrtf(squares / (float)k + kn->eps));
-  for (int64_t j = 0; j < k; j += 16)
-    _mm512_storeu_ps(scratch + j, _mm512_mul_ps(_mm512_div_ps(_mm512_loadu_ps(s + j), rms), _mm512_loadu_ps(norm + j)));
-  return scratch;
-}
-
-enum { IN_A, IN_B, IN_SCALES, IN_SKIP, IN_NORM, INPUTS };
 #define BAD(msg) return error(ORT_INVALID_ARGUMENT, "RowsMatMulNBits: " msg)
 
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   const Kernel *kn = kernel;
-  const OrtValue *in[INPUTS] = {0};
-  int64_t dims[INPUTS][8];
-  size_t nd[INPUTS] = {0}, outputs = 0;
-  TRY(read_inputs(ctx, INPUTS, in, dims, nd));
-  TRY(CALL(CONTEXT_OUTPUT_COUNT, OrtStatus *(*)(const OrtKernelContext *, size_t *))(ctx, &outputs));
-  const size_t ndim = nd[IN_A];
-  if (!in[IN_A] || ndim < 1) BAD("A must have 1 to 8 dimensions");
-  if (dims[IN_A][ndim - 1] != kn->k) BAD("A's last dimension is not K");
-  if (in[IN_SKIP] && (nd[IN_SKIP] != ndim || !same(dims[IN_SKIP], dims[IN_A], ndim))) BAD("skip is not A's shape");
-  if (in[IN_NORM] && (nd[IN_NORM] != 1 || dims[IN_NORM][0] != kn->k)) BAD("norm is not [K]");
-  if (outputs > 1 && !in[IN_SKIP]) BAD("output 1, A + skip, needs skip");
-  int64_t rows = 1, out_dims[8];
-  for (size_t i = 0; i + 1 < ndim; i++) rows *= dims[IN_A][i], out_dims[i] = dims[IN_A][i];
-  const int64_t n = kn->swiglu ? kn->n / 2 : kn->n;
-  out_dims[ndim - 1] = n;
-  float *y, *sum = NULL;
-  const float *a = tensor_data(in[IN_A]), *skip = in[IN_SKIP] ? tensor_data(in[IN_SKIP]) : NULL;
-  const float *norm = in[IN_NORM] ? tensor_data(in[IN_NORM]) : NULL;
-  TRY(float_output(ctx, 0, out_dims, ndim, &y));
-  if (outputs > 1) TRY(float_output(ctx, 1, dims[IN_A], ndim, &sum));
-  if (!rows) return NULL;
-  if (!y || !a || (in[IN_SKIP] && !skip) || (in[IN_NORM] && !norm))
-    return error(ORT_FAIL, "RowsMatMulNBits: a tensor has no data");
+  RowsIO io = {0};
+  TRY(rows_io(ctx, "RowsMatMulNBits", kn->k, kn->swiglu ? kn->n / 2 : kn->n, &io));
+  if (!io.rows) return NULL;
+  const int64_t rows = io.rows, n = io.n;
   /* two rounded rows: codes, scales and offsets, and a row of K floats (on the heap: K is not bounded here) */
   size_t codes = (size_t)(2 * kn->k + 63) / 64 * 64;
   size_t bytes = (codes + 2 * (size_t)kn->blocks * (sizeof(float) + sizeof(int32_t)) + (size_t)kn->k * sizeof(float) +
@@ -233,10 +181,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   int32_t *off = (int32_t *)(scratch + kn->k);
   OrtStatus *status = NULL;
   for (int64_t r = 0; r < rows && !status; r += 2) {
-    Call c = {kn, rows - r >= 2 ? 2 : 1, q, d, off, y + r * n, n};
+    Call c = {kn, rows - r >= 2 ? 2 : 1, q, d, off, io.y + r * n, n};
     for (int i = 0; i < c.rows; i++)
-      round_row(input_row(kn, a, skip, norm, sum, r + i, scratch), kn->k, (int)kn->zero, q + i * kn->k,
-                d + i * kn->blocks, off + i * kn->blocks);
+      round_row(input_row(kn->k, kn->eps, io.a, io.skip, io.norm, io.sum, r + i, scratch), kn->k, (int)kn->zero,
+                q + i * kn->k, d + i * kn->blocks, off + i * kn->blocks);
     size_t chunks = (size_t)((kn->groups + kn->chunk - 1) / kn->chunk);
     status = CALL(PARALLEL_FOR, OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t,
                                                 void *))(ctx, chunk, chunks, 0, &c);
