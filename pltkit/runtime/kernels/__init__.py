@@ -1,11 +1,13 @@
 """pltkit's own ONNX Runtime kernels: C sources in this folder, built on first use with the machine's C
 compiler into pltkit's cache, and loaded into the sessions that run them.
 
-Three kernels, one library (library.c; ort_abi.h declares the pieces of ONNX Runtime's C API they use):
+Four kernels, one library (library.c; ort_abi.h declares the pieces of ONNX Runtime's C API they use):
 - `pltkit.RowsMatMulNBits` (rows_matmul.c): MatMulNBits of 8 and 4 bits for the one to few rows of a decode
   step, which reads each line of weights once for two rows (PLT-2's loops). `rows_graph` puts it in place of
   the MatMulNBits nodes it can run, and `fuse.fuse_rows` folds the residual adds, RMSNorms and SwiGLUs around
   them into them; the artifact on disk is unchanged.
+- `pltkit.RowsMatMul` (rows_f32.c): the same for float32 MatMul, B read from the external data file
+  (`float_rows_graph`).
 - `pltkit.StepAttention` (step_attention.c): the global attention of a decode step's rows over the cache buffer,
   written in place.
 - `pltkit.RingMix` (ring_mix.c): the rows of loops >= 1 of a decode step over their rings, mixed with the global
