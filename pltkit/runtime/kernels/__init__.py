@@ -172,13 +172,7 @@ def rows_graph(model, folder=None) -> int:
         node.attribute.extend(helper.make_attribute(key, v) for key, v in
                               (("K", k), ("N", n), ("bits", bits), ("block_size", 32), ("zero_point", zero)))
         count += 1
-    unread = dropped - {i for node in graph.node for i in node.input}
-    kept = [t for t in graph.initializer if t.name not in unread]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    if count and not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    return count
+    return _replaced(model, dropped - {i for node in graph.node for i in node.input}, count)
 
 
 def float_rows_graph(model, folder: Path) -> int:
@@ -210,9 +204,17 @@ def float_rows_graph(model, folder: Path) -> int:
             ("offset", int(where.get("offset", 0)))))
         gone.add(b.name)
         count += 1
-    kept = [t for t in graph.initializer if t.name not in gone]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    return _replaced(model, gone, count)
+
+
+def _replaced(model, gone: set, count: int) -> int:
+    """`model` less the initializers named in `gone`, and with pltkit's domain where `count` of its nodes are
+    pltkit's; returns count."""
+    from onnx import helper
+
+    kept = [t for t in model.graph.initializer if t.name not in gone]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
     if count and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return count
