@@ -36,7 +36,7 @@ static double now(void) {
 /* a layer of random codes and scales 0.01; bytes: [0] its weights' and [1] all it reads, added up */
 static Kernel layer(int64_t k, int64_t n, int bits, int swiglu, double bytes[2]) {
   Kernel kn = {.k = k, .n = n, .blocks = k / BLK, .bits = bits, .zero = bits == 4 ? 8 : 128, .groups = n / 16,
-               .chunk = G, .swiglu = swiglu};
+               .chunk = CHUNK_GROUPS, .swiglu = swiglu};
   const size_t wb = (size_t)(n * k * bits / 8), sb = (size_t)(n * kn.blocks) * sizeof(float);
   kn.w = aligned_alloc(64, wb), kn.s = aligned_alloc(64, sb);
   for (size_t i = 0; i < wb; i++) kn.w[i] = (uint8_t)(i * 2654435761u >> 13);

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 from test_kernels import OPSETS, needs_kernels, session
-from test_kernels_fused import block_model, norm_statement
+from test_kernels_fused import block_model, check_folded
 
 from pltkit.quant.schemes import SCHEMES
 from pltkit.runtime import kernels
@@ -86,25 +86,8 @@ def test_folded_float_rows_equal_their_statement_and_the_unfolded_nodes(tmp_path
     fuse_rows(own.graph)
     assert [nd.op_type for nd in own.graph.node] == [kernels.OP_F32]
     assert list(own.graph.node[0].input) == ["a", "", "", "b" if residual else "", "norm"]
-    mine, theirs = session(own, True), session(model, False)
-    for shape in [(1, k), (2, k), (1, 2, 1, k), (3, k)]:
-        feed = {"a": (rng.standard_normal(shape) * 2).astype(np.float32)}
-        if residual:
-            feed["b"] = (rng.standard_normal(shape) * 2).astype(np.float32)
-        got, want = mine.run(None, feed), theirs.run(None, feed)
-        s = feed["a"] + feed["b"] if residual else feed["a"]
-        ref = norm_statement(s, norm).astype(np.float64) @ w.astype(np.float64)
-        if swiglu:
-            g, u = np.split(ref, 2, axis=-1)
-            ref = g / (1 + np.exp(-g)) * u
-        scale = np.abs(ref).max()
-        err, err_ort = np.abs(got[0] - ref).max(), np.abs(got[0] - want[0]).max()
-        print(f"K {k} N {n}, residual {residual}, swiglu {swiglu}, x {shape}: max|own - statement| {err:.1e}, "
-              f"max|own - ONNX Runtime's nodes| {err_ort:.1e} (outputs up to {scale:.1f})")
-        assert got[0].shape == (*shape[:-1], n // 2 if swiglu else n)
-        assert err <= 4e-6 * scale and err_ort <= 4e-6 * scale
-        if residual:
-            assert np.array_equal(got[1], s)  # the sum, to the bit
+    check_folded(session(own, True), session(model, False), lambda x: x.astype(np.float64) @ w.astype(np.float64),
+                 norm, n, residual, swiglu, rng, f"float32 K {k} N {n}", tol=4e-6, tol_ort=4e-6)
 
 
 def test_float_rows_graph_replaces_only_what_the_kernel_may(tmp_path):

@@ -182,18 +182,14 @@ def float_rows_graph(model, folder: Path) -> int:
     how many nodes it replaced."""
     from onnx import TensorProto, helper
 
-    graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for i in node.input:
-            readers[i] = readers.get(i, 0) + 1
-    outputs = {o.name for o in graph.output}
+    from pltkit.runtime.kernels.fuse import Graph
+
+    g = Graph(model.graph, model.graph.node)
     count, gone = 0, set()
-    for node in graph.node:
-        b = initializers.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
+    for node in model.graph.node:
+        b = g.initializers.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
         if (b is None or b.data_type != TensorProto.FLOAT or len(b.dims) != 2 or b.dims[0] % 16
-                or b.data_location != TensorProto.EXTERNAL or readers[b.name] != 1 or b.name in outputs):
+                or b.data_location != TensorProto.EXTERNAL or len(g.readers[b.name]) != 1 or b.name in g.outputs):
             continue
         where = {e.key: e.value for e in b.external_data}
         k, n = b.dims

@@ -11,6 +11,47 @@ static inline AVX512 __m512 swiglu(__m512 g, __m512 u) {  /* g sigmoid(g) u; sig
   return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u);
 }
 
+/* How both kernels lay B out: groups of 16 columns in chunks of up to CHUNK_GROUPS, fewer where a layer has under
+ * 32 chunks' worth (threads share chunks), at least 2 with swiglu, whose chunks hold a run of gate's groups, then
+ * the same run of up's, so that the two sums meet in registers. */
+enum { CHUNK_GROUPS = 4 };
+
+static inline int chunk_groups(int64_t groups, int swiglu) {
+  int chunk = CHUNK_GROUPS;
+  while (chunk > 1 + swiglu && groups < 32 * chunk) chunk /= 2;
+  return chunk;
+}
+
+typedef struct { int64_t first, place, count, from; } Place;  /* of a packed group: see place_of */
+
+/* packed group g: its chunk's first group and size, its place in the chunk, and the group of B's columns it holds */
+static inline Place place_of(int64_t g, int64_t chunk, int64_t groups, int swiglu) {
+  Place p = {g - g % chunk, g % chunk, 0, g};
+  p.count = groups - p.first < chunk ? groups - p.first : chunk;
+  if (swiglu) p.from = p.place < p.count / 2 ? p.first / 2 + p.place : groups / 2 + p.first / 2 + p.place - p.count / 2;
+  return p;
+}
+
+/* a chunk's sums, count groups from g0, row 0's (o0) and row 1's (o1, where rows is 2), into y [rows, n] (rows
+ * y_stride apart); gated (swiglu), gate * sigmoid(gate) * up of its two halves, into y [rows, n / 2] */
+static inline AVX512 __attribute__((always_inline)) void put_sums(const __m512 *o0, const __m512 *o1, int rows,
+                                                                  int count, int64_t g0, int gated, int64_t n,
+                                                                  float *y, int64_t y_stride) {
+  if (gated) {
+    for (int h = 0; h < count / 2; h++) {
+      float *at = y + (g0 / 2 + h) * 16;
+      _mm512_storeu_ps(at, swiglu(o0[h], o0[h + count / 2]));
+      if (rows == 2) _mm512_storeu_ps(at + y_stride, swiglu(o1[h], o1[h + count / 2]));
+    }
+    return;
+  }
+  for (int h = 0; h < count; h++) {
+    const __mmask16 m = tail(n - (g0 + h) * 16);  /* the last group may hold fewer than 16 columns */
+    _mm512_mask_storeu_ps(y + (g0 + h) * 16, m, o0[h]);
+    if (rows == 2) _mm512_mask_storeu_ps(y + y_stride + (g0 + h) * 16, m, o1[h]);
+  }
+}
+
 /* row i of a call's rows: A's, or s = A + skip (into sum where the node outputs it), normalized where norm is given;
  * scratch: K floats. The squares are summed in 16 lanes (value j in lane j % 16), then the lanes in order, without
  * fused multiply-adds: a numpy statement repeats it to the bit (tests/test_kernels_fused.py). */

@@ -21,11 +21,11 @@
 
 #include "rows.h"
 
-enum { G32 = 4, AHEAD32 = 2048 };  /* groups a chunk; bytes of B prefetched ahead */
+enum { AHEAD32 = 2048 };  /* bytes of B prefetched ahead */
 
 typedef struct {
   int64_t k, n, groups;  /* groups: ceil(N / 16) */
-  int chunk, swiglu;     /* groups a chunk: G32, or fewer where a layer has under 32 G32 groups */
+  int chunk, swiglu;     /* groups a chunk (rows.h, chunk_groups) */
   float eps;
   float *w;  /* a chunk of c groups from group g0: [K, c, 16] at w + g0 * 16 * K */
 } Kernel;
@@ -43,7 +43,7 @@ static inline AVX512 __attribute__((always_inline)) void groups_f32(const Call *
   const Kernel *kn = c->kern;
   const int64_t k = kn->k;
   const float *w = kn->w + g0 * 16 * k, *x0 = c->x[0], *x1 = c->x[rows - 1];
-  __m512 a0[G32], a1[G32], b0[G32], b1[G32];
+  __m512 a0[CHUNK_GROUPS], a1[CHUNK_GROUPS], b0[CHUNK_GROUPS], b1[CHUNK_GROUPS];
   for (int h = 0; h < count; h++) a0[h] = a1[h] = b0[h] = b1[h] = _mm512_setzero_ps();
   for (int64_t i = 0; i < k; i += 2) {
     const __m512 p0 = _mm512_set1_ps(x0[i]), q0 = _mm512_set1_ps(x0[i + 1]);
@@ -64,19 +64,7 @@ static inline AVX512 __attribute__((always_inline)) void groups_f32(const Call *
     }
   }
   for (int h = 0; h < count; h++) a0[h] = _mm512_add_ps(a0[h], b0[h]), a1[h] = _mm512_add_ps(a1[h], b1[h]);
-  if (kn->swiglu) {  /* the chunk's first half of groups is gate's, its second the same columns of up */
-    for (int h = 0; h < count / 2; h++) {
-      float *y = c->y + (g0 / 2 + h) * 16;
-      _mm512_storeu_ps(y, swiglu(a0[h], a0[h + count / 2]));
-      if (rows == 2) _mm512_storeu_ps(y + c->y_stride, swiglu(a1[h], a1[h + count / 2]));
-    }
-    return;
-  }
-  for (int h = 0; h < count; h++) {
-    const __mmask16 m = tail(kn->n - (g0 + h) * 16);  /* the last group may hold fewer than 16 columns */
-    _mm512_mask_storeu_ps(c->y + (g0 + h) * 16, m, a0[h]);
-    if (rows == 2) _mm512_mask_storeu_ps(c->y + c->y_stride + (g0 + h) * 16, m, a1[h]);
-  }
+  put_sums(a0, a1, rows, count, g0, kn->swiglu, kn->n, c->y, c->y_stride);
 }
 
 static AVX512 void chunk(void *data, size_t i) {  /* the i-th chunk of groups of columns */
@@ -131,13 +119,10 @@ static OrtStatus *pack(Kernel *kn, FILE *file, const char *location) {
       return error(ORT_INVALID_ARGUMENT, msg);
     }
     for (int64_t g = 0; g < kn->groups; g++) {
-      const int64_t g0 = g - g % kn->chunk, h = g - g0, left = kn->groups - g0;
-      const int64_t count = left < kn->chunk ? left : kn->chunk;
-      /* the group of columns in this place: with swiglu, a chunk's first half of gate's, then the same of up's */
-      const int64_t from = !kn->swiglu ? g : h < count / 2 ? g0 / 2 + h : kn->groups / 2 + g0 / 2 + h - count / 2;
-      const int64_t cols = n - from * 16 < 16 ? n - from * 16 : 16;
+      const Place at = place_of(g, kn->chunk, kn->groups, kn->swiglu);
+      const int64_t cols = n - at.from * 16 < 16 ? n - at.from * 16 : 16;
       for (int64_t j = 0; j < m; j++)
-        memcpy(kn->w + g0 * 16 * k + ((k0 + j) * count + h) * 16, rows + j * n + from * 16,
+        memcpy(kn->w + at.first * 16 * k + ((k0 + j) * at.count + at.place) * 16, rows + j * n + at.from * 16,
                (size_t)cols * sizeof(float));
     }
   }
@@ -162,7 +147,7 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   if (!kn) return error(ORT_FAIL, "RowsMatMul: out of memory");
   kn->k = k, kn->n = n, kn->groups = (n + 15) / 16, kn->swiglu = swiglu != 0;
   kn->eps = float_attribute(info, "epsilon", 0.f);
-  for (kn->chunk = G32; kn->chunk > 1 + kn->swiglu && kn->groups < 32 * kn->chunk; kn->chunk /= 2) {}
+  kn->chunk = chunk_groups(kn->groups, kn->swiglu);
   kn->w = calloc((size_t)(kn->groups * 16 * k), sizeof(float));
   if (!kn->w) { destroy(kn); return error(ORT_FAIL, "RowsMatMul: out of memory"); }
   FILE *file = fopen(location, "rb");

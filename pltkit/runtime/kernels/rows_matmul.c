@@ -36,7 +36,7 @@ typedef struct {
   int64_t k, n, blocks, bits, zero, groups;  /* zero: the code of weight 0; groups: ceil(N / 16) */
   int swiglu;   /* the output is gate * sigmoid(gate) * up of B's two halves of columns */
   float eps;    /* RMSNorm's, where the call gives norm */
-  int chunk;    /* groups a chunk: G, or fewer where a layer has under 32 G groups (threads share chunks) */
+  int chunk;    /* groups a chunk (rows.h, chunk_groups) */
   uint8_t *w;   /* a chunk of c groups: 8 bits [blocks, 8, c, 16, 4]; 4 bits [blocks, 4, c, 16, 4], 2 k-steps a byte */
   float *s;     /* a chunk of c groups: [blocks, c, 16] */
 } Kernel;
@@ -81,7 +81,6 @@ static AVX512 void round_row(const float *x, int64_t k, int zero, int8_t *q, flo
  * its bytes). A chunk is one sequential stream of weights: four groups in four streams had been slower than one
  * group (1.28x, int4, on a 2-core AMD EPYC of the Zen 5 family). Interleaved, four groups share each broadcast:
  * whole large int4 PLT-2 steps 0.84x of one group's time, plain 0.93-0.98x (docs/benchmarks.md). */
-#define G 4
 #ifndef PREFETCH
 #define PREFETCH 2048  /* bytes ahead; 4096 and 8192 measured alike (benchmarks/rows_matmul_c.c) */
 #endif
@@ -92,10 +91,10 @@ static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call 
   const i32 *x0 = (const i32 *)c->q, *x1 = (const i32 *)(c->q + kn->k);
   const int two = c->rows == 2;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
-  __m512 o0[G], o1[G];
+  __m512 o0[CHUNK_GROUPS], o1[CHUNK_GROUPS];
   for (int h = 0; h < count; h++) o0[h] = o1[h] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    __m512i a0[G], a1[G], e0[G], e1[G];
+    __m512i a0[CHUNK_GROUPS], a1[CHUNK_GROUPS], e0[CHUNK_GROUPS], e1[CHUNK_GROUPS];
     for (int h = 0; h < count; h++) {
       a0[h] = _mm512_set1_epi32(c->off[b]);
       a1[h] = _mm512_set1_epi32(two ? c->off[nb + b] : 0);
@@ -136,20 +135,7 @@ static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call 
         o1[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[h]), _mm512_mul_ps(s, _mm512_set1_ps(c->d[nb + b])), o1[h]);
     }
   }
-  if (kn->swiglu) {  /* the chunk's first half of groups is gate's, its second the same columns of up */
-    for (int h = 0; h < count / 2; h++) {
-      float *y = c->y + (g0 / 2 + h) * 16;
-      _mm512_storeu_ps(y, swiglu(o0[h], o0[h + count / 2]));
-      if (two) _mm512_storeu_ps(y + c->y_stride, swiglu(o1[h], o1[h + count / 2]));
-    }
-    return;
-  }
-  for (int h = 0; h < count; h++) {
-    int64_t left = kn->n - (g0 + h) * 16;  /* the last group may hold fewer than 16 columns */
-    __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-    _mm512_mask_storeu_ps(c->y + (g0 + h) * 16, m, o0[h]);
-    if (two) _mm512_mask_storeu_ps(c->y + c->y_stride + (g0 + h) * 16, m, o1[h]);
-  }
+  put_sums(o0, o1, c->rows, count, g0, kn->swiglu, kn->n, c->y, c->y_stride);
 }
 
 static AVX512 void chunk(void *data, size_t i) {  /* the i-th chunk of groups of columns */
@@ -238,15 +224,13 @@ static OrtStatus *create(const OrtCustomOp *op, const Slot *ort, const OrtKernel
   kn->s = aligned_alloc(64, (size_t)kn->groups * 16 * kn->blocks * sizeof(float));
   if (!kn->w || !kn->s) { destroy(kn); return error(ORT_FAIL, "RowsMatMulNBits: out of memory"); }
   const int64_t nb = kn->blocks, row = BLK * bits / 8, lines = bits == 8 ? 8 : 4;  /* row: a block of a column */
-  for (kn->chunk = G; kn->chunk > 1 + kn->swiglu && kn->groups < 32 * kn->chunk; kn->chunk /= 2) {}
+  kn->chunk = chunk_groups(kn->groups, kn->swiglu);
   const uint8_t pad[BLK] = {0};  /* columns past N: codes 0, scale 0 */
   for (int64_t g = 0; g < kn->groups; g++) {
-    const int64_t g0 = g - g % kn->chunk, h = g - g0, left = kn->groups - g0;
-    const int64_t count = left < kn->chunk ? left : kn->chunk;  /* g's chunk: its first group and size */
+    const Place at = place_of(g, kn->chunk, kn->groups, kn->swiglu);
+    const int64_t g0 = at.first, h = at.place, count = at.count, from = at.from;
     for (int64_t blk = 0; blk < nb; blk++) {
       const uint8_t *col[16];
-      /* the group of columns in this place: with swiglu, a chunk's first half of gate's, then the same of up's */
-      const int64_t from = !kn->swiglu ? g : h < count / 2 ? g0 / 2 + h : kn->groups / 2 + g0 / 2 + h - count / 2;
       for (int c = 0; c < 16; c++) {
         int64_t j = from * 16 + c;
         col[c] = j < n ? b + (j * nb + blk) * row : pad;
