@@ -121,13 +121,15 @@ static inline AVX512 __attribute__((always_inline)) void groups_bits(const Call 
             if (two) a1[h] = _mm512_dpbusd_epi32(a1[h], w, b1);
           }
         } else {
-          __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
-          a0[h] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a0[h], lo, b0), hi, c0);
-          if (two) a1[h] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(a1[h], lo, b1), hi, c1);
+          /* the high nibbles stay in place, 16 times their code: summed apart, shifted back once a block */
+          __m512i lo = _mm512_and_si512(w, nibble), hi = _mm512_andnot_si512(nibble, w);
+          a0[h] = _mm512_dpbusd_epi32(a0[h], lo, b0), e0[h] = _mm512_dpbusd_epi32(e0[h], hi, c0);
+          if (two) a1[h] = _mm512_dpbusd_epi32(a1[h], lo, b1), e1[h] = _mm512_dpbusd_epi32(e1[h], hi, c1);
         }
       }
     }
     for (int h = 0; h < count; h++) {
+      if (bits == 4) e0[h] = _mm512_srai_epi32(e0[h], 4), e1[h] = _mm512_srai_epi32(e1[h], 4);
       a0[h] = _mm512_add_epi32(a0[h], e0[h]), a1[h] = _mm512_add_epi32(a1[h], e1[h]);
       __m512 s = _mm512_loadu_ps(kn->s + (g0 * nb + b * count + h) * 16);
       o0[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[h]), _mm512_mul_ps(s, _mm512_set1_ps(c->d[b])), o0[h]);
