@@ -229,20 +229,28 @@ def test_batched_decode_on_the_folded_graph_matches_ort_kernels(exported):
     """A batch of 2 decodes on the kvbuffer graph, its rows [R, B, 1, D] folded alike: pltkit's kernels give ONNX
     Runtime's logits."""
     from pltkit.runtime.artifact import Artifact
+
+    own, diff = decode_on_both(Artifact.open(exported["int8"]), batch=2, steps=10)
+    assert own.own_nodes.get(("decode", "kvbuffer"))  # the batch ran on pltkit's kernels
+    print(f"batch 2: max|logits, own - ORT's kernels| {diff:.1e}")
+    assert diff <= 1e-4
+
+
+def decode_on_both(art, batch: int, steps: int):
+    """The artifact's backend on pltkit's kernels and on ONNX Runtime's: the first half of `steps` random tokens
+    prefilled, the rest decoded one by one. Returns the first backend and max |logits, own - ONNX Runtime's|;
+    asserts that every step's argmax agrees."""
     from pltkit.runtime.ort_backend import OrtBackend
 
-    art = Artifact.open(exported["int8"])
     own, theirs = OrtBackend(art, 1, kernels="pltkit"), OrtBackend(art, 1, kernels="ort")
-    ids = np.random.default_rng(7).integers(4, 320, (2, 10))
+    ids = np.random.default_rng(7).integers(4, 320, (batch, steps))
     logits = []
     for b in (own, theirs):
-        out, state = b.prefill(ids[:, :5], b.new_state(2))
+        out, state = b.prefill(ids[:, :steps // 2], b.new_state(batch))
         got = []
-        for t in range(5, 10):
+        for t in range(steps // 2, steps):
             out, state = b.decode(ids[:, t], state)
-            got.append(out.reshape(2, -1))
+            got.append(np.array(out, copy=True).reshape(batch, -1))
         logits.append(np.stack(got))
-    assert own.own_nodes.get(("decode", "kvbuffer"))  # the batch ran on pltkit's kernels
-    diff = float(np.abs(logits[0] - logits[1]).max())
-    print(f"batch 2: max|logits, own - ORT's kernels| {diff:.1e}")
-    assert diff <= 1e-4 and (logits[0].argmax(-1) == logits[1].argmax(-1)).all()
+    assert (logits[0].argmax(-1) == logits[1].argmax(-1)).all()
+    return own, float(np.abs(logits[0] - logits[1]).max())
