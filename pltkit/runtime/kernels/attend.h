@@ -69,14 +69,17 @@ static inline AVX512 __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 
 /* the scores of 4 queries (q: [4, Dh]) against K keys from `key` (rows of Dh): p[j][0..3] for key j, rows of
- * `stride`. A block of K keys by 4 queries keeps every partial sum in a register. */
+ * `stride`. A block of K keys by 4 queries keeps every partial sum in a register. Each step of 16 dimensions also
+ * prefetches the next `per` bytes from `ahead`, so that lines keep coming in while the arithmetic runs. */
 static inline __attribute__((always_inline)) AVX512 void block4(int K, const float *q, const float *key, int64_t dh,
-                                                                int64_t stride, float *p) {
+                                                                int64_t stride, float *p, const char *ahead,
+                                                                int64_t per) {
   __m512 acc[4][4];
   for (int j = 0; j < K; j++)
     for (int i = 0; i < 4; i++) acc[j][i] = _mm512_setzero_ps();
-  for (int64_t e = 0; e < dh; e += 16) {
+  for (int64_t e = 0; e < dh; e += 16, ahead += per) {
     const __mmask16 m = tail(dh - e);
+    for (int64_t b = 0; b < per; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     __m512 qe[4];
     for (int i = 0; i < 4; i++) qe[i] = _mm512_maskz_loadu_ps(m, q + i * dh + e);
     for (int j = 0; j < K; j++) {
@@ -96,15 +99,21 @@ static inline void prefetch(const float *from, int64_t bytes) {
 /* the scores of npad queries (4 at a time) against keys [0, n), p[t][i] (rows of npad). Each block of 4 keys
  * meets every query while it is in the L1, so all the arithmetic runs while the next keys come from memory. With
  * one pass over the keys for each 4 queries, the second pass ran on cached keys with the memory idle: 2 rows took
- * 1.07x this time (docs/benchmarks.md). */
+ * 1.07x this time (docs/benchmarks.md). The keys' lines AHEAD bytes on are prefetched a few at a time through
+ * the dot products (those of the first 4 blocks of queries). Prefetched all at once for each 4 keys, they had left
+ * the memory idle while the arithmetic ran: StepAttention took 1.05x (1 row) and 1.11x (2 rows) this time. */
 static inline AVX512 void scores(const float *q, int64_t npad, const float *keys, int64_t n, int64_t dh, float *p) {
+  const int64_t blocks = npad / 4 < 4 ? npad / 4 : 4, per = 256 / blocks, share = per * ((dh + 15) / 16);
   int64_t t = 0;
   for (; t + 4 <= n; t += 4) {
-    prefetch(keys + t * dh + AHEAD / 4, 4 * dh * 4);
-    for (int64_t i = 0; i < npad; i += 4) block4(4, q + i * dh, keys + t * dh, dh, npad, p + t * npad + i);
+    const char *ahead = (const char *)(keys + t * dh) + AHEAD;
+    for (int64_t i = 0; i < npad; i += 4)
+      block4(4, q + i * dh, keys + t * dh, dh, npad, p + t * npad + i, ahead + i / 4 * share,
+             i / 4 < blocks ? per : 0);
   }
   for (; t < n; t++)
-    for (int64_t i = 0; i < npad; i += 4) block4(1, q + i * dh, keys + t * dh, dh, npad, p + t * npad + i);
+    for (int64_t i = 0; i < npad; i += 4)
+      block4(1, q + i * dh, keys + t * dh, dh, npad, p + t * npad + i, (const char *)keys, 0);
 }
 
 /* y [G, Dh] = the weights p of G queries (p[t][i], rows of `stride`) times values [0, n), W vectors of
@@ -137,7 +146,7 @@ static inline __attribute__((always_inline)) AVX512 void weigh(int G, int W, con
 /* the same for G queries (p[t][0 .. G-1], rows of `stride`) and head sizes of V * 16, whole rows of values at a
  * time: the G weights of a key broadcast, then each vector of 16 values loaded once for all G accumulators, so
  * G * V + G + 1 registers of AVX-512's 32 (G up to 6 for V 4, 3 for V 8, 1 for V 16). The first pass over the
- * values reads them from memory (prefetching), the others from the cache. */
+ * values reads them from memory (prefetching a line with each vector), the others from the cache. */
 static inline __attribute__((always_inline)) AVX512 void weigh_rows(int G, int V, const float *p, int64_t stride,
                                                                     const float *values, int64_t n, int first,
                                                                     float *y) {
@@ -145,10 +154,10 @@ static inline __attribute__((always_inline)) AVX512 void weigh_rows(int G, int V
   for (int a = 0; a < G * V; a++) acc[a] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; t++) {
     const float *v = values + t * V * 16, *weights = p + t * stride;
-    if (first) prefetch(v + AHEAD / 4, V * 64);
     __m512 x[6];
     for (int i = 0; i < G; i++) x[i] = _mm512_set1_ps(weights[i]);
     for (int w = 0; w < V; w++) {
+      if (first) _mm_prefetch((const char *)(v + 16 * w) + AHEAD, _MM_HINT_T0);  /* a line at a time, as scores() */
       __m512 row = _mm512_loadu_ps(v + 16 * w);
       __asm__("" : "+v"(row));  /* one load for the G multiply-adds, not one each */
       for (int i = 0; i < G; i++) acc[i * V + w] = _mm512_fmadd_ps(x[i], row, acc[i * V + w]);
