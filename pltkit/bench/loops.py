@@ -7,6 +7,8 @@ Timing is per decoded token after a prefill of `ctx` tokens, median of `steps` t
 run). Each measurement starts from a copy of the prefilled state, so every repeat decodes at the
 same context. Before a form's first context each variant decodes twice that many tokens untimed: a session's
 first runs (its memory arena growing, first bindings) took PLT-2 at the large shape 1.1-1.2x its later repeats.
+Prefill speed is measured over at most PREFILL_REPEATS of the repeats: at the large shape each takes seconds, and
+many short repeats are what make the decode medians hold through the host's slow spells.
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ def prefill_tps(backend, ids: np.ndarray) -> float:
     return ids.shape[1] / (time.perf_counter() - start)
 
 
+PREFILL_REPEATS = 5
 CHUNK = 256  # prefill chunk (the completion engine uses 64): bounds the attention scores' memory
 
 
@@ -196,7 +199,7 @@ def run(forms, contexts, steps: int, repeats: int, threads: int, workdir: Path, 
                                                          out["decode_ms"][form][ctx].items()))
         ids = prompt[:, :prefill_tokens]
         tps = {v: [] for v in VARIANTS}
-        for r in range(repeats):
+        for r in range(min(repeats, PREFILL_REPEATS)):
             for v in _turn(r):
                 tps[v].append(prefill_tps(backends[v], ids))
         out["prefill_tps"][form] = {v: statistics.median(r) for v, r in tps.items()}
