@@ -5,7 +5,7 @@ to the longest context), on torch and ONNX Runtime at fp32 / int8 / int4.
 Timing is per decoded token after a prefill of `ctx` tokens, median of `steps` tokens, repeated
 `repeats` times with the variants interleaved, forward and backward in turn (ratios come from one
 run). Each measurement starts from a copy of the prefilled state, so every repeat decodes at the
-same context. Before a form's first context each variant decodes twice that many tokens untimed: a session's
+same context; the copy's first step, which binds its buffers, is not timed. Before a form's first context each variant decodes twice that many tokens untimed: a session's
 first runs (its memory arena growing, first bindings) took PLT-2 at the large shape 1.1-1.2x its later repeats.
 Prefill speed is measured over at most PREFILL_REPEATS of the repeats: at the large shape each takes seconds, and
 many short repeats are what make the decode medians hold through the host's slow spells.
@@ -126,7 +126,11 @@ def open_form(form: str, checkpoints, artifacts, threads: int, variants=VARIANTS
 
 
 def decode_ms(backend, state, steps: int, rng) -> float:
+    """The median ms of `steps` decode steps from a copy of `state`, after one untimed step: the first step from
+    a copy binds its new buffers (at the large shape, int4, 256 tokens: plain 32 ms, PLT-2 39 ms; the next steps
+    25.5 and 27.2), and with few steps a block it would weigh in the median."""
     state = state.clone()
+    _, state = backend.decode(np.asarray([rng.integers(10, backend.config.vocab_size)]), state)
     times = []
     for t in rng.integers(10, backend.config.vocab_size, steps):
         start = time.perf_counter()
