@@ -5,8 +5,9 @@ to the longest context), on torch and ONNX Runtime at fp32 / int8 / int4.
 Timing is per decoded token after a prefill of `ctx` tokens, median of `steps` tokens, repeated
 `repeats` times with the variants interleaved, forward and backward in turn (ratios come from one
 run). Each measurement starts from a copy of the prefilled state, so every repeat decodes at the
-same context; the copy's first step, which binds its buffers, is not timed. Before a form's first context each variant decodes twice that many tokens untimed: a session's
-first runs (its memory arena growing, first bindings) took PLT-2 at the large shape 1.1-1.2x its later repeats.
+same context; the copy's first step, which binds its buffers, is not timed. Before a form's first context each
+variant decodes twice that many tokens untimed: a session's first runs (its memory arena growing, first bindings)
+took PLT-2 at the large shape 1.1-1.2x its later repeats.
 Prefill speed is measured over at most PREFILL_REPEATS of the repeats: at the large shape each takes seconds, and
 many short repeats are what make the decode medians hold through the host's slow spells.
 """
